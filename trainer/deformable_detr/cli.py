@@ -1,0 +1,126 @@
+"""`deformable-detr <task> -e spec.yaml [-r dir] [-k key] [--gpus N] [--num_nodes N] [section.field=value ...]`.
+
+TAO's calling convention. Each task lives in `deformable_detr.tasks.<task>` and has
+`run(spec) -> int`; the CLI loads and validates the spec, writes the effective spec
+into the task's results directory, and dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+from .config.defaults import default_spec_text, known_tasks
+from .config.loader import SpecError, dump_spec, load_spec
+from .errors import UsageError
+
+SPEC_TASKS = {
+    "convert": "KITTI label folders -> sharded COCO JSON",
+    "train": "train a Deformable DETR model",
+    "evaluate": "COCO mAP of a checkpoint on dataset.test_data_sources",
+    "inference": "KITTI labels and annotated images for dataset.infer_data_sources",
+    "export": "export a checkpoint to ONNX",
+    "gen_trt_engine": "build a TensorRT engine from an ONNX file (needs tensorrt and a GPU)",
+}
+
+# Tasks whose `num_gpus` the --gpus flag sets.
+_GPU_SECTIONS = {"train", "evaluate", "inference"}
+
+
+def _add_spec_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-e", "--experiment_spec_file", "--experiment_spec", dest="spec", required=True,
+                        help="the experiment spec (YAML)")
+    parser.add_argument("-r", "--results_dir", default=None, help="results folder (wins over results_dir in the spec)")
+    parser.add_argument("-k", "--key", default=None, help="encryption key for checkpoints")
+    parser.add_argument("--gpus", type=int, default=None, help="processes (GPUs) per node")
+    parser.add_argument("--num_nodes", type=int, default=None, help="nodes in the gang (train)")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="dotted overrides that win over the spec file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR: TAO's tasks, open.")
+    sub = parser.add_subparsers(dest="task", metavar="task", required=True)
+    for task, help_text in SPEC_TASKS.items():
+        _add_spec_args(sub.add_parser(task, help=help_text, description=help_text))
+    p = sub.add_parser("default-spec", help="print a complete, commented spec with every default")
+    p.add_argument("for_task", nargs="?", choices=known_tasks(), help="only the sections this task reads")
+    p = sub.add_parser("make-example-data", help="generate the seeded example dataset (COCO and KITTI)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-train", type=int, default=2000, help="training images")
+    p.add_argument("--num-val", type=int, default=200, help="validation images")
+    p.add_argument("--image-size", type=int, default=128, help="side of the square images")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser
+
+
+def _task_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.gpus is not None:
+        section = args.task if args.task in _GPU_SECTIONS else None
+        if section is None:
+            raise SpecError(f"--gpus: the {args.task} task runs on one device; drop the flag")
+        extra.append(f"{section}.num_gpus={args.gpus}")
+    if args.num_nodes is not None:
+        if args.task != "train":
+            raise SpecError(f"--num_nodes: only the train task runs on several nodes, not {args.task}")
+        extra.append(f"train.num_nodes={args.num_nodes}")
+    return list(args.overrides) + extra
+
+
+def write_effective_spec(spec, task: str) -> None:
+    """Record the spec a run used, in its results folder (without the key)."""
+    from .runtime.paths import task_results_dir
+    from .runtime.storage import write_text
+
+    recorded = dataclasses.replace(spec, encryption_key=None)
+    text = dump_spec(recorded)
+    if spec.encryption_key:
+        text = "# encryption_key was set (not recorded)\n" + text
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_text(f"{task_results_dir(spec, task).rstrip('/')}/experiment.yaml", text)
+
+
+def load_task(task: str):
+    try:
+        return importlib.import_module(f"deformable_detr.tasks.{task}")
+    except ModuleNotFoundError as err:
+        if err.name == f"deformable_detr.tasks.{task}":
+            raise UsageError(f"the {task} task is not built yet in this version of deformable-detr") from None
+        raise
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .runtime.logging import setup_logging
+
+    try:
+        if args.task == "default-spec":
+            sys.stdout.write(default_spec_text(args.for_task))
+            return 0
+        if args.task == "make-example-data":
+            setup_logging()
+            from .data.example import make_example_data
+            make_example_data(args.out, num_train=args.num_train, num_val=args.num_val,
+                              image_size=args.image_size, seed=args.seed)
+            return 0
+        spec = load_spec(args.spec, _task_overrides(args), results_dir=args.results_dir, key=args.key)
+        setup_logging(verbose=spec.train.verbose)
+        from .runtime.paths import task_results_dir
+        task_results_dir(spec, args.task)  # fails early, naming the field, when no results folder is set
+        module = load_task(args.task)
+        write_effective_spec(spec, args.task)
+        return int(module.run(spec) or 0)
+    except UsageError as err:
+        print(f"deformable-detr {args.task}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"deformable-detr {args.task}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())

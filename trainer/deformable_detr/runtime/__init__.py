@@ -1,0 +1,1 @@
+"""Process-level services: distributed setup, checkpoints, storage, encryption, metrics, logging, progress."""

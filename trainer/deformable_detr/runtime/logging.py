@@ -1,0 +1,27 @@
+"""One logger configuration for every task: plain, timestamped lines on stderr."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_CONFIGURED = False
+
+
+def setup_logging(verbose: bool = False) -> None:
+    global _CONFIGURED
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger("deformable_detr")
+    root.setLevel(level)
+    if not _CONFIGURED:
+        handler = logging.StreamHandler(sys.stderr)
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.propagate = False
+        _CONFIGURED = True
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name if name.startswith("deformable_detr") else f"deformable_detr.{name}")
