@@ -1,0 +1,184 @@
+"""Process-group setup and the few collectives the tasks use.
+
+Inside torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) `setup()` joins the process group:
+NCCL when CUDA is available, gloo on CPU, with a timeout so that a dead peer ends the
+run with an error instead of a hang. Outside torchrun, `launch_if_needed` re-runs the
+same command under `python -m torch.distributed.run` when several processes are asked
+for. Every helper is a no-op in a single process, so tasks call them unconditionally.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UsageError
+from .logging import get_logger
+
+log = get_logger("distributed")
+
+# Seconds a collective may wait for a peer before the run fails (DDETR_DIST_TIMEOUT_S overrides).
+DEFAULT_TIMEOUT_S = 900
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def timeout_seconds() -> int:
+    return max(1, _env_int("DDETR_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+
+
+def setup(use_cuda: Optional[bool] = None) -> DistInfo:
+    """Join the process group when launched by torchrun; describe this process either way."""
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_seconds()),
+                                device_id=device if use_cuda else None)
+        log.debug("joined process group: rank %d of %d (%s)", rank, world_size, backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Every rank's `obj`, in rank order (a one-item list in a single process)."""
+    if not _active():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not _active():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when `flag` is true on at least one (e.g. a SIGTERM seen by one rank)."""
+    if not _active():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device or _collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over ranks (a copy; the input is untouched)."""
+    if not _active():
+        return values.clone()
+    out = values.detach().clone().to(_collective_device())
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return (out / dist.get_world_size()).to(values.device)
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def torchrun_command(task_argv: Sequence[str], num_gpus: int, num_nodes: int) -> list[str]:
+    """The `python -m torch.distributed.run ... -m deformable_detr <argv>` line for this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_gpus}"]
+    if num_nodes > 1:
+        # A multi-node gang needs a rendezvous every node agrees on; the operator (or the user) sets it.
+        missing = [name for name in ("MASTER_ADDR", "NODE_RANK") if not os.environ.get(name)]
+        if missing:
+            raise UsageError(
+                f"train.num_nodes={num_nodes}: set {' and '.join(missing)} (and MASTER_PORT) on every node, "
+                "or start each node with torchrun --nnodes N --node_rank I --rdzv-endpoint HOST:PORT")
+        cmd += [f"--nnodes={num_nodes}", f"--node_rank={os.environ['NODE_RANK']}",
+                f"--master_addr={os.environ['MASTER_ADDR']}",
+                f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
+    else:
+        cmd += ["--standalone", "--nnodes=1"]
+    return cmd + ["-m", "deformable_detr", *task_argv]
+
+
+def launch_if_needed(task_argv: Sequence[str], num_gpus: int, num_nodes: int = 1) -> Optional[int]:
+    """Start `num_gpus` workers under torchrun and return their exit code; None = work in this process.
+
+    SIGTERM and SIGINT reach the workers through torchrun; a run stopped by SIGTERM
+    reports 143 (retryable), as the workers themselves do.
+    """
+    if under_torchrun() or (num_gpus <= 1 and num_nodes <= 1):
+        return None
+    if torch.cuda.is_available() and num_gpus > torch.cuda.device_count():
+        raise UsageError(f"num_gpus: {num_gpus} processes asked for, but this machine has "
+                         f"{torch.cuda.device_count()} GPU(s); accepted: 1..{torch.cuda.device_count()}")
+    cmd = torchrun_command(task_argv, num_gpus, num_nodes)
+    log.info("starting %d worker(s) per node on %d node(s): %s", num_gpus, num_nodes, " ".join(cmd[:6]))
+    child = subprocess.Popen(cmd)
+    terminated = False
+
+    def _forward(signum, _frame):
+        nonlocal terminated
+        terminated = terminated or signum == signal.SIGTERM
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, _forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if terminated and code != 0:
+        return 143
+    return code
