@@ -1,0 +1,114 @@
+"""What inference writes for each image: a KITTI label file and a copy with the boxes drawn.
+
+KITTI lines follow TAO's 16-field form (class, truncation, occlusion, alpha, the 2D box
+in pixels of the original image, seven zeros for the 3D fields, and the score).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+from ..errors import UsageError
+from ..runtime.files import atomic_path
+from ..runtime.storage import write_text
+
+# Colours for classes that inference.color_map does not name: distinct hues, readable on photos.
+DEFAULT_PALETTE = (
+    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+    "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3",
+    "#808000", "#ffd8b1", "#000075", "#808080",
+)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection in pixels of the original image: box is (x1, y1, x2, y2)."""
+
+    class_name: str
+    box: tuple[float, float, float, float]
+    score: float
+
+
+def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    """Clip an xyxy box to the image (0..width, 0..height)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+            min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+
+
+def kitti_line(detection: Detection, width: int, height: int) -> str:
+    """TAO's KITTI label line for one detection, its box clipped to the image."""
+    x1, y1, x2, y2 = clip_box(detection.box, width, height)
+    return (f"{detection.class_name} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} "
+            f"0.00 0.00 0.00 0.00 0.00 0.00 0.00 {detection.score:.3f}")
+
+
+def write_kitti_labels(path: str, detections: Sequence[Detection], width: int, height: int) -> None:
+    """Write one KITTI label file (atomically); an image without detections gets an empty file."""
+    lines = [kitti_line(det, width, height) for det in detections]
+    write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _parse_color(name: str, value: str) -> tuple[int, int, int]:
+    try:
+        return ImageColor.getrgb(value)[:3]
+    except (ValueError, AttributeError):
+        raise UsageError(f"inference.color_map.{name}: {value!r} is not a colour; "
+                         "accepted: a colour name (red, orange, ...) or #rrggbb") from None
+
+
+def class_colors(class_names: Sequence[str], color_map: Mapping[str, str]) -> dict[str, tuple[int, int, int]]:
+    """RGB colour of every class: from `color_map` where it names the class, else the default palette."""
+    unknown = sorted(set(color_map) - set(class_names))
+    if unknown:
+        raise UsageError(f"inference.color_map: {unknown} are not classes of the classmap; "
+                         f"accepted: {list(class_names)}")
+    colors = {}
+    for index, name in enumerate(class_names):
+        if name in color_map:
+            colors[name] = _parse_color(name, color_map[name])
+        else:
+            colors[name] = ImageColor.getrgb(DEFAULT_PALETTE[index % len(DEFAULT_PALETTE)])[:3]
+    return colors
+
+
+def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def draw_detections(image: Image.Image, detections: Sequence[Detection],
+                    colors: Mapping[str, tuple[int, int, int]]) -> Image.Image:
+    """A copy of `image` with each box outlined in its class colour and labelled `name score`."""
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    # Scale strokes and text with the image so both stay visible on small and large images.
+    line_width = max(1, round(min(width, height) / 200))
+    font_size = max(10, round(min(width, height) / 40))
+    font = ImageFont.load_default(size=font_size)
+    pad = max(1, font_size // 8)
+    for det in detections:
+        color = colors[det.class_name]
+        x1, y1, x2, y2 = clip_box(det.box, width - 1, height - 1)
+        draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=color, width=line_width)
+        label = f"{det.class_name} {det.score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        text_w, text_h = right - left + 2 * pad, bottom - top + 2 * pad
+        # Above the box where there is room, else just inside its top edge.
+        text_y = y1 - text_h if y1 - text_h >= 0 else y1
+        text_x = min(x1, max(0, width - text_w))
+        draw.rectangle((text_x, text_y, text_x + text_w, text_y + text_h), fill=color)
+        draw.text((text_x - left + pad, text_y - top + pad), label, fill=_text_color(color), font=font)
+    return canvas
+
+
+def save_image(image: Image.Image, path: str) -> None:
+    """Save atomically, in the format the file extension names."""
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
