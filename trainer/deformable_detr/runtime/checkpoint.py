@@ -1,0 +1,130 @@
+"""Training checkpoints: TAO's names, a `dd_model_latest.pth` pointer, auto-resume discovery, RNG state.
+
+A checkpoint is a dict {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "step",
+"batches_done", "epoch_finished", "rng", "spec"} written through
+`checkpoint_io.save_object` (atomic, encrypted with a key). The numbered file is
+complete before `dd_model_latest.pth` is replaced, so the pointer never names a
+half-written checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import storage
+from .checkpoint_io import load_object, save_object
+from .files import atomic_path
+
+LATEST_NAME = "dd_model_latest.pth"
+_CHECKPOINT_RE = re.compile(r"^model_epoch_(\d{3,})_step_(\d{5,})\.pth$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """TAO's file name for the checkpoint taken in (0-based) `epoch` after `step` optimizer steps."""
+    return f"model_epoch_{epoch:03d}_step_{step:05d}.pth"
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointRef:
+    """A checkpoint file found in a results folder, ordered by (step, epoch)."""
+
+    step: int
+    epoch: int
+    path: str
+
+
+def parse_checkpoint_name(name: str) -> Optional[tuple[int, int]]:
+    """(epoch, step) of a TAO checkpoint file name, None for any other name."""
+    match = _CHECKPOINT_RE.match(os.path.basename(name))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}" if storage.is_remote(folder) else os.path.join(folder, name)
+
+
+def _list_names(folder: str) -> list[str]:
+    if storage.is_remote(folder):
+        list_files = getattr(storage, "list_files", None)
+        if list_files is None:  # s3 listing arrives with the storage issue
+            return []
+        return [os.path.basename(p.rstrip("/")) for p in list_files(folder.rstrip("/") + "/")]
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def list_checkpoints(folder: str) -> list[CheckpointRef]:
+    """Every TAO-named checkpoint in `folder`, oldest first."""
+    refs = []
+    for name in _list_names(folder):
+        parsed = parse_checkpoint_name(name)
+        if parsed is not None:
+            refs.append(CheckpointRef(step=parsed[1], epoch=parsed[0], path=_join(folder, name)))
+    return sorted(refs)
+
+
+def find_resume_checkpoint(folder: str) -> Optional[str]:
+    """The newest checkpoint in `folder` (numbered files first, else the latest pointer), or None."""
+    refs = list_checkpoints(folder)
+    if refs:
+        return refs[-1].path
+    latest = _join(folder, LATEST_NAME)
+    return latest if storage.exists(latest) else None
+
+
+def _publish_latest(path: str, latest: str) -> None:
+    """Make `latest` a complete copy of `path` in one atomic rename (a hard link when the disk allows)."""
+    if storage.is_remote(path):
+        storage.write_bytes(latest, storage.read_bytes(path))
+        return
+    with atomic_path(latest) as tmp:
+        os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:  # no hard links on this file system: copy the bytes instead
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(src.read())
+
+
+def save_checkpoint(state: dict[str, Any], folder: str, key: Optional[str] = None,
+                    update_latest: bool = True) -> str:
+    """Write `state` as `model_epoch_E_step_S.pth` in `folder`, then point `dd_model_latest.pth` at it."""
+    path = _join(folder, checkpoint_name(int(state["epoch"]), int(state["step"])))
+    save_object(state, path, key=key)
+    if update_latest:
+        _publish_latest(path, _join(folder, LATEST_NAME))
+    return path
+
+
+def load_checkpoint(path: str, key: Optional[str] = None) -> dict[str, Any]:
+    return load_object(path, key=key)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from (Python, NumPy, torch CPU and CUDA)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):  # fewer GPUs now than when saved: keep the fresh states
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,75 @@
+"""What trains and how: freezing, Deformable DETR's three parameter groups, optimizer and lr schedule."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config.schema import ExperimentConfig, OptimConfig
+from ..errors import UsageError
+from .logging import get_logger
+
+log = get_logger("optim")
+
+
+def _matches_prefix(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
+def freeze_parameters(model: nn.Module, freeze: Sequence[str], train_backbone: bool,
+                      backbone_names: Sequence[str]) -> int:
+    """Turn off gradients of `train.freeze` prefixes (and of the backbone when not trained); returns the count."""
+    prefixes = list(freeze) + ([] if train_backbone else list(backbone_names))
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in freeze:
+        if not any(_matches_prefix(name, [prefix]) for name in names):
+            raise UsageError(f"train.freeze: {prefix!r} names no parameter of the model; "
+                             f"accepted: module-name prefixes such as {sorted({n.split('.')[0] for n in names})}")
+    frozen = 0
+    for name, param in model.named_parameters():
+        if _matches_prefix(name, prefixes):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if frozen:
+        log.info("frozen: %d parameters (%s)", frozen, ", ".join(prefixes))
+    return frozen
+
+
+def param_groups(model: nn.Module, optim: OptimConfig, backbone_names: Sequence[str],
+                 linear_proj_names: Sequence[str]) -> list[dict]:
+    """Trainable parameters in three groups: backbone (lr_backbone), linear projections
+    (lr * lr_linear_proj_mult) and the rest (lr). Empty groups are left out."""
+    backbone, linear_proj, rest = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(part in name for part in backbone_names):
+            backbone.append(param)
+        elif any(part in name for part in linear_proj_names):
+            linear_proj.append(param)
+        else:
+            rest.append(param)
+    groups = [
+        {"params": rest, "lr": optim.lr, "name": "rest"},
+        {"params": backbone, "lr": optim.lr_backbone, "name": "backbone"},
+        {"params": linear_proj, "lr": optim.lr * optim.lr_linear_proj_mult, "name": "linear_proj"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, spec: ExperimentConfig) -> torch.optim.Optimizer:
+    optim = spec.train.optim
+    groups = param_groups(model, optim, spec.model.backbone_names, spec.model.linear_proj_names)
+    if not groups:
+        raise UsageError("train.freeze / model.train_backbone: every parameter is frozen; nothing to train")
+    if optim.optimizer == "SGD":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch schedule: MultiStep at `lr_steps` or StepLR every `lr_step_size` epochs."""
+    if optim.lr_scheduler == "StepLR":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.lr_step_size, gamma=optim.lr_decay)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sorted(optim.lr_steps), gamma=optim.lr_decay)
