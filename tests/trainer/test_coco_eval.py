@@ -129,6 +129,13 @@ def test_detection_on_an_unknown_image_is_refused():
         evaluate_coco(GT, bad)
 
 
+def test_detections_of_classes_without_ground_truth_are_not_scored():
+    stray = [{"image_id": 1, "category_id": 0, "bbox": [10, 10, 120, 100], "score": 0.99}]
+    metrics = evaluate_coco(GT, _exact_detections(GT) + stray)
+    assert metrics["AP"] == pytest.approx(1.0)
+    assert list(metrics["per_class"]) == ["car", "person"]
+
+
 def _random_case(seed: int, num_images: int = 40):
     """Ground truth and noisy detections (jittered, missed, spurious) across three classes and all sizes."""
     rng = random.Random(seed)

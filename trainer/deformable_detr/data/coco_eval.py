@@ -33,13 +33,12 @@ def _gt_dataset(coco_gt) -> dict:
     return coco_gt.dataset
 
 
-def _check_results(results: Sequence[dict], image_ids: set, category_ids: set) -> None:
+def _check_results(results: Sequence[dict], image_ids: set) -> None:
+    # pycocotools asserts this without saying which id; a category the ground truth lacks
+    # (e.g. the background id 0 of an untrained model) is simply not scored, as in pycocotools.
     for det in results:
         if det["image_id"] not in image_ids:
             raise ValueError(f"detection for image_id {det['image_id']}, which the ground truth does not have")
-        if det["category_id"] not in category_ids:
-            raise ValueError(f"detection with category_id {det['category_id']}, "
-                             f"which the ground truth does not have (it has {sorted(category_ids)})")
 
 
 def _evaluator(backend: str, gt: dict, results: list[dict]):
@@ -92,7 +91,7 @@ def evaluate_coco(coco_gt, results: Iterable[dict], class_ids: Optional[Sequence
         if not class_ids:
             raise UsageError("dataset.eval_class_ids: empty; list category ids, or null for all")
     results = list(results)
-    _check_results(results, {int(img["id"]) for img in gt.get("images", [])}, set(names))
+    _check_results(results, {int(img["id"]) for img in gt.get("images", [])})
     if class_ids is not None:
         results = [det for det in results if det["category_id"] in set(class_ids)]
 
