@@ -1,0 +1,106 @@
+"""Backbones: torchvision ResNets with frozen BatchNorm, and timm's GC-ViT.
+
+`backbone.0.body` holds the network under its library's own parameter names (torchvision
+for ResNet, as the original Deformable DETR; timm for GC-ViT), `backbone.1` the position
+encoding, so the detector's keys read `backbone.0.body.layer1.0.conv1.weight` as in the
+original checkpoints.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..errors import UsageError
+from ..runtime.logging import get_logger
+from .position_encoding import PositionEmbeddingSine
+
+log = get_logger("model.backbone")
+
+RESNETS = {"resnet_18": resnet.resnet18, "resnet_34": resnet.resnet34,
+           "resnet_50": resnet.resnet50, "resnet_101": resnet.resnet101}
+GC_VITS = {"gc_vit_xxtiny": "gcvit_xxtiny", "gc_vit_xtiny": "gcvit_xtiny", "gc_vit_tiny": "gcvit_tiny",
+           "gc_vit_small": "gcvit_small", "gc_vit_base": "gcvit_base"}
+
+# `model.return_interm_indices` value of the extra level made from the last stage by a stride-2 conv.
+EXTRA_LEVEL = 4
+
+
+def _resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+class _BackboneBase(nn.Module):
+    """Feature maps of the chosen stages with their padding masks (`backbone.0`)."""
+
+    num_channels: List[int]
+    strides: List[int]
+
+    def stage_features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return [(feature, _resize_mask(mask, feature.shape[-2:])) for feature in self.stage_features(images)]
+
+
+class ResNetBackbone(_BackboneBase):
+    """A torchvision ResNet (frozen BatchNorm) cut after the last stage it needs."""
+
+    def __init__(self, network: resnet.ResNet, stage_indices: Sequence[int], train_backbone: bool,
+                 dilation: bool = False) -> None:
+        super().__init__()
+        for name, parameter in network.named_parameters():
+            # As the original: the stem and layer1 stay frozen even when the backbone trains.
+            if not train_backbone or not any(f"layer{i}" in name for i in (2, 3, 4)):
+                parameter.requires_grad_(False)
+        return_layers = {f"layer{i + 1}": str(i) for i in stage_indices}
+        stages = [network.layer1, network.layer2, network.layer3, network.layer4]
+        self.body = IntermediateLayerGetter(network, return_layers=return_layers)
+        self.num_channels = [_block_out_channels(stages[i][-1]) for i in stage_indices]
+        # A dilated layer4 keeps layer3's stride.
+        self.strides = [4 * 2 ** min(i, 2 if dilation else 3) for i in stage_indices]
+
+    def stage_features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        return list(self.body(images).values())
+
+
+def _block_out_channels(block: nn.Module) -> int:
+    last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+    return int(last_bn.weight.shape[0])
+
+
+class TimmBackbone(_BackboneBase):
+    """A timm network (GC-ViT) returning the chosen stages through `forward_intermediates`."""
+
+    def __init__(self, network: nn.Module, stage_indices: Sequence[int], train_backbone: bool) -> None:
+        super().__init__()
+        self.body = network
+        self.stage_indices = list(stage_indices)
+        if not train_backbone:
+            for parameter in network.parameters():
+                parameter.requires_grad_(False)
+        info = network.feature_info
+        self.num_channels = [int(info[i]["num_chs"]) for i in stage_indices]
+        self.strides = [int(info[i]["reduction"]) for i in stage_indices]
+
+    def stage_features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        return self.body.forward_intermediates(images, indices=self.stage_indices, intermediates_only=True)
+
+
+class Joiner(nn.Sequential):
+    """`backbone.0` (network) and `backbone.1` (position encoding), as the original."""
+
+    def __init__(self, backbone: nn.Module, position_embedding: PositionEmbeddingSine) -> None:
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.strides = backbone.strides
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor):
+        features = self[0](images, mask)
+        pos = [self[1](m).to(f.dtype) for f, m in features]
+        return features, pos
