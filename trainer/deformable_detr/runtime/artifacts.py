@@ -1,0 +1,184 @@
+"""Background upload of a run's local artifacts to its remote results folder (S3).
+
+Training writes every artifact locally first and hands its relative path to
+`ArtifactSync`; one worker thread uploads them in order, so a slow or briefly
+unreachable bucket never stalls the training loop. `publish_checkpoint` moves the
+remote `latest` object only after the checkpoint itself is fully uploaded, so `latest`
+never names a partial or missing object. Failed uploads are retried a bounded number
+of times with exponential backoff; `close()` then raises one clear `StorageError`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from . import storage
+from .logging import get_logger
+from .storage import StorageError
+
+log = get_logger("artifacts")
+
+DEFAULT_LATEST_NAME = "dd_model_latest.pth"
+
+
+@dataclass(frozen=True)
+class _Task:
+    relpath: str
+    latest_name: Optional[str] = None  # set for checkpoints: copy to this name once uploaded
+
+
+class ArtifactSync:
+    """Mirror files written under `local_dir` to `remote_uri` (an s3:// URI or another folder).
+
+    With `remote_uri` None, or the same folder as `local_dir`, every method does nothing.
+    """
+
+    def __init__(self, local_dir: str, remote_uri: Optional[str], attempts: int = 3,
+                 backoff_seconds: float = 2.0, part_size: Optional[int] = None):
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.local_dir = local_dir
+        self.remote_uri = remote_uri.rstrip("/") if remote_uri else None
+        self.enabled = bool(self.remote_uri) and not (
+            not storage.is_remote(self.remote_uri) and os.path.abspath(self.remote_uri) == os.path.abspath(local_dir))
+        self.attempts = attempts
+        self.backoff_seconds = backoff_seconds
+        self.part_size = part_size
+        self._queue: deque[_Task] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        self._failures: dict[str, str] = {}  # relpath -> last error, cleared by a later success
+        self.latest: dict[str, str] = {}  # latest name -> checkpoint relpath it names remotely
+
+    # ------------------------------------------------------------ caller side
+
+    def remote_path(self, relpath: str) -> str:
+        return storage.join(self.remote_uri or "", relpath)
+
+    def upload(self, relpath: str) -> None:
+        """Queue `local_dir/relpath` for upload to `remote_uri/relpath`; returns at once."""
+        self._submit(_Task(relpath))
+
+    def publish_checkpoint(self, relpath: str, latest_name: str = DEFAULT_LATEST_NAME) -> None:
+        """Queue a checkpoint; once it is fully uploaded, the remote `latest_name` becomes a copy of it."""
+        self._submit(_Task(relpath, latest_name))
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until everything queued so far is uploaded (or given up); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    @property
+    def error(self) -> Optional[str]:
+        """One line describing the uploads that failed for good, or None."""
+        with self._cond:
+            if not self._failures:
+                return None
+            first = next(iter(self._failures.values()))
+            count = len(self._failures)
+            kept = "; ".join(f"remote {name} still names {path}" for name, path in self.latest.items())
+        return (f"{count} artifact(s) not uploaded to {self.remote_uri} after {self.attempts} attempts "
+                f"(first: {first})" + (f"; {kept}" if kept else ""))
+
+    def close(self) -> None:
+        """Finish queued uploads, stop the worker, and raise StorageError if any upload failed for good."""
+        if not self.enabled:
+            return
+        self.wait()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        message = self.error
+        if message:
+            raise StorageError(message)
+
+    def __enter__(self) -> "ArtifactSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _submit(self, task: _Task) -> None:
+        if not self.enabled:
+            return
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("ArtifactSync is closed")
+            # A file queued twice before its upload starts is uploaded once, with its newest content.
+            if task not in self._queue:
+                self._queue.append(task)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="artifact-sync", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ worker side
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                task = self._queue.popleft()
+                self._busy = True
+            try:
+                self._run(task)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _run(self, task: _Task) -> None:
+        local = os.path.join(self.local_dir, task.relpath)
+        if not os.path.isfile(local):
+            # Removed locally before its turn (an older checkpoint rotated away): nothing to mirror.
+            log.warning("not uploading %s: it no longer exists locally", local)
+            return
+        started = time.monotonic()
+        remote = self.remote_path(task.relpath)
+        if not self._with_retries(task.relpath, lambda: storage.upload_file(local, remote, part_size=self.part_size)):
+            return
+        if task.latest_name:
+            latest = self.remote_path(task.latest_name)
+            if not self._with_retries(task.relpath, lambda: storage.copy(remote, latest)):
+                return
+            with self._cond:
+                self.latest[task.latest_name] = task.relpath
+            log.info("uploaded checkpoint %s (%.1f MB in %.1fs); %s now names it", remote,
+                     os.path.getsize(local) / 1e6, time.monotonic() - started, latest)
+
+    def _with_retries(self, relpath: str, action) -> bool:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                action()
+            except StorageError as err:
+                if attempt == self.attempts or not err.retryable:
+                    log.error("giving up on %s: %s", relpath, err)
+                    with self._cond:
+                        self._failures[relpath] = str(err)
+                    return False
+                delay = self.backoff_seconds * 2 ** (attempt - 1)
+                log.warning("upload of %s failed (attempt %d/%d), retrying in %.1fs: %s",
+                            relpath, attempt, self.attempts, delay, err)
+                time.sleep(delay)
+            else:
+                with self._cond:
+                    self._failures.pop(relpath, None)
+                return True
+        return False
