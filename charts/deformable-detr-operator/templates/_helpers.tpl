@@ -1,0 +1,134 @@
+{{/* Names, labels and facts shared by the templates. */}}
+
+{{- define "ddetr.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ddetr.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ddetr.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "ddetr.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: deformable-detr
+{{- end -}}
+
+{{/* Labels of the operator's own objects. */}}
+{{- define "ddetr.labels" -}}
+{{ include "ddetr.commonLabels" . }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "ddetr.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ddetr.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "ddetr.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "ddetr.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ddetr.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The chart's CRD, parsed: RBAC and monitors take the API group and plural from it, so they
+     cannot drift from the CRD the operator serves. */}}
+{{- define "ddetr.crd" -}}
+{{- $crd := dict -}}
+{{- range $path, $_ := .Files.Glob "crds/*.yaml" -}}
+{{- $doc := $.Files.Get $path | fromYaml -}}
+{{- if eq (get $doc "kind") "CustomResourceDefinition" -}}
+{{- $crd = $doc -}}
+{{- end -}}
+{{- end -}}
+{{- if not $crd.spec -}}
+{{- fail "the chart's crds/ folder holds no CustomResourceDefinition" -}}
+{{- end -}}
+{{- toYaml $crd -}}
+{{- end -}}
+
+{{/* Namespaces the operator works in: the listed ones, or none (cluster-wide). */}}
+{{- define "ddetr.watchNamespaces" -}}
+{{- toJson (.Values.watch.namespaces | default list | uniq) -}}
+{{- end -}}
+
+{{/* Namespaces that get a trainer ServiceAccount: the release namespace plus the watched ones. */}}
+{{- define "ddetr.trainerNamespaces" -}}
+{{- toJson (prepend (.Values.watch.namespaces | default list) .Release.Namespace | uniq) -}}
+{{- end -}}
+
+{{/* Command-line arguments of the operator (see operator/ddetr_operator/__main__.py). */}}
+{{- define "ddetr.operatorArgs" -}}
+{{- $namespaces := include "ddetr.watchNamespaces" . | fromJsonArray -}}
+- --standalone
+- {{ printf "--liveness=http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) }}
+- {{ printf "--metrics-port=%d" (int .Values.operator.metricsPort) }}
+{{- if $namespaces }}
+{{- range $namespaces }}
+- {{ printf "--namespace=%s" . }}
+{{- end -}}
+{{- else }}
+- --all-namespaces
+{{- end -}}
+{{- end -}}
+
+{{/* Selects trainer pods: the worker pods the operator renders (ddetr_operator.render). */}}
+{{- define "ddetr.trainerPodSelector" -}}
+{{- $crd := include "ddetr.crd" . | fromYaml -}}
+matchLabels:
+  {{ printf "%s/role" $crd.spec.group }}: worker
+matchExpressions:
+  - key: {{ printf "%s/job-name" $crd.spec.group }}
+    operator: Exists
+{{- end -}}
+
+{{/* What the operator does inside the namespaces it serves: watch its jobs, patch their status,
+     create and delete each job's children (headless Service, spec ConfigMap, worker gang),
+     read pod logs for failure messages, and post events. */}}
+{{- define "ddetr.namespacedRules" -}}
+- apiGroups: [{{ .crd.spec.group | quote }}]
+  resources: [{{ .crd.spec.names.plural | quote }}]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: [{{ .crd.spec.group | quote }}]
+  resources: [{{ printf "%s/status" .crd.spec.names.plural | quote }}]
+  verbs: ["get", "patch", "update"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "delete"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- if .podGroups }}
+- apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+{{- end -}}
+{{- end -}}

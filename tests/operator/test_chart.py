@@ -1,0 +1,336 @@
+"""The Helm chart: lint, render with default and non-default values, validate every rendered
+manifest against the Kubernetes schemas, and check what the chart promises (security,
+probes, least-privilege RBAC that still covers what the operator creates, schema checks)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes_validate import utils as kube_validate
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "deformable-detr-operator"
+KUBE_VERSION = "1.30.0"
+TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
+
+# Values that switch on every optional part and take every non-default branch.
+NON_DEFAULT_VALUES = {
+    "fullnameOverride": "ddetr",
+    "image": {"repository": "registry.example.com/ml/ddetr-operator", "tag": "1.2.3", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "operator": {"logLevel": "debug", "healthPort": 8181, "metricsPort": 9191,
+                 "extraEnv": [{"name": "EXTRA", "value": "1"}]},
+    "watch": {"namespaces": ["team-a", "team-b"]},
+    "rbac": {"create": True, "podGroups": False},
+    "serviceAccount": {"create": True, "name": "ddetr-op", "annotations": {"a": "b"}},
+    "trainerServiceAccount": {"create": True, "name": "trainer",
+                              "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}},
+    "priorityClassName": "system-cluster-critical",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    "podLabels": {"team": "vision"},
+    "podAnnotations": {"note": "x"},
+    "metrics": {"service": {"type": "NodePort", "port": 9100, "annotations": {"prometheus.io/scrape": "true"}}},
+    "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
+    "podMonitor": {"enabled": True, "interval": "10s", "labels": {"release": "kube-prometheus-stack"}},
+    "dashboards": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "DDETR"}},
+}
+
+
+def _tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidate = TOOLS_BIN / name
+    return str(candidate) if candidate.exists() else None
+
+
+HELM = _tool("helm")
+needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (scripts/test-deps.d/helm.sh installs one)")
+
+
+def _helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def _values_file(tmp_path: Path, values: dict) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def _render(tmp_path: Path, values: dict | None = None, namespace: str = "ddetr-system",
+            include_crds: bool = False) -> list[dict]:
+    args = ["template", "ddetr", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+    if values is not None:
+        args += ["--values", _values_file(tmp_path, values)]
+    if include_crds:
+        args.append("--include-crds")
+    docs = yaml.safe_load_all(_helm(*args).stdout)
+    return [doc for doc in docs if doc]
+
+
+def _by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def _one(docs: list[dict], kind: str) -> dict:
+    found = _by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def _validate_all(docs: list[dict]) -> None:
+    """Every core manifest against the Kubernetes schemas (strict: unknown fields fail)."""
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            _check_monitor(doc)
+            continue
+        try:
+            kube_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kube_validate.ValidationError as error:
+            raise AssertionError(f"{doc['kind']} {doc['metadata']['name']}: {error.message}") from error
+
+
+def _check_monitor(doc: dict) -> None:
+    """kubernetes-validate has no Prometheus Operator schemas: check the fields we rely on."""
+    assert doc["kind"] in ("ServiceMonitor", "PodMonitor")
+    kube_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+                           KUBE_VERSION, strict=True)
+    endpoints = doc["spec"]["endpoints" if doc["kind"] == "ServiceMonitor" else "podMetricsEndpoints"]
+    assert endpoints and all(e["port"] and e["path"] == "/metrics" for e in endpoints)
+    assert doc["spec"]["selector"]
+
+
+def _crd() -> dict:
+    return yaml.safe_load((REPO / "crds" / "deformabledetrjobs.yaml").read_text())
+
+
+# --- files that must stay equal to their top-level sources (Helm reads only inside the chart) ---
+
+def test_chart_crds_equal_top_level_crds():
+    top = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    assert top, "crds/ holds no CRD"
+    assert chart == top, "charts/.../crds must hold exactly the top-level crds/ files (run `make sync-chart`)"
+    for name in top:
+        assert (CHART / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), (
+            f"charts/.../crds/{name} differs from crds/{name}: run `make sync-chart`")
+
+
+def test_chart_dashboards_equal_top_level_dashboards():
+    top = sorted(p.name for p in (REPO / "dashboards").glob("*.json"))
+    chart = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert top and chart == top, "charts/.../dashboards must mirror dashboards/ (run `make sync-chart`)"
+    for name in top:
+        assert (CHART / "dashboards" / name).read_bytes() == (REPO / "dashboards" / name).read_bytes()
+
+
+# Blocks documented as a whole (their insides are Kubernetes fields, not chart settings).
+WHOLE_BLOCKS = {"resources", "podSecurityContext", "securityContext", "probes.liveness", "probes.readiness"}
+
+
+def test_every_value_is_documented_and_in_the_schema():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    lines = (CHART / "values.yaml").read_text().splitlines()
+
+    def walk(node: dict, schema_node: dict, path: str) -> None:
+        for key, value in node.items():
+            dotted = f"{path}{key}"
+            assert key in schema_node.get("properties", {}), f"{dotted} is not in values.schema.json"
+            index = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:")
+                         and _indent_path(lines, i) == dotted)
+            assert lines[index - 1].strip().startswith("#"), f"{dotted} has no comment in values.yaml"
+            child_schema = schema_node["properties"][key]
+            if isinstance(value, dict) and child_schema.get("properties") and dotted not in WHOLE_BLOCKS:
+                walk(value, child_schema, dotted + ".")
+
+    walk(values, schema, "")
+
+
+def _indent_path(lines: list[str], index: int) -> str:
+    """The dotted path of the YAML key on line `index`, from indentation."""
+    parts, indent = [], len(lines[index]) - len(lines[index].lstrip())
+    parts.append(lines[index].strip().split(":")[0])
+    for line in reversed(lines[:index]):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("-"):
+            continue
+        line_indent = len(line) - len(line.lstrip())
+        if line_indent < indent:
+            parts.append(stripped.split(":")[0])
+            indent = line_indent
+    return ".".join(reversed(parts))
+
+
+# --- helm lint / template ---
+
+@needs_helm
+def test_helm_lint_default_and_non_default(tmp_path):
+    _helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION)
+    _helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION,
+          "--values", _values_file(tmp_path, NON_DEFAULT_VALUES))
+
+
+@needs_helm
+def test_default_render_is_valid_and_secure(tmp_path):
+    docs = _render(tmp_path, include_crds=True)
+    _validate_all(docs)
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ServiceAccount", "ClusterRole",
+                            "ClusterRoleBinding", "Service", "Deployment", "ConfigMap", "ConfigMap"])
+    assert _one(docs, "CustomResourceDefinition") == _crd()
+
+    deployment = _one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in container["args"]
+    assert "--all-namespaces" in container["args"]
+    assert pod["serviceAccountName"] == _one(docs, "Deployment")["metadata"]["name"]
+
+    service = _one(docs, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics" and "metrics" in ports
+
+    trainer_sa = [sa for sa in _by_kind(docs, "ServiceAccount") if sa["metadata"]["name"] == "deformable-detr-trainer"]
+    assert trainer_sa and trainer_sa[0]["automountServiceAccountToken"] is False
+
+    dashboards = _by_kind(docs, "ConfigMap")
+    for configmap in dashboards:
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        (name, text), = configmap["data"].items()
+        assert json.loads(text) == json.loads((REPO / "dashboards" / name).read_text())
+
+
+@needs_helm
+def test_non_default_render_is_valid_and_namespaced(tmp_path):
+    docs = _render(tmp_path, NON_DEFAULT_VALUES)
+    _validate_all(docs)
+    deployment = _one(docs, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/ml/ddetr-operator:1.2.3"
+    assert container["imagePullPolicy"] == "Always"
+    assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
+    assert "--all-namespaces" not in container["args"]
+    assert "--liveness=http://0.0.0.0:8181/healthz" in container["args"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8181, "metrics": 9191}
+
+    # Namespaced mode: job/child permissions only through Roles in the listed namespaces.
+    roles = _by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in _by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
+    cluster_role = _one(docs, "ClusterRole")
+    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert cluster_resources == {"customresourcedefinitions", "namespaces"}
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in cluster_role["rules"])
+    assert not any("podgroups" in rule["resources"] for rule in roles[0]["rules"])
+
+    trainer_namespaces = sorted(sa["metadata"]["namespace"] for sa in _by_kind(docs, "ServiceAccount")
+                                if sa["metadata"]["name"] == "trainer")
+    assert trainer_namespaces == ["ddetr-system", "team-a", "team-b"]
+
+    assert _one(docs, "Service")["spec"]["type"] == "NodePort"
+    service_monitor = _one(docs, "ServiceMonitor")
+    assert service_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert service_monitor["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    pod_monitor = _one(docs, "PodMonitor")
+    assert pod_monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+    for configmap in _by_kind(docs, "ConfigMap"):
+        assert configmap["metadata"]["namespace"] == "monitoring"
+        assert configmap["metadata"]["annotations"] == {"grafana_folder": "DDETR"}
+
+
+@needs_helm
+@pytest.mark.parametrize("values, field", [
+    ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "image.pullPolicy"),
+    ({"operator": {"logLevel": "info", "healthPort": 70000, "metricsPort": 9090}}, "operator.healthPort"),
+    ({"watch": {"namespaces": ["Not_A_Namespace"]}}, "watch.namespaces"),
+    ({"securityContext": {"readOnlyRootFilesystem": False, "allowPrivilegeEscalation": False}},
+     "securityContext.readOnlyRootFilesystem"),
+    ({"podSecurityContext": {"runAsNonRoot": False}}, "podSecurityContext.runAsNonRoot"),
+    ({"serviceMonitor": {"enabled": "yes"}}, "serviceMonitor.enabled"),
+    ({"podMonitor": {"enabled": True, "interval": "often"}}, "podMonitor.interval"),
+    ({"metrics": {"service": {"type": "LoadBalancer", "port": 9090}}}, "metrics.service.type"),
+    ({"dashbords": {"enabled": True}}, "dashbords"),
+])
+def test_schema_rejects_bad_values(tmp_path, values, field):
+    result = _helm("template", "ddetr", str(CHART), "--values", _values_file(tmp_path, values), check=False)
+    assert result.returncode != 0, f"bad value {values} was accepted"
+    assert field.split(".")[-1] in result.stderr, result.stderr
+
+
+# --- RBAC covers exactly what the operator renders, and no more than it needs ---
+
+def _rendered_children() -> list[dict]:
+    render = pytest.importorskip("ddetr_operator.render", reason="the operator package is not installed")
+    from deformable_detr.config.loader import spec_from_dict
+
+    job = {"apiVersion": "ddetr.dev/v1alpha1", "kind": "DeformableDetrJob",
+           "metadata": {"name": "demo", "namespace": "team-a", "uid": "0000"},
+           "spec": {"image": "trainer:latest", "nodes": 2, "gpusPerNode": 0,
+                    "gangScheduling": {"scheduler": "volcano"}, "experiment": {}}}
+    experiment = spec_from_dict({})
+    children = [render.render_service(job), render.render_configmap(job, experiment),
+                render.render_worker_job(job, attempt=0), render.render_podgroup(job)]
+    return [child for child in children if child]
+
+
+def _plural(kind: str) -> str:
+    return kind.lower() + ("es" if kind.endswith("s") else "s")
+
+
+@needs_helm
+def test_rbac_covers_the_operators_children_and_grants_no_secrets(tmp_path):
+    docs = _render(tmp_path)
+    rules = _one(docs, "ClusterRole")["rules"]
+
+    def allowed(group: str, resource: str, verb: str) -> bool:
+        return any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+                   for rule in rules)
+
+    crd = _crd()
+    group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
+    for verb in ("get", "list", "watch", "patch"):
+        assert allowed(group, plural, verb)
+    assert allowed(group, f"{plural}/status", "patch")
+    for child in _rendered_children():
+        child_group = child["apiVersion"].rpartition("/")[0]
+        for verb in ("create", "delete", "get", "list", "watch"):
+            assert allowed(child_group, _plural(child["kind"]), verb), f"{verb} {child['kind']} not granted"
+    assert allowed("", "pods", "watch") and allowed("", "pods/log", "get") and allowed("", "events", "create")
+    # Least privilege: credentials reach trainer pods through secretKeyRef, so no Secret access,
+    # and nothing may escalate (no wildcard, no RBAC objects, no pods/exec).
+    granted = {r for rule in rules for r in rule["resources"]}
+    assert not granted & {"secrets", "pods/exec", "roles", "rolebindings", "clusterroles", "*"}
+    assert all("*" not in rule["verbs"] and "*" not in rule["apiGroups"] for rule in rules)
+
+
+@needs_helm
+def test_pod_monitor_selects_the_pods_the_operator_renders(tmp_path):
+    docs = _render(tmp_path, {"podMonitor": {"enabled": True}})
+    selector = _one(docs, "PodMonitor")["spec"]["selector"]
+    worker_job = next(c for c in _rendered_children() if c["kind"] == "Job")
+    pod_labels = worker_job["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "Exists" and expression["key"] in pod_labels
+    port_names = {p["name"] for p in worker_job["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert _one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] in port_names
