@@ -1,0 +1,161 @@
+"""Read one COCO-format source, check it, and return its annotations as columns.
+
+Every problem a user can cause ends in one `UsageError` naming the file and the entry.
+Boxes with non-positive width or height are skipped and counted (as COCO tools do);
+crowd boxes are kept apart (evaluation scores them as "ignore", training drops them).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+from ..runtime.logging import get_logger
+
+log = get_logger("data")
+
+
+@dataclass
+class SourceColumns:
+    """One source's images and non-crowd, valid boxes as flat arrays."""
+
+    json_file: str
+    image_dir: str
+    image_ids: np.ndarray        # int64 [I], ids as in the JSON
+    file_names: list[str]        # [I], relative to image_dir (or absolute)
+    heights: np.ndarray          # int32 [I]
+    widths: np.ndarray           # int32 [I]
+    box_image_index: np.ndarray  # int64 [A], index into the image arrays
+    boxes_xywh: np.ndarray       # float32 [A, 4], pixels, as in the JSON
+    category_ids: np.ndarray     # int64 [A]
+    categories: list[dict]       # the JSON's category list
+    skipped_boxes: int           # boxes with non-positive width or height
+    crowd_boxes: int             # crowd boxes (not in the columns)
+
+
+def expand_json_files(pattern: str, field: str) -> list[str]:
+    """`json_file` may name one file or a glob of shards (what `convert` writes)."""
+    if not pattern:
+        raise UsageError(f"{field}: not set; expected a COCO JSON file (or a glob of shards)")
+    if any(ch in pattern for ch in "*?["):
+        files = sorted(glob.glob(pattern))
+        if not files:
+            raise UsageError(f"{field}: no file matches {pattern}")
+        return files
+    if not os.path.isfile(pattern):
+        raise UsageError(f"{field}: file not found: {pattern}")
+    return [pattern]
+
+
+def read_json(path: str) -> Any:
+    """Parse a JSON file; a syntax error names the line and column."""
+    try:
+        with open(path, "rb") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _require_list(raw: dict, key: str, path: str) -> list:
+    value = raw.get(key)
+    if not isinstance(value, list):
+        raise UsageError(f"{path}: '{key}' must be a list (COCO format: images, annotations, categories)")
+    return value
+
+
+def check_category_id(cat_id: Any, num_classes: int, where: str, max_id: int) -> None:
+    if isinstance(cat_id, bool) or not isinstance(cat_id, int):
+        raise UsageError(f"{where}: category_id {cat_id!r} is not an integer")
+    if cat_id <= 0:
+        raise UsageError(f"{where}: category_id {cat_id}; 0 is the background, category ids start at 1")
+    if cat_id >= num_classes:
+        raise UsageError(f"{where}: category_id {cat_id} is not below dataset.num_classes={num_classes}; "
+                         f"set dataset.num_classes to max id + 1 = {max_id + 1}")
+
+
+def _max_category_id(raw_annotations: list, categories: list) -> int:
+    ids = [a.get("category_id") for a in raw_annotations if isinstance(a, dict)]
+    ids += [c.get("id") for c in categories if isinstance(c, dict)]
+    ints = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ints, default=0)
+
+
+def load_source(json_file: str, image_dir: str, num_classes: int, check_files: bool = True) -> SourceColumns:
+    """Read and check one COCO JSON; return its images and boxes as columns."""
+    raw = read_json(json_file)
+    if not isinstance(raw, dict):
+        raise UsageError(f"{json_file}: expected a JSON object with images, annotations, categories")
+    images = _require_list(raw, "images", json_file)
+    annotations = raw.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise UsageError(f"{json_file}: 'annotations' must be a list")
+    categories = raw.get("categories", [])
+    if not isinstance(categories, list):
+        raise UsageError(f"{json_file}: 'categories' must be a list")
+    max_id = _max_category_id(annotations, categories)
+    for k, cat in enumerate(categories):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise UsageError(f"{json_file}: categories[{k}] has no 'id'")
+        check_category_id(cat["id"], num_classes, f"{json_file}: categories[{k}] ({cat.get('name', '?')})", max_id)
+
+    index_of_id: dict[int, int] = {}
+    file_names: list[str] = []
+    heights = np.empty(len(images), np.int32)
+    widths = np.empty(len(images), np.int32)
+    image_ids = np.empty(len(images), np.int64)
+    for k, image in enumerate(images):
+        where = f"{json_file}: images[{k}]"
+        try:
+            image_id, file_name = int(image["id"]), str(image["file_name"])
+            height, width = int(image.get("height", 0)), int(image.get("width", 0))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{where}: needs integer 'id', 'file_name', 'height' and 'width'") from None
+        if image_id in index_of_id:
+            raise UsageError(f"{where}: image id {image_id} appears twice")
+        if check_files and not os.path.isfile(os.path.join(image_dir, file_name)):
+            raise UsageError(f"{where}: image file not found: {os.path.join(image_dir, file_name)}")
+        index_of_id[image_id] = k
+        image_ids[k], heights[k], widths[k] = image_id, height, width
+        file_names.append(file_name)
+
+    box_image_index, boxes, category_ids = [], [], []
+    skipped = crowd = 0
+    for k, ann in enumerate(annotations):
+        where = f"{json_file}: annotations[{k}] (id {ann.get('id', '?') if isinstance(ann, dict) else '?'})"
+        if not isinstance(ann, dict):
+            raise UsageError(f"{where}: expected an object")
+        check_category_id(ann.get("category_id"), num_classes, where, max_id)
+        image_index = index_of_id.get(ann.get("image_id"))
+        if image_index is None:
+            raise UsageError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        bbox = ann.get("bbox")
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise UsageError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
+        if ann.get("iscrowd", 0):
+            crowd += 1
+            continue
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            skipped += 1
+            continue
+        box_image_index.append(image_index)
+        boxes.append(bbox)
+        category_ids.append(ann["category_id"])
+    if skipped:
+        log.warning("%s: skipped %d box(es) with non-positive width or height", json_file, skipped)
+    return SourceColumns(
+        json_file=json_file, image_dir=image_dir, image_ids=image_ids, file_names=file_names,
+        heights=heights, widths=widths,
+        box_image_index=np.asarray(box_image_index, np.int64).reshape(-1),
+        boxes_xywh=np.asarray(boxes, np.float32).reshape(-1, 4),
+        category_ids=np.asarray(category_ids, np.int64).reshape(-1),
+        categories=categories, skipped_boxes=skipped, crowd_boxes=crowd)

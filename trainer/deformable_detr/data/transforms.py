@@ -1,0 +1,200 @@
+"""TAO's deformable_detr augmentation, on torchvision's detection-aware v2 transforms.
+
+Images are `tv_tensors.Image` (uint8 [3, H, W]) and boxes `tv_tensors.BoundingBoxes`
+(absolute XYXY), so torchvision's functional ops move boxes with every resize, crop
+and flip. Random choices come from torch's global generator, which the DataLoader
+seeds per worker, so a seeded loader gives the same augmentation every run.
+
+Training (TAO's pipeline):
+    horizontal flip (horizontal_flip_prob), then with probability 1/2
+      resize the shorter side to one of `scales` (longer side capped at random_resize_max_size)
+    otherwise
+      resize the shorter side to one of `train_random_resize`, crop a random region with
+      sides in [train_random_crop_min, train_random_crop_max], resize to one of `scales` (capped)
+    then normalise.
+With `fixed_random_crop: S` (large-scale jitter, for ViT backbones) the middle part is
+instead: scale the image so its longer side is S times a factor drawn from [0.1, 2.0],
+then crop a random S x S window (smaller images are kept whole and padded later).
+Evaluation: resize the shorter side to `test_random_resize` (capped), normalise.
+Boxes cut down to nothing by a crop are dropped.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as F
+from torchvision import tv_tensors
+
+from ..config.schema import AugmentationConfig
+
+Target = dict[str, Any]
+Sample = tuple[tv_tensors.Image, Target]
+Transform = Callable[[tv_tensors.Image, Target], Sample]
+
+# Large-scale jitter's scale range, from "Simple Copy-Paste" (Ghiasi et al., 2021).
+LSJ_SCALE_RANGE = (0.1, 2.0)
+
+
+def resized_shape(height: int, width: int, size: int, max_size: Optional[int] = None) -> tuple[int, int]:
+    """(h, w) with the shorter side `size`, shrunk so the longer side is at most `max_size`.
+
+    DETR's rule (int() truncation, `size` rounded when capped), plus a final clamp:
+    that rule's rounding can overshoot `max_size` on extreme aspect ratios, and a fixed
+    padding of max_size x max_size relies on it never doing so.
+    """
+    short, long = min(height, width), max(height, width)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    if max_size is not None:
+        new_h, new_w = min(new_h, max_size), min(new_w, max_size)
+    return max(new_h, 1), max(new_w, 1)
+
+
+def _pick(options: Sequence[int]) -> int:
+    return int(options[int(torch.randint(len(options), ()).item())])
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in [low, high], both ends included."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def resize(image: tv_tensors.Image, target: Target, height: int, width: int) -> Sample:
+    image = F.resize(image, [height, width], antialias=True)
+    target = {**target, "boxes": F.resize(target["boxes"], [height, width])}
+    return image, target
+
+
+def crop(image: tv_tensors.Image, target: Target, top: int, left: int, height: int, width: int) -> Sample:
+    """Crop, clip boxes to the window, and drop boxes with no width or height left."""
+    image = F.crop(image, top, left, height, width)
+    boxes = F.crop(target["boxes"], top, left, height, width)
+    clipped = boxes.as_subclass(torch.Tensor).clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    out = {**target, "labels": target["labels"][keep],
+           "boxes": tv_tensors.wrap(clipped[keep], like=boxes, canvas_size=(height, width))}
+    return image, out
+
+
+class Compose:
+    def __init__(self, steps: Sequence[Transform]) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
+        for step in self.steps:
+            image, target = step(image, target)
+        return image, target
+
+
+class RandomSelect:
+    """`first` with probability p, else `second` (TAO/DETR's RandomSelect)."""
+
+    def __init__(self, first: Transform, second: Transform, p: float = 0.5) -> None:
+        self.first, self.second, self.p = first, second, p
+
+    def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
+        if torch.rand(()).item() < self.p:
+            return self.first(image, target)
+        return self.second(image, target)
+
+
+class RandomResize:
+    """Shorter side to one of `sizes` (picked at random), longer side capped at `max_size`."""
+
+    def __init__(self, sizes: Sequence[int], max_size: Optional[int] = None) -> None:
+        self.sizes, self.max_size = list(sizes), max_size
+
+    def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
+        height, width = image.shape[-2:]
+        new_h, new_w = resized_shape(height, width, _pick(self.sizes), self.max_size)
+        return resize(image, target, new_h, new_w)
+
+
+class RandomSizeCrop:
+    """A random window with each side drawn from [min_size, max_size] (clipped to the image)."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
+        height, width = image.shape[-2:]
+        crop_w = _randint(min(self.min_size, width), min(width, self.max_size))
+        crop_h = _randint(min(self.min_size, height), min(height, self.max_size))
+        top, left = _randint(0, height - crop_h), _randint(0, width - crop_w)
+        return crop(image, target, top, left, crop_h, crop_w)
+
+
+class LargeScaleJitter:
+    """Scale so the longer side is S * U(0.1, 2.0), then a random window of at most S x S."""
+
+    def __init__(self, output_size: int, scale_range: tuple[float, float] = LSJ_SCALE_RANGE) -> None:
+        self.output_size, self.scale_range = output_size, scale_range
+
+    def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
+        height, width = image.shape[-2:]
+        low, high = self.scale_range
+        scale = low + (high - low) * torch.rand(()).item()
+        factor = self.output_size * scale / max(height, width)
+        new_h, new_w = max(int(height * factor), 1), max(int(width * factor), 1)
+        image, target = resize(image, target, new_h, new_w)
+        crop_h, crop_w = min(new_h, self.output_size), min(new_w, self.output_size)
+        top, left = _randint(0, new_h - crop_h), _randint(0, new_w - crop_w)
+        return crop(image, target, top, left, crop_h, crop_w)
+
+
+class Normalize:
+    """uint8 image -> float normalised with mean/std; boxes -> cxcywh relative to the image size."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.to_float = T.ToDtype(torch.float32, scale=True)
+        self.normalize = T.Normalize(list(mean), list(std))
+
+    def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
+        height, width = image.shape[-2:]
+        image = self.normalize(self.to_float(image))
+        boxes = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
+        boxes = boxes.as_subclass(torch.Tensor) / torch.tensor([width, height, width, height], dtype=torch.float32)
+        return image, {**target, "boxes": boxes.float(), "size": torch.tensor([height, width], dtype=torch.int64)}
+
+
+def build_train_transform(aug: AugmentationConfig) -> Transform:
+    if aug.fixed_random_crop:
+        middle: Transform = LargeScaleJitter(aug.fixed_random_crop)
+    else:
+        middle = RandomSelect(
+            RandomResize(aug.scales, max_size=aug.random_resize_max_size),
+            Compose([RandomResize(aug.train_random_resize),
+                     RandomSizeCrop(aug.train_random_crop_min, aug.train_random_crop_max),
+                     RandomResize(aug.scales, max_size=aug.random_resize_max_size)]))
+    return Compose([T.RandomHorizontalFlip(aug.horizontal_flip_prob), middle,
+                    Normalize(aug.input_mean, aug.input_std)])
+
+
+def build_eval_transform(aug: AugmentationConfig) -> Transform:
+    if aug.fixed_random_crop:
+        # The ViT input is S x S: fit the longer side to S.
+        resize_step: Transform = RandomResize([aug.fixed_random_crop], max_size=aug.fixed_random_crop)
+    else:
+        resize_step = RandomResize([aug.test_random_resize], max_size=aug.random_resize_max_size)
+    return Compose([resize_step, Normalize(aug.input_mean, aug.input_std)])
+
+
+def fixed_pad_size(aug: AugmentationConfig) -> Optional[tuple[int, int]]:
+    """The (h, w) every batch is padded to with fixed_padding, or None to pad per batch.
+
+    TAO pads to random_resize_max_size x random_resize_max_size: every resize caps the
+    longer side there, so any image fits in either orientation. With large-scale
+    jitter the output is S x S.
+    """
+    if not aug.fixed_padding:
+        return None
+    side = aug.fixed_random_crop or aug.random_resize_max_size
+    return side, side
