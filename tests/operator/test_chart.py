@@ -23,7 +23,7 @@ NON_DEFAULT_VALUES = {
     "fullnameOverride": "ddetr",
     "image": {"repository": "registry.example.com/ml/ddetr-operator", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
-    "operator": {"logLevel": "debug", "healthPort": 8181, "metricsPort": 9191,
+    "operator": {"verbose": True, "reconcileIntervalSeconds": 5, "healthPort": 8181, "metricsPort": 9191,
                  "extraEnv": [{"name": "EXTRA", "value": "1"}]},
     "watch": {"namespaces": ["team-a", "team-b"]},
     "rbac": {"create": True, "podGroups": False},
@@ -202,7 +202,7 @@ def test_default_render_is_valid_and_secure(tmp_path):
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in container["args"]
-    assert "--all-namespaces" in container["args"]
+    assert not any(arg.startswith("--namespace") for arg in container["args"])  # cluster-wide
     assert pod["serviceAccountName"] == _one(docs, "Deployment")["metadata"]["name"]
 
     service = _one(docs, "Service")
@@ -228,7 +228,7 @@ def test_non_default_render_is_valid_and_namespaced(tmp_path):
     assert container["image"] == "registry.example.com/ml/ddetr-operator:1.2.3"
     assert container["imagePullPolicy"] == "Always"
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
-    assert "--all-namespaces" not in container["args"]
+    assert "--verbose" in container["args"] and "--reconcile-interval=5" in container["args"]
     assert "--liveness=http://0.0.0.0:8181/healthz" in container["args"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8181, "metrics": 9191}
 
@@ -236,10 +236,7 @@ def test_non_default_render_is_valid_and_namespaced(tmp_path):
     roles = _by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in _by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
-    cluster_role = _one(docs, "ClusterRole")
-    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert cluster_resources == {"customresourcedefinitions", "namespaces"}
-    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in cluster_role["rules"])
+    assert not _by_kind(docs, "ClusterRole") and not _by_kind(docs, "ClusterRoleBinding")
     assert not any("podgroups" in rule["resources"] for rule in roles[0]["rules"])
 
     trainer_namespaces = sorted(sa["metadata"]["namespace"] for sa in _by_kind(docs, "ServiceAccount")
@@ -261,7 +258,9 @@ def test_non_default_render_is_valid_and_namespaced(tmp_path):
 @needs_helm
 @pytest.mark.parametrize("values, field", [
     ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "image.pullPolicy"),
-    ({"operator": {"logLevel": "info", "healthPort": 70000, "metricsPort": 9090}}, "operator.healthPort"),
+    ({"operator": {"healthPort": 70000, "metricsPort": 9090, "reconcileIntervalSeconds": 10}}, "operator.healthPort"),
+    ({"operator": {"healthPort": 8080, "metricsPort": 9090, "reconcileIntervalSeconds": 0}},
+     "operator.reconcileIntervalSeconds"),
     ({"watch": {"namespaces": ["Not_A_Namespace"]}}, "watch.namespaces"),
     ({"securityContext": {"readOnlyRootFilesystem": False, "allowPrivilegeEscalation": False}},
      "securityContext.readOnlyRootFilesystem"),
@@ -311,15 +310,20 @@ def test_rbac_covers_the_operators_children_and_grants_no_secrets(tmp_path):
     for verb in ("get", "list", "watch", "patch"):
         assert allowed(group, plural, verb)
     assert allowed(group, f"{plural}/status", "patch")
+    assert allowed(group, plural, "delete")  # ttlSecondsAfterFinished
     for child in _rendered_children():
         child_group = child["apiVersion"].rpartition("/")[0]
         for verb in ("create", "delete", "get", "list", "watch"):
             assert allowed(child_group, _plural(child["kind"]), verb), f"{verb} {child['kind']} not granted"
-    assert allowed("", "pods", "watch") and allowed("", "pods/log", "get") and allowed("", "events", "create")
-    # Least privilege: credentials reach trainer pods through secretKeyRef, so no Secret access,
-    # and nothing may escalate (no wildcard, no RBAC objects, no pods/exec).
+    assert allowed("", "pods", "list") and allowed("", "pods", "delete") and allowed("", "events", "create")
+    # Least privilege: the operator reads the one Secret a job names (to read rank 0's status.json
+    # from S3) but may not list or watch Secrets; nothing may escalate (no wildcard, no RBAC
+    # objects, no pods/exec, no creating pods outside a Job).
+    assert allowed("", "secrets", "get")
+    assert not any(allowed("", "secrets", verb) for verb in ("list", "watch", "create", "update", "patch"))
+    assert not allowed("", "pods", "create")
     granted = {r for rule in rules for r in rule["resources"]}
-    assert not granted & {"secrets", "pods/exec", "roles", "rolebindings", "clusterroles", "*"}
+    assert not granted & {"pods/exec", "roles", "rolebindings", "clusterroles", "*"}
     assert all("*" not in rule["verbs"] and "*" not in rule["apiGroups"] for rule in rules)
 
 
@@ -334,3 +338,21 @@ def test_pod_monitor_selects_the_pods_the_operator_renders(tmp_path):
         assert expression["operator"] == "Exists" and expression["key"] in pod_labels
     port_names = {p["name"] for p in worker_job["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert _one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] in port_names
+
+
+@needs_helm
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES], ids=["default", "non-default"])
+def test_operator_accepts_the_charts_arguments(tmp_path, values):
+    """The Deployment's args parse with the operator's real command line, to the chart's values."""
+    entry = pytest.importorskip("ddetr_operator.__main__", reason="the operator package is not installed")
+    docs = _render(tmp_path, values)
+    container = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = entry.parse_args(container["args"])
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    if values:
+        chart_values.update(values)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args.metrics_port == ports["metrics"] == chart_values["operator"]["metricsPort"]
+    assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
+    assert args.namespaces == chart_values["watch"]["namespaces"]
+    assert args.reconcile_interval == chart_values["operator"]["reconcileIntervalSeconds"]

@@ -76,19 +76,17 @@ app.kubernetes.io/component: operator
 {{- toJson (prepend (.Values.watch.namespaces | default list) .Release.Namespace | uniq) -}}
 {{- end -}}
 
-{{/* Command-line arguments of the operator (see operator/ddetr_operator/__main__.py). */}}
+{{/* Command-line arguments of the operator (`ddetr-operator --help`, operator/ddetr_operator/__main__.py). */}}
 {{- define "ddetr.operatorArgs" -}}
-{{- $namespaces := include "ddetr.watchNamespaces" . | fromJsonArray -}}
-- --standalone
 - {{ printf "--liveness=http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) }}
 - {{ printf "--metrics-port=%d" (int .Values.operator.metricsPort) }}
-{{- if $namespaces }}
-{{- range $namespaces }}
+- {{ printf "--reconcile-interval=%v" .Values.operator.reconcileIntervalSeconds }}
+{{- range (include "ddetr.watchNamespaces" . | fromJsonArray) }}
 - {{ printf "--namespace=%s" . }}
-{{- end -}}
-{{- else }}
-- --all-namespaces
-{{- end -}}
+{{- end }}
+{{- if .Values.operator.verbose }}
+- --verbose
+{{- end }}
 {{- end -}}
 
 {{/* Selects trainer pods: the worker pods the operator renders (ddetr_operator.render). */}}
@@ -101,13 +99,15 @@ matchExpressions:
     operator: Exists
 {{- end -}}
 
-{{/* What the operator does inside the namespaces it serves: watch its jobs, patch their status,
-     create and delete each job's children (headless Service, spec ConfigMap, worker gang),
-     read pod logs for failure messages, and post events. */}}
+{{/* What the operator does in the namespaces it serves (operator/ddetr_operator/kube.py): watch
+     its jobs, patch their status and delete them after ttlSecondsAfterFinished; create and delete
+     each job's children (headless Service, spec ConfigMap, worker Job, PodGroup); list and delete
+     worker pods (cleanPodPolicy); read the one Secret a job names for S3 (to read rank 0's
+     status.json); post events. */}}
 {{- define "ddetr.namespacedRules" -}}
 - apiGroups: [{{ .crd.spec.group | quote }}]
   resources: [{{ .crd.spec.names.plural | quote }}]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch", "update", "delete"]
 - apiGroups: [{{ .crd.spec.group | quote }}]
   resources: [{{ printf "%s/status" .crd.spec.names.plural | quote }}]
   verbs: ["get", "patch", "update"]
@@ -118,7 +118,7 @@ matchExpressions:
   resources: ["pods"]
   verbs: ["get", "list", "watch", "delete"]
 - apiGroups: [""]
-  resources: ["pods/log"]
+  resources: ["secrets"]
   verbs: ["get"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
