@@ -13,7 +13,7 @@ from torch import nn
 from deformable_detr.config import spec_from_dict
 from deformable_detr.errors import UsageError
 from deformable_detr.runtime import checkpoint
-from deformable_detr.runtime.optim import build_optimizer, build_scheduler, freeze_parameters, param_groups
+from deformable_detr.runtime.optim import build_optimizer, build_scheduler, param_groups
 from deformable_detr.runtime.signals import StopRequest
 from deformable_detr.runtime.training_log import TrainingLog, read_log, read_status
 
@@ -95,15 +95,17 @@ def test_param_groups_follow_deformable_detr():
     assert isinstance(build_optimizer(model, _spec(optim={"optimizer": "SGD"})), torch.optim.SGD)
 
 
-def test_freeze_and_train_backbone():
+def test_frozen_parameters_are_left_out():
     model = StandIn()
-    freeze_parameters(model, ["input_proj"], train_backbone=False, backbone_names=["backbone.0"])
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {"input_proj.weight", "input_proj.bias", "backbone.0.0.weight", "backbone.0.0.bias"}
+    for param in list(model.backbone.parameters()) + list(model.input_proj.parameters()):
+        param.requires_grad_(False)
     groups = param_groups(model, _spec().train.optim, ["backbone.0"], ["sampling_offsets", "reference_points"])
     assert {g["name"] for g in groups} == {"rest", "linear_proj"}
-    with pytest.raises(UsageError, match="train.freeze: 'nonexistent'"):
-        freeze_parameters(StandIn(), ["nonexistent"], train_backbone=True, backbone_names=["backbone.0"])
+    assert sum(len(g["params"]) for g in groups) == 6
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with pytest.raises(UsageError, match="nothing to train"):
+        build_optimizer(model, _spec())
 
 
 @pytest.mark.parametrize("optim,expected", [
@@ -133,6 +135,7 @@ def test_sigterm_raises_the_stop_flag_and_restores_the_handler():
 
 def test_training_log_and_status(tmp_path):
     log = TrainingLog(str(tmp_path), num_epochs=2)
+    log.update_status(epoch=1)
     log.log_step(epoch=0, step=1, losses={"loss_ce": torch.tensor(1.5), "loss_bbox": 0.5}, lr=1e-4, images_per_s=3.0)
     log.log_validation(epoch=0, step=1, metrics={"mAP": 0.25, "val_loss": float("nan")})
     log.update_status(last_checkpoint="/x/model_epoch_000_step_00001.pth", state="completed")
@@ -142,7 +145,7 @@ def test_training_log_and_status(tmp_path):
     assert records[0]["loss_ce"] == pytest.approx(1.5) and records[0]["lr"] == 1e-4
     assert records[1]["kind"] == "validation" and records[1]["val_loss"] is None
     status = read_status(str(tmp_path))
-    assert status == {"num_epochs": 2, "epoch": 0, "step": 1, "last_loss": 2.0, "last_map": 0.25,
+    assert status == {"num_epochs": 2, "epoch": 1, "step": 1, "last_loss": 2.0, "last_map": 0.25,
                       "last_checkpoint": "/x/model_epoch_000_step_00001.pth", "state": "completed"}
     with pytest.raises(ValueError):
         TrainingLog(str(tmp_path), 1).update_status(state="exploded")

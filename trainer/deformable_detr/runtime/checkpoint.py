@@ -128,3 +128,33 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError):  # fewer GPUs now than when saved: keep the fresh states
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Full (unsharded, unwrapped) state dicts through torch.distributed.checkpoint's API, so that a
+# plain, DDP or FSDP2 model gives the same original parameter names and one optimizer format
+# (keyed by parameter name); with FSDP2 these are collectives that every rank must call.
+_FULL = {"full_state_dict": True, "cpu_offload": True}
+
+
+def gather_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
+
+
+def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL))
+
+
+def load_model_and_optimizer(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                             model_state: dict[str, torch.Tensor], optimizer_state: Optional[dict]) -> None:
+    """Load full state dicts (as `gather_*_state` wrote them) into a plain, DDP or FSDP2 model."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -134,6 +134,37 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo,
+               shard_units: Sequence[torch.nn.Module] = ()) -> torch.nn.Module:
+    """The model as training runs it: as is in one process, DDP for `ddp`, FSDP2 for `ddp_sharded`.
+
+    `ddp_sharded` uses FSDP2 `fully_shard` (each of `shard_units`, then the root) rather than
+    ZeroRedundancyOptimizer: ZeRO shards only the optimizer state, FSDP2 also shards the
+    gradients (and the parameters between uses), which is what a large model needs; its
+    DTensor state dicts load back through torch.distributed.checkpoint's full state dicts.
+    """
+    model = model.to(info.device)
+    if not info.distributed:
+        return model
+    if strategy == "ddp_sharded":
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in shard_units:
+            fully_shard(unit)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # Some parameters get no gradient in a step (e.g. frozen stages, unused levels): let DDP find them.
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a DDP wrapper (FSDP2 modifies the module in place: returned as is)."""
+    return getattr(model, "module", model)
+
+
 def torchrun_command(task_argv: Sequence[str], num_gpus: int, num_nodes: int) -> list[str]:
     """The `python -m torch.distributed.run ... -m deformable_detr <argv>` line for this machine."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_gpus}"]

@@ -1,4 +1,7 @@
-"""What trains and how: freezing, Deformable DETR's three parameter groups, optimizer and lr schedule."""
+"""How the trainable parameters learn: Deformable DETR's three parameter groups, optimizer, lr schedule.
+
+Which parameters train (`train.freeze`, `model.train_backbone`) is decided by `build_model`;
+frozen parameters are simply left out of every group here."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,29 +14,6 @@ from ..errors import UsageError
 from .logging import get_logger
 
 log = get_logger("optim")
-
-
-def _matches_prefix(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p.rstrip(".") + ".") for p in prefixes)
-
-
-def freeze_parameters(model: nn.Module, freeze: Sequence[str], train_backbone: bool,
-                      backbone_names: Sequence[str]) -> int:
-    """Turn off gradients of `train.freeze` prefixes (and of the backbone when not trained); returns the count."""
-    prefixes = list(freeze) + ([] if train_backbone else list(backbone_names))
-    names = [name for name, _ in model.named_parameters()]
-    for prefix in freeze:
-        if not any(_matches_prefix(name, [prefix]) for name in names):
-            raise UsageError(f"train.freeze: {prefix!r} names no parameter of the model; "
-                             f"accepted: module-name prefixes such as {sorted({n.split('.')[0] for n in names})}")
-    frozen = 0
-    for name, param in model.named_parameters():
-        if _matches_prefix(name, prefixes):
-            param.requires_grad_(False)
-            frozen += param.numel()
-    if frozen:
-        log.info("frozen: %d parameters (%s)", frozen, ", ".join(prefixes))
-    return frozen
 
 
 def param_groups(model: nn.Module, optim: OptimConfig, backbone_names: Sequence[str],

@@ -18,6 +18,8 @@ STATES = ("running", "completed", "stopped", "failed")
 
 @dataclasses.dataclass
 class TrainStatus:
+    """`epoch` counts finished epochs (progress is epoch / num_epochs); `step` counts optimizer steps."""
+
     num_epochs: int
     epoch: int = 0
     step: int = 0
@@ -43,9 +45,11 @@ def _jsonable(value: Any) -> Any:
 class TrainingLog:
     """Appends records to `train_log.jsonl` and keeps `status.json` current, in `folder`."""
 
-    def __init__(self, folder: str, num_epochs: int) -> None:
+    def __init__(self, folder: str, num_epochs: int, status_every_s: float = 10.0) -> None:
         self.folder = folder
         self.status = TrainStatus(num_epochs=num_epochs)
+        self.status_every_s = status_every_s
+        self._status_written = 0.0
         os.makedirs(folder, exist_ok=True)
         # Line-buffered append: each record reaches the file whole, and a restarted run continues the log.
         self._log = open(os.path.join(folder, LOG_NAME), "a", encoding="utf-8", buffering=1)
@@ -65,7 +69,9 @@ class TrainingLog:
     def log_step(self, *, epoch: int, step: int, losses: dict[str, float], lr: float, **extra: Any) -> None:
         loss = float(sum(losses.values()))
         self.append("step", epoch=epoch, step=step, loss=loss, **losses, lr=lr, **extra)
-        self.status.epoch, self.status.step, self.status.last_loss = epoch, step, _jsonable(loss)
+        self.status.step, self.status.last_loss = step, _jsonable(loss)
+        if time.monotonic() - self._status_written >= self.status_every_s:  # keep status.json fresh, cheaply
+            self.write_status()
 
     def log_validation(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.append("validation", epoch=epoch, step=step, **metrics)
@@ -83,6 +89,7 @@ class TrainingLog:
         self.write_status()
 
     def write_status(self) -> None:
+        self._status_written = time.monotonic()
         write_text_atomic(self.status_path, json.dumps(_jsonable(dataclasses.asdict(self.status)), indent=2) + "\n")
 
     def close(self) -> None:
