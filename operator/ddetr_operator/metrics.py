@@ -1,0 +1,53 @@
+"""The operator's own Prometheus metrics (served by `start_metrics_server`)."""
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .crd import PHASES
+
+registry = CollectorRegistry()
+JOBS = Gauge("ddetr_operator_jobs", "DeformableDetrJobs by phase", ["phase"], registry=registry)
+RECONCILE_SECONDS = Histogram("ddetr_operator_reconcile_duration_seconds", "time of one reconcile pass",
+                              registry=registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+RECONCILE_ERRORS = Counter("ddetr_operator_reconcile_errors_total", "reconcile passes that raised",
+                           registry=registry)
+RESTARTS = Counter("ddetr_operator_job_restarts_total", "gang restarts after retryable failures",
+                   ["namespace"], registry=registry)
+TRANSITIONS = Counter("ddetr_operator_phase_transitions_total", "job phase transitions", ["phase"],
+                      registry=registry)
+
+
+class PhaseBook:
+    """The phase of every job this operator has seen; feeds the jobs-by-phase gauge."""
+
+    def __init__(self) -> None:
+        self._phases: dict[str, str] = {}
+        self._lock = threading.Lock()
+        for phase in PHASES:
+            JOBS.labels(phase=phase).set(0)
+
+    def record(self, uid: str, phase: str | None) -> None:
+        with self._lock:
+            if phase:
+                self._phases[uid] = phase
+            self._publish()
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._phases.pop(uid, None)
+            self._publish()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._phases)
+
+    def _publish(self) -> None:
+        for phase in PHASES:
+            JOBS.labels(phase=phase).set(sum(1 for p in self._phases.values() if p == phase))
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=addr, registry=registry)
+phases = PhaseBook()

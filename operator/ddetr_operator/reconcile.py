@@ -1,0 +1,358 @@
+"""Observed children -> next status and actions (pure: no I/O, `now` is passed in).
+
+One level-triggered pass: the handler observes the job's children, calls `reconcile`,
+applies the actions and patches the status. Running the same pass twice (an operator
+restart mid-reconcile) creates nothing twice: child names are deterministic and
+"already exists" counts as success.
+
+Exit codes decide restarts as in Kubeflow's ExitCode policy: 1-127 (the CLI's 2 for a
+bad spec or data included) are permanent; 128-255 (signals: OOM-kill, preemption,
+SIGTERM after a checkpoint = 143) and pods lost without an exit code are retryable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any, Mapping, Sequence
+
+from . import LABEL_ATTEMPT
+from .render import (CONTAINER, KUEUE_QUEUE_LABEL, render_configmap, render_podgroup, render_service,
+                     render_worker_job, worker_job_name)
+from .validate import JobSpecError, validate_job
+
+TERMINAL = ("Succeeded", "Failed")
+# The condition type that records each phase (Pending is recorded as "Created").
+PHASE_CONDITION = {"Pending": "Created", "Running": "Running", "Restarting": "Restarting",
+                   "Suspended": "Suspended", "Succeeded": "Succeeded", "Failed": "Failed"}
+ACTIVE_CONDITIONS = ("Running", "Restarting", "Suspended")
+MAX_MESSAGE = 1500
+
+
+@dataclasses.dataclass
+class Observed:
+    """What the handler saw of a job's children."""
+
+    service: bool = False
+    configmap: bool = False
+    podgroup: bool = False
+    worker_jobs: list[dict] = dataclasses.field(default_factory=list)  # every attempt's Job still present
+    pods: list[dict] = dataclasses.field(default_factory=list)  # every attempt's pods still present
+    progress: Mapping[str, Any] | None = None  # rank 0's status.json, when readable
+
+
+@dataclasses.dataclass(frozen=True)
+class Create:
+    manifest: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteWorkerJob:
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SetSuspend:
+    name: str
+    suspend: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteSelf:
+    """ttlSecondsAfterFinished ran out: delete the DeformableDetrJob (children go with it)."""
+
+
+Action = Create | DeleteWorkerJob | SetSuspend | DeleteSelf
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass
+class Decision:
+    status: dict
+    actions: list[Action] = dataclasses.field(default_factory=list)
+    events: list[Event] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    retryable: bool
+    reason: str
+    message: str
+
+
+def timestamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def is_retryable_exit(code: int) -> bool:
+    """Signals and 128-255 are retryable; 1-127 (2 = usage/spec/data error) are permanent."""
+    return code >= 128 or code < 0
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return (status.get("state") or {}).get("terminated")
+    return None
+
+
+def pod_failure(pod: Mapping[str, Any]) -> Failure:
+    """Why one failed pod failed, with the last log lines kubelet kept as its termination message."""
+    name = pod["metadata"]["name"]
+    terminated = _terminated(pod)
+    if terminated is None or terminated.get("exitCode") is None:
+        status = pod.get("status") or {}
+        reason = status.get("reason") or "PodFailed"
+        return Failure(True, reason, f"pod {name}: {reason}: {status.get('message', 'lost before it exited')}")
+    code = int(terminated["exitCode"])
+    detail = (terminated.get("message") or "").strip()
+    what = terminated.get("reason") or "Error"
+    message = f"pod {name} exited with code {code} ({what})" + (f"; last log lines:\n{detail}" if detail else "")
+    return Failure(is_retryable_exit(code), "OOMKilled" if what == "OOMKilled" else f"ExitCode{code}", message)
+
+
+def first_failure(pods: Sequence[Mapping[str, Any]]) -> Failure | None:
+    """The failure that broke the gang: the earliest failed pod (the others follow it)."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if not failed:
+        return None
+
+    def finished(pod: Mapping[str, Any]) -> tuple[str, str]:
+        terminated = _terminated(pod) or {}
+        return (terminated.get("finishedAt") or "9999", pod["metadata"]["name"])
+    return pod_failure(min(failed, key=finished))
+
+
+def set_condition(conditions: Sequence[Mapping[str, Any]], type_: str, status: str, reason: str,
+                  message: str, now: dt.datetime) -> list[dict]:
+    """Kubernetes-style: lastTransitionTime moves only when status changes."""
+    out, found = [], False
+    for cond in conditions:
+        cond = dict(cond)
+        if cond["type"] == type_:
+            found = True
+            if cond.get("status") != status:
+                cond["lastTransitionTime"] = timestamp(now)
+            cond.update(status=status, reason=reason, message=message)
+        out.append(cond)
+    if not found:
+        out.append({"type": type_, "status": status, "reason": reason, "message": message,
+                    "lastTransitionTime": timestamp(now)})
+    return out
+
+
+def _job_condition(worker_job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in (worker_job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _progress_status(progress: Mapping[str, Any], now: dt.datetime) -> dict:
+    names = {"epoch": "epoch", "num_epochs": "numEpochs", "step": "step", "last_loss": "lastLoss",
+             "last_map": "lastMap", "last_checkpoint": "lastCheckpoint", "state": "state"}
+    out: dict[str, Any] = {camel: progress[key] for key, camel in names.items() if progress.get(key) is not None}
+    out["updateTime"] = timestamp(now)
+    return out
+
+
+class _Pass:
+    """State of one reconcile pass; helpers append to `actions`/`events` and edit `status`."""
+
+    def __init__(self, job: Mapping[str, Any], observed: Observed, now: dt.datetime):
+        self.job, self.observed, self.now = job, observed, now
+        self.spec = job.get("spec") or {}
+        self.run_policy = self.spec.get("runPolicy") or {}
+        old = dict(job.get("status") or {})
+        self.status: dict[str, Any] = {k: old[k] for k in (
+            "phase", "conditions", "startTime", "completionTime", "restarts", "workersReady", "workerJob",
+            "epochs", "progress") if k in old}
+        self.status.setdefault("restarts", 0)
+        self.status.setdefault("conditions", [])
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+
+    @property
+    def attempt(self) -> int:
+        return int(self.status["restarts"])
+
+    def transition(self, phase: str, reason: str, message: str) -> None:
+        message = message[-MAX_MESSAGE:]
+        conditions = self.status["conditions"]
+        for other in ACTIVE_CONDITIONS:
+            if other != PHASE_CONDITION[phase] and any(c["type"] == other for c in conditions):
+                conditions = set_condition(conditions, other, "False", reason, message, self.now)
+        self.status["conditions"] = set_condition(conditions, PHASE_CONDITION[phase], "True", reason, message,
+                                                  self.now)
+        if self.status.get("phase") != phase:
+            self.events.append(Event("Warning" if phase in ("Failed", "Restarting") else "Normal", reason, message))
+        self.status["phase"] = phase
+        if phase in TERMINAL:
+            self.status.setdefault("completionTime", timestamp(self.now))
+
+    def attempt_of(self, obj: Mapping[str, Any]) -> int | None:
+        value = (obj["metadata"].get("labels") or {}).get(LABEL_ATTEMPT)
+        return int(value) if value is not None and str(value).isdigit() else None
+
+    def current_worker_job(self) -> dict | None:
+        name = worker_job_name(self.job["metadata"]["name"], self.attempt)
+        return next((j for j in self.observed.worker_jobs if j["metadata"]["name"] == name), None)
+
+    def current_pods(self) -> list[dict]:
+        return [p for p in self.observed.pods if self.attempt_of(p) == self.attempt]
+
+    def stale_pods_alive(self) -> bool:
+        """Pods of an earlier attempt still running or terminating (the gang is not torn down yet)."""
+        return any(self.attempt_of(p) != self.attempt and (p.get("status") or {}).get("phase") not in TERMINAL
+                   for p in self.observed.pods)
+
+    def tear_down(self) -> None:
+        worker = self.current_worker_job()
+        if worker is not None:
+            self.actions.append(DeleteWorkerJob(worker["metadata"]["name"]))
+
+    # -- the pass ---------------------------------------------------------------
+
+    def run(self) -> Decision:
+        if self.status.get("phase") in TERMINAL:
+            self.finished()
+        else:
+            self.active()
+        return Decision(self.status, self.actions, self.events)
+
+    def finished(self) -> None:
+        if self.run_policy.get("cleanPodPolicy", "Running") == "All":
+            for worker in self.observed.worker_jobs:
+                self.actions.append(DeleteWorkerJob(worker["metadata"]["name"]))
+        ttl = self.run_policy.get("ttlSecondsAfterFinished")
+        done = parse_time(self.status.get("completionTime"))
+        if ttl is not None and done is not None and self.now >= done + dt.timedelta(seconds=ttl):
+            self.actions.append(DeleteSelf())
+
+    def active(self) -> None:
+        try:
+            experiment = validate_job(self.job["metadata"]["name"], self.spec)
+        except JobSpecError as err:
+            self.transition("Failed", "InvalidSpec", str(err))
+            return
+        self.ensure_support_children(experiment)
+        if self.observed.progress:
+            self.status["progress"] = _progress_status(self.observed.progress, self.now)
+            epoch, total = self.observed.progress.get("epoch"), self.observed.progress.get("num_epochs")
+            if epoch is not None and total is not None:
+                self.status["epochs"] = f"{epoch}/{total}"
+        if self.deadline_exceeded():
+            return
+        worker = self.current_worker_job()
+        if self.run_policy.get("suspend", False):
+            self.suspend(worker)
+            return
+        if worker is None:
+            self.start_attempt()
+            return
+        self.follow(worker)
+
+    def ensure_support_children(self, experiment) -> None:
+        if not self.observed.service:
+            self.actions.append(Create(render_service(self.job)))
+        if not self.observed.configmap:
+            self.actions.append(Create(render_configmap(self.job, experiment)))
+        podgroup = render_podgroup(self.job)
+        if podgroup is not None and not self.observed.podgroup:
+            self.actions.append(Create(podgroup))
+
+    def deadline_exceeded(self) -> bool:
+        deadline = self.run_policy.get("activeDeadlineSeconds")
+        started = parse_time(self.status.get("startTime"))
+        if deadline is None or started is None or self.status.get("phase") == "Suspended":
+            return False
+        if self.now < started + dt.timedelta(seconds=deadline):
+            return False
+        self.tear_down()
+        self.transition("Failed", "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds ({deadline})")
+        return True
+
+    def suspend(self, worker: dict | None) -> None:
+        if worker is not None and not (worker.get("spec") or {}).get("suspend"):
+            self.actions.append(SetSuspend(worker["metadata"]["name"], True))
+        self.status["workersReady"] = 0
+        self.transition("Suspended", "SuspendedByUser",
+                        "runPolicy.suspend is true: the gang is stopped; unsuspend to resume from the checkpoint")
+
+    def start_attempt(self) -> None:
+        if self.stale_pods_alive():
+            return  # wait until the previous gang is gone, so two gangs never share the results
+        name = worker_job_name(self.job["metadata"]["name"], self.attempt)
+        self.actions.append(Create(render_worker_job(self.job, self.attempt)))
+        self.status["workerJob"] = name
+        self.status["workersReady"] = 0
+        self.status.setdefault("startTime", timestamp(self.now))
+        if self.status.get("phase") in (None, "Suspended"):
+            resumed = self.status.get("phase") == "Suspended"
+            self.transition("Pending", "Resumed" if resumed else "GangCreated",
+                            f"created worker Job {name} with {self.spec.get('nodes', 1)} pod(s)")
+
+    def follow(self, worker: dict) -> None:
+        name = worker["metadata"]["name"]
+        self.status["workerJob"] = name
+        queued = (self.job["metadata"].get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+        if (worker.get("spec") or {}).get("suspend"):
+            if not queued:
+                self.actions.append(SetSuspend(name, False))
+                self.status["startTime"] = timestamp(self.now)  # as the Job controller does on resume
+                self.transition("Pending", "Resumed", f"resuming worker Job {name} from the newest checkpoint")
+            else:
+                self.transition("Pending", "Queued", f"worker Job {name} waits for admission by Kueue")
+            return
+        pods = self.current_pods()
+        running = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
+        self.status["workersReady"] = running
+        complete = _job_condition(worker, "Complete") or _job_condition(worker, "SuccessCriteriaMet")
+        if complete:
+            self.status["workersReady"] = 0
+            self.transition("Succeeded", "Completed", f"all {self.spec.get('nodes', 1)} worker(s) finished")
+            return
+        failure = first_failure(pods)
+        job_failed = _job_condition(worker, "Failed") or _job_condition(worker, "FailureTarget")
+        if failure is None and job_failed:
+            failure = Failure(True, job_failed.get("reason") or "WorkerJobFailed",
+                              f"worker Job {name} failed: {job_failed.get('message', '')}")
+        if failure is not None:
+            self.handle_failure(failure)
+            return
+        nodes = self.spec.get("nodes", 1)
+        if running >= nodes and self.status.get("phase") != "Running":
+            self.transition("Running", "AllWorkersRunning", f"{running}/{nodes} worker(s) running")
+
+    def handle_failure(self, failure: Failure) -> None:
+        self.tear_down()
+        self.status["workersReady"] = 0
+        backoff_limit = self.run_policy.get("backoffLimit", 3)
+        if not failure.retryable:
+            self.transition("Failed", failure.reason, f"permanent failure, not retried: {failure.message}")
+        elif self.attempt >= backoff_limit:
+            self.transition("Failed", "BackoffLimitExceeded",
+                            f"{self.attempt} restart(s) used (backoffLimit {backoff_limit}); last failure: "
+                            f"{failure.message}")
+        else:
+            self.status["restarts"] = self.attempt + 1
+            self.status["workerJob"] = worker_job_name(self.job["metadata"]["name"], self.attempt)
+            self.transition("Restarting", failure.reason,
+                            f"restart {self.attempt}/{backoff_limit} from the newest checkpoint after: "
+                            f"{failure.message}")
+
+
+def reconcile(job: Mapping[str, Any], observed: Observed, now: dt.datetime) -> Decision:
+    """The next status of `job` and the actions that move its children towards it."""
+    return _Pass(job, observed, now).run()

@@ -1,0 +1,234 @@
+"""DeformableDetrJob -> child manifests (pure functions, no I/O).
+
+The gang is a batch/v1 Indexed Job, one pod per node, named after the attempt
+(`<job>-a<attempt>`). Why an Indexed Job rather than bare pods: every pod gets a stable
+hostname `<worker-job>-<index>` under the headless Service (so pod 0 is the torchrun
+master by DNS), its index arrives as the node rank, `suspend` stops and restarts the
+pods (the switch Kueue uses), and kubelet/Job-controller semantics need no re-inventing.
+The Job's own `backoffLimit` is 0: a restart always recreates the whole gang, under
+the operator's exit-code policy, as the next attempt.
+"""
+from __future__ import annotations
+
+import yaml
+from typing import Any, Mapping
+
+from deformable_detr.config.loader import spec_to_dict
+from deformable_detr.config.schema import ExperimentConfig
+
+from . import API_VERSION, KIND, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE
+
+SPEC_DIR = "/etc/ddetr"
+SPEC_FILE = f"{SPEC_DIR}/spec.yaml"
+CONTAINER = "trainer"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+MASTER_WAIT_SECONDS = 300
+# Exit code of the wait below when pod 0 never resolves: >= 128, so the gang is retried.
+MASTER_UNRESOLVABLE_EXIT = 200
+
+# Workers other than rank 0 wait (bounded) until pod 0's DNS name resolves, instead of
+# letting torchrun fail and the pod crash while pod 0 is still being scheduled.
+WAIT_FOR_MASTER = f"""
+import os, socket, sys, time
+host = os.environ["PET_MASTER_ADDR"]
+deadline = time.monotonic() + float(os.environ.get("DDETR_MASTER_WAIT_SECONDS", "{MASTER_WAIT_SECONDS}"))
+while True:
+    try:
+        socket.getaddrinfo(host, None)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            print(f"torchrun master {{host}} did not resolve in time", file=sys.stderr)
+            sys.exit({MASTER_UNRESOLVABLE_EXIT})
+        time.sleep(2)
+""".strip()
+
+# Keep service-mesh sidecars out: they break the torchrun/NCCL ports and keep Jobs from completing.
+NO_SIDECAR_ANNOTATIONS = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
+
+PODGROUP_API = {"volcano": "scheduling.volcano.sh/v1beta1", "scheduler-plugins": "scheduling.x-k8s.io/v1alpha1"}
+DEFAULT_GANG_SCHEDULER_NAME = {"volcano": "volcano", "scheduler-plugins": "scheduler-plugins-scheduler"}
+
+
+def service_name(job_name: str) -> str:
+    return f"{job_name}-workers"
+
+
+def configmap_name(job_name: str) -> str:
+    return f"{job_name}-spec"
+
+
+def worker_job_name(job_name: str, attempt: int) -> str:
+    return f"{job_name}-a{attempt}"
+
+
+def podgroup_name(job_name: str) -> str:
+    return job_name
+
+
+def master_address(job_name: str, namespace: str, attempt: int) -> str:
+    return f"{worker_job_name(job_name, attempt)}-0.{service_name(job_name)}.{namespace}.svc"
+
+
+def owner_reference(job: Mapping[str, Any]) -> dict:
+    meta = job["metadata"]
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(job: Mapping[str, Any], name: str, role: str, extra_labels: Mapping[str, str] = ()) -> dict:
+    meta = job["metadata"]
+    return {"name": name, "namespace": meta["namespace"],
+            "labels": {LABEL_JOB: meta["name"], LABEL_ROLE: role, "app.kubernetes.io/name": "deformable-detr",
+                       "app.kubernetes.io/managed-by": "ddetr-operator", **dict(extra_labels)},
+            "ownerReferences": [owner_reference(job)]}
+
+
+def render_service(job: Mapping[str, Any]) -> dict:
+    """Headless Service: gives pod 0 a DNS name (published before it is ready, for rendezvous)."""
+    spec = job["spec"]
+    ports = [{"name": "torchrun", "port": spec.get("masterPort", 29500), "protocol": "TCP"}]
+    if spec.get("metricsPort", 9090):
+        ports.append({"name": "metrics", "port": spec.get("metricsPort", 9090), "protocol": "TCP"})
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(job, service_name(job["metadata"]["name"]), "service"),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {LABEL_JOB: job["metadata"]["name"], LABEL_ROLE: "worker"}, "ports": ports}}
+
+
+def render_configmap(job: Mapping[str, Any], experiment: ExperimentConfig) -> dict:
+    """The effective spec the pods read (validated, defaults filled in, results_dir from artifacts)."""
+    text = yaml.safe_dump(spec_to_dict(experiment), sort_keys=False)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(job, configmap_name(job["metadata"]["name"]), "spec"),
+            "data": {"spec.yaml": text}}
+
+
+def render_podgroup(job: Mapping[str, Any]) -> dict | None:
+    gang = job["spec"].get("gangScheduling")
+    if not gang:
+        return None
+    scheduler = gang["scheduler"]
+    spec: dict[str, Any] = {"minMember": gang.get("minAvailable", job["spec"].get("nodes", 1))}
+    if scheduler == "volcano" and job["spec"].get("priorityClassName"):
+        spec["priorityClassName"] = job["spec"]["priorityClassName"]
+    if scheduler == "scheduler-plugins" and gang.get("scheduleTimeoutSeconds"):
+        spec["scheduleTimeoutSeconds"] = gang["scheduleTimeoutSeconds"]
+    return {"apiVersion": PODGROUP_API[scheduler], "kind": "PodGroup",
+            "metadata": _metadata(job, podgroup_name(job["metadata"]["name"]), "podgroup"), "spec": spec}
+
+
+def _env(job: Mapping[str, Any], attempt: int) -> list[dict]:
+    meta, spec = job["metadata"], job["spec"]
+    gpus = spec.get("gpusPerNode", 1)
+    env = [
+        {"name": "PET_NNODES", "value": str(spec.get("nodes", 1))},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "PET_NODE_RANK",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}},
+        {"name": "PET_MASTER_ADDR", "value": master_address(meta["name"], meta["namespace"], attempt)},
+        {"name": "PET_MASTER_PORT", "value": str(spec.get("masterPort", 29500))},
+        {"name": "DDETR_JOB_NAME", "value": meta["name"]},
+        {"name": "DDETR_METRICS_PORT", "value": str(spec.get("metricsPort", 9090))},
+        {"name": "DDETR_MASTER_WAIT_SECONDS", "value": str(MASTER_WAIT_SECONDS)},
+        {"name": "DDETR_WAIT_FOR_MASTER", "value": WAIT_FOR_MASTER},
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+        {"name": "NCCL_SOCKET_IFNAME", "value": "^lo,docker"},
+        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    artifacts = spec.get("artifacts") or {}
+    if artifacts.get("endpoint"):
+        env += [{"name": "AWS_ENDPOINT_URL", "value": artifacts["endpoint"]},
+                {"name": "S3_ENDPOINT_URL", "value": artifacts["endpoint"]}]
+    if artifacts.get("region"):
+        env.append({"name": "AWS_DEFAULT_REGION", "value": artifacts["region"]})
+    secret = artifacts.get("credentialsSecret")
+    if secret:
+        for var, key_field in (("AWS_ACCESS_KEY_ID", "accessKeyIdKey"), ("AWS_SECRET_ACCESS_KEY", "secretAccessKeyKey")):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                "name": secret["name"], "key": secret.get(key_field, var)}}})
+    return env + list(spec.get("env") or [])
+
+
+def _command(spec: Mapping[str, Any]) -> list[str]:
+    task = spec.get("task", "train")
+    if task != "train":
+        return ["deformable-detr", task, "-e", SPEC_FILE]
+    launch = ("exec torchrun --nnodes=$PET_NNODES --nproc_per_node=$PET_NPROC_PER_NODE --node_rank=$PET_NODE_RANK"
+              " --master_addr=$PET_MASTER_ADDR --master_port=$PET_MASTER_PORT --max_restarts=0"
+              f" -m deformable_detr train -e {SPEC_FILE}")
+    wait = 'if [ "$PET_NODE_RANK" != "0" ]; then python3 -c "$DDETR_WAIT_FOR_MASTER" || exit $?; fi'
+    return ["/bin/sh", "-c", f"{wait}\n{launch}"]
+
+
+def _resources(spec: Mapping[str, Any]) -> dict:
+    resources = {k: dict(v) for k, v in (spec.get("resources") or {}).items()}
+    gpus = spec.get("gpusPerNode", 1)
+    if gpus:
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+    return resources
+
+
+def _volumes(job: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+    spec = job["spec"]
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.get("shmSize", "8Gi")}},
+               {"name": "spec", "configMap": {"name": configmap_name(job["metadata"]["name"])}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+    for volume in spec.get("volumes") or []:
+        source = ({"persistentVolumeClaim": {"claimName": volume["persistentVolumeClaim"]["claimName"],
+                                             "readOnly": volume.get("readOnly", True)}}
+                  if "persistentVolumeClaim" in volume else {"hostPath": dict(volume["hostPath"])})
+        volumes.append({"name": volume["name"], **source})
+        mount = {"name": volume["name"], "mountPath": volume["mountPath"], "readOnly": volume.get("readOnly", True)}
+        if volume.get("subPath"):
+            mount["subPath"] = volume["subPath"]
+        mounts.append(mount)
+    return volumes, mounts
+
+
+def render_worker_job(job: Mapping[str, Any], attempt: int, suspend: bool = False) -> dict:
+    """The gang of one attempt: an Indexed Job with one pod per node."""
+    meta, spec = job["metadata"], job["spec"]
+    nodes = spec.get("nodes", 1)
+    name = worker_job_name(meta["name"], attempt)
+    labels = {LABEL_ATTEMPT: str(attempt)}
+    queue = (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    job_labels = {**labels, KUEUE_QUEUE_LABEL: queue} if queue else labels
+    pod_labels = {LABEL_JOB: meta["name"], LABEL_ROLE: "worker", **labels}
+    annotations = dict(NO_SIDECAR_ANNOTATIONS)
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "subdomain": service_name(meta["name"])}
+    gang = spec.get("gangScheduling")
+    if gang:
+        if gang["scheduler"] == "volcano":
+            annotations["scheduling.k8s.io/group-name"] = podgroup_name(meta["name"])
+        else:
+            pod_labels["scheduling.x-k8s.io/pod-group"] = podgroup_name(meta["name"])
+        pod_spec["schedulerName"] = DEFAULT_GANG_SCHEDULER_NAME[gang["scheduler"]]
+    for field in ("schedulerName", "priorityClassName", "serviceAccountName", "nodeSelector", "tolerations",
+                  "affinity", "imagePullSecrets"):
+        if spec.get(field):
+            pod_spec[field] = spec[field]
+    volumes, mounts = _volumes(job)
+    ports = [{"name": "torchrun", "containerPort": spec.get("masterPort", 29500), "protocol": "TCP"}]
+    if spec.get("metricsPort", 9090):
+        ports.append({"name": "metrics", "containerPort": spec.get("metricsPort", 9090), "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": CONTAINER, "image": spec["image"], "command": _command(spec), "env": _env(job, attempt),
+        "ports": ports, "volumeMounts": mounts, "resources": _resources(spec),
+        # On failure the last log lines become the termination message the operator reports.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.get("imagePullPolicy"):
+        container["imagePullPolicy"] = spec["imagePullPolicy"]
+    pod_spec.update(containers=[container], volumes=volumes)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _metadata(job, name, "workers", job_labels),
+        "spec": {
+            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+            "backoffLimit": 0, "suspend": bool(suspend or queue),
+            "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }

@@ -1,0 +1,37 @@
+"""Fixtures for the operator tests: DeformableDetrJob bodies and observed children."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import pytest
+
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+
+BASE_JOB = {
+    "apiVersion": "ddetr.dev/v1alpha1",
+    "kind": "DeformableDetrJob",
+    "metadata": {"name": "demo", "namespace": "ml", "uid": "0000-1111"},
+    "spec": {
+        "image": "trainer:test",
+        "nodes": 2,
+        "gpusPerNode": 4,
+        "artifacts": {"uri": "s3://bucket/runs/demo", "endpoint": "http://s3.local:9000",
+                      "credentialsSecret": {"name": "s3-creds"}},
+        "experiment": {"train": {"num_epochs": 3}, "dataset": {"num_classes": 4}},
+    },
+}
+
+
+@pytest.fixture
+def make_job():
+    """A DeformableDetrJob body; keyword arguments update `spec` (nested dicts replace)."""
+    def _make(status: dict | None = None, labels: dict | None = None, **spec) -> dict:
+        job = copy.deepcopy(BASE_JOB)
+        job["spec"].update(spec)
+        if status is not None:
+            job["status"] = status
+        if labels:
+            job["metadata"]["labels"] = labels
+        return job
+    return _make

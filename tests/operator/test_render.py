@@ -1,0 +1,156 @@
+"""Rendered manifests: valid Kubernetes objects, and the pod contract the trainer relies on."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from ddetr_operator import render
+from ddetr_operator.validate import validate_job
+from deformable_detr.config.loader import spec_from_dict
+
+K8S_VERSION = "1.30"
+
+VARIANTS = {
+    "train-2-nodes": {},
+    "evaluate": {"task": "evaluate", "nodes": 1, "gpusPerNode": 1},
+    "cpu-export": {"task": "export", "nodes": 1, "gpusPerNode": 0, "metricsPort": 0},
+    "volumes-and-placement": {
+        "volumes": [{"name": "coco", "mountPath": "/data", "persistentVolumeClaim": {"claimName": "coco"}},
+                    {"name": "kitti", "mountPath": "/kitti", "readOnly": False, "subPath": "v1",
+                     "hostPath": {"path": "/mnt/kitti", "type": "Directory"}}],
+        "nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+        "resources": {"requests": {"cpu": "8", "memory": "64Gi"}}, "priorityClassName": "high",
+        "schedulerName": "custom", "serviceAccountName": "trainer", "imagePullPolicy": "Always",
+        "imagePullSecrets": [{"name": "registry"}], "env": [{"name": "EXTRA", "value": "1"}], "shmSize": "16Gi"},
+    "volcano-gang": {"gangScheduling": {"scheduler": "volcano", "minAvailable": 2}, "priorityClassName": "high"},
+    "plugins-gang": {"gangScheduling": {"scheduler": "scheduler-plugins", "scheduleTimeoutSeconds": 60}},
+}
+
+
+def all_manifests(job: dict) -> list[dict]:
+    experiment = validate_job(job["metadata"]["name"], job["spec"])
+    out = [render.render_service(job), render.render_configmap(job, experiment),
+           render.render_worker_job(job, 0), render.render_worker_job(job, 3, suspend=True)]
+    podgroup = render.render_podgroup(job)
+    return out + ([podgroup] if podgroup else [])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_rendered_manifest_is_a_valid_kubernetes_object(make_job, variant):
+    for manifest in all_manifests(make_job(**VARIANTS[variant])):
+        if manifest["kind"] == "PodGroup":
+            # PodGroups are the schedulers' CRDs, not in kubernetes-validate's schemas: check the shape.
+            assert manifest["spec"]["minMember"] >= 1
+            continue
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+def container(manifest: dict) -> dict:
+    (only,) = manifest["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def env_of(manifest: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(manifest)["env"]}
+
+
+def test_worker_job_is_an_indexed_gang_with_torchrun_settings(make_job):
+    manifest = render.render_worker_job(make_job(), 1)
+    spec = manifest["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 2, 2, 0)
+    assert spec["template"]["spec"]["subdomain"] == "demo-workers"
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    env = env_of(manifest)
+    assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "4" and env["PET_MASTER_PORT"] == "29500"
+    assert env["PET_NODE_RANK"] == {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert env["PET_MASTER_ADDR"] == "demo-a1-0.demo-workers.ml.svc"
+    assert env["DDETR_JOB_NAME"] == "demo" and env["DDETR_METRICS_PORT"] == "9090"
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.local:9000"
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert "NCCL_DEBUG" in env
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["sidecar.istio.io/inject"] == "false"
+    assert container(manifest)["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container(manifest)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(manifest)["volumeMounts"]
+    owner = manifest["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == "0000-1111" and owner["controller"] is True
+
+
+def test_headless_service_publishes_pods_before_they_are_ready(make_job):
+    service = render.render_service(make_job())
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"ddetr.dev/job-name": "demo", "ddetr.dev/role": "worker"}
+
+
+def test_configmap_holds_the_effective_spec(make_job):
+    job = make_job()
+    configmap = render.render_configmap(job, validate_job("demo", job["spec"]))
+    spec = spec_from_dict(yaml.safe_load(configmap["data"]["spec.yaml"]))
+    assert spec.results_dir == "s3://bucket/runs/demo"
+    assert spec.train.num_epochs == 3 and spec.dataset.num_classes == 4
+
+
+def test_single_pod_tasks_run_the_cli(make_job):
+    manifest = render.render_worker_job(make_job(task="inference", nodes=1, gpusPerNode=0), 0)
+    assert container(manifest)["command"] == ["deformable-detr", "inference", "-e", "/etc/ddetr/spec.yaml"]
+    assert "nvidia.com/gpu" not in container(manifest)["resources"].get("limits", {})
+
+
+def test_gang_scheduling_wires_pods_to_the_podgroup(make_job):
+    volcano = render.render_worker_job(make_job(gangScheduling={"scheduler": "volcano"}), 0)["spec"]["template"]
+    assert volcano["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "demo"
+    assert volcano["spec"]["schedulerName"] == "volcano"
+    plugins = render.render_worker_job(make_job(gangScheduling={"scheduler": "scheduler-plugins"}), 0)["spec"]["template"]
+    assert plugins["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "demo"
+    podgroup = render.render_podgroup(make_job(gangScheduling={"scheduler": "scheduler-plugins"}))
+    assert podgroup["apiVersion"] == "scheduling.x-k8s.io/v1alpha1" and podgroup["spec"]["minMember"] == 2
+
+
+@pytest.fixture
+def fake_torchrun(tmp_path):
+    """A `torchrun` on PATH that prints the arguments it was started with."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "torchrun"
+    script.write_text(f"#!/bin/sh\necho torchrun \"$@\"\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    # `python3` in the pod command must be this interpreter.
+    (bin_dir / "python3").symlink_to(sys.executable)
+    return bin_dir
+
+
+def run_worker_command(manifest: dict, bin_dir, **overrides: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in env_of(manifest).items() if isinstance(v, str)}
+    env.update(PET_NODE_RANK="1", PATH=f"{bin_dir}:{os.environ['PATH']}", **overrides)
+    return subprocess.run(container(manifest)["command"], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_worker_waits_for_the_master_then_launches_torchrun(make_job, fake_torchrun):
+    manifest = render.render_worker_job(make_job(), 0)
+    done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="localhost")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "torchrun", "--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=localhost",
+        "--master_port=29500", "--max_restarts=0", "-m", "deformable_detr", "train", "-e", "/etc/ddetr/spec.yaml"]
+
+
+def test_worker_gives_up_on_an_unresolvable_master_with_a_retryable_code(make_job, fake_torchrun):
+    manifest = render.render_worker_job(make_job(), 0)
+    done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="pod-0.does-not-exist.invalid",
+                              DDETR_MASTER_WAIT_SECONDS="0")
+    assert done.returncode == render.MASTER_UNRESOLVABLE_EXIT >= 128
+    assert "did not resolve" in done.stderr and "torchrun" not in done.stdout
