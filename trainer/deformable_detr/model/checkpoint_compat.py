@@ -1,0 +1,91 @@
+"""Load model weights from our checkpoints, original Deformable-DETR files and TAO Lightning files.
+
+Our checkpoints and the original's are `{"model": state_dict, ...}`; TAO's are Lightning
+checkpoints whose `state_dict` keys carry a `model.model.` prefix before the original names.
+DistributedDataParallel's `module.` prefix is stripped as well.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..runtime.logging import get_logger
+
+log = get_logger("model.checkpoint")
+
+_PREFIXES = ("model.model.", "module.", "model.")
+# Heads whose width is the number of classes: re-initialised when fine-tuning to other classes.
+_CLASS_HEADS = ("class_embed.", "transformer.decoder.class_embed.")
+
+
+class LoadReport(NamedTuple):
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+    reinitialised_keys: List[str]
+
+
+def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """The model's state dict inside any accepted checkpoint object, with original key names."""
+    state = checkpoint
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    elif isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError("checkpoint holds no model weights; accepted: {'model': state_dict} "
+                         "(ours, original Deformable-DETR), a TAO Lightning {'state_dict': ...} or a state dict")
+    return {_strip_prefix(key, state): value for key, value in state.items()}
+
+
+def _strip_prefix(key: str, state: Mapping[str, Any]) -> str:
+    for prefix in _PREFIXES:
+        # Strip only prefixes every key shares, so a model whose names start with "model." stays intact.
+        if key.startswith(prefix) and all(k.startswith(prefix) for k in state):
+            return _strip_prefix(key[len(prefix):], {k[len(prefix):]: None for k in state})
+    return key
+
+
+def load_model_state(model: nn.Module, checkpoint: Any, strict: bool = True,
+                     allow_num_classes_change: bool = False) -> LoadReport:
+    """Copy the checkpoint's weights into `model`.
+
+    strict: every model key must be present and no checkpoint key left over (UsageError otherwise).
+    allow_num_classes_change: class heads of a different width keep their fresh initialisation
+    (fine-tuning to another `dataset.num_classes`); any other shape mismatch is an error.
+    """
+    state = extract_state_dict(checkpoint)
+    own = model.state_dict()
+    reinitialised: List[str] = []
+    mismatched: List[str] = []
+    for key, value in list(state.items()):
+        if key in own and own[key].shape != value.shape:
+            if allow_num_classes_change and key.startswith(_CLASS_HEADS):
+                reinitialised.append(key)
+                state[key] = own[key]
+            else:
+                mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+    if mismatched:
+        raise UsageError(f"checkpoint does not fit the model built from the spec ({len(mismatched)} shape "
+                         f"mismatches, e.g. {'; '.join(mismatched[:3])}); check dataset.num_classes and the "
+                         "model section against the checkpoint's")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if strict and (missing or unexpected):
+        raise UsageError(f"checkpoint does not match the model built from the spec: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+                         "check model.backbone, the layer counts and the other model fields")
+    if reinitialised:
+        log.info("class heads re-initialised for %d classes (checkpoint has another num_classes): %s",
+                 _num_classes(model), ", ".join(reinitialised[:4]) + (" ..." if len(reinitialised) > 4 else ""))
+    if missing or unexpected:
+        log.info("checkpoint loaded non-strictly: %d missing, %d unexpected keys", len(missing), len(unexpected))
+    return LoadReport(missing, unexpected, reinitialised)
+
+
+def _num_classes(model: nn.Module) -> int:
+    head = model.class_embed[0] if isinstance(model.class_embed, nn.ModuleList) else model.class_embed
+    return int(head.out_features)
