@@ -1,8 +1,7 @@
-"""Read and write torch objects (checkpoints) by path, encrypted when a key is given."""
+"""Read and write torch objects (checkpoints) by local path or s3:// URI, encrypted when a key is given."""
 from __future__ import annotations
 
 import io
-import pickle
 
 import torch
 
@@ -12,7 +11,7 @@ from .encryption import decrypt, encrypt
 
 
 def save_object(obj, path: str, key: str | None = None) -> None:
-    """torch.save `obj` to `path` atomically; encrypted with `key` when one is given."""
+    """torch.save `obj` to `path` (local file or S3 object) atomically; encrypted with `key` when one is given."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
@@ -26,5 +25,6 @@ def load_object(path: str, key: str | None = None, map_location="cpu"):
     data = decrypt(storage.read_bytes(path), key, name=f"checkpoint {path}")
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise UsageError(f"checkpoint {path} cannot be read as a PyTorch checkpoint: {err}") from None
+    except Exception as err:  # any unreadable content: one line, never a traceback or a half-loaded object
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"checkpoint {path} cannot be read as a PyTorch checkpoint: {reason}") from None
