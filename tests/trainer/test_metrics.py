@@ -189,3 +189,23 @@ def test_prometheus_scrapes_a_training_run(prometheus_binary, tmp_path, monkeypa
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_memory_is_reported_where_cuda_is_present():
+    import torch
+
+    port = _free_port()
+    metrics = TrainMetrics(port, job="gpu", addr="127.0.0.1").start()
+    try:
+        held = torch.empty(64 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        _simulate_short_run(metrics)
+        samples = _scrape(port)
+        del held
+    finally:
+        metrics.close()
+    device = ("device", str(torch.cuda.current_device()))
+    assert samples[("ddetr_train_gpu_memory_allocated_bytes", (device, ("job", "gpu")))] >= 64 * 1024 * 1024
+    assert samples[("ddetr_train_gpu_memory_peak_bytes", (device, ("job", "gpu")))] >= 64 * 1024 * 1024
+    assert samples[("ddetr_train_gpu_memory_reserved_bytes", (device, ("job", "gpu")))] >= 64 * 1024 * 1024
