@@ -1,0 +1,458 @@
+"""`deformable-detr train`: Deformable DETR training, one process to a multi-node torchrun gang.
+
+Outside torchrun, `train.num_gpus` > 1 (or `--gpus N`) re-runs this command under torchrun;
+inside, every worker joins the process group. Rank 0 writes, into the task's results folder
+(a local staging folder uploaded in the background when that folder is s3://):
+- `model_epoch_{epoch:03d}_step_{step:05d}.pth` every `checkpoint_interval` epochs, and
+  `dd_model_latest.pth` once that file is complete;
+- `train_log.jsonl` (a record per step, per validation, per epoch) and `status.json`.
+A run resumes exactly from `resume_training_checkpoint_path`, else (`auto_resume`) from
+the newest checkpoint in its results folder. SIGTERM stops every rank at the next step;
+rank 0 saves a checkpoint and the run exits 143.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import tempfile
+import time
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from ..config.loader import dump_spec, spec_to_dict
+from ..config.schema import ExperimentConfig
+from ..errors import UsageError
+from ..runtime import checkpoint, distributed, storage
+from ..runtime.artifacts import ArtifactSync
+from ..runtime.logging import get_logger
+from ..runtime.optim import build_optimizer, build_scheduler
+from ..runtime.paths import task_results_dir
+from ..runtime.progress import progress
+from ..runtime.signals import EXIT_SIGTERM, StopRequest
+from ..runtime.training_log import LOG_NAME, STATUS_NAME, TrainingLog
+
+log = get_logger("train")
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: the epoch in progress, batches of it done, optimizer steps overall."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+
+
+def run(spec: ExperimentConfig) -> int:
+    launched = _relaunch_under_torchrun(spec)
+    if launched is not None:
+        return launched
+    info = distributed.setup()
+    try:
+        return Trainer(spec, info).fit()
+    finally:
+        distributed.cleanup()
+
+
+def _relaunch_under_torchrun(spec: ExperimentConfig) -> Optional[int]:
+    """With several processes asked for outside torchrun, run this task in torchrun workers."""
+    if distributed.under_torchrun() or (spec.train.num_gpus <= 1 and spec.train.num_nodes <= 1):
+        return None
+    with tempfile.TemporaryDirectory(prefix="ddetr-train-") as folder:
+        spec_path = os.path.join(folder, "spec.yaml")
+        with open(spec_path, "w", encoding="utf-8") as fh:  # the key travels as -k, never into a file
+            fh.write(dump_spec(dataclasses.replace(spec, encryption_key=None)))
+        argv = ["train", "-e", spec_path] + (["-k", spec.encryption_key] if spec.encryption_key else [])
+        return distributed.launch_if_needed(argv, spec.train.num_gpus, spec.train.num_nodes)
+
+
+def _float_outputs(value: Any) -> Any:
+    """Model outputs in float32, so that matching and losses run at full precision under autocast."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _float_outputs(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_float_outputs(v) for v in value)
+    return value
+
+
+def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in targets]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("train.precision: bf16 needs a GPU with bfloat16 support (Ampere or newer); "
+                         "accepted here: fp32, fp16")
+
+
+def _open_metrics(spec: ExperimentConfig, is_main: bool):
+    """Rank 0's Prometheus exporter (runtime.metrics), or None when the port is 0."""
+    if not is_main:
+        return None
+    from ..runtime.metrics import TrainMetrics, metrics_port
+
+    port = metrics_port(spec)
+    if not port:
+        return None
+    metrics = TrainMetrics(port, os.environ.get("DDETR_JOB_NAME", "deformable-detr"))
+    metrics.start()
+    return metrics
+
+
+class Trainer:
+    """One worker's training: model, data, optimizer, and rank 0's outputs."""
+
+    def __init__(self, spec: ExperimentConfig, info: distributed.DistInfo) -> None:
+        self.spec, self.info, self.train_cfg = spec, info, spec.train
+        _check_precision(self.train_cfg.precision, info.device)
+        self.results_dir = task_results_dir(spec, "train").rstrip("/")
+        self.remote = storage.is_remote(self.results_dir)
+        # Remote results: everything is written into a local staging folder, then uploaded.
+        self.local_dir = (tempfile.mkdtemp(prefix="ddetr-train-staging-") if self.remote else self.results_dir)
+        self.sync = ArtifactSync(self.local_dir, self.results_dir if self.remote else None)
+        self.training_log: Optional[TrainingLog] = None
+        self.metrics = None
+
+    # ------------------------------------------------------------------ build
+    def _build(self) -> None:
+        from ..data import build_dataloader, build_dataset
+        from ..model import build_model
+
+        spec, info = self.spec, self.info
+        # The same seed on every rank gives every rank the same initial weights (FSDP2 shards them as they are).
+        torch.manual_seed(self.train_cfg.seed)
+        model, self.criterion, self.postprocessor = build_model(spec)
+        self._load_pretrained(model)
+        self.model = distributed.wrap_model(model, self.train_cfg.distributed_strategy, info,
+                                            shard_units=self._shard_units(model))
+        self.criterion.to(info.device)
+        self.optimizer = build_optimizer(self.model, spec)
+        self.scheduler = build_scheduler(self.optimizer, self.train_cfg.optim)
+        fp16 = self.train_cfg.precision == "fp16"
+        if fp16 and self.sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(info.device.type)
+        else:
+            self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
+        self.train_loader = build_dataloader(spec, "train", rank=info.rank, world_size=info.world_size)
+        if len(self.train_loader) == 0:
+            raise UsageError("dataset.train_data_sources: no training batch for this process; "
+                             "use more images or fewer processes")
+        self.val_dataset = build_dataset(spec, "val") if spec.dataset.val_data_sources else None
+        self.val_loader = (build_dataloader(spec, "val", rank=info.rank, world_size=info.world_size,
+                                            dataset=self.val_dataset) if self.val_dataset is not None else None)
+        # Per-rank randomness from here on (dropout, augmentation in the main process).
+        torch.manual_seed(self.train_cfg.seed + info.rank)
+
+    @property
+    def sharded(self) -> bool:
+        return self.info.distributed and self.train_cfg.distributed_strategy == "ddp_sharded"
+
+    @staticmethod
+    def _shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+        """FSDP2 units: each encoder and decoder layer (the bulk of the weights); the rest stays in the root."""
+        transformer = getattr(model, "transformer", None)
+        units: list[torch.nn.Module] = []
+        for part in ("encoder", "decoder"):
+            layers = getattr(getattr(transformer, part, None), "layers", None)
+            units.extend(layers or [])
+        return units
+
+    def _load_pretrained(self, model: torch.nn.Module) -> None:
+        path = self.train_cfg.pretrained_model_path
+        if not path or self._resume_path() is not None:
+            return
+        from ..model.checkpoint_compat import load_model_state
+        from ..runtime.checkpoint_io import load_object
+
+        load_model_state(model, load_object(path, self.spec.encryption_key))
+        log.info("fine-tuning from %s", path)
+
+    # ----------------------------------------------------------------- resume
+    def _resume_path(self) -> Optional[str]:
+        if self.train_cfg.resume_training_checkpoint_path:
+            return self.train_cfg.resume_training_checkpoint_path
+        if self.train_cfg.auto_resume:
+            return checkpoint.find_resume_checkpoint(self.results_dir)
+        return None
+
+    def _resume(self) -> tuple[Position, Optional[dict]]:
+        """Load the resume checkpoint into model, optimizer, schedule and scaler; (position, RNG states)."""
+        path = self._resume_path()
+        if path is None:
+            return Position(), None
+        state = checkpoint.load_checkpoint(path, self.spec.encryption_key)
+        missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch", "step") if k not in state]
+        if missing:
+            raise UsageError(f"train.resume_training_checkpoint_path: {path} is not a training checkpoint "
+                             f"(missing {', '.join(missing)}); use train.pretrained_model_path to fine-tune from it")
+        checkpoint.load_model_and_optimizer(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("epoch_finished", True):
+            position = Position(epoch=int(state["epoch"]) + 1, batches_done=0, step=int(state["step"]))
+        else:
+            position = Position(epoch=int(state["epoch"]), batches_done=int(state.get("batches_done", 0)),
+                                step=int(state["step"]))
+        log.info("resuming from %s: epoch %d, batch %d, step %d", path, position.epoch + 1,
+                 position.batches_done, position.step)
+        return position, state.get("rng")
+
+    def _restore_rng(self, rng: Optional[dict]) -> None:
+        if not rng:
+            return
+        per_rank = rng.get("ranks", [])
+        if len(per_rank) == self.info.world_size:
+            checkpoint.restore_rng_state(per_rank[self.info.rank])
+        else:
+            log.warning("checkpoint saved by %d process(es), now %d: random streams start afresh",
+                        len(per_rank), self.info.world_size)
+
+    # ------------------------------------------------------------ checkpoint
+    def _save(self, position: Position, epoch_finished: bool) -> Optional[str]:
+        """Every rank gathers (collectives for FSDP2); rank 0 writes. Returns the path on rank 0."""
+        model_state = checkpoint.gather_model_state(self.model)
+        optimizer_state = checkpoint.gather_optimizer_state(self.model, self.optimizer)
+        rng_states = distributed.all_gather_objects(checkpoint.capture_rng_state())
+        if not self.info.is_main:
+            return None
+        state = {
+            "model": model_state, "optimizer": optimizer_state, "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": position.epoch, "step": position.step, "batches_done": position.batches_done,
+            "epoch_finished": epoch_finished, "rng": {"ranks": rng_states},
+            "spec": spec_to_dict(dataclasses.replace(self.spec, encryption_key=None)),
+        }
+        path = checkpoint.save_checkpoint(state, self.local_dir, key=self.spec.encryption_key)
+        self.sync.publish_checkpoint(os.path.basename(path), latest_name=checkpoint.LATEST_NAME)
+        shown = f"{self.results_dir}/{os.path.basename(path)}"
+        self.training_log.update_status(last_checkpoint=shown)
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint(shown)
+        log.info("checkpoint: %s", shown)
+        return shown
+
+    # ------------------------------------------------------------------- step
+    def _train_step(self, images, masks, targets) -> dict[str, torch.Tensor]:
+        device, precision = self.info.device, self.train_cfg.precision
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        targets = _to_device(targets, device)
+        dtype = AUTOCAST_DTYPES.get(precision)
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = self.model(images, masks)
+        losses = self.criterion(_float_outputs(outputs), targets)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.train_cfg.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.train_cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {name: value.detach() for name, value in losses.items()}
+
+    def _reduce_step(self, losses: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, float], bool]:
+        """Loss terms averaged over ranks and whether any rank must stop, in one collective."""
+        names = sorted(losses)
+        values = torch.stack([losses[n].float().cpu() for n in names] + [torch.tensor(float(stop))])
+        mean = distributed.all_reduce_mean(values)
+        return {n: float(v) for n, v in zip(names, mean[:-1])}, bool(mean[-1] > 0)
+
+    # ------------------------------------------------------------------ epoch
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any]]:
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batches: Iterable = enumerate(self.train_loader)
+        for index, batch in progress(batches, total=len(self.train_loader),
+                                     desc=f"epoch {epoch + 1}/{self.train_cfg.num_epochs}",
+                                     enabled=self.info.is_main):
+            if index >= skip:  # batches a stopped run already trained on are read (same order) but not used
+                yield index, batch
+
+    def _train_epoch(self, position: Position, stop: StopRequest) -> bool:
+        """Train one epoch from `position`; False when a SIGTERM stopped it early."""
+        self.model.train()
+        self.criterion.train()
+        epoch = position.epoch
+        waited_since = time.perf_counter()
+        for index, (images, masks, targets) in self._batches(epoch, position.batches_done):
+            started = time.perf_counter()
+            data_wait = started - waited_since
+            losses = self._train_step(images, masks, targets)
+            reduced, stop_now = self._reduce_step(losses, stop.requested)
+            position.step += 1
+            position.batches_done = index + 1
+            total = sum(reduced.values())
+            if not math.isfinite(total):
+                raise FloatingPointError(f"training loss is {total} at epoch {epoch + 1}, step {position.step}; "
+                                         "lower train.optim.lr or use train.precision fp32")
+            step_seconds = time.perf_counter() - waited_since
+            self._record_step(position, reduced, len(targets) * self.info.world_size, step_seconds, data_wait)
+            waited_since = time.perf_counter()
+            if stop_now:
+                return False
+        return True
+
+    def _record_step(self, position: Position, losses: dict[str, float], images: int, step_seconds: float,
+                     data_wait: float) -> None:
+        if not self.info.is_main:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.training_log.log_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
+                                   images_per_s=images / max(step_seconds, 1e-9), step_seconds=step_seconds,
+                                   data_wait_seconds=data_wait, memory_mb=_peak_memory_mb(self.info.device))
+        if self.metrics is not None:
+            self.metrics.observe_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
+                                      images=images, step_seconds=step_seconds, data_wait_seconds=data_wait)
+
+    # ------------------------------------------------------------- validation
+    def _validate(self, position: Position) -> Optional[dict]:
+        """COCO mAP on val_data_sources (rank 0 scores what every rank predicted)."""
+        if self.val_loader is None:
+            return None
+        from ..data.coco_eval import evaluate_coco
+        from .common import predict
+
+        self.model.eval()
+        # DDP's forward would sync buffers per batch and ranks may hold different batch counts:
+        # predict with the bare module. FSDP2 must run every forward on every rank: pad the counts.
+        model = self.model if self.sharded else distributed.unwrap_model(self.model)
+        batches: Iterable = self.val_loader
+        if self.sharded:
+            batches = _padded_batches(self.val_loader, max(distributed.all_gather_objects(len(self.val_loader))))
+        detections = predict(model, self.postprocessor, batches, self.info.device, show_progress=self.info.is_main)
+        gathered = distributed.all_gather_objects([d for d in detections if d["image_id"] >= 0])
+        self.model.train()
+        if not self.info.is_main:
+            return None
+        results = sorted((d for part in gathered for d in part),
+                         key=lambda d: (d["image_id"], -d["score"], d["category_id"]))
+        scores = evaluate_coco(self.val_dataset.coco, results, class_ids=self.spec.dataset.eval_class_ids)
+        metrics = {"mAP": scores["AP"], "mAP50": scores["AP50"], "mAP75": scores["AP75"],
+                   "per_class_AP": scores["per_class"]}
+        self.training_log.log_validation(epoch=position.epoch, step=position.step, metrics=metrics)
+        if self.metrics is not None:
+            self.metrics.observe_validation({k: v for k, v in metrics.items() if k != "per_class_AP"})
+        log.info("epoch %d: validation mAP %.4f (mAP50 %.4f)", position.epoch + 1, metrics["mAP"], metrics["mAP50"])
+        return metrics
+
+    # -------------------------------------------------------------------- fit
+    def _open_outputs(self) -> None:
+        if not self.info.is_main:
+            return
+        if self.remote:  # a restarted pod continues the log it had uploaded
+            remote_log = f"{self.results_dir}/{LOG_NAME}"
+            if storage.exists(remote_log):
+                with open(os.path.join(self.local_dir, LOG_NAME), "wb") as fh:
+                    fh.write(storage.read_bytes(remote_log))
+        self.training_log = TrainingLog(self.local_dir, self.train_cfg.num_epochs)
+        self.metrics = _open_metrics(self.spec, self.info.is_main)
+
+    def _upload_logs(self) -> None:
+        if self.info.is_main:
+            self.sync.upload(LOG_NAME)
+            self.sync.upload(STATUS_NAME)
+
+    def _finish(self, state: str) -> None:
+        if self.training_log is not None:
+            self.training_log.update_status(state=state)
+            self.training_log.close()
+            self._upload_logs()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.sync.close()
+
+    def fit(self) -> int:
+        self._open_outputs()
+        try:
+            code, state = self._fit()
+        except BaseException:
+            self._finish("failed")
+            raise
+        self._finish(state)
+        return code
+
+    def _fit(self) -> tuple[int, str]:
+        self._build()
+        position, rng = self._resume()
+        num_epochs = self.train_cfg.num_epochs
+        if self.training_log is not None:
+            self.training_log.update_status(epoch=position.epoch, step=position.step, state="running")
+            self.training_log.append("start", epoch=position.epoch, step=position.step,
+                                     world_size=self.info.world_size, precision=self.train_cfg.precision,
+                                     strategy=self.train_cfg.distributed_strategy)
+        if self.train_cfg.is_dry_run:
+            log.info("dry run: model, data and optimizer built; no step taken")
+            return 0, "completed"
+        self._restore_rng(rng)
+        with StopRequest() as stop:
+            while position.epoch < num_epochs:
+                if self.metrics is not None:
+                    self.metrics.set_epoch(position.epoch, num_epochs)
+                finished = self._train_epoch(position, stop)
+                if not finished:
+                    self._save(position, epoch_finished=False)
+                    log.warning("stopped by SIGTERM at epoch %d, step %d", position.epoch + 1, position.step)
+                    return EXIT_SIGTERM, "stopped"
+                self.scheduler.step()
+                done = position.epoch + 1
+                if done % self.train_cfg.validation_interval == 0 or done == num_epochs:
+                    self._validate(position)
+                if done % self.train_cfg.checkpoint_interval == 0 or done == num_epochs:
+                    self._save(position, epoch_finished=True)
+                self._log_epoch(position)
+                position = Position(epoch=done, batches_done=0, step=position.step)
+        return 0, "completed"
+
+    def _log_epoch(self, position: Position) -> None:
+        # A cheap guard that DDP replicas have not drifted apart (FSDP2 holds shards, not replicas).
+        checksum = None
+        if not self.sharded:
+            with torch.no_grad():
+                checksum = float(sum(p.detach().double().sum() for p in self.model.parameters()).item())
+        checksums = distributed.all_gather_objects(checksum)
+        if not self.info.is_main:
+            return
+        if not self.sharded and len(set(checksums)) > 1:
+            log.warning("weights differ between ranks after epoch %d: %s", position.epoch + 1, checksums)
+        self.training_log.append("epoch", epoch=position.epoch, step=position.step,
+                                 lr=self.optimizer.param_groups[0]["lr"], weight_checksums=checksums)
+        self.training_log.update_status(epoch=position.epoch + 1, step=position.step)
+        self._upload_logs()
+
+
+def _padded_batches(loader: Iterable, count: int) -> Iterator[Any]:
+    """`loader`'s batches, then copies of its last one (image_id -1, results dropped) up to `count`."""
+    last = None
+    seen = 0
+    for batch in loader:
+        last = batch
+        seen += 1
+        yield batch
+    if seen >= count:
+        return
+    if last is None:  # this rank got no image at all: pad with the dataset's first image
+        dataset = loader.dataset  # type: ignore[attr-defined]
+        last = loader.collate_fn([dataset[0]])  # type: ignore[attr-defined]
+    images, masks, targets = last
+    padding = [{**t, "image_id": torch.tensor(-1)} for t in targets]
+    for _ in range(count - seen):
+        yield images, masks, padding
