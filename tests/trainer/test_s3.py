@@ -147,6 +147,17 @@ def test_bytes_text_exists_and_listing_round_trip(bucket):
         storage.read_bytes(f"{bucket}/run/train/missing.bin")
 
 
+def test_endpoint_and_region_come_from_the_standard_variables(bucket, moto_endpoint, monkeypatch):
+    monkeypatch.delenv("S3_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    storage.write_text(f"{bucket}/via-aws-endpoint.txt", "ok")
+    assert storage.read_bytes(f"{bucket}/via-aws-endpoint.txt") == b"ok"
+    client = storage.s3_client()
+    assert client.meta.endpoint_url == moto_endpoint and client.meta.region_name == "eu-west-1"
+
+
 def test_large_file_goes_up_in_parts_and_comes_back_whole(bucket, tmp_path, moto_endpoint):
     payload = os.urandom(11 * MiB)
     local = tmp_path / "big.pth"
