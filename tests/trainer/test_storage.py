@@ -1,6 +1,7 @@
 """Local-path side of runtime.storage: atomic writes, listing, copies, and the scheme check."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -65,3 +66,35 @@ def test_sync_to_another_folder_mirrors_files_and_latest(tmp_path):
     assert (remote / "model_epoch_001.pth").read_bytes() == b"epoch 1"
     assert (remote / "model_latest.pth").read_bytes() == b"epoch 1"
     assert not (remote / "gone.txt").exists()
+
+
+def test_sync_that_cannot_write_fails_clearly_at_close(tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "model_epoch_001.pth").write_bytes(b"epoch 1")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the remote folder should be")
+    sync = ArtifactSync(str(local), str(blocker), attempts=2, backoff_seconds=0.01)
+    sync.publish_checkpoint("model_epoch_001.pth")
+    assert sync.wait(timeout=30)
+    with pytest.raises(StorageError, match=r"1 artifact\(s\) not uploaded to .*not-a-folder after 2 attempts"):
+        sync.close()
+
+
+def test_long_transfers_log_progress(caplog):
+    from deformable_detr.runtime.storage import _TransferProgress
+
+    # Attached directly: once the CLI has set up logging, "deformable_detr" no longer propagates to root.
+    logger = logging.getLogger("deformable_detr.storage")
+    logger.addHandler(caplog.handler)
+    caplog.set_level("INFO", logger="deformable_detr.storage")
+    try:
+        shown = _TransferProgress("uploading s3://b/k", total=3_000_000, every_s=0.0)
+        for _ in range(3):
+            shown(1_000_000)
+        shown.finish()
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("uploading s3://b/k: 1.0 of 3.0 MB")
+    assert lines[-1].startswith("uploading s3://b/k: done, 3.0 MB in")

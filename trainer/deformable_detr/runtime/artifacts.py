@@ -139,6 +139,10 @@ class ArtifactSync:
                 self._busy = True
             try:
                 self._run(task)
+            except Exception as err:  # never let the worker die: wait() and close() must always return
+                log.exception("upload of %s failed unexpectedly", task.relpath)
+                with self._cond:
+                    self._failures[task.relpath] = f"{type(err).__name__}: {err}"
             finally:
                 with self._cond:
                     self._busy = False
@@ -167,8 +171,9 @@ class ArtifactSync:
         for attempt in range(1, self.attempts + 1):
             try:
                 action()
-            except StorageError as err:
-                if attempt == self.attempts or not err.retryable:
+            except (StorageError, OSError) as err:
+                retryable = getattr(err, "retryable", True)  # a local read error may pass (NFS hiccup)
+                if attempt == self.attempts or not retryable:
                     log.error("giving up on %s: %s", relpath, err)
                     with self._cond:
                         self._failures[relpath] = str(err)

@@ -16,12 +16,15 @@ import io
 import os
 import shutil
 import threading
+import time
 from typing import Callable, Optional, TypeVar
 
 from ..errors import UsageError
 from .files import atomic_path
+from .logging import get_logger
 
 T = TypeVar("T")
+log = get_logger("storage")
 
 S3_SCHEME = "s3://"
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest allowed multipart part (except the last)
@@ -203,6 +206,31 @@ def _transfer_config(part_size: Optional[int] = None):
     return TransferConfig(multipart_threshold=size, multipart_chunksize=size, max_concurrency=4)
 
 
+class _TransferProgress:
+    """boto3 transfer callback: a log line every `every_s` seconds, so long transfers show progress."""
+
+    def __init__(self, what: str, total: Optional[int] = None, every_s: float = 10.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.reported = False
+        self._lock = threading.Lock()  # called from the transfer's worker threads
+
+    def __call__(self, amount: int) -> None:
+        with self._lock:
+            self.done += amount
+            now = time.monotonic()
+            if now - self.last < self.every_s:
+                return
+            self.last, self.reported = now, True
+        of = f" of {self.total / 1e6:.1f}" if self.total else ""
+        log.info("%s: %.1f%s MB (%.1f MB/s)", self.what, self.done / 1e6, of, self.done / 1e6 / (now - self.started))
+
+    def finish(self) -> None:
+        if self.reported:
+            log.info("%s: done, %.1f MB in %.1fs", self.what, self.done / 1e6, time.monotonic() - self.started)
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -298,12 +326,14 @@ def download(uri: str, local_path: str) -> str:
         _copy_local(uri, local_path)
         return local_path
     bucket, key = split_s3(uri)
+    shown = _TransferProgress(f"downloading {uri}")
     with atomic_path(local_path) as tmp:
         try:
-            _s3_call(uri, lambda c: c.download_file(bucket, key, tmp, Config=_transfer_config()))
+            _s3_call(uri, lambda c: c.download_file(bucket, key, tmp, Config=_transfer_config(), Callback=shown))
         except ArtifactNotFound:
             _require_bucket(uri)
             raise
+    shown.finish()
     return local_path
 
 
@@ -320,7 +350,9 @@ def upload_file(local_path: str, uri: str, part_size: Optional[int] = None) -> N
         return
     bucket, key = split_s3(uri)
     config = _transfer_config(part_size)
-    _s3_call(uri, lambda c: c.upload_file(local_path, bucket, key, Config=config))
+    shown = _TransferProgress(f"uploading {uri}", os.path.getsize(local_path))
+    _s3_call(uri, lambda c: c.upload_file(local_path, bucket, key, Config=config, Callback=shown))
+    shown.finish()
 
 
 def copy(source_uri: str, destination_uri: str) -> None:
