@@ -304,3 +304,11 @@ def test_sync_to_nowhere_or_to_itself_does_nothing(tmp_path):
         assert sync.wait(timeout=1)
         sync.close()
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_unknown_profile_is_one_clear_line(monkeypatch, moto_endpoint):
+    _aws_env(monkeypatch, moto_endpoint)
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(StorageError) as caught:
+        storage.exists("s3://some-bucket/x")
+    assert "no-such-profile" in _one_line(caught.value) and "AWS_PROFILE" in str(caught.value)

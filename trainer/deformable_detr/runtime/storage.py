@@ -43,7 +43,7 @@ class StorageError(UsageError):
     """
 
     def __init__(self, message: str, retryable: bool = False):
-        super().__init__(message)
+        super().__init__(" ".join(message.split()))  # server messages may carry newlines; the CLI shows one line
         self.retryable = retryable
 
 
@@ -106,6 +106,7 @@ def s3_client():
     """A boto3 S3 client for the current environment (cached; boto3 clients are thread-safe)."""
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
     env_names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
@@ -118,8 +119,12 @@ def s3_client():
                                      "mode": os.environ.get("AWS_RETRY_MODE", "standard")},
                             connect_timeout=10, read_timeout=120)
             # A session per client: boto3's default session is not safe to share across threads.
-            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url(), region_name=region,
-                                                    config=config)
+            try:
+                client = boto3.session.Session().client("s3", endpoint_url=endpoint_url(), region_name=region,
+                                                        config=config)
+            except BotoCoreError as err:  # e.g. AWS_PROFILE names no profile, a malformed endpoint URL
+                raise StorageError(f"S3 client: {err}; check AWS_PROFILE, S3_ENDPOINT_URL/AWS_ENDPOINT_URL "
+                                   "and AWS_REGION") from None
             _clients[cache_key] = client
         return client
 
@@ -128,7 +133,7 @@ def _where(client) -> str:
     return client.meta.endpoint_url
 
 
-def _client_error_code(err: BaseException):
+def _client_error_in(err: BaseException):
     """The botocore ClientError behind `err` (boto3's transfer manager wraps them), if any."""
     from botocore.exceptions import ClientError
 
@@ -147,7 +152,7 @@ def _translate(err: BaseException, uri: str, client) -> StorageError:
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(f"{uri}: no usable AWS credentials ({err}); set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the pod an IAM role")
-    client_error = _client_error_code(err)
+    client_error = _client_error_in(err)
     if client_error is not None:
         info = client_error.response.get("Error", {})
         code = str(info.get("Code", ""))
