@@ -1,0 +1,155 @@
+// Fused CPU kernel of multi-scale deformable attention (forward and backward).
+//
+// Each sample is read straight from `value` and accumulated into the output row, so no
+// per-level sampled tensor is ever materialised. Work is split with at::parallel_for
+// (OpenMP in PyTorch builds): the forward over (batch, query, head) rows, the backward over
+// (batch, head) pairs, whose slices of grad_value are disjoint, so the scatter needs no atomics.
+#include "msda.h"
+#include "msda_common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace {
+
+struct Dims {
+  int64_t batch, spatial, heads, channels, queries, levels, points;
+};
+
+Dims dims_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return {value.size(0), value.size(1), value.size(2), value.size(3),
+          sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                    const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights,
+                    scalar_t* output, const Dims& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = d.batch * d.queries * d.heads;
+  const int64_t pixel_stride = d.heads * d.channels;  // distance between two pixels of one head
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(d.channels);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / (d.queries * d.heads);
+      const int64_t m = row % d.heads;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const acc_t* loc = locations + row * d.levels * d.points * 2;
+      const acc_t* attn = weights + row * d.levels * d.points;
+      for (int64_t l = 0; l < d.levels; ++l) {
+        const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+        const scalar_t* level_value = value + ((n * d.spatial + starts[l]) * d.heads + m) * d.channels;
+        for (int64_t p = 0; p < d.points; ++p, loc += 2, ++attn) {
+          const auto b = msda::bilinear_corners<acc_t>(loc[0], loc[1], height, width);
+          if (!b.inside) continue;
+          for (int corner = 0; corner < 4; ++corner) {
+            if (b.pixel[corner] < 0) continue;
+            const acc_t w = *attn * b.weight[corner];
+            const scalar_t* v = level_value + b.pixel[corner] * pixel_stride;
+#pragma omp simd
+            for (int64_t c = 0; c < d.channels; ++c) acc[c] += w * static_cast<acc_t>(v[c]);
+          }
+        }
+      }
+      scalar_t* out = output + row * d.channels;
+      for (int64_t c = 0; c < d.channels; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+}
+
+// grad_value is accumulated in acc_t (float for half/bfloat16); the caller casts it back.
+template <typename scalar_t>
+void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                     const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights,
+                     const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_value,
+                     at::opmath_type<scalar_t>* grad_locations, at::opmath_type<scalar_t>* grad_weights,
+                     const Dims& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixel_stride = d.heads * d.channels;
+  at::parallel_for(0, d.batch * d.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t n = pair / d.heads, m = pair % d.heads;
+      for (int64_t q = 0; q < d.queries; ++q) {
+        const int64_t row = (n * d.queries + q) * d.heads + m;
+        const scalar_t* grad_out = grad_output + row * d.channels;
+        const acc_t* loc = locations + row * d.levels * d.points * 2;
+        const acc_t* attn = weights + row * d.levels * d.points;
+        acc_t* grad_loc = grad_locations + row * d.levels * d.points * 2;
+        acc_t* grad_attn = grad_weights + row * d.levels * d.points;
+        for (int64_t l = 0; l < d.levels; ++l) {
+          const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+          const int64_t level_offset = ((n * d.spatial + starts[l]) * d.heads + m) * d.channels;
+          for (int64_t p = 0; p < d.points; ++p, loc += 2, ++attn, grad_loc += 2, ++grad_attn) {
+            const auto b = msda::bilinear_corners<acc_t>(loc[0], loc[1], height, width);
+            if (!b.inside) continue;
+            const auto slopes = msda::corner_slopes(b);
+            const acc_t a = *attn;
+            acc_t g_attn = 0, g_frac_w = 0, g_frac_h = 0;
+            for (int corner = 0; corner < 4; ++corner) {
+              if (b.pixel[corner] < 0) continue;
+              const int64_t offset = level_offset + b.pixel[corner] * pixel_stride;
+              const scalar_t* v = value + offset;
+              acc_t* gv = grad_value + offset;
+              const acc_t scale = a * b.weight[corner];
+              acc_t g_dot_v = 0;  // sum over channels of grad_output * corner value
+#pragma omp simd reduction(+ : g_dot_v)
+              for (int64_t c = 0; c < d.channels; ++c) {
+                const acc_t g = static_cast<acc_t>(grad_out[c]);
+                g_dot_v += g * static_cast<acc_t>(v[c]);
+                gv[c] += scale * g;
+              }
+              g_attn += b.weight[corner] * g_dot_v;
+              g_frac_w += slopes.dfrac_w[corner] * g_dot_v;
+              g_frac_h += slopes.dfrac_h[corner] * g_dot_v;
+            }
+            *grad_attn = g_attn;
+            grad_loc[0] = a * g_frac_w * static_cast<acc_t>(width);
+            grad_loc[1] = a * g_frac_h * static_cast<acc_t>(height);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor msda_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                            const at::Tensor& attention_weights) {
+  msda_check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Dims d = dims_of(value, sampling_locations);
+  auto output = at::empty({d.batch, d.queries, d.heads * d.channels}, value.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+                             level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<acc_t>(),
+                             attention_weights.data_ptr<acc_t>(), output.data_ptr<scalar_t>(), d);
+  });
+  return output;
+}
+
+std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                          const at::Tensor& level_start_index,
+                                          const at::Tensor& sampling_locations,
+                                          const at::Tensor& attention_weights, const at::Tensor& grad_output) {
+  msda_check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(grad_output.is_contiguous() && grad_output.scalar_type() == value.scalar_type(),
+              "grad_output must be contiguous with the dtype of value");
+  const Dims d = dims_of(value, sampling_locations);
+  auto grad_value = at::zeros(value.sizes(), value.options().dtype(sampling_locations.scalar_type()));
+  auto grad_locations = at::zeros_like(sampling_locations);
+  auto grad_weights = at::zeros_like(attention_weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+                              level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<acc_t>(),
+                              attention_weights.data_ptr<acc_t>(), grad_output.data_ptr<scalar_t>(),
+                              grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
+                              grad_weights.data_ptr<acc_t>(), d);
+  });
+  return {grad_value, grad_locations, grad_weights};
+}

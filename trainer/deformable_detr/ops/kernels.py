@@ -1,0 +1,236 @@
+"""Compiled multi-scale deformable attention: building, caching and loading the extensions,
+and the autograd Function that calls them.
+
+Each extension ("cpu", "cuda") is built by `torch.utils.cpp_extension` into
+`$TORCH_EXTENSIONS_DIR/deformable_detr/msda_<kind>_<digest>/` (default
+`~/.cache/torch_extensions`), where the digest covers the sources, the flags and the torch
+version, so a stale build is never loaded. A finished build leaves a `BUILT` marker; loading
+a marked build only imports the shared library (no compiler, no ninja). A failed build
+leaves a `FAILED` marker so that later processes do not pay for it again;
+`python -m deformable_detr.ops.build` retries.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from ..runtime.files import write_text_atomic
+from ..runtime.logging import get_logger
+
+log = get_logger("ops")
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+KINDS = ("cpu", "cuda")
+_SOURCES = {"cpu": ["msda_cpu.cpp", "msda_bindings.cpp"], "cuda": ["msda_cuda.cu", "msda_bindings.cpp"]}
+_HEADERS = ["msda.h", "msda_common.h"]
+_CXX_FLAGS = {"cpu": ["-O3", "-fopenmp"], "cuda": ["-O3", "-DMSDA_WITH_CUDA"]}
+_NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+_LD_FLAGS = {"cpu": ["-fopenmp"], "cuda": []}
+
+_loaded: dict[str, ModuleType] = {}
+
+
+class KernelUnavailable(RuntimeError):
+    """The requested extension cannot be built or loaded here; the message says why."""
+
+
+def cache_root() -> Path:
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                  "torch_extensions")
+    return Path(base) / "deformable_detr"
+
+
+def cuda_include_dirs() -> list[str]:
+    """CUDA headers shipped in the torch wheel (site-packages nvidia/cu*/include), which the
+    system toolkit may lack or hold in another version."""
+    dirs = []
+    for entry in sys.path:
+        nvidia = Path(entry) / "nvidia"
+        if nvidia.is_dir():
+            dirs += [str(p) for p in sorted(nvidia.glob("cu*/include")) if (p / "cuda_runtime_api.h").exists()]
+    return dirs
+
+
+def find_cuda_home() -> Optional[Path]:
+    """The CUDA toolkit: $CUDA_HOME/$CUDA_PATH, else the folder of `nvcc` on PATH, else /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    candidates += [str(Path(nvcc).resolve().parent.parent) if nvcc else None, "/usr/local/cuda"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
+            return Path(candidate)
+    return None
+
+
+def nvcc_command(source: Path, output: Path, archs: list[str]) -> list[str]:
+    """nvcc invocation compiling one CUDA source to an object with the flags of the extension
+    build, for the given compute capabilities (e.g. ["8.0", "9.0"])."""
+    from torch.utils import cpp_extension
+
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise KernelUnavailable("no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc)")
+    includes = [str(CSRC)] + cpp_extension.include_paths() + cuda_include_dirs() + [str(cuda_home / "include")]
+    gencode = []
+    for arch in archs:
+        number = arch.replace(".", "")
+        gencode += ["-gencode", f"arch=compute_{number},code=sm_{number}"]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    return ([str(cuda_home / "bin" / "nvcc"), "-c", str(source), "-o", str(output), "-std=c++20",
+             "-Xcompiler", "-fPIC", abi] + [f"-I{path}" for path in includes]
+            + cpp_extension.COMMON_NVCC_FLAGS + _NVCC_FLAGS + gencode)
+
+
+def compile_cuda_objects(archs: list[str], out_dir: Path) -> list[Path]:
+    """Compile every CUDA source for `archs` (no GPU needed); raises KernelUnavailable with
+    nvcc's errors when one does not compile."""
+    objects = []
+    for source in _SOURCES["cuda"]:
+        if not source.endswith(".cu"):
+            continue
+        output = Path(out_dir) / (Path(source).stem + ".o")
+        result = subprocess.run(nvcc_command(CSRC / source, output, archs), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelUnavailable(f"nvcc failed on {source}:\n{result.stderr[-4000:]}")
+        objects.append(output)
+    return objects
+
+
+def extension_name(kind: str) -> str:
+    digest = hashlib.sha256()
+    for file in _SOURCES[kind] + _HEADERS:
+        digest.update(file.encode() + b"\0" + (CSRC / file).read_bytes())
+    digest.update(" ".join(_CXX_FLAGS[kind] + _NVCC_FLAGS + _LD_FLAGS[kind]).encode())
+    digest.update(torch.__version__.encode() + sys.version.encode())
+    return f"msda_{kind}_{digest.hexdigest()[:12]}"
+
+
+def build_directory(kind: str) -> Path:
+    return cache_root() / extension_name(kind)
+
+
+def _import_library(name: str, directory: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, directory / f"{name}.so")
+    if spec is None or spec.loader is None:
+        raise KernelUnavailable(f"cannot import {directory / name}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_toolchain(kind: str) -> None:
+    from torch.utils import cpp_extension
+
+    if kind == "cuda":
+        if cpp_extension.CUDA_HOME is None or not (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists():
+            found = find_cuda_home()
+            hint = f" (found one: CUDA_HOME={found})" if found else ""
+            raise KernelUnavailable(f"no CUDA toolkit found: set CUDA_HOME to a folder with bin/nvcc{hint}")
+        if torch.version.cuda is None:
+            raise KernelUnavailable("this torch build has no CUDA support")
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            raise KernelUnavailable("no GPU to build for: set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0')")
+    if not cpp_extension.is_ninja_available():
+        raise KernelUnavailable("ninja is not installed (pip install ninja)")
+
+
+def _first_error_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [""])[0][:500]
+
+
+def build(kind: str, verbose: bool = False) -> ModuleType:
+    """Compile the `kind` extension into its cache folder (or reuse a finished build) and import it."""
+    name = extension_name(kind)
+    directory = build_directory(kind)
+    if (directory / "BUILT").exists():
+        return _import_library(name, directory)
+    _check_toolchain(kind)
+    from torch.utils import cpp_extension  # imported late: it probes for CUDA and warns
+
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("building the %s kernel of multi-scale deformable attention in %s (first use; about %s)",
+             kind.upper(), directory, "1-2 min per GPU arch" if kind == "cuda" else "30 s")
+    start = time.monotonic()
+    try:
+        module = cpp_extension.load(
+            name=name, sources=[str(CSRC / f) for f in _SOURCES[kind]], extra_cflags=_CXX_FLAGS[kind],
+            extra_cuda_cflags=_NVCC_FLAGS, extra_ldflags=_LD_FLAGS[kind],
+            extra_include_paths=[str(CSRC)] + (cuda_include_dirs() if kind == "cuda" else []),
+            build_directory=str(directory), verbose=verbose, with_cuda=kind == "cuda")
+    except Exception as error:  # compiler errors arrive as RuntimeError/CalledProcessError/OSError
+        reason = _first_error_line(str(error)) or type(error).__name__
+        write_text_atomic(str(directory / "FAILED"), f"{reason}\n")
+        raise KernelUnavailable(f"building the {kind} kernel failed: {reason}") from error
+    write_text_atomic(str(directory / "BUILT"), f"{name}\n")
+    (directory / "FAILED").unlink(missing_ok=True)
+    log.info("built the %s kernel in %.0f s (cached for later runs)", kind.upper(), time.monotonic() - start)
+    return module
+
+
+def load(kind: str, build_if_missing: bool = True) -> ModuleType:
+    """The `kind` extension: imported from the cache, else built now; KernelUnavailable if it cannot be."""
+    if kind in _loaded:
+        return _loaded[kind]
+    directory = build_directory(kind)
+    if not (directory / "BUILT").exists():
+        failed = directory / "FAILED"
+        if failed.exists():
+            raise KernelUnavailable(f"an earlier build failed ({failed.read_text().strip()}); "
+                                    "retry with: python -m deformable_detr.ops.build")
+        if not build_if_missing:
+            raise KernelUnavailable(f"the {kind} kernel is not built (python -m deformable_detr.ops.build)")
+    _loaded[kind] = build(kind)
+    return _loaded[kind]
+
+
+def is_built(kind: str) -> bool:
+    return kind in _loaded or (build_directory(kind) / "BUILT").exists()
+
+
+def _coordinate_dtype(value: torch.Tensor) -> torch.dtype:
+    # Locations and weights stay in float32 (float64 for float64 values) even for half
+    # values: half precision would put samples a fraction of a pixel off on large maps.
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+class MSDeformAttnFunction(torch.autograd.Function):
+    """Autograd wrapper around a compiled extension's forward/backward."""
+
+    @staticmethod
+    def forward(ctx, extension: ModuleType, value: torch.Tensor, spatial_shapes: torch.Tensor,
+                level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                attention_weights: torch.Tensor) -> torch.Tensor:
+        ctx.extension = extension
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = ctx.extension.backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            grad_output.contiguous())
+        return None, grad_value.to(value.dtype), None, None, grad_locations, grad_weights
+
+
+def run_kernel(extension: ModuleType, value: torch.Tensor, spatial_shapes: torch.Tensor,
+               level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+               attention_weights: torch.Tensor) -> torch.Tensor:
+    """Bring the inputs to the layout and dtypes the kernels take, then run them with autograd."""
+    coord = _coordinate_dtype(value)
+    return MSDeformAttnFunction.apply(
+        extension, value.contiguous(), spatial_shapes.to(value.device, torch.int64).contiguous(),
+        level_start_index.to(value.device, torch.int64).contiguous(),
+        sampling_locations.to(coord).contiguous(), attention_weights.to(coord).contiguous())
