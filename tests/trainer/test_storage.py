@@ -77,7 +77,8 @@ def test_sync_that_cannot_write_fails_clearly_at_close(tmp_path):
     sync = ArtifactSync(str(local), str(blocker), attempts=2, backoff_seconds=0.01)
     sync.publish_checkpoint("model_epoch_001.pth")
     assert sync.wait(timeout=30)
-    with pytest.raises(StorageError, match=r"1 artifact\(s\) not uploaded to .*not-a-folder after 2 attempts"):
+    expected = r"1 artifact\(s\) not uploaded to .*not-a-folder \(first: model_epoch_001.pth after 2 attempt\(s\)"
+    with pytest.raises(StorageError, match=expected):
         sync.close()
 
 

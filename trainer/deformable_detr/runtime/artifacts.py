@@ -89,8 +89,7 @@ class ArtifactSync:
             first = next(iter(self._failures.values()))
             count = len(self._failures)
             kept = "; ".join(f"remote {name} still names {path}" for name, path in self.latest.items())
-        return (f"{count} artifact(s) not uploaded to {self.remote_uri} after {self.attempts} attempts "
-                f"(first: {first})" + (f"; {kept}" if kept else ""))
+        return f"{count} artifact(s) not uploaded to {self.remote_uri} (first: {first})" + (f"; {kept}" if kept else "")
 
     def close(self) -> None:
         """Finish queued uploads, stop the worker, and raise StorageError if any upload failed for good."""
@@ -109,8 +108,14 @@ class ArtifactSync:
     def __enter__(self) -> "ArtifactSync":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: report upload failures without hiding the original error
+            self.close()
+        except StorageError as err:
+            log.error("%s", err)
 
     def _submit(self, task: _Task) -> None:
         if not self.enabled:
@@ -174,9 +179,9 @@ class ArtifactSync:
             except (StorageError, OSError) as err:
                 retryable = getattr(err, "retryable", True)  # a local read error may pass (NFS hiccup)
                 if attempt == self.attempts or not retryable:
-                    log.error("giving up on %s: %s", relpath, err)
+                    log.error("giving up on %s after %d attempt(s): %s", relpath, attempt, err)
                     with self._cond:
-                        self._failures[relpath] = str(err)
+                        self._failures[relpath] = f"{relpath} after {attempt} attempt(s): {err}"
                     return False
                 delay = self.backoff_seconds * 2 ** (attempt - 1)
                 log.warning("upload of %s failed (attempt %d/%d), retrying in %.1fs: %s",

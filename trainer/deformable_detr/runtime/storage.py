@@ -69,7 +69,8 @@ def join(base: str, *parts: str) -> str:
 def _check_scheme(path: str) -> None:
     if is_remote(path) and not is_s3(path):
         scheme = path.split("://", 1)[0]
-        raise StorageError(f"{path}: unsupported storage scheme '{scheme}://'; accepted: a local path or s3://bucket/key")
+        raise StorageError(f"{path}: unsupported storage scheme '{scheme}://'; "
+                           "accepted: a local path or s3://bucket/key")
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -159,7 +160,8 @@ def _translate(err: BaseException, uri: str, client) -> StorageError:
         message = info.get("Message", "")
         bucket = split_s3(uri)[0]
         if code == "NoSuchBucket":
-            return StorageError(f"{uri}: bucket '{bucket}' does not exist at {_where(client)}; create it or fix the URI")
+            return StorageError(f"{uri}: bucket '{bucket}' does not exist at {_where(client)}; "
+                                "create it or fix the URI")
         if code in _CREDENTIAL_CODES:
             return StorageError(f"{uri}: S3 at {_where(client)} rejected the credentials ({code}: {message}); "
                                 "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE and the bucket policy")
