@@ -5,6 +5,7 @@ in pixels of the original image, seven zeros for the 3D fields, and the score).
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -12,8 +13,7 @@ from typing import Mapping, Sequence
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from ..errors import UsageError
-from ..runtime.files import atomic_path
-from ..runtime.storage import write_text
+from ..runtime.storage import write_bytes, write_text
 
 # Colours for classes that inference.color_map does not name: distinct hues, readable on photos.
 DEFAULT_PALETTE = (
@@ -108,7 +108,8 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection],
 
 
 def save_image(image: Image.Image, path: str) -> None:
-    """Save atomically, in the format the file extension names."""
+    """Save atomically (a local path or an s3:// URI), in the format the file extension names."""
     fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    with atomic_path(path) as tmp:
-        image.save(tmp, format=fmt)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    write_bytes(path, buffer.getvalue())
