@@ -179,7 +179,10 @@ class Trainer:
         from ..model.checkpoint_compat import load_model_state
         from ..runtime.checkpoint_io import load_object
 
-        load_model_state(model, load_object(path, self.spec.encryption_key))
+        try:
+            load_model_state(model, load_object(path, self.spec.encryption_key), allow_num_classes_change=True)
+        except UsageError as err:
+            raise UsageError(f"train.pretrained_model_path: {err}") from None
         log.info("fine-tuning from %s", path)
 
     # ----------------------------------------------------------------- resume

@@ -1,0 +1,191 @@
+"""`deformable-detr train` in one process on the tiny COCO set: outputs, precision, fine-tuning, SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+
+from deformable_detr.cli import main
+from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
+from deformable_detr.runtime.training_log import read_log, read_status
+from deformable_detr.tasks.train import _padded_batches
+
+TINY_MODEL = {"backbone": "resnet_18", "num_queries": 10, "num_feature_levels": 1, "return_interm_indices": [3],
+              "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64,
+              "enc_n_points": 2, "dec_n_points": 2, "num_select": 10, "dropout_ratio": 0.1}
+# 64 px images, kept at 64 px: random flips still draw from the RNG, every crop is the whole image.
+TINY_AUGMENTATION = {"scales": [64], "train_random_resize": [64], "train_random_crop_min": 64,
+                     "train_random_crop_max": 64, "random_resize_max_size": 64, "test_random_resize": 64,
+                     "fixed_padding": True}
+
+
+def tiny_train_spec(tiny_coco: dict, results_dir, batch_size: int = 4, **train) -> dict:
+    """A spec small enough to train in seconds on a CPU; `train` overrides the train section."""
+    return {
+        "results_dir": str(results_dir),
+        "model": dict(TINY_MODEL),
+        "dataset": {"num_classes": tiny_coco["num_classes"], "batch_size": batch_size, "workers": 0,
+                    "pin_memory": False, "train_data_sources": [tiny_coco["train"]],
+                    "val_data_sources": [tiny_coco["val"]], "augmentation": dict(TINY_AUGMENTATION)},
+        "train": {"num_epochs": 2, "seed": 11, "activation_checkpoint": False, "clip_grad_norm": 0.1,
+                  "optim": {"lr": 1e-3, "lr_backbone": 1e-4, "lr_steps": [1], "lr_decay": 0.5}, **train},
+    }
+
+
+def train_cli(write_spec, spec: dict, *extra: str, name: str = "spec.yaml") -> int:
+    return main(["train", "-e", write_spec(spec, name), *extra])
+
+
+def step_losses(folder) -> list[float]:
+    return [r["loss"] for r in read_log(str(folder)) if r["kind"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_coco, tmp_path_factory):
+    """One two-epoch run: its results folder."""
+    root = tmp_path_factory.mktemp("trained")
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_spec(tiny_coco, root / "results")))
+    assert main(["train", "-e", str(path)]) == 0
+    return root / "results" / "train"
+
+
+def test_checkpoints_are_named_as_tao_names_them(trained):
+    names = sorted(os.listdir(trained))
+    assert names == ["dd_model_latest.pth", "experiment.yaml", "model_epoch_000_step_00002.pth",
+                     "model_epoch_001_step_00004.pth", "status.json", "train_log.jsonl"]
+    last = load_checkpoint(str(trained / "model_epoch_001_step_00004.pth"))
+    latest = load_checkpoint(str(trained / LATEST_NAME))
+    assert set(last) >= {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "step", "rng", "spec"}
+    assert (last["epoch"], last["step"], last["epoch_finished"]) == (1, 4, True)
+    assert last["spec"]["train"]["num_epochs"] == 2 and last["spec"]["encryption_key"] is None
+    # Original parameter names (no DDP "module." prefix), and the pointer holds the newest weights.
+    assert "transformer.encoder.layers.0.self_attn.sampling_offsets.weight" in last["model"]
+    assert "backbone.0.body.layer1.0.conv1.weight" in last["model"]
+    assert all(torch.equal(last["model"][k], latest["model"][k]) for k in last["model"])
+    assert last["lr_scheduler"]["last_epoch"] == 2 and last["rng"]["ranks"][0]["torch"].dtype == torch.uint8
+
+
+def test_train_log_and_status(trained):
+    records = read_log(str(trained))
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["epoch"] for r in steps] == [0, 0, 1, 1]
+    for record in steps:
+        assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "lr",
+                "images_per_s", "data_wait_seconds", "memory_mb"} <= set(record)
+        assert record["loss"] == pytest.approx(sum(v for k, v in record.items() if k.startswith("loss_")))
+    # MultiStep at epoch 1 halves the lr of the rest group.
+    assert [r["lr"] for r in steps] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    validations = [r for r in records if r["kind"] == "validation"]
+    assert [v["epoch"] for v in validations] == [0, 1]
+    assert all(0.0 <= v["mAP"] <= 1.0 and set(v["per_class_AP"]) == {"class_1", "class_2", "class_3"}
+               for v in validations)
+    status = read_status(str(trained))
+    assert status["state"] == "completed" and (status["epoch"], status["num_epochs"], status["step"]) == (2, 2, 4)
+    assert status["last_loss"] == pytest.approx(steps[-1]["loss"])
+    assert status["last_map"] == pytest.approx(validations[-1]["mAP"])
+    assert status["last_checkpoint"].endswith("model_epoch_001_step_00004.pth")
+
+
+def test_a_finished_run_resumes_to_nothing_to_do(trained, tiny_coco, write_spec):
+    # auto_resume finds epoch 2 of 2 already done: no step is taken and nothing is overwritten.
+    before = os.path.getmtime(trained / "model_epoch_001_step_00004.pth")
+    spec = tiny_train_spec(tiny_coco, trained.parent)
+    assert train_cli(write_spec, spec) == 0
+    assert len(step_losses(trained)) == 4
+    assert os.path.getmtime(trained / "model_epoch_001_step_00004.pth") == before
+
+
+def _autocast_runs_on_cpu(dtype: torch.dtype) -> bool:
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2))
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_mixed_precision_steps_on_cpu(precision, dtype, tiny_coco, tmp_path, write_spec):
+    if not _autocast_runs_on_cpu(dtype):
+        pytest.skip(f"this torch build has no CPU autocast for {dtype}")
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=8, num_epochs=1, precision=precision)
+    spec["dataset"]["val_data_sources"] = []
+    assert train_cli(write_spec, spec) == 0
+    folder = tmp_path / "r" / "train"
+    losses = step_losses(folder)
+    assert len(losses) == 1 and all(torch.isfinite(torch.tensor(losses)))
+    saved = load_checkpoint(str(folder / LATEST_NAME))
+    assert (saved["scaler"] is not None) == (precision == "fp16")  # GradScaler only for fp16
+    assert all(v.dtype == torch.float32 for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_fine_tuning_to_other_classes_keeps_the_rest(trained, tiny_coco, tmp_path, write_spec, caplog):
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=8, num_epochs=1,
+                           pretrained_model_path=str(trained / LATEST_NAME))
+    spec["dataset"]["num_classes"] = 6
+    spec["dataset"]["val_data_sources"] = []
+    spec["train"]["optim"].update(lr=0.0, lr_backbone=0.0)  # no update: weights stay as loaded
+    assert train_cli(write_spec, spec) == 0
+    source = load_checkpoint(str(trained / LATEST_NAME))["model"]
+    tuned = load_checkpoint(str(tmp_path / "r" / "train" / LATEST_NAME))["model"]
+    assert tuned["class_embed.0.weight"].shape[0] == 6 and source["class_embed.0.weight"].shape[0] == 4
+    key = "transformer.encoder.layers.0.self_attn.sampling_offsets.weight"
+    assert torch.equal(tuned[key], source[key])
+
+
+def test_resume_from_a_non_training_checkpoint_names_the_field(tiny_coco, tmp_path, write_spec, capsys):
+    plain = tmp_path / "weights.pth"
+    torch.save({"model": {}}, plain)
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", resume_training_checkpoint_path=str(plain))
+    assert train_cli(write_spec, spec) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("deformable-detr train: error: train.resume_training_checkpoint_path:")
+
+
+def test_padded_validation_batches_keep_every_rank_in_step():
+    batches = [(torch.zeros(1), torch.zeros(1), [{"image_id": torch.tensor(5)}])] * 2
+    padded = list(_padded_batches(batches, 4))
+    assert len(padded) == 4
+    assert [int(b[2][0]["image_id"]) for b in padded] == [5, 5, -1, -1]
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_continues(tiny_coco, tmp_path, write_spec):
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=2, num_epochs=1)
+    spec["dataset"]["val_data_sources"] = []
+    folder = tmp_path / "r" / "train"
+    sent = threading.Event()
+
+    def send_sigterm_after_first_step() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (folder / "train_log.jsonl").exists() and step_losses(folder):
+                os.kill(os.getpid(), signal.SIGTERM)  # the kernel delivers it to the main thread, as in a pod
+                sent.set()
+                return
+            time.sleep(0.05)
+
+    # Should the signal ever land after training returns, this handler (not the default) catches it.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        threading.Thread(target=send_sigterm_after_first_step, daemon=True).start()
+        assert train_cli(write_spec, spec) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent.is_set()
+    status = read_status(str(folder))
+    assert status["state"] == "stopped"
+    stopped = load_checkpoint(status["last_checkpoint"])
+    assert stopped["epoch_finished"] is False and 1 <= stopped["batches_done"] < 4
+    done = stopped["batches_done"]
+    # The rerun (auto_resume) trains only the batches the stopped run had not reached.
+    assert train_cli(write_spec, spec) == 0
+    steps = [r for r in read_log(str(folder)) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 5))
+    assert read_status(str(folder))["state"] == "completed"
+    assert load_checkpoint(str(folder / LATEST_NAME))["step"] == 4
