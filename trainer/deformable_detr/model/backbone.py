@@ -17,10 +17,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..errors import UsageError
-from ..runtime.logging import get_logger
 from .position_encoding import PositionEmbeddingSine
 
-log = get_logger("model.backbone")
 
 RESNETS = {"resnet_18": resnet.resnet18, "resnet_34": resnet.resnet34,
            "resnet_50": resnet.resnet50, "resnet_101": resnet.resnet101}
@@ -77,9 +75,12 @@ def _block_out_channels(block: nn.Module) -> int:
 class TimmBackbone(_BackboneBase):
     """A timm network (GC-ViT) returning the chosen stages through `forward_intermediates`."""
 
-    def __init__(self, network: nn.Module, stage_indices: Sequence[int], train_backbone: bool) -> None:
+    def __init__(self, network: nn.Module, stage_indices: Sequence[int], train_backbone: bool,
+                 input_size: Tuple[int, int]) -> None:
         super().__init__()
         self.body = network
+        # GC-ViT's window and global-query sizes are fixed by the input size it was built for.
+        self.input_size = tuple(input_size)
         self.stage_indices = list(stage_indices)
         if not train_backbone:
             for parameter in network.parameters():
@@ -89,6 +90,10 @@ class TimmBackbone(_BackboneBase):
         self.strides = [int(info[i]["reduction"]) for i in stage_indices]
 
     def stage_features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        if tuple(images.shape[-2:]) != self.input_size:
+            raise UsageError(f"GC-ViT backbone built for {self.input_size[0]}x{self.input_size[1]} inputs got "
+                             f"{images.shape[-2]}x{images.shape[-1]}; set dataset.augmentation.fixed_random_crop "
+                             "(or export.input_height/input_width) to the size the model was built for")
         return self.body.forward_intermediates(images, indices=self.stage_indices, intermediates_only=True)
 
 

@@ -55,9 +55,9 @@ def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.M
     elif model.backbone in GC_VITS:
         import timm
 
-        network = timm.create_model(GC_VITS[model.backbone], pretrained=False, num_classes=0,
-                                    img_size=gc_vit_input_size(spec))
-        body = TimmBackbone(network, stage_indices, train_backbone)
+        size = gc_vit_input_size(spec)
+        network = timm.create_model(GC_VITS[model.backbone], pretrained=False, num_classes=0, img_size=size)
+        body = TimmBackbone(network, stage_indices, train_backbone, input_size=(size, size))
     else:
         raise UsageError(f"model.backbone: {model.backbone!r} is not supported; accepted: "
                          f"{', '.join(list(RESNETS) + list(GC_VITS))}")

@@ -1,0 +1,77 @@
+"""Backbones: GC-ViT through timm, pretrained backbone weights from torchvision/timm state dicts."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from deformable_detr.config.schema import ExperimentConfig
+from deformable_detr.errors import UsageError
+from deformable_detr.model import build_model
+
+
+@pytest.fixture(autouse=True)
+def _reference_attention(monkeypatch):
+    monkeypatch.setenv("DDETR_MSDA_IMPL", "reference")
+
+
+def small_spec(backbone: str, **model_fields) -> ExperimentConfig:
+    spec = ExperimentConfig()
+    spec.dataset.num_classes = 3
+    fields = dict(backbone=backbone, num_queries=5, enc_layers=1, dec_layers=2, hidden_dim=32, nheads=4,
+                  dim_feedforward=32)
+    fields.update(model_fields)
+    for key, value in fields.items():
+        setattr(spec.model, key, value)
+    spec.train.activation_checkpoint = False
+    return spec
+
+
+def test_gc_vit_backbone_forward_and_size_checks():
+    # Three stage levels: on a 64-pixel input an extra stride-64 level would be a single pixel.
+    spec = small_spec("gc_vit_xxtiny", num_feature_levels=3, return_interm_indices=[1, 2, 3])
+    spec.dataset.augmentation.fixed_random_crop = 64
+    model, _, _ = build_model(spec)
+    assert model.backbone[0].num_channels == [128, 256, 512] and model.backbone[0].strides == [8, 16, 32]
+    assert "backbone.0.body.stem.conv1.weight" in model.state_dict()  # timm's own names under backbone.0.body
+    out = model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+    assert out["pred_logits"].shape == (1, 5, 3)
+    with pytest.raises(UsageError, match="fixed_random_crop"):
+        model(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    spec.dataset.augmentation.fixed_random_crop = None
+    spec.dataset.augmentation.random_resize_max_size = 1333
+    with pytest.raises(UsageError, match="random_resize_max_size"):
+        build_model(spec)
+
+
+def test_pretrained_torchvision_backbone_is_loaded_and_reported(tmp_path, caplog):
+    torch.manual_seed(0)
+    reference = resnet18()  # torchvision naming, with the classifier the detector does not use
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    spec = small_spec("resnet_18", pretrained_backbone_path=str(path))
+    with caplog.at_level(logging.INFO):
+        model, _, _ = build_model(spec)
+    body = model.backbone[0].body
+    torch.testing.assert_close(body.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    torch.testing.assert_close(body.bn1.running_var, reference.bn1.running_var)
+    assert "unexpected" in caplog.text and "fc.weight" in caplog.text
+
+    torch.save({"state_dict": {"foo.bar": torch.zeros(1)}}, path)
+    with pytest.raises(UsageError, match="pretrained_backbone_path"):
+        build_model(spec)
+
+
+def test_pretrained_timm_backbone_is_loaded(tmp_path):
+    import timm
+
+    spec = small_spec("gc_vit_xxtiny")
+    spec.dataset.augmentation.fixed_random_crop = 64
+    reference = timm.create_model("gcvit_xxtiny", pretrained=False, img_size=64)
+    path = tmp_path / "gcvit.pth"
+    torch.save(reference.state_dict(), path)
+    spec.model.pretrained_backbone_path = str(path)
+    model, _, _ = build_model(spec)
+    torch.testing.assert_close(model.backbone[0].body.stem.conv1.weight, reference.stem.conv1.weight)
