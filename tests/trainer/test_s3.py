@@ -264,6 +264,17 @@ def test_sync_uploads_files_and_moves_latest_after_each_checkpoint(bucket, tmp_p
         f"{bucket}/run/train/{name}" for name in
         ("dd_model_latest.pth", "model_epoch_001.pth", "model_epoch_002.pth", "status.json")]
     assert sync.latest == {"dd_model_latest.pth": "model_epoch_002.pth"}
+    assert (local / "model_epoch_001.pth").exists(), "local files are kept unless asked otherwise"
+
+
+def test_sync_can_free_the_staging_disk_once_checkpoints_are_remote(bucket, tmp_path):
+    (tmp_path / "model_epoch_001.pth").write_bytes(b"epoch 1")
+    (tmp_path / "status.json").write_text("{}")
+    with ArtifactSync(str(tmp_path), f"{bucket}/run", remove_uploaded_checkpoints=True) as sync:
+        sync.publish_checkpoint("model_epoch_001.pth")
+        sync.upload("status.json")
+    assert sorted(os.listdir(tmp_path)) == ["status.json"]
+    assert storage.read_bytes(f"{bucket}/run/dd_model_latest.pth") == b"epoch 1"
 
 
 def test_endpoint_stopping_mid_upload_keeps_latest_on_the_previous_checkpoint(bucket, tmp_path, moto_endpoint,

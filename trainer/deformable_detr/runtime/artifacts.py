@@ -9,6 +9,7 @@ of times with exponential backoff; `close()` then raises one clear `StorageError
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -35,10 +36,13 @@ class ArtifactSync:
     """Mirror files written under `local_dir` to `remote_uri` (an s3:// URI or another folder).
 
     With `remote_uri` None, or the same folder as `local_dir`, every method does nothing.
+    With `remove_uploaded_checkpoints`, a checkpoint's local file is deleted once it is safely
+    remote (a staging folder on a pod's disk then holds at most the checkpoints in flight).
     """
 
     def __init__(self, local_dir: str, remote_uri: Optional[str], attempts: int = 3,
-                 backoff_seconds: float = 2.0, part_size: Optional[int] = None):
+                 backoff_seconds: float = 2.0, part_size: Optional[int] = None,
+                 remove_uploaded_checkpoints: bool = False):
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.local_dir = local_dir
@@ -48,6 +52,7 @@ class ArtifactSync:
         self.attempts = attempts
         self.backoff_seconds = backoff_seconds
         self.part_size = part_size
+        self.remove_uploaded_checkpoints = remove_uploaded_checkpoints
         self._queue: deque[_Task] = deque()
         self._cond = threading.Condition()
         self._busy = False
@@ -171,6 +176,9 @@ class ArtifactSync:
                 self.latest[task.latest_name] = task.relpath
             log.info("uploaded checkpoint %s (%.1f MB in %.1fs); %s now names it", remote,
                      os.path.getsize(local) / 1e6, time.monotonic() - started, latest)
+            if self.remove_uploaded_checkpoints:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(local)
 
     def _with_retries(self, relpath: str, action) -> bool:
         for attempt in range(1, self.attempts + 1):
