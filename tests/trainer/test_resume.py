@@ -1,0 +1,46 @@
+"""Exact resume: a run stopped after epoch 1 and resumed ends with the same weights as an uninterrupted one."""
+from __future__ import annotations
+
+import torch
+
+from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
+from deformable_detr.runtime.training_log import read_log
+from test_train import tiny_train_spec, train_cli
+
+
+def _final(folder) -> dict:
+    return load_checkpoint(str(folder / LATEST_NAME))
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    differing = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    for name, state in a["optimizer"]["state"].items():
+        other = b["optimizer"]["state"][name]
+        assert all(torch.equal(state[k], other[k]) for k in state), name
+    assert a["lr_scheduler"] == b["lr_scheduler"]
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tiny_coco, tmp_path, write_spec):
+    # Dropout, random flips and an lr decay at the epoch boundary: each must be restored exactly.
+    def spec(folder, **train):
+        out = tiny_train_spec(tiny_coco, tmp_path / folder, **train)
+        out["dataset"]["val_data_sources"] = []
+        return out
+
+    assert train_cli(write_spec, spec("full", num_epochs=2), name="full.yaml") == 0
+    uninterrupted = _final(tmp_path / "full" / "train")
+
+    # Stopped after epoch 1 (a run of one epoch), then auto_resume continues in the same folder.
+    assert train_cli(write_spec, spec("auto", num_epochs=1), name="a1.yaml") == 0
+    assert train_cli(write_spec, spec("auto", num_epochs=2), name="a2.yaml") == 0
+    _assert_same_training_state(uninterrupted, _final(tmp_path / "auto" / "train"))
+    starts = [r for r in read_log(str(tmp_path / "auto" / "train")) if r["kind"] == "start"]
+    assert [(r["epoch"], r["step"]) for r in starts] == [(0, 0), (1, 2)]
+
+    # The explicit path resumes into another folder (auto_resume off) just as exactly.
+    first = str(tmp_path / "auto" / "train" / "model_epoch_000_step_00002.pth")
+    assert train_cli(write_spec, spec("explicit", num_epochs=2, auto_resume=False,
+                                      resume_training_checkpoint_path=first), name="e.yaml") == 0
+    _assert_same_training_state(uninterrupted, _final(tmp_path / "explicit" / "train"))
