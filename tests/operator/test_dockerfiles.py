@@ -96,6 +96,20 @@ def _check_python_snippet(code: str) -> None:
             assert hasattr(names[node.value.id], node.attr), f"{node.value.id}.{node.attr} does not exist"
 
 
+def _check_options(module: str, args: list[str]) -> None:
+    """Every option (and choice) given to `python -m module` is one its --help lists."""
+    help_text = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                               timeout=120, check=True).stdout
+    for index, word in enumerate(args):
+        if word.startswith("--"):
+            option = word.split("=")[0]
+            assert re.search(rf"(^|\s|,){re.escape(option)}\b", help_text), f"python -m {module}: no option {option}"
+            value = word.partition("=")[2] or (args[index + 1] if index + 1 < len(args) else "")
+            choices = re.search(rf"{re.escape(option)} \{{([^}}]*)\}}", help_text)
+            if choices and value:
+                assert value in choices.group(1).split(","), f"python -m {module} {option}: {value} is not a choice"
+
+
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_every_copied_path_and_installed_package_exists(name):
     instructions = _instructions(name)
@@ -115,6 +129,7 @@ def test_every_copied_path_and_installed_package_exists(name):
             _check_python_snippet(words[2])
         if words[0] in ("python", "python3") and words[1:2] == ["-m"] and words[2] not in ("venv", "pip"):
             assert importlib.util.find_spec(words[2]), f"python -m {words[2]}: no such module"
+            _check_options(words[2], words[3:])
 
 
 def test_trainer_image_builds_the_kernels_for_the_usual_archs_and_runs_non_root():
@@ -132,8 +147,8 @@ def test_trainer_image_builds_the_kernels_for_the_usual_archs_and_runs_non_root(
     copied = [shlex.split(v) for v in _values(runtime, "COPY")]
     assert ["--from=build", extensions_dir, extensions_dir] in copied
     assert ["--from=build", "/opt/venv", "/opt/venv"] in copied
-    snippets = [w[2] for w in _run_segments(build) if w[:2] == ["python", "-c"]]
-    assert any("build('cuda')" in s for s in snippets), "the build stage must compile the CUDA kernel"
+    assert ["python", "-m", "deformable_detr.ops.build", "--kind", "all"] in _run_segments(build), (
+        "the build stage must compile the CUDA and CPU kernels")
     assert any("is_built('cuda')" in s for s in (w[2] for w in _run_segments(runtime) if w[:2] == ["python", "-c"]))
     user = _values(runtime, "USER")[-1]
     assert user.split(":")[0] not in ("0", "root")
