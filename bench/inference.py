@@ -2,7 +2,8 @@
 
 1. Images/s of the whole detector (model + post-processing) on a small configuration at
    batch 1 and 4, against a reference measured in the same run: the bare torchvision
-   ResNet of the same depth on the same batches (so the ratio is stable on noisy machines).
+   ResNet of the same depth on the same batches, timed back to back in each round (medians
+   reported, so the ratio holds on a noisy, shared machine).
 2. COCO evaluation time of 5k images' worth of generated detections (100 per image, as
    model.num_select gives): pycocotools (the reference) against faster-coco-eval, with
    the largest difference between their numbers.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -35,12 +37,22 @@ def small_spec(image_size: int):
     })
 
 
-def _images_per_second(step, batch: int, repeats: int) -> float:
-    step()  # warm-up: first-call allocations and kernel selection
+def _timed(step) -> float:
     start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def _interleaved_rates(detector_step, reference_step, batch: int, repeats: int) -> tuple[float, float, float]:
+    """Median images/s of both steps and median per-round ratio, the two timed back to back each round
+    so that load from other processes hits both alike."""
+    detector_step(), reference_step()  # warm-up: first-call allocations and kernel selection
+    detector, reference = [], []
     for _ in range(repeats):
-        step()
-    return batch * repeats / (time.perf_counter() - start)
+        detector.append(batch / _timed(detector_step))
+        reference.append(batch / _timed(reference_step))
+    ratios = [d / r for d, r in zip(detector, reference)]
+    return statistics.median(detector), statistics.median(reference), statistics.median(ratios)
 
 
 def bench_model(image_size: int, repeats: int) -> list[dict]:
@@ -66,10 +78,9 @@ def bench_model(image_size: int, repeats: int) -> list[dict]:
             with torch.inference_mode():
                 reference(images)
 
-        detector = _images_per_second(detector_step, batch, repeats)
-        backbone = _images_per_second(reference_step, batch, repeats)
+        detector, backbone, ratio = _interleaved_rates(detector_step, reference_step, batch, repeats)
         rows.append({"what": f"detector, batch {batch}", "images_per_s": detector,
-                     "reference_images_per_s": backbone, "ratio_to_reference": detector / backbone})
+                     "reference_images_per_s": backbone, "ratio_to_reference": ratio})
     return rows
 
 
@@ -122,7 +133,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=5000, help="images of generated detections to score")
     parser.add_argument("--image-size", type=int, default=320, help="side of the square input images")
-    parser.add_argument("--repeats", type=int, default=5, help="timed batches per measurement")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (median reported)")
     parser.add_argument("--skip-model", action="store_true", help="only the COCO scoring part")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
