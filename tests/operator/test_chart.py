@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -357,3 +358,25 @@ def test_operator_accepts_the_charts_arguments(tmp_path, values):
     assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
     assert args.namespaces == chart_values["watch"]["namespaces"]
     assert args.reconcile_interval == chart_values["operator"]["reconcileIntervalSeconds"]
+
+
+KUBE_CLIENT_VERBS = {"read": "get", "list": "list", "create": "create", "delete": "delete", "patch": "patch",
+                     "replace": "update"}
+
+
+@needs_helm
+def test_rbac_grants_every_core_and_batch_call_the_operator_makes(tmp_path):
+    """Read the operator's Kubernetes client calls from its source and check each is allowed."""
+    source = (REPO / "operator" / "ddetr_operator" / "kube.py").read_text()
+    calls = set(re.findall(r"self\.(core|batch)\.(read|list|create|delete|patch|replace)_namespaced_(\w+?)\(", source))
+    assert calls, "found no Kubernetes client calls in kube.py"
+    for namespaced in (False, True):
+        values = {"watch": {"namespaces": ["team-a"]}} if namespaced else None
+        docs = _render(tmp_path, values)
+        rules = [rule for doc in docs if doc["kind"] in ("ClusterRole", "Role") for rule in doc["rules"]]
+        for api, method, resource in sorted(calls):
+            group = "" if api == "core" else "batch"
+            plural = resource.replace("_", "") + "s"
+            verb = KUBE_CLIENT_VERBS[method]
+            assert any(group in r["apiGroups"] and plural in r["resources"] and verb in r["verbs"] for r in rules), (
+                f"kube.py calls {method}_namespaced_{resource} but the chart does not grant {verb} {plural}")
