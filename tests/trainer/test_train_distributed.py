@@ -110,8 +110,8 @@ def test_ddp_and_ddp_sharded_agree(tiny_coco, tmp_path):
     assert len(ddp_val) == len(fsdp_val) == 1
 
 
-def _worker_pids(spec_path: str, rank: int) -> list[int]:
-    """Processes running `deformable_detr train` on `spec_path` with RANK=`rank` in their environment."""
+def _worker_pids(marker: str, rank: int) -> list[int]:
+    """Processes running `deformable_detr` with RANK=`rank` and DDETR_TEST_RUN=`marker` in their environment."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -123,7 +123,7 @@ def _worker_pids(spec_path: str, rank: int) -> list[int]:
                 environ = fh.read().split(b"\0")
         except OSError:
             continue
-        if b"deformable_detr" in cmdline and spec_path.encode() in b" ".join(cmdline) \
+        if b"deformable_detr" in cmdline and f"DDETR_TEST_RUN={marker}".encode() in environ \
                 and f"RANK={rank}".encode() in environ:
             found.append(int(entry))
     return found
@@ -136,7 +136,8 @@ def test_killed_worker_fails_the_run_and_a_rerun_resumes(tiny_coco, tmp_path):
     path = _write(tmp_path, spec, "spec.yaml")
     folder = tmp_path / "r" / "train"
     cmd = [sys.executable, "-m", "deformable_detr", "train", "-e", path, "--gpus", "2"]
-    run = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = str(tmp_path)  # the workers inherit it; it tells them apart from other tests' workers
+    run = subprocess.Popen(cmd, env=dict(_env(), DDETR_TEST_RUN=marker), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         # Kill rank 1 once epoch 0 is checkpointed and epoch 1 has started.
@@ -144,7 +145,7 @@ def test_killed_worker_fails_the_run_and_a_rerun_resumes(tiny_coco, tmp_path):
             assert run.poll() is None, run.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "training did not reach epoch 1"
             time.sleep(0.2)
-        victims = _worker_pids(path, rank=1)
+        victims = _worker_pids(marker, rank=1)
         assert victims, "rank 1 worker not found"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

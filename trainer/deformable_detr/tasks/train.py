@@ -159,6 +159,12 @@ class Trainer:
         torch.manual_seed(self.train_cfg.seed + info.rank)
 
     @property
+    def _bare_model(self) -> torch.nn.Module:
+        # State dicts go through the module itself: torch.distributed.checkpoint maps the names of
+        # modules shared under two paths (bbox_embed) wrongly under a DDP wrapper.
+        return distributed.unwrap_model(self.model)
+
+    @property
     def sharded(self) -> bool:
         return self.info.distributed and self.train_cfg.distributed_strategy == "ddp_sharded"
 
@@ -203,7 +209,7 @@ class Trainer:
         if missing:
             raise UsageError(f"train.resume_training_checkpoint_path: {path} is not a training checkpoint "
                              f"(missing {', '.join(missing)}); use train.pretrained_model_path to fine-tune from it")
-        checkpoint.load_model_and_optimizer(self.model, self.optimizer, state["model"], state["optimizer"])
+        checkpoint.load_model_and_optimizer(self._bare_model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -229,8 +235,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoint
     def _save(self, position: Position, epoch_finished: bool) -> Optional[str]:
         """Every rank gathers (collectives for FSDP2); rank 0 writes. Returns the path on rank 0."""
-        model_state = checkpoint.gather_model_state(self.model)
-        optimizer_state = checkpoint.gather_optimizer_state(self.model, self.optimizer)
+        model_state = checkpoint.gather_model_state(self._bare_model)
+        optimizer_state = checkpoint.gather_optimizer_state(self._bare_model, self.optimizer)
         rng_states = distributed.all_gather_objects(checkpoint.capture_rng_state())
         if not self.info.is_main:
             return None
