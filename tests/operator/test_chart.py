@@ -101,9 +101,35 @@ def _validate_all(docs: list[dict]) -> None:
             raise AssertionError(f"{doc['kind']} {doc['metadata']['name']}: {error.message}") from error
 
 
+NODE_MODELS = TOOLS_BIN.parent / "node"
+MONITOR_VALIDATOR = """
+const kinds = {
+  ServiceMonitor: (await import("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor")).ServiceMonitor,
+  PodMonitor: (await import("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor")).PodMonitor,
+};
+const doc = JSON.parse(process.argv[1]);
+new kinds[doc.kind](doc).validate();
+"""
+
+
+def _validate_monitor_with_prometheus_operator_types(doc: dict) -> bool:
+    """Validate against the Prometheus Operator's own API types (npm @kubernetes-models/prometheus-operator,
+    generated from its Go structs); False when node or the package is missing."""
+    node = shutil.which("node")
+    if node is None or not (NODE_MODELS / "node_modules" / "@kubernetes-models" / "prometheus-operator").exists():
+        return False
+    result = subprocess.run([node, "--input-type=module", "-e", MONITOR_VALIDATOR, json.dumps(doc)],
+                            cwd=NODE_MODELS, capture_output=True, text=True, timeout=60)
+    errors = [line for line in result.stderr.splitlines() if "ValidationError" in line]
+    assert result.returncode == 0, f"{doc['kind']}: {errors or result.stderr[-1500:]}"
+    return True
+
+
 def _check_monitor(doc: dict) -> None:
-    """kubernetes-validate has no Prometheus Operator schemas: check the fields we rely on."""
+    """kubernetes-validate has no Prometheus Operator schemas: validate with the operator's own
+    types where they are installed, and check the fields we rely on either way."""
     assert doc["kind"] in ("ServiceMonitor", "PodMonitor")
+    _validate_monitor_with_prometheus_operator_types(doc)
     kube_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
                            KUBE_VERSION, strict=True)
     endpoints = doc["spec"]["endpoints" if doc["kind"] == "ServiceMonitor" else "podMetricsEndpoints"]
@@ -380,3 +406,16 @@ def test_rbac_grants_every_core_and_batch_call_the_operator_makes(tmp_path):
             verb = KUBE_CLIENT_VERBS[method]
             assert any(group in r["apiGroups"] and plural in r["resources"] and verb in r["verbs"] for r in rules), (
                 f"kube.py calls {method}_namespaced_{resource} but the chart does not grant {verb} {plural}")
+
+
+@needs_helm
+def test_monitor_validator_catches_a_bad_monitor(tmp_path):
+    """The Prometheus Operator type check is real: a mistyped field fails it."""
+    docs = _render(tmp_path, {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}})
+    pod_monitor = _one(docs, "PodMonitor")
+    if not _validate_monitor_with_prometheus_operator_types(pod_monitor):
+        pytest.skip("no node or @kubernetes-models/prometheus-operator (scripts/test-deps.d/helm.sh installs it)")
+    assert _validate_monitor_with_prometheus_operator_types(_one(docs, "ServiceMonitor"))
+    pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] = "yes"
+    with pytest.raises(AssertionError, match="honorLabels must be boolean"):
+        _validate_monitor_with_prometheus_operator_types(pod_monitor)
