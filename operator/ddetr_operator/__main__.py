@@ -12,6 +12,8 @@ import os
 
 import kopf
 
+from . import handlers
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ddetr-operator", description="DeformableDetrJob operator")
@@ -35,12 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The timer interval is fixed when the handlers module is imported.
-    os.environ["DDETR_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
-    from . import handlers  # noqa: F401  (registers the handlers)
-
+    registry = handlers.register(kopf.OperatorRegistry(), interval=args.reconcile_interval)
     # One replica (Deployment strategy Recreate); standalone: no KopfPeering CRD needed.
-    kopf.run(standalone=True, clusterwide=not args.namespaces, namespaces=args.namespaces,
+    kopf.run(registry=registry, standalone=True, clusterwide=not args.namespaces, namespaces=args.namespaces,
              liveness_endpoint=args.liveness or None, memo=kopf.Memo(metrics_port=args.metrics_port))
     return 0
 

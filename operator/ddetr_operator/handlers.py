@@ -1,7 +1,7 @@
 """kopf handlers: thin glue between the watch stream and the pure functions.
 
 A single timer per DeformableDetrJob runs one level-triggered reconcile pass every
-`DDETR_RECONCILE_INTERVAL` seconds (default 10): read the job fresh, observe its
+`interval` seconds (default 10): read the job fresh, observe its
 children, `reconcile.reconcile`, apply the actions, patch the status subresource, post
 events. Reading the job fresh (not the timer's cached body) means a pass always sees
 the status the previous pass wrote.
@@ -19,14 +19,13 @@ import kopf
 from . import GROUP, PLURAL, VERSION, metrics
 from .kube import Cluster, load_api_client
 from .progress import read_status_json, status_json_uri
-from .reconcile import TERMINAL, Observed, reconcile
+from .reconcile import TERMINAL, DeleteSelf, Observed, reconcile
 from .validate import JobSpecError, effective_experiment
 
-RECONCILE_INTERVAL = float(os.environ.get("DDETR_RECONCILE_INTERVAL", "10"))
+DEFAULT_RECONCILE_INTERVAL = 10.0
 logger = logging.getLogger(__name__)
 
 
-@kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Our resources are known in advance; no need to watch (and have RBAC for) all CRDs.
     settings.scanning.disabled = True
@@ -40,7 +39,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         metrics.start_metrics_server(port)
 
 
-@kopf.on.probe(id="jobs_known")
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account in a cluster, else the kubeconfig (KUBECONFIG)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 def jobs_known(**_: Any) -> int:
     """Liveness detail: how many jobs the operator tracks (the probe answers while kopf's loop lives)."""
     return metrics.phases.count()
@@ -60,7 +63,7 @@ def _read_progress(cluster: Cluster, job: dict) -> dict | None:
 
 
 def reconcile_once(cluster: Cluster, namespace: str, name: str, body: kopf.Body | None = None) -> None:
-    """One pass for one job (also what tests call)."""
+    """One pass for one job."""
     job = cluster.get_job(namespace, name)
     if job is None:
         return
@@ -71,7 +74,8 @@ def reconcile_once(cluster: Cluster, namespace: str, name: str, body: kopf.Body 
     decision = reconcile(job, observed, dt.datetime.now(dt.timezone.utc))
     for action in decision.actions:
         cluster.apply(job, action, observed)
-    cluster.patch_status(job, decision.status)
+    if not any(isinstance(a, DeleteSelf) for a in decision.actions):
+        cluster.patch_status(job, decision.status)
     if decision.status.get("restarts", 0) > (job.get("status") or {}).get("restarts", 0):
         metrics.RESTARTS.labels(namespace=namespace).inc()
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
@@ -81,7 +85,6 @@ def reconcile_once(cluster: Cluster, namespace: str, name: str, body: kopf.Body 
         kopf.event(target, type=event.type, reason=event.reason, message=event.message)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, backoff=RECONCILE_INTERVAL)
 def reconcile_job(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     started = time.monotonic()
     try:
@@ -93,7 +96,17 @@ def reconcile_job(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, *
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def forget_job(uid: str, **_: Any) -> None:
-    # optional=True: no finalizer; children go with the job through their ownerReferences.
-    metrics.phases.forget(uid)
+def forget_deleted_job(event: kopf.RawEvent, uid: str, **_: Any) -> None:
+    # No finalizer: children go with the job through their ownerReferences; only metrics forget it.
+    if event.get("type") == "DELETED":
+        metrics.phases.forget(uid)
+
+
+def register(registry: kopf.OperatorRegistry, interval: float = DEFAULT_RECONCILE_INTERVAL) -> kopf.OperatorRegistry:
+    """Register the handlers (the timer interval is fixed here, hence a function, not decorators)."""
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.login(registry=registry)(login)
+    kopf.on.probe(id="jobs_known", registry=registry)(jobs_known)
+    kopf.timer(GROUP, VERSION, PLURAL, interval=interval, backoff=interval, registry=registry)(reconcile_job)
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(forget_deleted_job)
+    return registry

@@ -6,7 +6,9 @@ create and "not found" on delete count as done, so a repeated pass is harmless.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import os
 from typing import Any, Mapping
 
 import kubernetes
@@ -19,6 +21,9 @@ from .render import PODGROUP_API, configmap_name, podgroup_name, service_name
 
 logger = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
+# Take responses as raw JSON, not the client's models: those reject objects with fields
+# (or missing fields) they do not expect, and the operator needs only a few fields.
+RAW = {"_preload_content": False}
 
 
 def load_api_client() -> kubernetes.client.ApiClient:
@@ -26,7 +31,8 @@ def load_api_client() -> kubernetes.client.ApiClient:
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        # Read KUBECONFIG now: the client library captures it once, at its import.
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     return kubernetes.client.ApiClient()
 
 
@@ -42,12 +48,14 @@ class Cluster:
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
-    def _raw(self, obj: Any) -> dict:
-        return self.api_client.sanitize_for_serialization(obj)
+    @staticmethod
+    def _items(response: Any) -> list[dict]:
+        return json.loads(response.data).get("items") or []
 
     def get_job(self, namespace: str, name: str) -> dict | None:
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return json.loads(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                                       **RAW).data)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -55,7 +63,7 @@ class Cluster:
 
     def _exists(self, read, *args) -> bool:
         try:
-            read(*args)
+            read(*args, **RAW)
             return True
         except ApiException as err:
             if err.status == 404:
@@ -65,8 +73,8 @@ class Cluster:
     def observe(self, job: Mapping[str, Any]) -> Observed:
         name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         selector = f"{LABEL_JOB}={name}"
-        jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
-        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        jobs = self._items(self.batch.list_namespaced_job(namespace, label_selector=selector, **RAW))
+        pods = self._items(self.core.list_namespaced_pod(namespace, label_selector=selector, **RAW))
         podgroup = False
         gang = (job.get("spec") or {}).get("gangScheduling")
         if gang:
@@ -77,15 +85,21 @@ class Cluster:
             service=self._exists(self.core.read_namespaced_service, service_name(name), namespace),
             configmap=self._exists(self.core.read_namespaced_config_map, configmap_name(name), namespace),
             podgroup=podgroup,
-            worker_jobs=[j for j in map(self._raw, jobs) if _owned_by(j, name)],
-            pods=[p for p in map(self._raw, pods) if _owned_by(p, name) and LABEL_ATTEMPT in p["metadata"]["labels"]],
+            worker_jobs=[j for j in jobs if _owned_by(j, name)],
+            pods=[p for p in pods if _owned_by(p, name) and LABEL_ATTEMPT in p["metadata"]["labels"]],
         )
 
     def s3_access(self, namespace: str, artifacts: Mapping[str, Any]) -> S3Access:
         secret_ref = artifacts.get("credentialsSecret")
         key_id = secret_key = None
         if secret_ref:
-            data = self.core.read_namespaced_secret(secret_ref["name"], namespace).data or {}
+            try:
+                secret = json.loads(self.core.read_namespaced_secret(secret_ref["name"], namespace, **RAW).data)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                secret = {}  # not there (yet): the pods will not start either; progress waits
+            data = secret.get("data") or {}
             decode = lambda key: base64.b64decode(data[key]).decode() if key in data else None  # noqa: E731
             key_id = decode(secret_ref.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"))
             secret_key = decode(secret_ref.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
@@ -97,7 +111,7 @@ class Cluster:
             if isinstance(action, Create):
                 self._create(namespace, action.manifest)
             elif isinstance(action, DeleteWorkerJob):
-                self.batch.delete_namespaced_job(action.name, namespace, propagation_policy="Background")
+                self.batch.delete_namespaced_job(action.name, namespace, propagation_policy="Background", **RAW)
                 # Delete the gang's pods now rather than waiting for the garbage collector.
                 for pod in observed.pods:
                     labels = pod["metadata"].get("labels") or {}
@@ -105,10 +119,10 @@ class Cluster:
                         self._delete_pod(namespace, pod["metadata"]["name"])
             elif isinstance(action, SetSuspend):
                 self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}},
-                                                _content_type=MERGE_PATCH)
+                                                _content_type=MERGE_PATCH, **RAW)
             elif isinstance(action, DeleteSelf):
                 self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                            propagation_policy="Background")
+                                                            propagation_policy="Background", **RAW)
         except ApiException as err:
             if err.status == 409 and isinstance(action, Create):
                 return  # created by an earlier pass
@@ -118,7 +132,7 @@ class Cluster:
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            self.core.delete_namespaced_pod(name, namespace, **RAW)
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -126,14 +140,14 @@ class Cluster:
     def _create(self, namespace: str, manifest: dict) -> None:
         kind = manifest["kind"]
         if kind == "Service":
-            self.core.create_namespaced_service(namespace, manifest)
+            self.core.create_namespaced_service(namespace, manifest, **RAW)
         elif kind == "ConfigMap":
-            self.core.create_namespaced_config_map(namespace, manifest)
+            self.core.create_namespaced_config_map(namespace, manifest, **RAW)
         elif kind == "Job":
-            self.batch.create_namespaced_job(namespace, manifest)
+            self.batch.create_namespaced_job(namespace, manifest, **RAW)
         elif kind == "PodGroup":
             group, version = manifest["apiVersion"].split("/")
-            self.custom.create_namespaced_custom_object(group, version, namespace, "podgroups", manifest)
+            self.custom.create_namespaced_custom_object(group, version, namespace, "podgroups", manifest, **RAW)
         else:
             raise ValueError(f"cannot create {kind}")
 
@@ -141,4 +155,4 @@ class Cluster:
         meta = job["metadata"]
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status},
-            _content_type=MERGE_PATCH)
+            _content_type=MERGE_PATCH, **RAW)

@@ -1,0 +1,312 @@
+"""The running kopf operator against KMock (a Kubernetes API emulator) over HTTP.
+
+The test plays kubelet and the Job controller: it creates the pods of the worker Job
+the operator created and moves their status; the operator must follow with the job's
+status, events, restarts and, at the end, deletion.
+
+What KMock cannot show (covered by the pure tests or left to tests/e2e on a cluster):
+no garbage collection (children stay after their owner is deleted), no resourceVersion
+bumps, no schema validation or defaulting of the CRD, no label-selector filtering (the
+operator filters on labels itself), and no real Job controller or kubelet.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import aiohttp
+import kopf
+import kmock
+import pytest
+import pytest_asyncio
+import yaml
+
+from ddetr_operator import handlers
+
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """KMock plus `metadata.generateName`, which kopf's events use and the emulator lacks."""
+
+    _generated = 0
+
+    async def _handle(self, request):
+        data = request.data if isinstance(request.data, dict) else None
+        if request.method == "POST" and data and data.get("metadata", {}).get("generateName") \
+                and not data["metadata"].get("name"):
+            Emulator._generated += 1
+            data["metadata"]["name"] = f"{data['metadata']['generateName']}{Emulator._generated:05d}"
+        return await super()._handle(request)
+
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio, pytest.mark.kmock(cls=Emulator)]
+
+JOBS = "/apis/ddetr.dev/v1alpha1/namespaces/ml/deformabledetrjobs"
+BATCH_JOBS = "/apis/batch/v1/namespaces/ml/jobs"
+PODS = "/api/v1/namespaces/ml/pods"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def s3_status(tmp_path):
+    """A real S3 endpoint (moto's server) holding rank 0's status.json."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test-key", aws_secret_access_key="test-secret")
+    client.create_bucket(Bucket="runs")
+    client.put_object(Bucket="runs", Key="demo/train/status.json", Body=json.dumps({
+        "epoch": 1, "num_epochs": 2, "step": 7, "last_loss": 3.25, "last_map": 0.125,
+        "last_checkpoint": "s3://runs/demo/train/model_epoch_000.pth", "state": "training"}))
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def kube(kmock, tmp_path, monkeypatch):
+    """KMock with the resources the operator uses, and a kubeconfig that points at it."""
+    info = kmock.ResourceInfo
+    kmock.resources["ddetr.dev/v1alpha1/deformabledetrjobs"] = info(
+        kind="DeformableDetrJob", singular="deformabledetrjob", namespaced=True, subresources={"status"},
+        verbs={"list", "watch", "get", "patch", "create", "delete"})
+    for resource, kind in [("v1/pods", "Pod"), ("v1/services", "Service"), ("v1/configmaps", "ConfigMap"),
+                           ("v1/secrets", "Secret"), ("v1/events", "Event"), ("batch/v1/jobs", "Job")]:
+        kmock.resources[resource] = info(kind=kind, namespaced=True, subresources={"status"},
+                                         verbs={"list", "watch", "get", "patch", "create", "delete"})
+    kmock.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs={"list", "watch", "get"})
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+              "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+              "users": [{"name": "nobody", "user": {}}],
+              "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "nobody"}}]}
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    return kmock
+
+
+class Api:
+    """A tiny async client for the test's side: what kubectl, kubelet and the Job controller do."""
+
+    def __init__(self, session: aiohttp.ClientSession):
+        self.session = session
+
+    async def get(self, path: str) -> dict | None:
+        async with self.session.get(path) as resp:
+            return None if resp.status == 404 else await resp.json()
+
+    async def items(self, path: str) -> list[dict]:
+        return (await self.get(path) or {}).get("items", [])
+
+    async def create(self, path: str, obj: dict) -> None:
+        async with self.session.post(path, json=obj) as resp:
+            assert resp.status < 300, await resp.text()
+
+    async def patch(self, path: str, patch: dict) -> None:
+        async with self.session.patch(path, data=json.dumps(patch), headers=MERGE) as resp:
+            assert resp.status < 300, await resp.text()
+
+    async def delete(self, path: str) -> None:
+        async with self.session.delete(path) as resp:
+            assert resp.status < 300, await resp.text()
+
+    async def wait_for(self, what: str, probe: Callable[[], Any], timeout: float = 20) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = await probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.1)
+
+    async def job_status(self, name: str) -> dict:
+        return ((await self.get(f"{JOBS}/{name}")) or {}).get("status") or {}
+
+    async def wait_phase(self, name: str, phase: str) -> dict:
+        async def probe():
+            status = await self.job_status(name)
+            return status if status.get("phase") == phase else None
+        return await self.wait_for(f"{name} to be {phase}", probe)
+
+    async def run_pods(self, worker: dict, phase: str = "Running") -> list[str]:
+        """Create the Indexed Job's pods as the Job controller would and mark them as kubelet would."""
+        names = []
+        template = worker["spec"]["template"]
+        for index in range(worker["spec"]["completions"]):
+            name = f"{worker['metadata']['name']}-{index}-abcde"
+            labels = {**template["metadata"]["labels"], "job-name": worker["metadata"]["name"],
+                      "batch.kubernetes.io/job-name": worker["metadata"]["name"],
+                      "batch.kubernetes.io/job-completion-index": str(index)}
+            await self.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                "name": name, "namespace": "ml", "labels": labels, "resourceVersion": "1",
+                "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+                "spec": template["spec"], "status": {"phase": "Pending"}})
+            await self.patch(f"{PODS}/{name}/status", {"status": {"phase": phase}})
+            names.append(name)
+        return names
+
+
+def ddj(name: str, **spec: Any) -> dict:
+    return {"apiVersion": "ddetr.dev/v1alpha1", "kind": "DeformableDetrJob",
+            "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "resourceVersion": "1",
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"image": "trainer:test", "nodes": 2, "gpusPerNode": 0, **spec}}
+
+
+async def scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+    return {sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@pytest_asyncio.fixture
+async def operator(kube):
+    """The kopf operator with a fast reconcile interval, on its own thread and event loop.
+
+    Its own loop because kopf, when it stops, cancels every task of the loop it ran in.
+    """
+    registry = handlers.register(kopf.OperatorRegistry(), interval=0.3)
+    metrics_port, liveness_port = free_port(), free_port()
+    stop, ready = threading.Event(), threading.Event()
+    operator_coroutine = kopf.operator(
+        registry=registry, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready,
+        liveness_endpoint=f"http://127.0.0.1:{liveness_port}/healthz", memo=kopf.Memo(metrics_port=metrics_port))
+    thread = threading.Thread(target=asyncio.run, args=(operator_coroutine,), daemon=True)
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 30), "the operator did not start"
+    yield {"metrics_port": metrics_port, "liveness_port": liveness_port}
+    stop.set()
+    await asyncio.to_thread(thread.join, 30)
+    assert not thread.is_alive(), "the operator did not stop"
+
+
+async def test_job_lifecycle_with_restart_progress_events_and_deletion(kube, operator, s3_status):
+    async with aiohttp.ClientSession(base_url=str(kube.url)) as session:
+        api = Api(session)
+        await api.create("/api/v1/namespaces/ml/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": "s3", "namespace": "ml"}, "data": {
+            "AWS_ACCESS_KEY_ID": base64.b64encode(b"test-key").decode(),
+            "AWS_SECRET_ACCESS_KEY": base64.b64encode(b"test-secret").decode()}})
+        await api.create(JOBS, ddj("demo", runPolicy={"backoffLimit": 2}, experiment={"train": {"num_epochs": 2}},
+                                   artifacts={"uri": "s3://runs/demo", "endpoint": s3_status,
+                                              "credentialsSecret": {"name": "s3"}}))
+
+        # Children appear, owned by the job.
+        worker = await api.wait_for("worker Job a0", lambda: api.get(f"{BATCH_JOBS}/demo-a0"))
+        assert worker["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+        assert await api.get("/api/v1/namespaces/ml/services/demo-workers")
+        configmap = await api.get("/api/v1/namespaces/ml/configmaps/demo-spec")
+        assert yaml.safe_load(configmap["data"]["spec.yaml"])["results_dir"] == "s3://runs/demo"
+        status = await api.wait_phase("demo", "Pending")
+        assert status["workerJob"] == "demo-a0" and status["restarts"] == 0
+
+        # kubelet: both pods run -> Running, with rank 0's progress read from S3.
+        pods = await api.run_pods(worker)
+        status = await api.wait_phase("demo", "Running")
+        assert status["workersReady"] == 2
+        status = await api.wait_for("progress", lambda: _with_progress(api))
+        assert status["epochs"] == "1/2"
+        assert status["progress"]["lastMap"] == 0.125
+        assert status["progress"]["lastCheckpoint"] == "s3://runs/demo/train/model_epoch_000.pth"
+
+        # Worker 1 is OOM-killed: the gang is torn down and recreated as attempt 1.
+        await api.patch(f"{PODS}/{pods[1]}/status", {"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                                                         "finishedAt": "2026-01-01T01:00:00Z"}}}]}})
+        status = await api.wait_phase("demo", "Restarting")
+        assert status["restarts"] == 1
+        restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+        assert restarting["reason"] == "OOMKilled" and "exited with code 137" in restarting["message"]
+        await api.wait_for("old gang deleted", lambda: _gone(api, f"{BATCH_JOBS}/demo-a0"))
+        await api.wait_for("old pods deleted", lambda: _gone(api, f"{PODS}/{pods[0]}"))
+        worker = await api.wait_for("worker Job a1", lambda: api.get(f"{BATCH_JOBS}/demo-a1"))
+        env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["PET_MASTER_ADDR"] == "demo-a1-0.demo-workers.ml.svc"
+
+        # The new gang runs and the Job controller reports completion.
+        pods = await api.run_pods(worker)
+        await api.wait_phase("demo", "Running")
+        for name in pods:
+            await api.patch(f"{PODS}/{name}/status", {"status": {"phase": "Succeeded"}})
+        await api.patch(f"{BATCH_JOBS}/demo-a1/status", {"status": {"conditions": [
+            {"type": "Complete", "status": "True"}]}})
+        status = await api.wait_phase("demo", "Succeeded")
+        assert status["completionTime"] and status["restarts"] == 1
+
+        # Events for every transition, on the job.
+        async def reasons():
+            found = {e["reason"] for e in await api.items("/api/v1/namespaces/ml/events")
+                     if e.get("involvedObject", {}).get("name") == "demo"}
+            return found if {"GangCreated", "AllWorkersRunning", "OOMKilled", "Completed"} <= found else None
+        await api.wait_for("events", reasons)
+
+        # The operator's metrics and health endpoint.
+        samples = await scrape(operator["metrics_port"])
+        assert samples['ddetr_operator_jobs{"phase": "Succeeded"}'] == 1
+        assert samples['ddetr_operator_job_restarts_total{"namespace": "ml"}'] == 1
+        assert samples["ddetr_operator_reconcile_duration_seconds_count{}"] > 3
+        async with aiohttp.ClientSession() as plain:
+            async with plain.get(f"http://127.0.0.1:{operator['liveness_port']}/healthz") as resp:
+                assert resp.status == 200
+                assert "jobs_known" in await resp.json()
+
+        # kubectl delete: the operator forgets the job (children would go by GC, which KMock lacks).
+        await api.delete(f"{JOBS}/demo")
+        async def forgotten():
+            return (await scrape(operator["metrics_port"]))['ddetr_operator_jobs{"phase": "Succeeded"}'] == 0
+        await api.wait_for("metrics to forget the job", forgotten)
+
+
+async def _with_progress(api: Api) -> dict | None:
+    status = await api.job_status("demo")
+    return status if status.get("progress") else None
+
+
+async def _gone(api: Api, path: str) -> bool:
+    return await api.get(path) is None
+
+
+async def test_invalid_spec_fails_without_pods_and_ttl_deletes_it(kube, operator):
+    async with aiohttp.ClientSession(base_url=str(kube.url)) as session:
+        api = Api(session)
+        await api.create(JOBS, ddj("broken", artifacts={"uri": "s3://runs/broken"},
+                                   experiment={"model": {"backbone": "resnet_5000"}}))
+        status = await api.wait_phase("broken", "Failed")
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "InvalidSpec"
+        assert failed["message"].startswith("spec.experiment.model.backbone: 'resnet_5000' is not accepted")
+        assert await api.items(BATCH_JOBS) == [] and await api.items(PODS) == []
+
+        # Permanent exit code: one run, no restart.
+        await api.create(JOBS, ddj("baddata", artifacts={"uri": "s3://runs/baddata"}, nodes=1))
+        worker = await api.wait_for("worker Job", lambda: api.get(f"{BATCH_JOBS}/baddata-a0"))
+        (pod,) = await api.run_pods(worker, phase="Pending")
+        await api.patch(f"{PODS}/{pod}/status", {"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 2, "message": "error: dataset.json_file: not found"}}}]}})
+        status = await api.wait_phase("baddata", "Failed")
+        assert status["restarts"] == 0
+        assert "dataset.json_file: not found" in status["conditions"][-1]["message"]
+
+        # ttlSecondsAfterFinished: the finished job is deleted by the operator.
+        await api.patch(f"{JOBS}/broken", {"spec": {"runPolicy": {"ttlSecondsAfterFinished": 0}}})
+        await api.wait_for("ttl deletion", lambda: _gone(api, f"{JOBS}/broken"))
