@@ -55,9 +55,11 @@ class DeformableTransformerEncoder(nn.Module):
         """Pixel centres of every level, normalised by each image's valid area -> [B, S, L, 2]."""
         points = []
         for level, (height, width) in enumerate(spatial_shapes):
+            # arange + 0.5 equals the original's linspace(0.5, n - 0.5, n); unlike linspace it exports to
+            # ONNX correctly for a single row or column (linspace's step divides by n - 1).
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.arange(height, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                torch.arange(width, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
                 indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
@@ -208,8 +210,8 @@ class DeformableTransformer(nn.Module):
             valid_h = torch.sum(~level_mask[:, :, 0, 0], 1)
             valid_w = torch.sum(~level_mask[:, 0, :, 0], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=memory.dtype, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=memory.dtype, device=memory.device), indexing="ij")
+                torch.arange(height, dtype=memory.dtype, device=memory.device),
+                torch.arange(width, dtype=memory.dtype, device=memory.device), indexing="ij")
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
             scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(batch, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale

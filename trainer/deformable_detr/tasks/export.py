@@ -1,0 +1,66 @@
+"""`deformable-detr export`: a checkpoint to an ONNX file (TensorRT plugin node, or plain ops with on_cpu).
+
+Every field of TAO's `export` table: checkpoint, onnx_file, on_cpu, input_channel,
+input_width, input_height, opset_version, batch_size (-1 = dynamic), verbose, gpu_id,
+results_dir. The file is checked with `onnx.checker` (full check) before it replaces any
+existing file of that name.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config.schema import ExperimentConfig
+from ..errors import UsageError
+from ..export.onnx_export import PLUGIN_OP, check_opset, export_to_bytes
+from ..model import build_model
+from ..model.checkpoint_compat import load_model_state
+from ..runtime import storage
+from ..runtime.checkpoint_io import load_object
+from ..runtime.logging import get_logger
+from ..runtime.paths import task_results_dir
+
+log = get_logger("export")
+
+
+def onnx_path(spec: ExperimentConfig) -> str:
+    """export.onnx_file, else `<results_dir>/export/<checkpoint name>.onnx`."""
+    if spec.export.onnx_file:
+        return spec.export.onnx_file
+    stem = os.path.splitext(os.path.basename(spec.export.checkpoint.rstrip("/")))[0]
+    return storage.join(task_results_dir(spec, "export"), f"{stem}.onnx")
+
+
+def _device(spec: ExperimentConfig) -> torch.device:
+    # TAO traces the plugin graph on the GPU; the graph is the same on the CPU, which is used without one.
+    if not spec.export.on_cpu and torch.cuda.is_available():
+        if spec.export.gpu_id >= torch.cuda.device_count():
+            raise UsageError(f"export.gpu_id: {spec.export.gpu_id}; accepted: 0..{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", spec.export.gpu_id)
+    return torch.device("cpu")
+
+
+def run(spec: ExperimentConfig) -> int:
+    export = spec.export
+    if not export.checkpoint:
+        raise UsageError("export.checkpoint: not set; give the model checkpoint (.pth) to export, "
+                         "e.g. export.checkpoint=model.pth")
+    check_opset(export.opset_version)
+    if export.batch_size == 0:
+        raise UsageError("export.batch_size: 0; accepted: -1 (dynamic) or a positive batch size")
+    target = onnx_path(spec)
+
+    model, _criterion, _postprocessor = build_model(spec)
+    load_model_state(model, load_object(export.checkpoint, spec.encryption_key))
+    model.to(_device(spec)).eval()
+    mode = "plain ONNX ops" if export.on_cpu else f"{PLUGIN_OP} nodes"
+    log.info("exporting %s (%dx%dx%d, batch %s, opset %d, attention as %s)", export.checkpoint,
+             export.input_channel, export.input_height, export.input_width,
+             "dynamic" if export.batch_size == -1 else export.batch_size, export.opset_version, mode)
+    data = export_to_bytes(model, batch_size=export.batch_size, channels=export.input_channel,
+                           height=export.input_height, width=export.input_width, opset=export.opset_version,
+                           plugin=not export.on_cpu, verbose=export.verbose)
+    storage.write_bytes(target, data)
+    log.info("wrote %s (%.1f MB)", target, len(data) / 1e6)
+    return 0
