@@ -1,4 +1,4 @@
-"""Fixtures for the operator tests: DeformableDetrJob bodies and observed children."""
+"""Fixtures for the operator tests: DeformableDetrJob bodies and a real S3 endpoint."""
 from __future__ import annotations
 
 import copy
@@ -35,3 +35,22 @@ def make_job():
             job["metadata"]["labels"] = labels
         return job
     return _make
+
+
+@pytest.fixture
+def moto_s3():
+    """moto's S3 server on 127.0.0.1 with a bucket `runs`; yields (endpoint, boto3 client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from operator_objects import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test-key", aws_secret_access_key="test-secret")
+    client.create_bucket(Bucket="runs")
+    yield endpoint, client
+    server.stop()

@@ -1,6 +1,8 @@
 """Kubernetes objects as the Job controller and kubelet would report them (for reconcile tests)."""
 from __future__ import annotations
 
+import socket
+
 
 def pod(job_name: str, attempt: int, index: int, phase: str, exit_code: int | None = None,
         reason: str | None = None, message: str = "", finished_at: str | None = None,
@@ -34,3 +36,9 @@ def worker_job(job_name: str, attempt: int, condition: str | None = None, suspen
             "metadata": {"name": f"{job_name}-a{attempt}", "namespace": "ml",
                          "labels": {"ddetr.dev/job-name": job_name, "ddetr.dev/attempt": str(attempt)}},
             "spec": {"suspend": suspend}, "status": status}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import threading
 import time
 from typing import Any, Callable
@@ -27,6 +26,7 @@ import pytest_asyncio
 import yaml
 
 from ddetr_operator import handlers
+from operator_objects import free_port
 
 
 
@@ -52,30 +52,14 @@ PODS = "/api/v1/namespaces/ml/pods"
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def s3_status(tmp_path):
-    """A real S3 endpoint (moto's server) holding rank 0's status.json."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test-key", aws_secret_access_key="test-secret")
-    client.create_bucket(Bucket="runs")
+def s3_status(moto_s3):
+    """Rank 0's status.json, as the trainer writes it, in a real S3 endpoint."""
+    endpoint, client = moto_s3
     client.put_object(Bucket="runs", Key="demo/train/status.json", Body=json.dumps({
         "epoch": 1, "num_epochs": 2, "step": 7, "last_loss": 3.25, "last_map": 0.125,
         "last_checkpoint": "s3://runs/demo/train/model_epoch_000.pth", "state": "training"}))
-    yield endpoint
-    server.stop()
+    return endpoint
 
 
 @pytest.fixture

@@ -1,0 +1,71 @@
+"""Progress from status.json in S3, the operator's metrics book-keeping, and its command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ddetr_operator.__main__ import parse_args
+from ddetr_operator.metrics import JOBS, PhaseBook
+from ddetr_operator.progress import S3Access, read_status_json, status_json_uri
+from ddetr_operator.validate import effective_experiment
+
+
+def test_status_json_location_follows_the_results_layout(make_job):
+    assert status_json_uri(effective_experiment(make_job()["spec"])) == "s3://bucket/runs/demo/train/status.json"
+    own = make_job(experiment={"train": {"results_dir": "s3://other/place/"}})
+    assert status_json_uri(effective_experiment(own["spec"])) == "s3://other/place/status.json"
+
+
+def test_reads_status_json_with_the_jobs_credentials(moto_s3):
+    endpoint, client = moto_s3
+    status = {"epoch": 3, "num_epochs": 10, "step": 120, "last_loss": 2.5, "last_map": None, "state": "training"}
+    client.put_object(Bucket="runs", Key="a/train/status.json", Body=json.dumps(status))
+    access = S3Access(endpoint=endpoint, region="us-east-1", access_key_id="k", secret_access_key="s")
+    assert read_status_json("s3://runs/a/train/status.json", access) == status
+
+
+def test_missing_or_unreadable_status_is_no_progress(moto_s3, tmp_path):
+    endpoint, client = moto_s3
+    access = S3Access(endpoint=endpoint, access_key_id="k", secret_access_key="s")
+    assert read_status_json("s3://runs/not-yet/status.json", access) is None
+    assert read_status_json("s3://no-such-bucket/x/status.json", access) is None
+    client.put_object(Bucket="runs", Key="torn/status.json", Body=b"{\"epoch\": 1,")
+    assert read_status_json("s3://runs/torn/status.json", access) is None
+    # A results folder on a volume the operator does not mount: no progress, no error.
+    local = tmp_path / "status.json"
+    local.write_text("{}")
+    assert read_status_json(str(local), access) is None
+
+
+def test_unreachable_store_is_no_progress():
+    access = S3Access(endpoint="http://127.0.0.1:9", access_key_id="k", secret_access_key="s")
+    assert read_status_json("s3://runs/a/status.json", access) is None
+
+
+def test_phase_book_counts_jobs_by_phase():
+    book = PhaseBook()
+    book.record("a", "Running")
+    book.record("b", "Running")
+    book.record("c", "Failed")
+    book.record("a", "Succeeded")
+    assert JOBS.labels(phase="Running")._value.get() == 1
+    assert JOBS.labels(phase="Succeeded")._value.get() == 1
+    book.forget("c")
+    assert JOBS.labels(phase="Failed")._value.get() == 0
+    assert book.count() == 2
+
+
+def test_namespaces_from_arguments_or_environment(monkeypatch):
+    monkeypatch.setenv("DDETR_WATCH_NAMESPACES", "team-a, team-b")
+    assert parse_args([]).namespaces == ["team-a", "team-b"]
+    assert parse_args(["-n", "x", "--namespace", "y"]).namespaces == ["x", "y"]
+    monkeypatch.setenv("DDETR_WATCH_NAMESPACES", "")
+    args = parse_args(["--metrics-port", "9100", "--liveness", "http://0.0.0.0:8081/healthz"])
+    assert (args.namespaces, args.metrics_port, args.liveness) == ([], 9100, "http://0.0.0.0:8081/healthz")
+
+
+def test_operator_imports_no_torch():
+    # The operator image carries the trainer's schema but not its training stack.
+    code = "import sys, ddetr_operator.__main__, ddetr_operator.handlers; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
