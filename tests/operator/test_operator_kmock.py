@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -163,8 +164,8 @@ async def scrape(port: int) -> dict[str, float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-@pytest_asyncio.fixture
-async def operator(kube):
+@contextlib.asynccontextmanager
+async def running_operator():
     """The kopf operator with a fast reconcile interval, on its own thread and event loop.
 
     Its own loop because kopf, when it stops, cancels every task of the loop it ran in.
@@ -177,11 +178,19 @@ async def operator(kube):
         liveness_endpoint=f"http://127.0.0.1:{liveness_port}/healthz", memo=kopf.Memo(metrics_port=metrics_port))
     thread = threading.Thread(target=asyncio.run, args=(operator_coroutine,), daemon=True)
     thread.start()
-    assert await asyncio.to_thread(ready.wait, 30), "the operator did not start"
-    yield {"metrics_port": metrics_port, "liveness_port": liveness_port}
-    stop.set()
-    await asyncio.to_thread(thread.join, 30)
+    try:
+        assert await asyncio.to_thread(ready.wait, 30), "the operator did not start"
+        yield {"metrics_port": metrics_port, "liveness_port": liveness_port}
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 30)
     assert not thread.is_alive(), "the operator did not stop"
+
+
+@pytest_asyncio.fixture
+async def operator(kube):
+    async with running_operator() as ports:
+        yield ports
 
 
 async def test_job_lifecycle_with_restart_progress_events_and_deletion(kube, operator, s3_status):
@@ -294,3 +303,42 @@ async def test_invalid_spec_fails_without_pods_and_ttl_deletes_it(kube, operator
         # ttlSecondsAfterFinished: the finished job is deleted by the operator.
         await api.patch(f"{JOBS}/broken", {"spec": {"runPolicy": {"ttlSecondsAfterFinished": 0}}})
         await api.wait_for("ttl deletion", lambda: _gone(api, f"{JOBS}/broken"))
+
+
+async def test_operator_restart_creates_nothing_twice_and_suspend_resumes(kube):
+    async with aiohttp.ClientSession(base_url=str(kube.url)) as session:
+        api = Api(session)
+        async with running_operator():
+            await api.create(JOBS, ddj("paused", nodes=1, artifacts={"uri": "s3://runs/paused"}))
+            worker = await api.wait_for("worker Job", lambda: api.get(f"{BATCH_JOBS}/paused-a0"))
+            (pod,) = await api.run_pods(worker)
+            await api.wait_phase("paused", "Running")
+        creates = len(kube["post"])
+        assert creates >= 5  # the job, its Service, ConfigMap, worker Job and pod (and events)
+
+        # A new operator process finds everything in place: it creates nothing.
+        async with running_operator():
+            await asyncio.sleep(1.5)  # several passes
+            assert len(kube["post"]) == creates
+            assert (await api.job_status("paused"))["phase"] == "Running"
+
+            # Suspend: the worker Job is suspended (the Job controller then removes its pods).
+            await api.patch(f"{JOBS}/paused", {"spec": {"runPolicy": {"suspend": True}}})
+            await api.wait_for("worker suspended", lambda: _suspended(api, "paused-a0", True))
+            await api.delete(f"{PODS}/{pod}")
+            status = await api.wait_phase("paused", "Suspended")
+            assert status["workersReady"] == 0
+
+            # Resume: the same Job runs again; the trainer resumes from its checkpoint.
+            await api.patch(f"{JOBS}/paused", {"spec": {"runPolicy": {"suspend": False}}})
+            await api.wait_for("worker resumed", lambda: _suspended(api, "paused-a0", False))
+            status = await api.wait_phase("paused", "Pending")
+            assert next(c for c in status["conditions"] if c["type"] == "Created")["reason"] == "Resumed"
+            await api.run_pods(await api.get(f"{BATCH_JOBS}/paused-a0"))
+            status = await api.wait_phase("paused", "Running")
+            assert status["restarts"] == 0
+
+
+async def _suspended(api: Api, worker: str, value: bool) -> bool:
+    job = await api.get(f"{BATCH_JOBS}/{worker}")
+    return bool(job) and job["spec"].get("suspend") is value
