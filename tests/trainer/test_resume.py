@@ -1,7 +1,13 @@
 """Exact resume: a run stopped after epoch 1 and resumed ends with the same weights as an uninterrupted one."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
+import yaml
 
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
 from deformable_detr.runtime.training_log import read_log
@@ -44,3 +50,21 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tiny_coco, tmp_pat
     assert train_cli(write_spec, spec("explicit", num_epochs=2, auto_resume=False,
                                       resume_training_checkpoint_path=first), name="e.yaml") == 0
     _assert_same_training_state(uninterrupted, _final(tmp_path / "explicit" / "train"))
+
+
+@pytest.mark.slow
+def test_sharded_two_process_resume_is_exact_whatever_the_validation_schedule(tiny_coco, tmp_path):
+    """FSDP2 shards reload from a full checkpoint; validating after epoch 1 in one run only changes nothing."""
+    def launch(folder: str, name: str, **train) -> None:
+        spec = tiny_train_spec(tiny_coco, tmp_path / folder, distributed_strategy="ddp_sharded", **train)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(spec))
+        env = dict(os.environ, OMP_NUM_THREADS="1", DDETR_DIST_TIMEOUT_S="120")
+        result = subprocess.run([sys.executable, "-m", "deformable_detr", "train", "-e", str(path), "--gpus", "2"],
+                                env=env, capture_output=True, text=True, timeout=480)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch("full", "full.yaml", num_epochs=2, validation_interval=2)
+    launch("resumed", "r1.yaml", num_epochs=1)  # validates after epoch 1 (its last)
+    launch("resumed", "r2.yaml", num_epochs=2)
+    _assert_same_training_state(_final(tmp_path / "full" / "train"), _final(tmp_path / "resumed" / "train"))

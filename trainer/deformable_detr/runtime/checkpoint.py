@@ -148,13 +148,34 @@ def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL))
 
 
+def _load_full_model_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into a plain or FSDP2 (DTensor) model; every rank holds the whole checkpoint.
+
+    Done here rather than by set_model_state_dict, which leaves the second name of a module
+    registered twice (Deformable DETR's bbox_embed) undistributed.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    converted = {}
+    for key, current in model.state_dict().items():
+        value = full_state.get(key)
+        if isinstance(current, DTensor) and value is not None:
+            # src_data_rank=None: each rank shards its own copy, no communication.
+            value = distribute_tensor(value.to(current.device, current.dtype), current.device_mesh,
+                                      current.placements, src_data_rank=None)
+        converted[key] = value if value is not None else current
+    missing = sorted(set(model.state_dict()) - set(full_state))
+    unexpected = sorted(set(full_state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(converted, strict=True)
+
+
 def load_model_and_optimizer(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                              model_state: dict[str, torch.Tensor], optimizer_state: Optional[dict]) -> None:
-    """Load full state dicts (as `gather_*_state` wrote them) into a plain, DDP or FSDP2 model."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    """Load full state dicts (as `gather_*_state` wrote them) into a plain or FSDP2 model (not a DDP wrapper)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
+    _load_full_model_state(model, model_state)
     if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))

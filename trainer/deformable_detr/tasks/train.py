@@ -424,7 +424,10 @@ class Trainer:
                 self.scheduler.step()
                 done = position.epoch + 1
                 if done % self.train_cfg.validation_interval == 0 or done == num_epochs:
+                    # Validation draws random numbers too; training must not depend on when it ran.
+                    rng_before = checkpoint.capture_rng_state()
                     self._validate(position)
+                    checkpoint.restore_rng_state(rng_before)
                 if done % self.train_cfg.checkpoint_interval == 0 or done == num_epochs:
                     self._save(position, epoch_finished=True)
                 self._log_epoch(position)
