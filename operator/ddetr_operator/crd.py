@@ -84,7 +84,8 @@ def job_spec_schema() -> dict:
         "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
         "tolerations": {"type": "array", "items": _ANY_OBJECT},
         "affinity": _ANY_OBJECT,
-        "volumes": {"type": "array", "items": volume, "description": "dataset volumes (PVC or hostPath)"},
+        # maxItems bounds the CEL rule's cost estimate, as the API server requires.
+        "volumes": {"type": "array", "items": volume, "maxItems": 64, "description": "dataset volumes (PVC or hostPath)"},
         "artifacts": _obj({
             "uri": _str("results root (s3://bucket/prefix); becomes the spec's results_dir",
                         pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"),

@@ -244,6 +244,7 @@ class _Pass:
         try:
             experiment = validate_job(self.job["metadata"]["name"], self.spec)
         except JobSpecError as err:
+            self.tear_down()  # an edit can make a running job's spec invalid
             self.transition("Failed", "InvalidSpec", str(err))
             return
         self.ensure_support_children(experiment)

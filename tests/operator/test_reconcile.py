@@ -66,6 +66,15 @@ def test_operator_level_rules_name_the_field(make_job, spec, field):
     assert condition(decision.status, "Failed")["message"].startswith(field)
 
 
+def test_spec_edited_into_an_invalid_one_stops_the_gang(make_job):
+    job = make_job(status={"phase": "Running", "restarts": 0, "conditions": []},
+                   experiment={"dataset": {"batch_size": 0}})
+    decision = reconcile(job, Observed(worker_jobs=[worker_job("demo", 0)], **CHILDREN), NOW)
+    assert decision.status["phase"] == "Failed"
+    assert decision.actions == [DeleteWorkerJob("demo-a0")]
+    assert condition(decision.status, "Failed")["message"].startswith("spec.experiment.dataset.batch_size")
+
+
 def test_bad_name_is_rejected(make_job):
     job = make_job()
     job["metadata"]["name"] = "x" * 41
