@@ -97,6 +97,11 @@ def job_spec_schema() -> dict:
                 "secretAccessKeyKey": _str("key holding the secret key", default="AWS_SECRET_ACCESS_KEY"),
             }, ["name"], "credentials by reference; never put keys in the resource"),
         }, ["uri"], "where checkpoints and results go"),
+        "encryptionKeySecret": _obj({
+            "name": _str("Secret in the job's namespace"),
+            "key": _str("key holding the checkpoint encryption key", default="DDETR_ENCRYPTION_KEY"),
+        }, ["name"], "checkpoint encryption key by reference (passed as -k), instead of "
+                     "experiment.encryption_key in the resource"),
         "runPolicy": _obj({
             "backoffLimit": _int("gang restarts after retryable failures before Failed", minimum=0, default=3),
             "activeDeadlineSeconds": _int("fail the job when it runs longer than this", minimum=1),

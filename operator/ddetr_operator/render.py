@@ -24,6 +24,7 @@ CONTAINER = "trainer"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MASTER_WAIT_SECONDS = 300
+KEY_ENV = "DDETR_ENCRYPTION_KEY"
 # Exit code of the wait below when pod 0 never resolves: >= 128, so the gang is retried.
 MASTER_UNRESOLVABLE_EXIT = 200
 
@@ -149,16 +150,22 @@ def _env(job: Mapping[str, Any], attempt: int) -> list[dict]:
         for var, key_field in (("AWS_ACCESS_KEY_ID", "accessKeyIdKey"), ("AWS_SECRET_ACCESS_KEY", "secretAccessKeyKey")):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {
                 "name": secret["name"], "key": secret.get(key_field, var)}}})
+    key_ref = spec.get("encryptionKeySecret")
+    if key_ref:
+        env.append({"name": KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": key_ref["name"], "key": key_ref.get("key", KEY_ENV)}}})
     return env + list(spec.get("env") or [])
 
 
 def _command(spec: Mapping[str, Any]) -> list[str]:
     task = spec.get("task", "train")
+    with_key = bool(spec.get("encryptionKeySecret"))
     if task != "train":
-        return ["deformable-detr", task, "-e", SPEC_FILE]
+        # Kubernetes expands $(VAR) in the command from the container's environment.
+        return ["deformable-detr", task, "-e", SPEC_FILE] + (["-k", f"$({KEY_ENV})"] if with_key else [])
     launch = ("exec torchrun --nnodes=$PET_NNODES --nproc_per_node=$PET_NPROC_PER_NODE --node_rank=$PET_NODE_RANK"
               " --master_addr=$PET_MASTER_ADDR --master_port=$PET_MASTER_PORT --max_restarts=0"
-              f" -m deformable_detr train -e {SPEC_FILE}")
+              f" -m deformable_detr train -e {SPEC_FILE}" + (f' -k "${KEY_ENV}"' if with_key else ""))
     wait = 'if [ "$PET_NODE_RANK" != "0" ]; then python3 -c "$DDETR_WAIT_FOR_MASTER" || exit $?; fi'
     return ["/bin/sh", "-c", f"{wait}\n{launch}"]
 

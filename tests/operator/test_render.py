@@ -29,7 +29,8 @@ VARIANTS = {
             {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
         "resources": {"requests": {"cpu": "8", "memory": "64Gi"}}, "priorityClassName": "high",
         "schedulerName": "custom", "serviceAccountName": "trainer", "imagePullPolicy": "Always",
-        "imagePullSecrets": [{"name": "registry"}], "env": [{"name": "EXTRA", "value": "1"}], "shmSize": "16Gi"},
+        "imagePullSecrets": [{"name": "registry"}], "env": [{"name": "EXTRA", "value": "1"}], "shmSize": "16Gi",
+        "encryptionKeySecret": {"name": "ckpt-key"}},
     "volcano-gang": {"gangScheduling": {"scheduler": "volcano", "minAvailable": 2}, "priorityClassName": "high"},
     "plugins-gang": {"gangScheduling": {"scheduler": "scheduler-plugins", "scheduleTimeoutSeconds": 60}},
 }
@@ -110,6 +111,18 @@ def test_single_pod_tasks_run_the_cli(make_job):
     assert "nvidia.com/gpu" not in container(manifest)["resources"].get("limits", {})
 
 
+def test_encryption_key_comes_from_a_secret(make_job, fake_torchrun):
+    key_ref = {"name": "ckpt-key", "key": "key"}
+    train = render.render_worker_job(make_job(encryptionKeySecret=key_ref), 0)
+    assert env_of(train)["DDETR_ENCRYPTION_KEY"] == {"secretKeyRef": {"name": "ckpt-key", "key": "key"}}
+    done = run_worker_command(train, fake_torchrun, PET_NODE_RANK="0", DDETR_ENCRYPTION_KEY="s3cr3t words")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["-k", "s3cr3t words"]  # one argument
+    evaluate = render.render_worker_job(make_job(task="evaluate", nodes=1, encryptionKeySecret=key_ref), 0)
+    assert container(evaluate)["command"][-2:] == ["-k", "$(DDETR_ENCRYPTION_KEY)"]
+    assert "secret" not in yaml.safe_dump(render.render_configmap(make_job(), validate_job("demo", make_job()["spec"])))
+
+
 def test_gang_scheduling_wires_pods_to_the_podgroup(make_job):
     volcano = render.render_worker_job(make_job(gangScheduling={"scheduler": "volcano"}), 0)["spec"]["template"]
     assert volcano["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "demo"
@@ -122,11 +135,11 @@ def test_gang_scheduling_wires_pods_to_the_podgroup(make_job):
 
 @pytest.fixture
 def fake_torchrun(tmp_path):
-    """A `torchrun` on PATH that prints the arguments it was started with."""
+    """A `torchrun` on PATH that prints the arguments it was started with, one a line."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "torchrun"
-    script.write_text(f"#!/bin/sh\necho torchrun \"$@\"\n")
+    script.write_text("#!/bin/sh\nprintf '%s\\n' torchrun \"$@\"\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     # `python3` in the pod command must be this interpreter.
     (bin_dir / "python3").symlink_to(sys.executable)
@@ -135,7 +148,7 @@ def fake_torchrun(tmp_path):
 
 def run_worker_command(manifest: dict, bin_dir, **overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in env_of(manifest).items() if isinstance(v, str)}
-    env.update(PET_NODE_RANK="1", PATH=f"{bin_dir}:{os.environ['PATH']}", **overrides)
+    env.update({"PET_NODE_RANK": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}", **overrides})
     return subprocess.run(container(manifest)["command"], env=env, capture_output=True, text=True, timeout=60)
 
 
