@@ -154,15 +154,17 @@ class Normalize:
     """uint8 image -> float normalised with mean/std; boxes -> cxcywh relative to the image size."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.to_float = T.ToDtype(torch.float32, scale=True)
-        self.normalize = T.Normalize(list(mean), list(std))
+        self.mean, self.std = list(mean), list(std)
 
     def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
         height, width = image.shape[-2:]
-        image = self.normalize(self.to_float(image))
-        boxes = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
-        boxes = boxes.as_subclass(torch.Tensor) / torch.tensor([width, height, width, height], dtype=torch.float32)
-        return image, {**target, "boxes": boxes.float(), "size": torch.tensor([height, width], dtype=torch.int64)}
+        image = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
+        # Plain tensor arithmetic: cheaper per item than a format conversion through the v2 dispatcher.
+        xyxy = target["boxes"].as_subclass(torch.Tensor).float()
+        boxes = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                             xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=1)
+        boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
+        return image, {**target, "boxes": boxes, "size": torch.tensor([height, width], dtype=torch.int64)}
 
 
 def build_train_transform(aug: AugmentationConfig) -> Transform:
