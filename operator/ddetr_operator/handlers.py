@@ -67,16 +67,20 @@ def reconcile_once(cluster: Cluster, namespace: str, name: str, body: kopf.Body 
     job = cluster.get_job(namespace, name)
     if job is None:
         return
-    observed: Observed = cluster.observe(job)
-    phase = (job.get("status") or {}).get("phase")
+    old_status = job.get("status") or {}
+    phase = old_status.get("phase")
+    clean_all = ((job.get("spec") or {}).get("runPolicy") or {}).get("cleanPodPolicy") == "All"
+    # A finished job needs no look at its children, unless they are to be cleaned away.
+    observed = cluster.observe(job) if phase not in TERMINAL or clean_all else Observed()
     if phase not in TERMINAL and observed.worker_jobs:
         observed.progress = _read_progress(cluster, job)
     decision = reconcile(job, observed, dt.datetime.now(dt.timezone.utc))
     for action in decision.actions:
         cluster.apply(job, action, observed)
-    if not any(isinstance(a, DeleteSelf) for a in decision.actions):
+    changed = any(old_status.get(key) != value for key, value in decision.status.items())
+    if changed and not any(isinstance(a, DeleteSelf) for a in decision.actions):
         cluster.patch_status(job, decision.status)
-    if decision.status.get("restarts", 0) > (job.get("status") or {}).get("restarts", 0):
+    if decision.status.get("restarts", 0) > old_status.get("restarts", 0):
         metrics.RESTARTS.labels(namespace=namespace).inc()
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
     target = body if body is not None else job

@@ -159,11 +159,14 @@ def _job_condition(worker_job: Mapping[str, Any], type_: str) -> Mapping[str, An
     return None
 
 
-def _progress_status(progress: Mapping[str, Any], now: dt.datetime) -> dict:
+def _progress_status(progress: Mapping[str, Any], previous: Mapping[str, Any] | None, now: dt.datetime) -> dict:
+    """status.progress from status.json; updateTime moves only when the progress does."""
     names = {"epoch": "epoch", "num_epochs": "numEpochs", "step": "step", "last_loss": "lastLoss",
              "last_map": "lastMap", "last_checkpoint": "lastCheckpoint", "state": "state"}
     out: dict[str, Any] = {camel: progress[key] for key, camel in names.items() if progress.get(key) is not None}
-    out["updateTime"] = timestamp(now)
+    previous = dict(previous or {})
+    since = previous.pop("updateTime", None)
+    out["updateTime"] = since if previous == out and since else timestamp(now)
     return out
 
 
@@ -249,7 +252,7 @@ class _Pass:
             return
         self.ensure_support_children(experiment)
         if self.observed.progress:
-            self.status["progress"] = _progress_status(self.observed.progress, self.now)
+            self.status["progress"] = _progress_status(self.observed.progress, self.status.get("progress"), self.now)
             epoch, total = self.observed.progress.get("epoch"), self.observed.progress.get("num_epochs")
             if epoch is not None and total is not None:
                 self.status["epochs"] = f"{epoch}/{total}"

@@ -317,9 +317,13 @@ async def test_operator_restart_creates_nothing_twice_and_suspend_resumes(kube):
         assert creates >= 5  # the job, its Service, ConfigMap, worker Job and pod (and events)
 
         # A new operator process finds everything in place: it creates nothing.
+        status_patches = kube[f"patch {JOBS}/paused/status"]
+        patched = len(status_patches)
+        assert patched >= 2  # Pending, Running
         async with running_operator():
             await asyncio.sleep(1.5)  # several passes
             assert len(kube["post"]) == creates
+            assert len(status_patches) == patched  # an unchanged status is not rewritten
             assert (await api.job_status("paused"))["phase"] == "Running"
 
             # Suspend: the worker Job is suspended (the Job controller then removes its pods).

@@ -110,6 +110,12 @@ def test_progress_from_rank0_status(make_job):
     assert status["progress"] == {"epoch": 2, "numEpochs": 3, "step": 40, "lastLoss": 1.5, "lastMap": 0.25,
                                   "lastCheckpoint": "s3://bucket/runs/demo/train/model_epoch_001.pth",
                                   "state": "training", "updateTime": "2026-01-02T03:04:05Z"}
+    # The same progress later: nothing changes, so the status need not be written again.
+    later = reconcile(make_job(status=status), observed, NOW + dt.timedelta(seconds=30)).status
+    assert later == status
+    moved = Observed(**{**observed.__dict__, "progress": {**progress, "step": 41}})
+    assert reconcile(make_job(status=status), moved, NOW + dt.timedelta(seconds=30)).status["progress"][
+        "updateTime"] == "2026-01-02T03:04:35Z"
 
 
 def test_succeeded_when_the_job_completes(make_job):
