@@ -15,6 +15,7 @@ from typing import Any
 
 from deformable_detr.config.schema import ExperimentConfig
 from deformable_detr.runtime.paths import task_results_dir
+from deformable_detr.runtime.training_log import STATUS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class S3Access:
 
 
 def status_json_uri(experiment: ExperimentConfig) -> str:
-    return task_results_dir(experiment, "train").rstrip("/") + "/status.json"
+    return task_results_dir(experiment, "train").rstrip("/") + "/" + STATUS_NAME
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

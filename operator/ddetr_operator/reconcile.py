@@ -159,11 +159,20 @@ def _job_condition(worker_job: Mapping[str, Any], type_: str) -> Mapping[str, An
     return None
 
 
+# status.json field -> (status.progress field, accepted types). Values of another type are
+# dropped: one odd field must never make the API server reject the whole status patch.
+PROGRESS_FIELDS = {"epoch": ("epoch", (int,)), "num_epochs": ("numEpochs", (int,)), "step": ("step", (int,)),
+                   "last_loss": ("lastLoss", (int, float)), "last_map": ("lastMap", (int, float)),
+                   "last_checkpoint": ("lastCheckpoint", (str,)), "state": ("state", (str,))}
+
+
 def _progress_status(progress: Mapping[str, Any], previous: Mapping[str, Any] | None, now: dt.datetime) -> dict:
     """status.progress from status.json; updateTime moves only when the progress does."""
-    names = {"epoch": "epoch", "num_epochs": "numEpochs", "step": "step", "last_loss": "lastLoss",
-             "last_map": "lastMap", "last_checkpoint": "lastCheckpoint", "state": "state"}
-    out: dict[str, Any] = {camel: progress[key] for key, camel in names.items() if progress.get(key) is not None}
+    out: dict[str, Any] = {}
+    for key, (name, types) in PROGRESS_FIELDS.items():
+        value = progress.get(key)
+        if isinstance(value, types) and not isinstance(value, bool):
+            out[name] = value
     previous = dict(previous or {})
     since = previous.pop("updateTime", None)
     out["updateTime"] = since if previous == out and since else timestamp(now)
@@ -253,7 +262,7 @@ class _Pass:
         self.ensure_support_children(experiment)
         if self.observed.progress:
             self.status["progress"] = _progress_status(self.observed.progress, self.status.get("progress"), self.now)
-            epoch, total = self.observed.progress.get("epoch"), self.observed.progress.get("num_epochs")
+            epoch, total = self.status["progress"].get("epoch"), self.status["progress"].get("numEpochs")
             if epoch is not None and total is not None:
                 self.status["epochs"] = f"{epoch}/{total}"
         if self.deadline_exceeded():

@@ -59,7 +59,7 @@ def s3_status(moto_s3):
     endpoint, client = moto_s3
     client.put_object(Bucket="runs", Key="demo/train/status.json", Body=json.dumps({
         "epoch": 1, "num_epochs": 2, "step": 7, "last_loss": 3.25, "last_map": 0.125,
-        "last_checkpoint": "s3://runs/demo/train/model_epoch_000.pth", "state": "training"}))
+        "last_checkpoint": "s3://runs/demo/train/model_epoch_000.pth", "state": "running"}))
     return endpoint
 
 

@@ -19,7 +19,7 @@ def test_status_json_location_follows_the_results_layout(make_job):
 
 def test_reads_status_json_with_the_jobs_credentials(moto_s3):
     endpoint, client = moto_s3
-    status = {"epoch": 3, "num_epochs": 10, "step": 120, "last_loss": 2.5, "last_map": None, "state": "training"}
+    status = {"epoch": 3, "num_epochs": 10, "step": 120, "last_loss": 2.5, "last_map": None, "state": "running"}
     client.put_object(Bucket="runs", Key="a/train/status.json", Body=json.dumps(status))
     access = S3Access(endpoint=endpoint, region="us-east-1", access_key_id="k", secret_access_key="s")
     assert read_status_json("s3://runs/a/train/status.json", access) == status

@@ -102,20 +102,31 @@ def test_running_when_every_worker_runs(make_job):
 def test_progress_from_rank0_status(make_job):
     job = pending(make_job)
     progress = {"epoch": 2, "num_epochs": 3, "step": 40, "last_loss": 1.5, "last_map": 0.25,
-                "last_checkpoint": "s3://bucket/runs/demo/train/model_epoch_001.pth", "state": "training"}
+                "last_checkpoint": "s3://bucket/runs/demo/train/model_epoch_001.pth", "state": "running"}
     observed = Observed(worker_jobs=[worker_job("demo", 0)], pods=[pod("demo", 0, 0, "Running")], progress=progress,
                         **CHILDREN)
     status = reconcile(job, observed, NOW).status
     assert status["epochs"] == "2/3"
     assert status["progress"] == {"epoch": 2, "numEpochs": 3, "step": 40, "lastLoss": 1.5, "lastMap": 0.25,
                                   "lastCheckpoint": "s3://bucket/runs/demo/train/model_epoch_001.pth",
-                                  "state": "training", "updateTime": "2026-01-02T03:04:05Z"}
+                                  "state": "running", "updateTime": "2026-01-02T03:04:05Z"}
     # The same progress later: nothing changes, so the status need not be written again.
     later = reconcile(make_job(status=status), observed, NOW + dt.timedelta(seconds=30)).status
     assert later == status
     moved = Observed(**{**observed.__dict__, "progress": {**progress, "step": 41}})
     assert reconcile(make_job(status=status), moved, NOW + dt.timedelta(seconds=30)).status["progress"][
         "updateTime"] == "2026-01-02T03:04:35Z"
+
+
+def test_progress_fields_of_another_type_are_dropped(make_job):
+    job = pending(make_job)
+    odd = {"epoch": "two", "num_epochs": 3, "step": True, "last_loss": 1.5, "last_map": {"mAP": 0.3},
+           "last_checkpoint": 7, "state": "running"}
+    observed = Observed(worker_jobs=[worker_job("demo", 0)], progress=odd, **CHILDREN)
+    status = reconcile(job, observed, NOW).status
+    assert status["progress"] == {"numEpochs": 3, "lastLoss": 1.5, "state": "running",
+                                  "updateTime": "2026-01-02T03:04:05Z"}
+    assert "epochs" not in status
 
 
 def test_succeeded_when_the_job_completes(make_job):
