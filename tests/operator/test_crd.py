@@ -109,3 +109,31 @@ def test_printer_columns_point_at_status_fields():
         if parts[0] == "status":
             assert parts[1] in status, column
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Nodes", "Epoch", "mAP", "Restarts", "Age"]
+
+
+def _walk(node: dict, path: str):
+    yield path, node
+    for name, child in (node.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural_with_valid_defaults():
+    """What the API server demands of a CRD schema, checked offline (kubernetes-validate does not)."""
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    nodes = list(_walk(schema, ""))
+    assert len(nodes) > 200
+    for path, node in nodes:
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path}: no type"
+        assert not ("properties" in node and "additionalProperties" in node), f"{path}: both kinds of properties"
+        if node.get("x-kubernetes-preserve-unknown-fields") or "properties" in node:
+            assert node["type"] == "object", path
+        assert "$ref" not in node and "oneOf" not in node and "anyOf" not in node, path
+        if "default" in node:
+            jsonschema.validate(node["default"], to_json_schema(node))
+        for key in ("minimum", "maximum"):
+            if key in node:
+                assert node["type"] in ("integer", "number"), f"{path}: {key} on {node['type']}"
