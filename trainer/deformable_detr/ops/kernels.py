@@ -120,11 +120,15 @@ def build_directory(kind: str) -> Path:
 
 
 def _import_library(name: str, directory: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, directory / f"{name}.so")
+    library = directory / f"{name}.so"
+    spec = importlib.util.spec_from_file_location(name, library)
     if spec is None or spec.loader is None:
-        raise KernelUnavailable(f"cannot import {directory / name}.so")
+        raise KernelUnavailable(f"cannot import {library}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as error:  # e.g. a CUDA build on a machine without the CUDA runtime
+        raise KernelUnavailable(f"cannot import {library}: {error}") from error
     return module
 
 
