@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
 from typing import Any, Iterable, Iterator, Optional
@@ -387,7 +388,9 @@ class Trainer:
             self._upload_logs()
         if self.metrics is not None:
             self.metrics.close()
-        self.sync.close()
+        self.sync.close()  # raises when an upload failed for good: the staging copy is then kept
+        if self.remote:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
 
     def fit(self) -> int:
         self._open_outputs()

@@ -1,0 +1,105 @@
+"""Training with its services: results in S3 (moto's server over HTTP) and Prometheus /metrics on rank 0."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from deformable_detr.runtime import storage
+from test_train import tiny_train_spec, train_cli
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    from moto import settings
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint, monkeypatch) -> str:
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
+    name = f"train-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def _remote_log(folder: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(f"{folder}/train_log.jsonl").decode().splitlines()]
+
+
+def test_results_go_to_s3_and_a_restart_resumes_from_there(bucket, tiny_coco, write_spec):
+    spec = tiny_train_spec(tiny_coco, f"{bucket}/run", batch_size=8, num_epochs=1)
+    spec["dataset"]["val_data_sources"] = []
+    spec["model"]["train_backbone"] = False  # no backbone optimizer state: smaller checkpoints to upload
+    assert train_cli(write_spec, spec, name="one.yaml") == 0
+    folder = f"{bucket}/run/train"
+    names = sorted(os.path.basename(p) for p in storage.list_files(folder))
+    assert names == ["dd_model_latest.pth", "experiment.yaml", "model_epoch_000_step_00001.pth",
+                     "status.json", "train_log.jsonl"]
+    status = json.loads(storage.read_bytes(f"{folder}/status.json"))
+    assert status["state"] == "completed" and status["last_checkpoint"] == f"{folder}/model_epoch_000_step_00001.pth"
+
+    # A new pod (a fresh staging folder) continues from the newest checkpoint in the bucket, and its log.
+    spec["train"]["num_epochs"] = 2
+    assert train_cli(write_spec, spec, name="two.yaml") == 0
+    records = _remote_log(folder)
+    assert [(r["epoch"], r["step"]) for r in records if r["kind"] == "start"] == [(0, 0), (1, 1)]
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2]
+    assert storage.exists(f"{folder}/model_epoch_001_step_00002.pth")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_rank0_serves_training_metrics_while_it_trains(tiny_coco, tmp_path, write_spec):
+    port = _free_port()
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=4, num_epochs=1, metrics_port=port)
+    spec["dataset"]["val_data_sources"] = []
+    seen: list[str] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                if "ddetr_train_step{" in body:
+                    seen.append(body)
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        assert train_cli(write_spec, spec) == 0
+    finally:
+        done.set()
+        scraper.join(timeout=10)
+    assert seen, "no scrape saw a training step"
+    body = seen[-1]
+    assert 'ddetr_train_loss{job="deformable-detr",term="loss_ce"}' in body
+    assert 'ddetr_train_num_epochs{job="deformable-detr"} 1.0' in body
