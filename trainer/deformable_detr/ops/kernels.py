@@ -33,9 +33,9 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 KINDS = ("cpu", "cuda")
 _SOURCES = {"cpu": ["msda_cpu.cpp", "msda_bindings.cpp"], "cuda": ["msda_cuda.cu", "msda_bindings.cpp"]}
 _HEADERS = ["msda.h", "msda_common.h"]
-_CXX_FLAGS = {"cpu": ["-O3", "-fopenmp"], "cuda": ["-O3", "-DMSDA_WITH_CUDA"]}
-_NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
-_LD_FLAGS = {"cpu": ["-fopenmp"], "cuda": []}
+_CXX_FLAGS = {"cpu": ("-O3", "-fopenmp"), "cuda": ("-O3", "-DMSDA_WITH_CUDA")}
+_NVCC_FLAGS = ("-O3", "--use_fast_math", "-lineinfo")
+_LD_FLAGS = {"cpu": ("-fopenmp",), "cuda": ()}
 
 _loaded: dict[str, ModuleType] = {}
 
@@ -88,7 +88,7 @@ def nvcc_command(source: Path, output: Path, archs: list[str]) -> list[str]:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     return ([str(cuda_home / "bin" / "nvcc"), "-c", str(source), "-o", str(output), "-std=c++20",
              "-Xcompiler", "-fPIC", abi] + [f"-I{path}" for path in includes]
-            + cpp_extension.COMMON_NVCC_FLAGS + _NVCC_FLAGS + gencode)
+            + cpp_extension.COMMON_NVCC_FLAGS + list(_NVCC_FLAGS) + gencode)
 
 
 def compile_cuda_objects(archs: list[str], out_dir: Path) -> list[Path]:
@@ -169,8 +169,9 @@ def build(kind: str, verbose: bool = False) -> ModuleType:
     start = time.monotonic()
     try:
         module = cpp_extension.load(
-            name=name, sources=[str(CSRC / f) for f in _SOURCES[kind]], extra_cflags=_CXX_FLAGS[kind],
-            extra_cuda_cflags=_NVCC_FLAGS, extra_ldflags=_LD_FLAGS[kind],
+            # Copies: cpp_extension appends to the flag lists it is given, which would change the digest.
+            name=name, sources=[str(CSRC / f) for f in _SOURCES[kind]], extra_cflags=list(_CXX_FLAGS[kind]),
+            extra_cuda_cflags=list(_NVCC_FLAGS), extra_ldflags=list(_LD_FLAGS[kind]),
             extra_include_paths=[str(CSRC)] + (cuda_include_dirs() if kind == "cuda" else []),
             build_directory=str(directory), verbose=verbose, with_cuda=kind == "cuda")
     except Exception as error:  # compiler errors arrive as RuntimeError/CalledProcessError/OSError
