@@ -330,10 +330,12 @@ def test_train_loader_batches(tiny_coco):
     assert images.shape[0] == 2 and masks.shape == (2, *images.shape[-2:]) and len(targets) == 2
 
 
-def test_fixed_padding_gives_constant_batch_shape_with_workers(tiny_coco):
-    spec = make_spec(tiny_coco, workers=2, augmentation={**SMALL_AUG, "fixed_padding": True})
-    shapes = {tuple(images.shape[-2:]) for images, _, _ in build_dataloader(spec, "train")}
-    assert shapes == {(96, 96)}
+@pytest.mark.parametrize("lsj, side", [(None, 96), (64, 64)])
+def test_fixed_padding_gives_constant_batch_shape_with_workers(tiny_coco, lsj, side):
+    spec = make_spec(tiny_coco, workers=2, augmentation={**SMALL_AUG, "fixed_padding": True, "fixed_random_crop": lsj})
+    for split in ("train", "val"):
+        shapes = {tuple(images.shape[-2:]) for images, _, _ in build_dataloader(spec, split)}
+        assert shapes == {(side, side)}
 
 
 def test_augmentation_is_reproducible_given_the_seed(tiny_coco):
