@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,106 @@ def test_every_query_parses_as_promql(tmp_path):
     result = subprocess.run([PROMTOOL, "check", "rules", str(rule_file)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+# A trainer and an operator at work, in a child process: real metric servers with moving values.
+FEEDER = r"""
+import sys, time
+from deformable_detr.runtime.metrics import TrainMetrics
+from ddetr_operator import metrics as operator_metrics
+
+trainer_port, operator_port = int(sys.argv[1]), int(sys.argv[2])
+trainer = TrainMetrics(port=trainer_port, job="demo", addr="127.0.0.1").start()
+operator_metrics.start_metrics_server(operator_port, addr="127.0.0.1")
+operator_metrics.phases.record("uid-1", "Running")
+operator_metrics.phases.record("uid-2", "Failed")
+operator_metrics.TRANSITIONS.labels(phase="Running").inc()
+trainer.set_epoch(1, 4)
+trainer.observe_checkpoint("s3://bucket/demo/train/model_epoch_000_step_00002.pth")
+trainer.observe_validation({"mAP": 0.25, "mAP50": 0.5, "val_loss": 1.5})
+step = 0
+while True:
+    step += 1
+    trainer.observe_step(epoch=1, step=step, losses={"loss_ce": 1.0 / step, "loss_bbox": 0.5, "loss_giou": 0.3},
+                         lr=2e-4, images=4, step_seconds=0.05 + (step % 5) * 0.1, data_wait_seconds=0.01)
+    operator_metrics.RECONCILE_SECONDS.observe(0.02 * (1 + step % 3))
+    operator_metrics.RESTARTS.labels(namespace="default").inc()
+    if step % 4 == 0:
+        operator_metrics.RECONCILE_ERRORS.inc()
+    time.sleep(0.2)
+"""
+# Series that only exist on a GPU node: DCGM's, and PyTorch's CUDA allocator gauges.
+NEEDS_A_GPU = re.compile(r"DCGM_FI_|ddetr_train_gpu_memory_")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prometheus_query(url: str, expression: str) -> list[dict]:
+    import urllib.parse
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expression}),
+                                timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+PROMETHEUS = shutil.which("prometheus") or shutil.which("prometheus", path="/usr/bin")
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus (Debian package; scripts/test-deps.d/prometheus.sh)")
+def test_every_panel_shows_data_from_a_real_trainer_and_operator(tmp_path):
+    """A real Prometheus scrapes a training run and the operator (labels as the chart's PodMonitor
+    gives them); every panel query that does not need a GPU returns data, with its legend labels."""
+    pytest.importorskip("ddetr_operator.metrics", reason="the operator package is not installed")
+    import time
+
+    trainer_port, operator_port, prometheus_port = _free_port(), _free_port(), _free_port()
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [
+        {"job_name": "trainers", "honor_labels": True,
+         "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"],
+                             "labels": {"namespace": "default", "pod": "demo-a0-0-x7k2p"}}]},
+        {"job_name": "operator", "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    feeder = subprocess.Popen([sys.executable, "-c", FEEDER, str(trainer_port), str(operator_port)])
+    prometheus = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{prometheus_port}"
+    substitutions = {"$__rate_interval": "20s", "$__range": "1h", "$job": "demo", "$namespace": "default"}
+    try:
+        deadline = time.monotonic() + 90
+        pending: dict[str, tuple[str, str]] = {}
+        for path in DASHBOARDS:
+            for panel, target in _targets(_load(path)):
+                if not NEEDS_A_GPU.search(target["expr"]):
+                    expr = target["expr"]
+                    for variable, value in substitutions.items():
+                        expr = expr.replace(variable, value)
+                    pending[expr] = (f"{path.name}: {panel['title']}", target["legendFormat"])
+        assert len(pending) >= 20
+        while pending and time.monotonic() < deadline:
+            time.sleep(2)
+            for expr in list(pending):
+                try:
+                    result = _prometheus_query(url, expr)
+                except OSError:
+                    break  # Prometheus still starting
+                if result:
+                    _, legend = pending.pop(expr)
+                    for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend):
+                        assert all(label in series["metric"] for series in result), (
+                            f"legend label {label!r} missing from the result of {expr!r}")
+        assert not pending, "no data for: " + "; ".join(f"{where} ({expr})" for expr, (where, _) in pending.items())
+    finally:
+        for process in (prometheus, feeder):
+            process.terminate()
+            process.wait(timeout=20)
