@@ -1,7 +1,6 @@
 """Set criterion (focal, L1, GIoU; auxiliary and encoder terms; box count across ranks) and post-process."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

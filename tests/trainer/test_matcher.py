@@ -28,7 +28,9 @@ def test_recovers_planted_assignment():
 
 
 def _focal_cost(prob: torch.Tensor, alpha=0.25, gamma=2.0) -> torch.Tensor:
-    return alpha * (1 - prob) ** gamma * -torch.log(prob + 1e-8) - (1 - alpha) * prob ** gamma * -torch.log(1 - prob + 1e-8)
+    positive = alpha * (1 - prob) ** gamma * -torch.log(prob + 1e-8)
+    negative = (1 - alpha) * prob ** gamma * -torch.log(1 - prob + 1e-8)
+    return positive - negative
 
 
 def test_equals_brute_force_optimum():

@@ -63,17 +63,20 @@ def hf_model(with_box_refine: bool, two_stage: bool, num_feature_levels: int):
     return DeformableDetrForObjectDetection(config).eval()
 
 
+def _stage(match: re.Match) -> str:
+    """torchvision layer{i}.{block} -> transformers' stages.{i-1}.layers.{block}."""
+    return f"model.backbone.model.encoder.stages.{int(match[1]) - 1}.layers.{match[2]}"
+
+
 _RULES = [
     (r"^backbone\.0\.body\.conv1\.", "model.backbone.model.embedder.embedder.convolution."),
     (r"^backbone\.0\.body\.bn1\.", "model.backbone.model.embedder.embedder.normalization."),
     (r"^backbone\.0\.body\.layer(\d)\.(\d+)\.conv(\d)\.",
-     lambda m: f"model.backbone.model.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution."),
+     lambda m: f"{_stage(m)}.layer.{int(m[3]) - 1}.convolution."),
     (r"^backbone\.0\.body\.layer(\d)\.(\d+)\.bn(\d)\.",
-     lambda m: f"model.backbone.model.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization."),
-    (r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.0\.",
-     lambda m: f"model.backbone.model.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution."),
-    (r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.1\.",
-     lambda m: f"model.backbone.model.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization."),
+     lambda m: f"{_stage(m)}.layer.{int(m[3]) - 1}.normalization."),
+    (r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"{_stage(m)}.shortcut.convolution."),
+    (r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"{_stage(m)}.shortcut.normalization."),
     (r"^transformer\.encoder\.layers\.(\d+)\.norm1\.", r"model.encoder.layers.\1.self_attn_layer_norm."),
     (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"model.encoder.layers.\1.final_layer_norm."),
     (r"^transformer\.(en|de)coder\.layers\.(\d+)\.linear(\d)\.", r"model.\1coder.layers.\2.mlp.fc\3."),

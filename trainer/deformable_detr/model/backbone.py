@@ -29,6 +29,12 @@ GC_VITS = {"gc_vit_xxtiny": "gcvit_xxtiny", "gc_vit_xtiny": "gcvit_xtiny", "gc_v
 EXTRA_LEVEL = 4
 
 
+def resnet_network(name: str, dilation: bool = False) -> resnet.ResNet:
+    """A torchvision ResNet without pretrained weights, BatchNorm frozen as in the original."""
+    return RESNETS[name](weights=None, norm_layer=FrozenBatchNorm2d,
+                         replace_stride_with_dilation=[False, False, dilation])
+
+
 def _resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 

@@ -9,7 +9,7 @@ from torch import nn
 from ..config.schema import ExperimentConfig
 from ..errors import UsageError
 from ..runtime.logging import get_logger
-from .backbone import EXTRA_LEVEL, GC_VITS, RESNETS, Joiner, ResNetBackbone, TimmBackbone
+from .backbone import EXTRA_LEVEL, GC_VITS, RESNETS, Joiner, ResNetBackbone, TimmBackbone, resnet_network
 from .criterion import SetCriterion, weight_dict_for
 from .detector import DeformableDETR
 from .matcher import HungarianMatcher
@@ -49,8 +49,7 @@ def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.M
     model = spec.model
     train_backbone = model.train_backbone
     if model.backbone in RESNETS:
-        network = RESNETS[model.backbone](weights=None, norm_layer=FrozenBatchNorm,
-                                          replace_stride_with_dilation=[False, False, model.dilation])
+        network = resnet_network(model.backbone, model.dilation)
         body = ResNetBackbone(network, stage_indices, train_backbone, dilation=model.dilation)
     elif model.backbone in GC_VITS:
         import timm
@@ -64,12 +63,6 @@ def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.M
     if model.pretrained_backbone_path:
         load_backbone_weights(body.body, model.pretrained_backbone_path)
     return Joiner(body, PositionEmbeddingSine(model.hidden_dim // 2, normalize=True))
-
-
-def FrozenBatchNorm(num_features: int) -> nn.Module:  # noqa: N802 - used as a norm_layer class
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    return FrozenBatchNorm2d(num_features)
 
 
 _BACKBONE_PREFIXES = ("module.", "model.", "backbone.0.body.", "backbone.", "body.")
