@@ -214,8 +214,9 @@ def test_default_render_is_valid_and_secure(tmp_path):
     docs = _render(tmp_path, include_crds=True)
     _validate_all(docs)
     kinds = sorted(doc["kind"] for doc in docs)
+    dashboard_count = len(list((REPO / "dashboards").glob("*.json")))
     assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ServiceAccount", "ClusterRole",
-                            "ClusterRoleBinding", "Service", "Deployment", "ConfigMap", "ConfigMap"])
+                            "ClusterRoleBinding", "Service", "Deployment", *["ConfigMap"] * dashboard_count])
     assert _one(docs, "CustomResourceDefinition") == _crd()
 
     deployment = _one(docs, "Deployment")
