@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -346,3 +347,37 @@ async def test_operator_restart_creates_nothing_twice_and_suspend_resumes(kube):
 async def _suspended(api: Api, worker: str, value: bool) -> bool:
     job = await api.get(f"{BATCH_JOBS}/{worker}")
     return bool(job) and job["spec"].get("suspend") is value
+
+
+async def test_command_line_operator_watches_its_namespace_and_serves_probes_and_metrics(kube):
+    liveness_port, metrics_port = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ddetr_operator", "--namespace", "ml", "--reconcile-interval", "0.3",
+        "--liveness", f"http://127.0.0.1:{liveness_port}/healthz", "--metrics-port", str(metrics_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        async with aiohttp.ClientSession(base_url=str(kube.url)) as session:
+            api = Api(session)
+            await api.create(JOBS, ddj("cli", nodes=1, artifacts={"uri": "s3://runs/cli"}))
+            elsewhere = ddj("elsewhere", nodes=1, artifacts={"uri": "s3://runs/x"})
+            elsewhere["metadata"]["namespace"] = "other"
+            await api.create("/apis/ddetr.dev/v1alpha1/namespaces/other/deformabledetrjobs", elsewhere)
+            await api.wait_for("worker Job", lambda: api.get(f"{BATCH_JOBS}/cli-a0"), timeout=60)
+            await api.wait_phase("cli", "Pending")
+
+            async def healthy():
+                try:
+                    async with aiohttp.ClientSession() as plain:
+                        async with plain.get(f"http://127.0.0.1:{liveness_port}/healthz") as resp:
+                            return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+            await api.wait_for("liveness endpoint", healthy)
+            samples = await scrape(metrics_port)
+            assert samples['ddetr_operator_jobs{"phase": "Pending"}'] == 1
+            other = await api.get("/apis/ddetr.dev/v1alpha1/namespaces/other/deformabledetrjobs/elsewhere")
+            assert "status" not in other  # not a watched namespace
+    finally:
+        process.terminate()
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, output.decode()[-3000:]
