@@ -10,11 +10,14 @@ plus unlabelled clutter, on textured backgrounds, and writes:
     out/kitti/sources.txt, out/kitti/mapping.json        convert.input_source / mapping_path
     out/classmap.txt                                     infer_data_sources.classmap
 
+Running it again on the same folder replaces those image and label folders.
+
 Category ids follow `convert`'s rule (1..N over the names in reverse alphabetical
 order), so the COCO copy and the converted KITTI copy train the same model.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -52,22 +55,30 @@ def _hsv_to_rgb(hue: float, saturation: float, value: float) -> tuple[int, int, 
     return int(255 * (r + m)), int(255 * (g + m)), int(255 * (b + m))
 
 
+@functools.lru_cache(maxsize=4)
+def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return y, x
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A muted, textured background: a base grey-ish colour times stripes, checks or blotches."""
-    base = rng.uniform(70, 170) + rng.uniform(-20, 20, size=3)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = (rng.uniform(70, 170) + rng.uniform(-20, 20, size=3)).astype(np.float32)
+    y, x = _unit_grid(size)
     kind = rng.integers(3)
     if kind == 0:  # stripes at a random angle and frequency
         angle, freq = rng.uniform(0, math.pi), rng.uniform(3, 12)
-        pattern = np.sin(2 * math.pi * freq * (x * math.cos(angle) + y * math.sin(angle)))
+        pattern = np.sin(np.float32(2 * math.pi * freq) * (x * np.float32(math.cos(angle))
+                                                           + y * np.float32(math.sin(angle))))
     elif kind == 1:  # checks
         cells = rng.integers(4, 12)
-        pattern = (((x * cells).astype(int) + (y * cells).astype(int)) % 2) * 2.0 - 1.0
+        pattern = (((x * cells).astype(int) + (y * cells).astype(int)) % 2) * np.float32(2.0) - np.float32(1.0)
     else:  # blotches: coarse noise, upsampled
         coarse = rng.uniform(-1, 1, size=(6, 6)).astype(np.float32)
         pattern = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))
-    amplitude = rng.uniform(10, 35)
-    image = base[None, None, :] + amplitude * pattern[..., None] + rng.normal(0, 6, size=(size, size, 3))
+    amplitude = np.float32(rng.uniform(10, 35))
+    noise = rng.integers(-10, 11, size=(size, size, 3), dtype=np.int16)  # uniform grain: far cheaper than normal
+    image = base + (amplitude * pattern)[..., None] + noise
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
@@ -153,8 +164,10 @@ def _write_split(out: str, split: str, count: int, size: int, seed: int, categor
     image_dir = os.path.join(out, split, "images")
     kitti_images = os.path.join(out, "kitti", split, "images")
     kitti_labels = os.path.join(out, "kitti", split, "labels")
+    # Regenerating replaces a split: stale images from a larger earlier run would otherwise reach convert.
     for folder in (image_dir, kitti_images, kitti_labels):
-        os.makedirs(folder, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
     split_key = {"train": 0, "val": 1}[split]
     images, annotations = [], []
     for index in progress(range(count), desc=f"drawing {split} images"):
