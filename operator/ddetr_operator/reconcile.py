@@ -26,6 +26,7 @@ PHASE_CONDITION = {"Pending": "Created", "Running": "Running", "Restarting": "Re
                    "Suspended": "Suspended", "Succeeded": "Succeeded", "Failed": "Failed"}
 ACTIVE_CONDITIONS = ("Running", "Restarting", "Suspended")
 MAX_MESSAGE = 1500
+STALE_POD_GRACE = 300
 
 
 @dataclasses.dataclass
@@ -225,9 +226,16 @@ class _Pass:
         return [p for p in self.observed.pods if self.attempt_of(p) == self.attempt]
 
     def stale_pods_alive(self) -> bool:
-        """Pods of an earlier attempt still running or terminating (the gang is not torn down yet)."""
-        return any(self.attempt_of(p) != self.attempt and (p.get("status") or {}).get("phase") not in TERMINAL
-                   for p in self.observed.pods)
+        """Pods of an earlier attempt still running or terminating (the gang is not torn down yet).
+
+        Bounded: a pod on a lost node can stay Terminating for good; after STALE_POD_GRACE
+        seconds the next attempt starts anyway (its pods have other names).
+        """
+        alive = any(self.attempt_of(p) != self.attempt and (p.get("status") or {}).get("phase") not in TERMINAL
+                    for p in self.observed.pods)
+        restarting = next((c for c in self.status["conditions"] if c["type"] == "Restarting"), None)
+        since = parse_time(restarting.get("lastTransitionTime")) if restarting else None
+        return alive and not (since and self.now >= since + dt.timedelta(seconds=STALE_POD_GRACE))
 
     def tear_down(self) -> None:
         worker = self.current_worker_job()

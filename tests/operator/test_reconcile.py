@@ -170,6 +170,10 @@ def test_oom_kill_restarts_the_gang_from_the_next_attempt(make_job):
     terminating = Observed(pods=[pod("demo", 0, 0, "Running")], **CHILDREN)
     assert reconcile(job, terminating, NOW).actions == []
 
+    # Stuck Terminating (a lost node) for longer than the grace: the next attempt starts anyway.
+    late = reconcile(job, terminating, NOW + dt.timedelta(seconds=301))
+    assert created_kinds(late) == ["Job"]
+
     # Gone: the next attempt starts; its rank 0 is the new master.
     decision = reconcile(job, Observed(**CHILDREN), NOW)
     (create,) = decision.actions
