@@ -123,11 +123,29 @@ def pod_failure(pod: Mapping[str, Any]) -> Failure:
     return Failure(is_retryable_exit(code), "OOMKilled" if what == "OOMKilled" else f"ExitCode{code}", message)
 
 
+def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """Kubernetes marks pods it evicts, preempts or takes off a lost node with DisruptionTarget."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return cond
+    return None
+
+
 def first_failure(pods: Sequence[Mapping[str, Any]]) -> Failure | None:
-    """The failure that broke the gang: the earliest failed pod (the others follow it)."""
+    """The failure that broke the gang: the earliest failed pod (the others follow it).
+
+    A disrupted pod anywhere in the gang makes the failure retryable whatever the exit
+    codes: its peers exit 1 when it vanishes, which must not read as a permanent error.
+    """
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     if not failed:
         return None
+    for pod in pods:
+        disruption = _disruption(pod)
+        if disruption is not None:
+            reason = disruption.get("reason") or "DisruptionTarget"
+            return Failure(True, reason, f"pod {pod['metadata']['name']} was disrupted: {reason}: "
+                                         f"{disruption.get('message', '')}")
 
     def finished(pod: Mapping[str, Any]) -> tuple[str, str]:
         terminated = _terminated(pod) or {}

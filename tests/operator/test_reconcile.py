@@ -210,6 +210,16 @@ def test_the_earliest_failure_decides():
     assert failure.retryable and failure.reason == "OOMKilled"
 
 
+def test_a_disrupted_peer_makes_exit_1_retryable():
+    # Node lost: Kubernetes marks the pod there; its peer's torchrun exits 1 first.
+    lost = pod("demo", 0, 1, "Running")
+    lost["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                     "reason": "DeletionByTaintManager", "message": "Taint manager: deleting due to NoExecute taint"}]
+    failure = first_failure([pod("demo", 0, 0, "Failed", 1), lost])
+    assert failure.retryable and failure.reason == "DeletionByTaintManager"
+    assert first_failure([lost]) is None  # nothing failed yet
+
+
 def test_evicted_pod_without_exit_code_is_retryable(make_job):
     job = pending(make_job)
     observed = Observed(worker_jobs=[worker_job("demo", 0)], pods=[pod("demo", 0, 0, "Failed", pod_reason="Evicted")],
