@@ -134,6 +134,7 @@ def job_status_schema() -> dict:
         "startTime": _str("when the first gang was created", format="date-time"),
         "completionTime": _str("when the job reached Succeeded or Failed", format="date-time"),
         "restarts": _int("gang restarts so far"),
+        "restartTime": _str("when the last restart began", format="date-time"),
         "workersReady": _int("worker pods running"),
         "workerJob": _str("the current worker Job (one per attempt)"),
         "epochs": _str("epoch/total, for the printer column"),

@@ -207,7 +207,7 @@ class _Pass:
         self.run_policy = self.spec.get("runPolicy") or {}
         old = dict(job.get("status") or {})
         self.status: dict[str, Any] = {k: old[k] for k in (
-            "phase", "conditions", "startTime", "completionTime", "restarts", "workersReady", "workerJob",
+            "phase", "conditions", "startTime", "completionTime", "restarts", "restartTime", "workersReady", "workerJob",
             "epochs", "progress") if k in old}
         self.status.setdefault("restarts", 0)
         self.status.setdefault("conditions", [])
@@ -251,8 +251,7 @@ class _Pass:
         """
         alive = any(self.attempt_of(p) != self.attempt and (p.get("status") or {}).get("phase") not in TERMINAL
                     for p in self.observed.pods)
-        restarting = next((c for c in self.status["conditions"] if c["type"] == "Restarting"), None)
-        since = parse_time(restarting.get("lastTransitionTime")) if restarting else None
+        since = parse_time(self.status.get("restartTime"))
         return alive and not (since and self.now >= since + dt.timedelta(seconds=STALE_POD_GRACE))
 
     def tear_down(self) -> None:
@@ -386,6 +385,7 @@ class _Pass:
                             f"{failure.message}")
         else:
             self.status["restarts"] = self.attempt + 1
+            self.status["restartTime"] = timestamp(self.now)
             self.status["workerJob"] = worker_job_name(self.job["metadata"]["name"], self.attempt)
             self.transition("Restarting", failure.reason,
                             f"restart {self.attempt}/{backoff_limit} from the newest checkpoint after: "

@@ -161,6 +161,7 @@ def test_oom_kill_restarts_the_gang_from_the_next_attempt(make_job):
     assert decision.status["phase"] == "Restarting"
     assert decision.status["restarts"] == 1
     assert decision.status["workerJob"] == "demo-a1"
+    assert decision.status["restartTime"] == "2026-01-02T03:04:05Z"
     assert condition(decision.status, "Restarting")["reason"] == "OOMKilled"
     assert decision.actions == [DeleteWorkerJob("demo-a0")]
     assert decision.events[0].type == "Warning"
