@@ -9,18 +9,25 @@ inside, every worker joins the process group. Rank 0 writes, into the task's res
 A run resumes exactly from `resume_training_checkpoint_path`, else (`auto_resume`) from
 the newest checkpoint in its results folder. SIGTERM stops every rank at the next step;
 rank 0 saves a checkpoint and the run exits 143.
+
+Exact resume: checkpoints hold every rank's RNG states, and validation runs with the RNG
+saved and restored around it, so a resumed run draws the same numbers as an uninterrupted
+one. Bit-for-bit equality holds with `dataset.workers: 0`; with workers, augmentation
+draws from the loader workers' own seeds, which restart with the loader.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import random
 import resource
 import shutil
 import tempfile
 import time
 from typing import Any, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from ..config.loader import dump_spec, spec_to_dict
@@ -94,6 +101,12 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 def _check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("train.precision: bf16 needs a GPU with bfloat16 support (Ampere or newer); "
@@ -109,7 +122,7 @@ def _open_metrics(spec: ExperimentConfig, is_main: bool):
     port = metrics_port(spec)
     if not port:
         return None
-    metrics = TrainMetrics(port, os.environ.get("DDETR_JOB_NAME", "deformable-detr"))
+    metrics = TrainMetrics(port)  # job label from DDETR_JOB_NAME
     metrics.start()
     return metrics
 
@@ -141,7 +154,7 @@ class Trainer:
         self.model = distributed.wrap_model(model, self.train_cfg.distributed_strategy, info,
                                             shard_units=self._shard_units(model))
         self.criterion.to(info.device)
-        self.optimizer = build_optimizer(self.model, spec)
+        self.optimizer = build_optimizer(self._bare_model, spec)
         self.scheduler = build_scheduler(self.optimizer, self.train_cfg.optim)
         fp16 = self.train_cfg.precision == "fp16"
         if fp16 and self.sharded:
@@ -157,7 +170,7 @@ class Trainer:
         self.val_loader = (build_dataloader(spec, "val", rank=info.rank, world_size=info.world_size,
                                             dataset=self.val_dataset) if self.val_dataset is not None else None)
         # Per-rank randomness from here on (dropout, augmentation in the main process).
-        torch.manual_seed(self.train_cfg.seed + info.rank)
+        _seed_everything(self.train_cfg.seed + info.rank)
 
     @property
     def _bare_model(self) -> torch.nn.Module:
