@@ -37,15 +37,23 @@ def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError("checkpoint holds no model weights; accepted: {'model': state_dict} "
                          "(ours, original Deformable-DETR), a TAO Lightning {'state_dict': ...} or a state dict")
-    return {_strip_prefix(key, state): value for key, value in state.items()}
+    return dict(zip(_without_shared_prefixes(list(state)), state.values()))
 
 
-def _strip_prefix(key: str, state: Mapping[str, Any]) -> str:
-    for prefix in _PREFIXES:
-        # Strip only prefixes every key shares, so a model whose names start with "model." stays intact.
-        if key.startswith(prefix) and all(k.startswith(prefix) for k in state):
-            return _strip_prefix(key[len(prefix):], {k[len(prefix):]: None for k in state})
-    return key
+def _without_shared_prefixes(keys: List[str]) -> List[str]:
+    """Strip wrapper prefixes (`model.model.`, `module.`, `model.`) that every key carries.
+
+    Only prefixes shared by all keys go, so a model whose own names started with one stays intact.
+    """
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _PREFIXES:
+            if keys and all(key.startswith(prefix) for key in keys):
+                keys = [key[len(prefix):] for key in keys]
+                stripped = True
+                break
+    return keys
 
 
 def load_model_state(model: nn.Module, checkpoint: Any, strict: bool = True,
