@@ -231,7 +231,7 @@ def test_undecodable_image_in_a_worker_still_reports_one_line(tmp_path):
                                                     f"'{tmp_path / 'images' / '1.jpg'}')")
 
 
-def test_missing_sources_and_files_are_usage_errors(tiny_coco, tmp_path):
+def test_missing_sources_and_files_are_usage_errors(tmp_path):
     spec = spec_from_dict({"dataset": {"num_classes": 4}})
     with pytest.raises(UsageError, match="dataset.train_data_sources: no data source"):
         build_dataset(spec, "train")
