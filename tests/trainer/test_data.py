@@ -376,3 +376,11 @@ def test_read_classmap(tmp_path):
         read_classmap(str(path))
     with pytest.raises(UsageError, match="classmap: file not found"):
         read_classmap(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("dataset_type", ["serialized", "default"])
+def test_non_ascii_file_names(tmp_path, dataset_type):
+    source = write_coco(tmp_path, [image_entry(1, name="bild ü 1.jpg")], [box_entry(1, 1, [1, 1, 4, 4])])
+    dataset = build_dataset(spec_for(source, dataset_type=dataset_type), "val")
+    assert dataset.store.record(0).path.endswith("bild ü 1.jpg")
+    assert dataset[0][1]["labels"].tolist() == [1]

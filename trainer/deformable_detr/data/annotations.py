@@ -61,7 +61,7 @@ class SerializedAnnotations:
         self.widths = np.concatenate([s.widths for s in sources])
         self.source_index = np.concatenate(
             [np.full(len(s.image_ids), k, np.int64) for k, s in enumerate(sources)])
-        encoded = [os.path.join(s.image_dir, name).encode("utf-8") for s in sources for name in s.file_names]
+        encoded = [os.fsencode(os.path.join(s.image_dir, name)) for s in sources for name in s.file_names]
         self.path_offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(p) for p in encoded], out=self.path_offsets[1:])
         self.path_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -81,7 +81,7 @@ class SerializedAnnotations:
 
     def record(self, index: int) -> ImageRecord:
         start, end = self.box_offsets[index], self.box_offsets[index + 1]
-        path = self.path_bytes[self.path_offsets[index]:self.path_offsets[index + 1]].tobytes().decode("utf-8")
+        path = os.fsdecode(self.path_bytes[self.path_offsets[index]:self.path_offsets[index + 1]].tobytes())
         return ImageRecord(int(self.image_ids[index]), path, int(self.heights[index]), int(self.widths[index]),
                            self.boxes_xywh[start:end].copy(), self.category_ids[start:end].copy())
 
