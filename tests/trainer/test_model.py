@@ -99,3 +99,27 @@ def test_freeze_and_train_backbone():
     spec = tiny_spec(train_backbone=False)
     model, _, _ = build_model(spec)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
+
+
+@pytest.mark.parametrize("backbone,channels", [
+    ("resnet_18", [128, 256, 512]), ("resnet_34", [128, 256, 512]), ("resnet_50", [512, 1024, 2048]),
+    ("resnet_101", [512, 1024, 2048]), ("gc_vit_xxtiny", [128, 256, 512]), ("gc_vit_xtiny", [128, 256, 512]),
+    ("gc_vit_tiny", [128, 256, 512]), ("gc_vit_small", [192, 384, 768]), ("gc_vit_base", [256, 512, 1024])])
+def test_every_backbone_of_the_schema_builds(backbone, channels):
+    spec = tiny_spec(backbone=backbone)
+    spec.dataset.augmentation.fixed_random_crop = 224
+    with torch.device("meta"):  # structure only: no weights to initialise
+        model, _, _ = build_model(spec)
+    assert model.backbone[0].num_channels == channels
+    assert [p[0].in_channels for p in model.input_proj] == channels + [channels[-1]]
+    assert model.input_proj[3][0].stride == (2, 2)
+
+
+def test_dilation_keeps_the_last_stage_at_stride_16():
+    with torch.device("meta"):
+        model, _, _ = build_model(tiny_spec(backbone="resnet_50", dilation=True))
+        features, _ = model.backbone(*batch(b=1, h=64, w=96))
+    assert model.backbone[0].strides == [8, 16, 16]
+    assert [f.shape[-1] for f, _ in features] == [12, 6, 6]
+    with pytest.raises(UsageError, match="model.dilation"):
+        build_model(tiny_spec(backbone="resnet_18", dilation=True))

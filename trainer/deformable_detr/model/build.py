@@ -48,6 +48,9 @@ def gc_vit_input_size(spec: ExperimentConfig) -> int:
 def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.Module:
     model = spec.model
     train_backbone = model.train_backbone
+    if model.dilation and model.backbone not in ("resnet_50", "resnet_101"):
+        raise UsageError(f"model.dilation: true does not apply to {model.backbone}; accepted with "
+                         "resnet_50 or resnet_101 (torchvision's basic blocks cannot dilate)")
     if model.backbone in RESNETS:
         network = resnet_network(model.backbone, model.dilation)
         body = ResNetBackbone(network, stage_indices, train_backbone, dilation=model.dilation)
