@@ -140,7 +140,8 @@ def main(argv=None) -> int:
 
     model_rows = [] if args.skip_model else bench_model(args.image_size, args.repeats)
     coco_rows = bench_coco_eval(args.images)
-    print(f"CPU, {torch.get_num_threads()} threads, {args.image_size}x{args.image_size} inputs")
+    print(f"CPU, {torch.get_num_threads()} threads, {args.image_size}x{args.image_size} inputs, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if model_rows:
         print(f"{'model':<22} {'images/s':>9} {'resnet18 images/s':>18} {'ratio':>7}")
         for row in model_rows:
@@ -151,8 +152,9 @@ def main(argv=None) -> int:
         print(f"{row['what']:<30} {row['seconds']:>8.2f} {row['speedup_vs_pycocotools']:>9.2f} {row['AP']:>8.4f}")
     print(f"largest difference between the two libraries' numbers: {coco_rows[0]['max_abs_metric_difference']:.2e}")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    result = {"threads": torch.get_num_threads(), "image_size": args.image_size, "model": model_rows,
-              "coco_eval": coco_rows}
+    # The machine is shared: record how busy it was, since absolute rates depend on it (ratios less so).
+    result = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+              "image_size": args.image_size, "model": model_rows, "coco_eval": coco_rows}
     tmp = RESULTS + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
