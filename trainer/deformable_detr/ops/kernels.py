@@ -30,7 +30,6 @@ from ..runtime.logging import get_logger
 log = get_logger("ops")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-KINDS = ("cpu", "cuda")
 _SOURCES = {"cpu": ["msda_cpu.cpp", "msda_bindings.cpp"], "cuda": ["msda_cuda.cu", "msda_bindings.cpp"]}
 _HEADERS = ["msda.h", "msda_common.h"]
 _CXX_FLAGS = {"cpu": ("-O3", "-fopenmp"), "cuda": ("-O3", "-DMSDA_WITH_CUDA")}
@@ -61,13 +60,20 @@ def cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _is_cuda_toolkit(folder: Optional[str]) -> bool:
+    return bool(folder) and (Path(folder) / "bin" / "nvcc").exists() and \
+        (Path(folder) / "include" / "cuda_runtime_api.h").exists()
+
+
 def find_cuda_home() -> Optional[Path]:
-    """The CUDA toolkit: $CUDA_HOME/$CUDA_PATH, else the folder of `nvcc` on PATH, else /usr/local/cuda."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    """The CUDA toolkit: $CUDA_HOME/$CUDA_PATH, else /usr/local/cuda, else the folder of `nvcc` on
+    PATH; only a folder with both bin/nvcc and the CUDA headers counts (an `nvcc` wrapper script
+    in /usr/local/bin does not make /usr/local a toolkit)."""
     nvcc = shutil.which("nvcc")
-    candidates += [str(Path(nvcc).resolve().parent.parent) if nvcc else None, "/usr/local/cuda"]
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  str(Path(nvcc).resolve().parent.parent) if nvcc else None]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
+        if _is_cuda_toolkit(candidate):
             return Path(candidate)
     return None
 
@@ -136,10 +142,14 @@ def _check_toolchain(kind: str) -> None:
     from torch.utils import cpp_extension
 
     if kind == "cuda":
-        if cpp_extension.CUDA_HOME is None or not (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists():
+        if not _is_cuda_toolkit(cpp_extension.CUDA_HOME):
             found = find_cuda_home()
-            hint = f" (found one: CUDA_HOME={found})" if found else ""
-            raise KernelUnavailable(f"no CUDA toolkit found: set CUDA_HOME to a folder with bin/nvcc{hint}")
+            if found is None:
+                raise KernelUnavailable("no CUDA toolkit found: set CUDA_HOME to a folder with bin/nvcc "
+                                        "and include/cuda_runtime_api.h")
+            # torch guessed CUDA_HOME at import from `nvcc` on PATH; use the real toolkit instead.
+            log.info("using the CUDA toolkit in %s (torch had guessed %s)", found, cpp_extension.CUDA_HOME)
+            cpp_extension.CUDA_HOME = str(found)
         if torch.version.cuda is None:
             raise KernelUnavailable("this torch build has no CUDA support")
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -150,8 +160,9 @@ def _check_toolchain(kind: str) -> None:
 
 def _first_error_line(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
+    compiler_errors = [line for line in lines if "error:" in line.lower()]  # file:line: error: ...
     errors = [line for line in lines if "error" in line.lower()]
-    return (errors or lines or [""])[0][:500]
+    return (compiler_errors or errors or lines or [""])[0][:500]
 
 
 def build(kind: str, verbose: bool = False) -> ModuleType:
