@@ -70,11 +70,11 @@ def bench_model(image_size: int, repeats: int) -> list[dict]:
         masks = torch.zeros(batch, image_size, image_size, dtype=torch.bool)
         sizes = torch.tensor([[image_size, image_size]] * batch)
 
-        def detector_step():
+        def detector_step(images=images, masks=masks, sizes=sizes):
             with torch.inference_mode():
                 postprocessor(model(images, masks), sizes)
 
-        def reference_step():
+        def reference_step(images=images):
             with torch.inference_mode():
                 reference(images)
 

@@ -176,6 +176,10 @@ def test_trt_engine_without_tensorrt_exits_3(tiny_coco, write_spec, results_dir,
     assert err.startswith("deformable-detr evaluate: error: evaluate.trt_engine:")
 
 
+def _detection_order(detection: dict) -> tuple:
+    return detection["image_id"], -detection["score"], detection["category_id"]
+
+
 def test_two_processes_gather_the_same_detections(tiny_coco, tiny_weights, reference_run, write_spec, results_dir,
                                                    monkeypatch):
     """num_gpus=2 on the CPU: two torchrun workers (gloo) each score half of the images; rank 0 gathers."""
@@ -187,9 +191,8 @@ def test_two_processes_gather_the_same_detections(tiny_coco, tiny_weights, refer
     monkeypatch.setenv("DDETR_DIST_TIMEOUT_S", "120")
     assert _evaluate(write_spec, dict(spec, evaluate={"checkpoint": tiny_weights[1], "num_gpus": 2})) == 0
     results, gathered = _outputs(results_dir)
-    key = lambda d: (d["image_id"], -d["score"], d["category_id"])  # noqa: E731
     assert len(gathered) == len(single)
-    for mine, theirs in zip(sorted(gathered, key=key), sorted(single, key=key)):
+    for mine, theirs in zip(sorted(gathered, key=_detection_order), sorted(single, key=_detection_order)):
         assert (mine["image_id"], mine["category_id"]) == (theirs["image_id"], theirs["category_id"])
         assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
     assert results["AP"] == pytest.approx(single_results["AP"], abs=1e-6)
