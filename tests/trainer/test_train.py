@@ -99,6 +99,9 @@ def test_a_finished_run_resumes_to_nothing_to_do(trained, tiny_coco, write_spec)
     assert train_cli(write_spec, spec) == 0
     assert len(step_losses(trained)) == 4
     assert os.path.getmtime(trained / "model_epoch_001_step_00004.pth") == before
+    status = read_status(str(trained))  # what the finished run reported is kept
+    assert status["state"] == "completed" and status["last_checkpoint"].endswith("model_epoch_001_step_00004.pth")
+    assert status["last_map"] is not None and (status["epoch"], status["step"]) == (2, 4)
 
 
 def _autocast_runs_on_cpu(dtype: torch.dtype) -> bool:
@@ -146,6 +149,15 @@ def test_resume_from_a_non_training_checkpoint_names_the_field(tiny_coco, tmp_pa
     assert train_cli(write_spec, spec) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("deformable-detr train: error: train.resume_training_checkpoint_path:")
+
+
+def test_resume_into_another_model_names_the_field(trained, tiny_coco, tmp_path, write_spec, capsys):
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", resume_training_checkpoint_path=str(trained / LATEST_NAME))
+    spec["model"]["hidden_dim"] = 64
+    assert train_cli(write_spec, spec) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("deformable-detr train: error: train.resume_training_checkpoint_path:")
+    assert "does not fit the model" in err
 
 
 def test_padded_validation_batches_keep_every_rank_in_step():

@@ -149,3 +149,7 @@ def test_training_log_and_status(tmp_path):
                       "last_checkpoint": "/x/model_epoch_000_step_00001.pth", "state": "completed"}
     with pytest.raises(ValueError):
         TrainingLog(str(tmp_path), 1).update_status(state="exploded")
+    # A restarted run starts from what the last one reported.
+    again = TrainingLog(str(tmp_path), num_epochs=3)
+    assert (again.status.last_map, again.status.step, again.status.num_epochs) == (0.25, 1, 3)
+    again.close()

@@ -48,11 +48,23 @@ class TrainingLog:
     def __init__(self, folder: str, num_epochs: int, status_every_s: float = 10.0) -> None:
         self.folder = folder
         self.status = TrainStatus(num_epochs=num_epochs)
+        self._carry_over_status()
         self.status_every_s = status_every_s
         self._status_written = 0.0
         os.makedirs(folder, exist_ok=True)
         # Line-buffered append: each record reaches the file whole, and a restarted run continues the log.
         self._log = open(os.path.join(folder, LOG_NAME), "a", encoding="utf-8", buffering=1)
+
+    def _carry_over_status(self) -> None:
+        """A restarted run keeps what the previous one reported (last loss, mAP, checkpoint) until it has news."""
+        try:
+            with open(self.status_path, encoding="utf-8") as fh:
+                previous = json.load(fh)
+        except (OSError, ValueError):
+            return
+        for name in ("epoch", "step", "last_loss", "last_map", "last_checkpoint"):
+            if name in previous:
+                setattr(self.status, name, previous[name])
 
     @property
     def log_path(self) -> str:

@@ -223,7 +223,12 @@ class Trainer:
         if missing:
             raise UsageError(f"train.resume_training_checkpoint_path: {path} is not a training checkpoint "
                              f"(missing {', '.join(missing)}); use train.pretrained_model_path to fine-tune from it")
-        checkpoint.load_model_and_optimizer(self._bare_model, self.optimizer, state["model"], state["optimizer"])
+        try:
+            checkpoint.load_model_and_optimizer(self._bare_model, self.optimizer, state["model"], state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"train.resume_training_checkpoint_path: {path} does not fit the model and optimizer "
+                             f"built from this spec ({first_line}); resume with the spec it was trained with") from None
         self.scheduler.load_state_dict(state["lr_scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -381,11 +386,12 @@ class Trainer:
     def _open_outputs(self) -> None:
         if not self.info.is_main:
             return
-        if self.remote:  # a restarted pod continues the log it had uploaded
-            remote_log = f"{self.results_dir}/{LOG_NAME}"
-            if storage.exists(remote_log):
-                with open(os.path.join(self.local_dir, LOG_NAME), "wb") as fh:
-                    fh.write(storage.read_bytes(remote_log))
+        if self.remote:  # a restarted pod continues the log and status it had uploaded
+            for name in (LOG_NAME, STATUS_NAME):
+                remote = f"{self.results_dir}/{name}"
+                if storage.exists(remote):
+                    with open(os.path.join(self.local_dir, name), "wb") as fh:
+                        fh.write(storage.read_bytes(remote))
         self.training_log = TrainingLog(self.local_dir, self.train_cfg.num_epochs)
         self.metrics = _open_metrics(self.spec, self.info.is_main)
 
