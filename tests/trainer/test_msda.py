@@ -224,3 +224,20 @@ def test_unavailable_kernel_falls_back_or_fails_when_forced(tmp_path):
     fallback = [line for line in result.stderr.splitlines() if "deformable attention on cpu" in line]
     assert len(fallback) == 1 and "PyTorch reference (cpu kernel unavailable: an earlier build failed" in fallback[0]
     assert "UsageError: DDETR_MSDA_IMPL=cpu: the cpu kernel is unavailable" in result.stdout
+
+
+@needs_toolchain
+def test_build_command_clears_a_failed_build_and_reports_the_cache(cpu_kernel):
+    """`python -m deformable_detr.ops.build` (what install steps run) retries past a FAILED
+    marker; with the kernel already compiled it only re-imports it."""
+    failed = kernels.build_directory("cpu") / "FAILED"
+    failed.write_text("stale failure\n")
+    try:
+        result = subprocess.run([sys.executable, "-m", "deformable_detr.ops.build", "--kind", "cpu"],
+                                capture_output=True, text=True, timeout=600)
+        assert not failed.exists()
+    finally:  # never leave the marker behind for other tests' processes
+        failed.unlink(missing_ok=True)
+    assert result.returncode == 0, result.stderr
+    assert f"CPU kernel ready in {kernels.build_directory('cpu')}" in result.stderr
+    assert kernels.load("cpu") is not None
