@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from ..runtime.logging import get_logger, setup_logging
 from . import kernels
 
@@ -29,7 +31,8 @@ def _clear_failure(kind: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deformable_detr.ops.build", description=__doc__.split("\n")[1])
     parser.add_argument("--kind", choices=["cpu", "cuda", "all"], default=None,
-                        help="which kernel to build (default: cpu, plus cuda when a CUDA toolkit is found)")
+                        help="which kernel to build (default: cpu, plus cuda when a CUDA toolkit is found "
+                             "and a GPU or TORCH_CUDA_ARCH_LIST gives the archs)")
     parser.add_argument("--check-cuda", nargs="+", metavar="ARCH",
                         help="only compile the CUDA sources with nvcc for these compute capabilities")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
@@ -50,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("CUDA sources compile for %s (%.0f s)", ", ".join(args.check_cuda), time.monotonic() - start)
         return 0
 
+    cuda_targets = torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     kinds = ["cpu", "cuda"] if args.kind == "all" else [args.kind] if args.kind else \
-        ["cpu"] + (["cuda"] if cuda_home is not None else [])
+        ["cpu"] + (["cuda"] if cuda_home is not None and cuda_targets else [])
     failed = False
     for kind in kinds:
         _clear_failure(kind)

@@ -174,7 +174,11 @@ def build(kind: str, verbose: bool = False) -> ModuleType:
     _check_toolchain(kind)
     from torch.utils import cpp_extension  # imported late: it probes for CUDA and warns
 
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a read-only home in a container
+        raise KernelUnavailable(f"cannot create the build folder {directory}: {error} "
+                                "(set TORCH_EXTENSIONS_DIR to a writable folder)") from error
     log.info("building the %s kernel of multi-scale deformable attention in %s (first use; about %s)",
              kind.upper(), directory, "1-2 min per GPU arch" if kind == "cuda" else "30 s")
     start = time.monotonic()
@@ -187,7 +191,10 @@ def build(kind: str, verbose: bool = False) -> ModuleType:
             build_directory=str(directory), verbose=verbose, with_cuda=kind == "cuda")
     except Exception as error:  # compiler errors arrive as RuntimeError/CalledProcessError/OSError
         reason = _first_error_line(str(error)) or type(error).__name__
-        write_text_atomic(str(directory / "FAILED"), f"{reason}\n")
+        try:
+            write_text_atomic(str(directory / "FAILED"), f"{reason}\n")
+        except OSError:
+            pass  # the marker only saves later processes a retry
         raise KernelUnavailable(f"building the {kind} kernel failed: {reason}") from error
     write_text_atomic(str(directory / "BUILT"), f"{name}\n")
     (directory / "FAILED").unlink(missing_ok=True)
