@@ -29,7 +29,7 @@ def _clear_failure(kind: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deformable_detr.ops.build", description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m deformable_detr.ops.build", description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=["cpu", "cuda", "all"], default=None,
                         help="which kernel to build (default: cpu, plus cuda when a CUDA toolkit is found "
                              "and a GPU or TORCH_CUDA_ARCH_LIST gives the archs)")
