@@ -23,7 +23,7 @@ from dockerfile_parse import DockerfileParser
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"trainer": REPO / "Dockerfile.trainer", "operator": REPO / "Dockerfile.operator"}
 TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
-USUAL_ARCHS = "8.0;8.6;8.9;9.0"
+USUAL_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # +PTX: newer GPUs JIT the kernel at load time
 
 
 def _instructions(name: str) -> list[dict]:
