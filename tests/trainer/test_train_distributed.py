@@ -2,7 +2,8 @@
 
 - two "nodes" of two processes each (what the operator's gang runs);
 - `ddp` and `ddp_sharded` (FSDP2) reach the same losses and weights (slow);
-- a worker killed with SIGKILL fails the run promptly, and a re-run resumes (slow).
+- a worker killed with SIGKILL fails the run promptly, and a re-run resumes (slow);
+- SIGTERM to `deformable-detr train --gpus 2` stops every worker, rank 0 saves, exit 143.
 """
 from __future__ import annotations
 
@@ -165,3 +166,30 @@ def test_killed_worker_fails_the_run_and_a_rerun_resumes(tiny_coco, tmp_path):
     assert last_start["step"] == saved_step and last_start["epoch"] >= 1  # resumed, not restarted
     assert read_status(str(folder))["state"] == "completed"
     assert load_checkpoint(str(folder / LATEST_NAME))["step"] == 8
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_with_a_checkpoint(tiny_coco, tmp_path):
+    """What a pod sees: SIGTERM to the command reaches the workers through torchrun; rank 0 saves; exit 143."""
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=1, num_epochs=1)
+    spec["dataset"]["val_data_sources"] = []
+    path = _write(tmp_path, spec, "spec.yaml")
+    folder = tmp_path / "r" / "train"
+    run = subprocess.Popen([sys.executable, "-m", "deformable_detr", "train", "-e", path, "--gpus", "2"],
+                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((folder / "train_log.jsonl").exists() and _records(folder, "step")):
+            assert run.poll() is None, run.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no training step within the deadline"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 143, out[-3000:]
+    status = read_status(str(folder))
+    assert status["state"] == "stopped"
+    saved = load_checkpoint(status["last_checkpoint"])
+    assert saved["epoch_finished"] is False and saved["step"] < 4
+    assert len(saved["rng"]["ranks"]) == 2
