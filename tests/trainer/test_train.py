@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from deformable_detr.cli import main
+from deformable_detr.errors import UsageError
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
 from deformable_detr.runtime.training_log import read_log, read_status
 from deformable_detr.tasks.train import _padded_batches
@@ -158,6 +159,21 @@ def test_resume_into_another_model_names_the_field(trained, tiny_coco, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("deformable-detr train: error: train.resume_training_checkpoint_path:")
     assert "does not fit the model" in err
+
+
+def test_encrypted_checkpoints_with_k_and_resume_with_the_key(tiny_coco, tmp_path, write_spec, capsys):
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=8, num_epochs=1)
+    spec["dataset"]["val_data_sources"] = []
+    assert train_cli(write_spec, spec, "-k", "s3cret") == 0
+    latest = str(tmp_path / "r" / "train" / LATEST_NAME)
+    with pytest.raises(UsageError, match="encrypted"):
+        load_checkpoint(latest)
+    assert load_checkpoint(latest, key="s3cret")["step"] == 1
+    spec["train"]["num_epochs"] = 2
+    assert train_cli(write_spec, spec) == 2  # auto_resume finds it, but cannot read it without the key
+    assert "-k" in capsys.readouterr().err
+    assert train_cli(write_spec, spec, "-k", "s3cret") == 0
+    assert load_checkpoint(latest, key="s3cret")["step"] == 2
 
 
 def test_padded_validation_batches_keep_every_rank_in_step():
