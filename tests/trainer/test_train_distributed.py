@@ -57,10 +57,14 @@ def test_two_nodes_of_two_processes_train_in_step(tiny_coco, tmp_path):
     spec["train"]["optim"].update(lr=2e-3, lr_steps=[10])
     path = _write(tmp_path, spec, "spec.yaml")
     port = _free_port()
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", f"--node_rank={node}",
-         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "deformable_detr", "train", "-e", path],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    # Node 0 as a user starts it (the CLI launches torchrun from MASTER_ADDR/NODE_RANK), node 1 as
+    # the operator's gang does (torchrun itself); both meet at the same static rendezvous.
+    node0 = [sys.executable, "-m", "deformable_detr", "train", "-e", path, "--gpus", "2", "--num_nodes", "2"]
+    node0_env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0")
+    node1 = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--node_rank=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "deformable_detr", "train", "-e", path]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in ((node0, node0_env), (node1, _env()))]
     try:
         outputs = [node.communicate(timeout=480)[0] for node in nodes]
     finally:
