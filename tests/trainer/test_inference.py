@@ -189,9 +189,7 @@ def test_missing_classmap_is_named(checkpoint, image_folder, write_spec, results
     assert "dataset.infer_data_sources.classmap: not set" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
-                    reason="tensorrt and a GPU are present: the engine path would run")
-def test_trt_engine_without_tensorrt_exits_3(image_folder, classmap, write_spec, results_dir, capsys):
+def test_trt_engine_is_refused_with_exit_3(image_folder, classmap, write_spec, results_dir, capsys):
     spec = tiny_spec(results_dir, None, [image_folder], classmap, trt_engine="/models/ddetr.engine")
     assert _infer(write_spec, spec) == 3
     err = capsys.readouterr().err.strip()

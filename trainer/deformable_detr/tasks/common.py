@@ -39,6 +39,18 @@ def require_tensorrt(field: str) -> None:
                                  f"set {task}.checkpoint instead to run the PyTorch model")
 
 
+def refuse_trt_engine(field: str) -> None:
+    """`{task}.trt_engine`: always FeatureUnavailable (exit 3), saying why in one line.
+
+    Without tensorrt or a GPU the engine cannot run; with them, this version still has no
+    engine runner wired into evaluate/inference (the export issue's `export/trt.py`).
+    """
+    require_tensorrt(field)
+    task = field.split(".")[0]
+    raise FeatureUnavailable(f"{field}: running a TensorRT engine in {task} is not available in this version; "
+                             f"set {task}.checkpoint instead to run the PyTorch model")
+
+
 def require_checkpoint(path: Optional[str], field: str) -> str:
     if not path:
         raise UsageError(f"{field}: not set; give the model checkpoint (.pth) to run, e.g. {field}=model.pth")

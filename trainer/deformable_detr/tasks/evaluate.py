@@ -16,7 +16,7 @@ from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from ..runtime.storage import write_text
 from .common import (load_model_for_inference, predict, relaunch_in_workers, require_checkpoint,
-                     require_tensorrt)
+                     refuse_trt_engine)
 
 log = get_logger("evaluate")
 
@@ -73,9 +73,7 @@ def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
 
 def run(spec: ExperimentConfig) -> int:
     if spec.evaluate.trt_engine:
-        require_tensorrt("evaluate.trt_engine")
-        raise UsageError("evaluate.trt_engine: evaluating a TensorRT engine is not built in this version; "
-                         "set evaluate.checkpoint instead")
+        refuse_trt_engine("evaluate.trt_engine")
     launched = relaunch_in_workers(spec, "evaluate", spec.evaluate.num_gpus)
     if launched is not None:
         return launched

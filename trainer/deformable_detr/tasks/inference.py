@@ -26,7 +26,7 @@ from ..runtime import distributed
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from .common import (load_model_for_inference, predict_batches, relaunch_in_workers, require_checkpoint,
-                     require_tensorrt)
+                     refuse_trt_engine)
 
 log = get_logger("inference")
 
@@ -158,9 +158,7 @@ def _infer(spec: ExperimentConfig) -> int:
 
 def run(spec: ExperimentConfig) -> int:
     if spec.inference.trt_engine:
-        require_tensorrt("inference.trt_engine")
-        raise UsageError("inference.trt_engine: running a TensorRT engine is not built in this version; "
-                         "set inference.checkpoint instead")
+        refuse_trt_engine("inference.trt_engine")
     launched = relaunch_in_workers(spec, "inference", spec.inference.num_gpus)
     if launched is not None:
         return launched
