@@ -111,6 +111,15 @@ def test_conf_threshold_drops_low_scores(tiny_coco, tiny_weights, reference_run,
     assert results["conf_threshold"] == pytest.approx(threshold)
 
 
+def test_eval_class_ids_limit_the_scored_classes(tiny_coco, tiny_weights, write_spec, results_dir):
+    spec = tiny_spec(tiny_coco, results_dir, tiny_weights[1])
+    spec["dataset"]["eval_class_ids"] = [2]
+    assert _evaluate(write_spec, spec) == 0
+    results, detections = _outputs(results_dir)
+    assert list(results["per_class"]) == ["class_2"]
+    assert results["AP"] == evaluate_coco(tiny_coco["val"]["json_file"], detections, class_ids=[2])["AP"]
+
+
 def _lightning(state: dict) -> dict:
     return {"state_dict": {f"model.model.{name}": value for name, value in state.items()}, "epoch": 3}
 
