@@ -48,6 +48,14 @@ def _evaluate(write_spec, spec: dict, *extra: str) -> int:
     return main(["evaluate", "-e", write_spec(spec), *extra])
 
 
+def _error_line(stderr: str) -> str:
+    """The CLI's one error line (log lines of the run may precede it on stderr)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("deformable-detr evaluate:")]
+    assert len(lines) == 1, stderr
+    assert stderr.strip().splitlines()[-1] == lines[0], "the error message runs over several lines"
+    return lines[0]
+
+
 def _outputs(results_dir) -> tuple[dict, list]:
     folder = results_dir / "evaluate"
     return (json.loads((folder / "results.json").read_text()),
@@ -146,8 +154,8 @@ def test_encrypted_checkpoint_without_key_is_a_usage_error(tiny_coco, tiny_weigh
     path = str(tmp_path / "locked.pth")
     save_object({"model": tiny_weights[0]}, path, key="s3cret")
     assert _evaluate(write_spec, tiny_spec(tiny_coco, results_dir, path)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("deformable-detr evaluate: error:") and "-k" in err and len(err.splitlines()) == 1
+    err = _error_line(capsys.readouterr().err)
+    assert err.startswith("deformable-detr evaluate: error:") and "-k" in err
     assert not (results_dir / "evaluate" / "results.json").exists()
 
 
@@ -174,8 +182,7 @@ def test_missing_checkpoint_file_is_named(tiny_coco, write_spec, results_dir, tm
 def test_trt_engine_is_refused_with_exit_3(tiny_coco, write_spec, results_dir, capsys):
     spec = tiny_spec(tiny_coco, results_dir, None, trt_engine="/models/ddetr.engine")
     assert _evaluate(write_spec, spec) == 3
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = _error_line(capsys.readouterr().err)
     assert err.startswith("deformable-detr evaluate: error: evaluate.trt_engine:")
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in err

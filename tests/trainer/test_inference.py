@@ -77,6 +77,14 @@ def _infer(write_spec, spec: dict, *extra: str) -> int:
     return main(["inference", "-e", write_spec(spec), *extra])
 
 
+def _error_line(stderr: str) -> str:
+    """The CLI's one error line (log lines of the run may precede it on stderr)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("deformable-detr inference:")]
+    assert len(lines) == 1, stderr
+    assert stderr.strip().splitlines()[-1] == lines[0], "the error message runs over several lines"
+    return lines[0]
+
+
 def _stems(folder) -> list[str]:
     return sorted(os.path.splitext(name)[0] for name in os.listdir(folder))
 
@@ -158,7 +166,7 @@ def test_class_id_outside_the_classmap_is_a_clear_error(checkpoint, image_folder
     short = tmp_path / "short.txt"
     short.write_text("car\n")  # the model has ids 1..3
     assert _infer(write_spec, tiny_spec(results_dir, checkpoint, [image_folder], str(short))) == 2
-    err = capsys.readouterr().err.strip()
+    err = _error_line(capsys.readouterr().err)
     assert err.startswith("deformable-detr inference: error: dataset.infer_data_sources.classmap:")
     assert str(short) in err and "names only ids 1..1" in err
 
@@ -192,8 +200,7 @@ def test_missing_classmap_is_named(checkpoint, image_folder, write_spec, results
 def test_trt_engine_is_refused_with_exit_3(image_folder, classmap, write_spec, results_dir, capsys):
     spec = tiny_spec(results_dir, None, [image_folder], classmap, trt_engine="/models/ddetr.engine")
     assert _infer(write_spec, spec) == 3
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = _error_line(capsys.readouterr().err)
     assert err.startswith("deformable-detr inference: error: inference.trt_engine:")
 
 
