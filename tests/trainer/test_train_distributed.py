@@ -22,7 +22,9 @@ from deformable_detr.runtime.checkpoint import LATEST_NAME, list_checkpoints, lo
 from deformable_detr.runtime.training_log import read_log, read_status
 from test_train import tiny_train_spec
 
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "DDETR_DIST_TIMEOUT_S": "120"}
+# The PyTorch reference attention: workers never race to build the CPU kernel (a rank that loses
+# the race falls back to the reference, and its numbers then differ from its peers' in the last bits).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "DDETR_DIST_TIMEOUT_S": "120", "DDETR_MSDA_IMPL": "reference"}
 
 
 def _free_port() -> int:
