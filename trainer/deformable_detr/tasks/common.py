@@ -3,7 +3,6 @@ checkpoint, predictions over a data loader, and the multi-process relaunch."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import tempfile
 from typing import Iterable, Iterator, Optional
@@ -27,28 +26,30 @@ class FeatureUnavailable(UsageError):
 
 
 def require_tensorrt(field: str) -> None:
-    """Refuse, naming `field`, when this machine cannot run a TensorRT engine."""
-    missing = []
-    if importlib.util.find_spec("tensorrt") is None:
-        missing.append("the tensorrt package is not installed (pip install 'deformable-detr[tensorrt]')")
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is visible")
+    """Refuse (exit 3, one line), naming `field` and what is missing, when an engine cannot run here."""
+    from ..export.trt import missing_requirements
+
+    missing = missing_requirements()
     if missing:
         task = field.split(".")[0]
         raise FeatureUnavailable(f"{field}: a TensorRT engine cannot run here: {'; '.join(missing)}; "
                                  f"set {task}.checkpoint instead to run the PyTorch model")
 
 
-def refuse_trt_engine(field: str) -> None:
-    """`{task}.trt_engine`: always FeatureUnavailable (exit 3), saying why in one line.
+def load_engine_for_inference(spec: ExperimentConfig, field: str, device: torch.device | str,
+                              input_width: Optional[int], input_height: Optional[int]):
+    """(TrtDetector on `device`, postprocessor, (height, width) to resize the images to) for `{task}.trt_engine`.
 
-    Without tensorrt or a GPU the engine cannot run; with them, this version still has no
-    engine runner wired into evaluate/inference (the export issue's `export/trt.py`).
+    The size is `{task}.input_height/input_width` when set, else the engine's own input size.
     """
+    from ..export.trt import TrtDetector, resolve_input_size
+    from ..model.postprocess import PostProcess
+
     require_tensorrt(field)
     task = field.split(".")[0]
-    raise FeatureUnavailable(f"{field}: running a TensorRT engine in {task} is not available in this version; "
-                             f"set {task}.checkpoint instead to run the PyTorch model")
+    detector = TrtDetector(getattr(getattr(spec, task), "trt_engine"), device, field)
+    size = resolve_input_size(input_width, input_height, detector.io, task)
+    return detector, PostProcess(spec.model.num_select), size
 
 
 def require_checkpoint(path: Optional[str], field: str) -> str:

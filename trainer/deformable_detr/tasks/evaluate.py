@@ -3,6 +3,7 @@
 Writes, in the task's results folder, `results.json` (the metrics and per-class AP) and
 `detections.json` (every kept detection, COCO results format). With evaluate.num_gpus > 1
 the images are sharded across torchrun workers and rank 0 gathers and scores them.
+With evaluate.trt_engine a TensorRT engine (export/trt.py) runs instead of the checkpoint.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from ..runtime import distributed
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from ..runtime.storage import write_text
-from .common import (load_model_for_inference, predict, relaunch_in_workers, require_checkpoint,
-                     refuse_trt_engine)
+from .common import (load_engine_for_inference, load_model_for_inference, predict, relaunch_in_workers,
+                     require_checkpoint, require_tensorrt)
 
 log = get_logger("evaluate")
 
@@ -42,14 +43,25 @@ def format_metrics(metrics: dict) -> str:
 def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
     from ..data import build_dataloader, build_dataset
 
-    checkpoint = require_checkpoint(spec.evaluate.checkpoint, "evaluate.checkpoint")
+    engine = spec.evaluate.trt_engine
+    checkpoint = None if engine else require_checkpoint(spec.evaluate.checkpoint, "evaluate.checkpoint")
     if spec.dataset.test_data_sources is None:
         raise UsageError("dataset.test_data_sources: not set; give {image_dir, json_file} of the images to score")
     info = distributed.setup()
     try:
-        model, postprocessor = load_model_for_inference(spec, checkpoint, spec.encryption_key, info.device)
-        dataset = build_dataset(spec, "test")
-        loader = build_dataloader(spec, "test", rank=info.rank, world_size=info.world_size, dataset=dataset)
+        if engine:  # every image resized to the engine's input size; no padding
+            from ..export.trt import engine_transform, without_fixed_padding
+
+            model, postprocessor, (height, width) = load_engine_for_inference(
+                spec, "evaluate.trt_engine", info.device, spec.evaluate.input_width, spec.evaluate.input_height)
+            data_spec = without_fixed_padding(spec)
+            dataset = build_dataset(data_spec, "test",
+                                    transform=engine_transform(spec.dataset.augmentation, height, width))
+            loader = build_dataloader(data_spec, "test", rank=info.rank, world_size=info.world_size, dataset=dataset)
+        else:
+            model, postprocessor = load_model_for_inference(spec, checkpoint, spec.encryption_key, info.device)
+            dataset = build_dataset(spec, "test")
+            loader = build_dataloader(spec, "test", rank=info.rank, world_size=info.world_size, dataset=dataset)
         detections = predict(model, postprocessor, loader, info.device, spec.evaluate.conf_threshold,
                              show_progress=info.is_main)
         gathered = distributed.all_gather_objects(detections)
@@ -63,6 +75,8 @@ def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
         report = dict(metrics)
         report.update(checkpoint=checkpoint, conf_threshold=spec.evaluate.conf_threshold,
                       num_images=len(dataset.coco.getImgIds()), num_detections=len(detections))
+        if engine:
+            report["trt_engine"] = engine
         write_text(f"{out}/{DETECTIONS_FILE}", json.dumps(detections))
         write_text(f"{out}/{RESULTS_FILE}", json.dumps(report, indent=2))
         log.info("AP %.4f over %d images; results in %s/%s", metrics["AP"], report["num_images"], out, RESULTS_FILE)
@@ -73,7 +87,7 @@ def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
 
 def run(spec: ExperimentConfig) -> int:
     if spec.evaluate.trt_engine:
-        refuse_trt_engine("evaluate.trt_engine")
+        require_tensorrt("evaluate.trt_engine")
     launched = relaunch_in_workers(spec, "evaluate", spec.evaluate.num_gpus)
     if launched is not None:
         return launched

@@ -6,6 +6,7 @@ lines, one per detection at or above inference.conf_threshold) and
 in inference.color_map's colours). With inference.is_internal the outputs go one folder
 deeper, under the name of each image's folder. Unreadable images are reported and
 skipped. With inference.num_gpus > 1 the images are sharded across torchrun workers.
+With inference.trt_engine a TensorRT engine (export/trt.py) runs instead of the checkpoint.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from ..errors import UsageError
 from ..runtime import distributed
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
-from .common import (load_model_for_inference, predict_batches, relaunch_in_workers, require_checkpoint,
-                     refuse_trt_engine)
+from .common import (load_engine_for_inference, load_model_for_inference, predict_batches, relaunch_in_workers,
+                     require_checkpoint, require_tensorrt)
 
 log = get_logger("inference")
 
@@ -117,7 +118,8 @@ def _write_outputs(out: str, name: str, path: str, target: dict, detections: lis
 
 
 def _infer(spec: ExperimentConfig) -> int:
-    checkpoint = require_checkpoint(spec.inference.checkpoint, "inference.checkpoint")
+    engine = spec.inference.trt_engine
+    checkpoint = None if engine else require_checkpoint(spec.inference.checkpoint, "inference.checkpoint")
     source = spec.dataset.infer_data_sources
     if source is None or not source.classmap:
         raise UsageError("dataset.infer_data_sources.classmap: not set; give the text file of class names, "
@@ -128,11 +130,20 @@ def _infer(spec: ExperimentConfig) -> int:
     try:
         images = InferenceImages(spec)
         names = output_names(images.paths, spec.inference.is_internal)
-        model, postprocessor = load_model_for_inference(spec, checkpoint, spec.encryption_key, info.device)
+        pad_to = fixed_pad_size(spec.dataset.augmentation)
+        if engine:  # every image resized to the engine's input size; no padding
+            from ..export.trt import engine_transform
+
+            model, postprocessor, (height, width) = load_engine_for_inference(
+                spec, "inference.trt_engine", info.device, spec.inference.input_width, spec.inference.input_height)
+            images.transform = engine_transform(spec.dataset.augmentation, height, width)
+            pad_to = None
+        else:
+            model, postprocessor = load_model_for_inference(spec, checkpoint, spec.encryption_key, info.device)
         sampler = ShardedSequentialSampler(len(images), info.rank, info.world_size)
         loader = DataLoader(_ReportUndecodable(images), batch_size=spec.dataset.batch_size, sampler=sampler,
                             num_workers=spec.dataset.workers,
-                            collate_fn=functools.partial(_collate, pad_to=fixed_pad_size(spec.dataset.augmentation)))
+                            collate_fn=functools.partial(_collate, pad_to=pad_to))
         out = task_results_dir(spec, "inference").rstrip("/")
         failed: list[dict] = []
         written = boxes = 0
@@ -158,7 +169,7 @@ def _infer(spec: ExperimentConfig) -> int:
 
 def run(spec: ExperimentConfig) -> int:
     if spec.inference.trt_engine:
-        refuse_trt_engine("inference.trt_engine")
+        require_tensorrt("inference.trt_engine")
     launched = relaunch_in_workers(spec, "inference", spec.inference.num_gpus)
     if launched is not None:
         return launched
