@@ -13,7 +13,7 @@ from deformable_detr.config.loader import spec_from_dict
 from deformable_detr.errors import UsageError
 from deformable_detr.export.trt import (PLUGIN_LIB_ENV, EngineIO, _tensorrt_import_error, batch_chunks,
                                         engine_transform, load_plugins, missing_requirements, resolve_input_size,
-                                        unavailable_reasons, without_fixed_padding)
+                                        run_in_chunks, unavailable_reasons, without_fixed_padding)
 
 OUTPUTS = ("pred_logits", "pred_boxes")
 
@@ -65,6 +65,31 @@ def test_batch_chunks(batch, low, high, expected):
 def test_batch_chunks_rejects_an_empty_range():
     with pytest.raises(ValueError):
         batch_chunks(3, 4, 2)
+
+
+def _per_image_heads(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs that depend on each image alone (as a detector's do), in float16 like an fp16 engine's."""
+    means = images.mean(dim=(2, 3))  # [B, 3]
+    return {"pred_logits": means[:, None, :].repeat(1, 5, 1).half(),
+            "pred_boxes": means[:, None, :1].repeat(1, 5, 4).sigmoid().half()}
+
+
+@pytest.mark.parametrize("low, high, expected_calls", [(2, 2, [2, 2, 2]), (1, 4, [4, 1]), (3, 8, [5]),
+                                                       (4, 4, [4, 4])])
+def test_run_in_chunks_splits_pads_and_drops_the_padding(low, high, expected_calls):
+    images = torch.randn(5, 3, 8, 8) + 1.0  # nonzero means: padding (blank images) would show
+    calls = []
+
+    def run(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(len(chunk))
+        return _per_image_heads(chunk)
+
+    outputs = run_in_chunks(images, low, high, run)
+    expected = _per_image_heads(images)
+    assert calls == expected_calls
+    for name in ("pred_logits", "pred_boxes"):
+        assert outputs[name].dtype == torch.float32 and outputs[name].shape == expected[name].shape
+        assert torch.equal(outputs[name], expected[name].float())
 
 
 def test_engine_transform_resizes_exactly_and_keeps_boxes_relative_to_the_image():

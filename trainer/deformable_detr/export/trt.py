@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -100,6 +100,23 @@ def batch_chunks(batch: int, min_batch: int, max_batch: int) -> list[tuple[int, 
         stop = min(start + max_batch, batch)
         chunks.append((start, stop, max(stop - start, min_batch)))
     return chunks
+
+
+def run_in_chunks(images: torch.Tensor, min_batch: int, max_batch: int,
+                  run: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{pred_logits, pred_boxes} (float32) of `images` from `run` called on batches of min..max images.
+
+    A short chunk is padded with blank images and their outputs dropped.
+    """
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in OUTPUT_NAMES}
+    for start, stop, run_batch in batch_chunks(len(images), min_batch, max_batch):
+        chunk = images[start:stop]
+        if run_batch > len(chunk):
+            chunk = torch.cat([chunk, chunk.new_zeros((run_batch - len(chunk), *chunk.shape[1:]))])
+        outputs = run(chunk)
+        for name in OUTPUT_NAMES:
+            pieces[name].append(outputs[name][: stop - start].float())
+    return {name: torch.cat(parts) for name, parts in pieces.items()}
 
 
 class ResizeTo:
@@ -208,15 +225,7 @@ class TrtDetector:
         if not (low[2] <= height <= high[2] and low[3] <= width <= high[3]):
             raise UsageError(f"TensorRT engine: images of {height}x{width} but the engine takes "
                              f"{low[2]}..{high[2]} x {low[3]}..{high[3]} (height x width)")
-        pieces: dict[str, list[torch.Tensor]] = {name: [] for name in OUTPUT_NAMES}
-        for start, stop, run_batch in batch_chunks(len(images), *self.io.batch_range):
-            chunk = images[start:stop]
-            if run_batch > len(chunk):  # a fixed or minimum batch: pad with blank images, drop their outputs
-                chunk = torch.cat([chunk, chunk.new_zeros((run_batch - len(chunk), *chunk.shape[1:]))])
-            outputs = self._run(chunk)
-            for name in OUTPUT_NAMES:
-                pieces[name].append(outputs[name][: stop - start].float())
-        return {name: torch.cat(parts) for name, parts in pieces.items()}
+        return run_in_chunks(images, *self.io.batch_range, self._run)
 
 
 def without_fixed_padding(spec: ExperimentConfig) -> ExperimentConfig:
