@@ -196,9 +196,6 @@ class TrtDetector:
         self.stream = torch.cuda.Stream(self.device)
         self.output_dtypes = {name: _torch_dtype(self.engine.get_tensor_dtype(name)) for name in self.io.output_names}
 
-    def eval(self) -> "TrtDetector":
-        return self
-
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """One engine call on a batch the profile accepts."""
         images = images.to(self.device, self.io.input_dtype).contiguous()
