@@ -8,6 +8,12 @@ version, so a stale build is never loaded. A finished build leaves a `BUILT` mar
 a marked build only imports the shared library (no compiler, no ninja). A failed build
 leaves a `FAILED` marker so that later processes do not pay for it again;
 `python -m deformable_detr.ops.build` retries.
+
+Processes that start together (the ranks of a torchrun job) build once: the first takes
+`build.lock` in the build folder and compiles; the others log that they wait, wait for it
+(up to `DDETR_MSDA_BUILD_WAIT_S`, default 10 min for the CPU kernel and 1 h for CUDA) and
+then load what it built, so every rank runs the same implementation. Only a recorded
+failure or a timed-out wait makes a waiter give up on the kernel.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+from filelock import FileLock, Timeout
 
 from ..runtime.files import write_text_atomic
 from ..runtime.logging import get_logger
@@ -37,6 +44,9 @@ _NVCC_FLAGS = ("-O3", "--use_fast_math", "-lineinfo")
 _LD_FLAGS = {"cpu": ("-fopenmp",), "cuda": ()}
 
 _loaded: dict[str, ModuleType] = {}
+
+BUILD_WAIT_ENV = "DDETR_MSDA_BUILD_WAIT_S"
+_DEFAULT_BUILD_WAIT_S = {"cpu": 600.0, "cuda": 3600.0}  # well above a build's usual time here
 
 
 class KernelUnavailable(RuntimeError):
@@ -165,20 +175,83 @@ def _first_error_line(message: str) -> str:
     return (compiler_errors or errors or lines or [""])[0][:500]
 
 
+def build_wait_seconds(kind: str) -> float:
+    """How long a process waits for another process's build of `kind` before giving up."""
+    raw = os.environ.get(BUILD_WAIT_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_BUILD_WAIT_S[kind]
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise KernelUnavailable(f"{BUILD_WAIT_ENV}={raw!r} is not a number of seconds >= 0")
+    return seconds
+
+
+def build_lock_path(kind: str) -> Path:
+    # Not torch's own `lock` file in the same folder: cpp_extension takes that one inside
+    # our lock, and two flocks on one file would block each other even in one process.
+    return build_directory(kind) / "build.lock"
+
+
+def _failure_reason(directory: Path) -> Optional[str]:
+    failed = directory / "FAILED"
+    return failed.read_text().strip() if failed.exists() else None
+
+
+def _acquire_build_lock(kind: str) -> FileLock:
+    """The build lock of `kind`, waiting (bounded, with a log line) while another process holds it."""
+    lock = FileLock(str(build_lock_path(kind)))
+    try:
+        lock.acquire(timeout=0)
+        return lock
+    except Timeout:
+        pass
+    wait = build_wait_seconds(kind)
+    log.info("another process is building the %s kernel in %s; waiting up to %.0f s for it",
+             kind.upper(), build_directory(kind), wait)
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout as error:
+        raise KernelUnavailable(f"gave up after waiting {wait:.0f} s for another process's build "
+                                f"(lock {build_lock_path(kind)}; {BUILD_WAIT_ENV} sets the wait)") from error
+    return lock
+
+
 def build(kind: str, verbose: bool = False) -> ModuleType:
-    """Compile the `kind` extension into its cache folder (or reuse a finished build) and import it."""
+    """Compile the `kind` extension into its cache folder (or reuse a finished build) and import it.
+
+    Serialised across processes by the build lock: a process that finds a build under way waits
+    for it and loads its result, or raises KernelUnavailable if that build failed."""
     name = extension_name(kind)
     directory = build_directory(kind)
     if (directory / "BUILT").exists():
         return _import_library(name, directory)
-    _check_toolchain(kind)
-    from torch.utils import cpp_extension  # imported late: it probes for CUDA and warns
-
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # e.g. a read-only home in a container
         raise KernelUnavailable(f"cannot create the build folder {directory}: {error} "
                                 "(set TORCH_EXTENSIONS_DIR to a writable folder)") from error
+    lock = _acquire_build_lock(kind)
+    try:
+        # Another process may have finished (or failed) while this one waited for the lock.
+        if (directory / "BUILT").exists():
+            return _import_library(name, directory)
+        reason = _failure_reason(directory)
+        if reason is not None:
+            raise KernelUnavailable(f"the build by another process failed ({reason}); "
+                                    "retry with: python -m deformable_detr.ops.build")
+        _check_toolchain(kind)  # only the builder needs one; waiters just import the result
+        return _compile(kind, name, directory, verbose)
+    finally:
+        lock.release()
+
+
+def _compile(kind: str, name: str, directory: Path, verbose: bool) -> ModuleType:
+    """Run the compiler (the caller holds the build lock) and record the outcome as BUILT or FAILED."""
+    from torch.utils import cpp_extension  # imported late: it probes for CUDA and warns
+
     log.info("building the %s kernel of multi-scale deformable attention in %s (first use; about %s)",
              kind.upper(), directory, "1-2 min per GPU arch" if kind == "cuda" else "30 s")
     start = time.monotonic()
@@ -208,9 +281,9 @@ def load(kind: str, build_if_missing: bool = True) -> ModuleType:
         return _loaded[kind]
     directory = build_directory(kind)
     if not (directory / "BUILT").exists():
-        failed = directory / "FAILED"
-        if failed.exists():
-            raise KernelUnavailable(f"an earlier build failed ({failed.read_text().strip()}); "
+        reason = _failure_reason(directory)
+        if reason is not None:
+            raise KernelUnavailable(f"an earlier build failed ({reason}); "
                                     "retry with: python -m deformable_detr.ops.build")
         if not build_if_missing:
             raise KernelUnavailable(f"the {kind} kernel is not built (python -m deformable_detr.ops.build)")
