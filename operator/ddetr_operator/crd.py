@@ -15,6 +15,7 @@ from deformable_detr.config.jsonschema import experiment_schema
 from deformable_detr.runtime.storage import write_text
 
 from . import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from .render import DEFAULT_TERMINATION_GRACE_SECONDS
 
 TASKS = ["train", "evaluate", "inference", "export", "convert", "gen_trt_engine"]
 PHASES = ["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
@@ -75,6 +76,10 @@ def job_spec_schema() -> dict:
         "masterPort": _int("torchrun rendezvous port on pod 0", minimum=1024, maximum=65535, default=29500),
         "metricsPort": _int("rank 0's Prometheus /metrics port; 0 = off", minimum=0, maximum=65535,
                             default=9090),
+        "terminationGracePeriodSeconds": _int(
+            "seconds a trainer pod gets after SIGTERM (preemption, suspend, gang restart) to finish its "
+            "step, write its checkpoint and upload it before it is killed", minimum=30,
+            default=DEFAULT_TERMINATION_GRACE_SECONDS),
         "shmSize": _str("size of /dev/shm (memory-backed) for data-loader workers",
                         pattern=_QUANTITY_RE, default="8Gi"),
         "resources": {**_ANY_OBJECT, "description": "container resources (requests/limits); "

@@ -27,6 +27,9 @@ MASTER_WAIT_SECONDS = 300
 KEY_ENV = "DDETR_ENCRYPTION_KEY"
 # Exit code of the wait below when pod 0 never resolves: >= 128, so the gang is retried.
 MASTER_UNRESOLVABLE_EXIT = 200
+# Time between SIGTERM and SIGKILL: torchrun forwards SIGTERM, rank 0 finishes its step, writes
+# a checkpoint and uploads it to S3 (hundreds of MB, tens of seconds); Kubernetes' 30 s is too short.
+DEFAULT_TERMINATION_GRACE_SECONDS = 180
 
 # Workers other than rank 0 wait (bounded) until pod 0's DNS name resolves, instead of
 # letting torchrun fail and the pod crash while pod 0 is still being scheduled.
@@ -205,7 +208,10 @@ def render_worker_job(job: Mapping[str, Any], attempt: int, suspend: bool = Fals
     job_labels = {**labels, KUEUE_QUEUE_LABEL: queue} if queue else labels
     pod_labels = {LABEL_JOB: meta["name"], LABEL_ROLE: "worker", **labels}
     annotations = dict(NO_SIDECAR_ANNOTATIONS)
-    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "subdomain": service_name(meta["name"])}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never", "subdomain": service_name(meta["name"]),
+        "terminationGracePeriodSeconds": spec.get("terminationGracePeriodSeconds",
+                                                  DEFAULT_TERMINATION_GRACE_SECONDS)}
     gang = spec.get("gangScheduling")
     if gang:
         if gang["scheduler"] == "volcano":

@@ -82,6 +82,8 @@ def test_example_is_accepted_by_the_crd_schema_and_the_operator(path, cr_validat
     (("spec", "task"), "dance"),
     (("spec", "artifacts", "uri"), "/local/path"),
     (("spec", "runPolicy", "cleanPodPolicy"), "Sometimes"),
+    (("spec", "terminationGracePeriodSeconds"), 10),  # under Kubernetes' own 30 s default
+    (("spec", "terminationGracePeriodSeconds"), "3m"),
 ])
 def test_schema_rejects_bad_values(path_and_value, cr_validator):
     path, value = path_and_value

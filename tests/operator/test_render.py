@@ -30,6 +30,7 @@ VARIANTS = {
         "resources": {"requests": {"cpu": "8", "memory": "64Gi"}}, "priorityClassName": "high",
         "schedulerName": "custom", "serviceAccountName": "trainer", "imagePullPolicy": "Always",
         "imagePullSecrets": [{"name": "registry"}], "env": [{"name": "EXTRA", "value": "1"}], "shmSize": "16Gi",
+        "terminationGracePeriodSeconds": 600,
         "encryptionKeySecret": {"name": "ckpt-key"}},
     "volcano-gang": {"gangScheduling": {"scheduler": "volcano", "minAvailable": 2}, "priorityClassName": "high"},
     "plugins-gang": {"gangScheduling": {"scheduler": "scheduler-plugins", "scheduleTimeoutSeconds": 60}},
@@ -88,6 +89,14 @@ def test_worker_job_is_an_indexed_gang_with_torchrun_settings(make_job):
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container(manifest)["volumeMounts"]
     owner = manifest["metadata"]["ownerReferences"][0]
     assert owner["uid"] == "0000-1111" and owner["controller"] is True
+
+
+def test_pods_get_time_to_checkpoint_and_upload_after_sigterm(make_job):
+    """Kubernetes' default 30 s grace is too short for rank 0 to write and upload a checkpoint."""
+    default = render.render_worker_job(make_job(), 0)["spec"]["template"]["spec"]
+    assert default["terminationGracePeriodSeconds"] == 180
+    configured = render.render_worker_job(make_job(terminationGracePeriodSeconds=900), 0)
+    assert configured["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
 
 
 def test_headless_service_publishes_pods_before_they_are_ready(make_job):
