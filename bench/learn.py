@@ -39,7 +39,7 @@ def read_validations(log_path: str) -> list[dict]:
 
 def train_with_budget(spec: str, results: str, data: str, budget_s: float, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "deformable_detr", "train", "-e", spec, "-r", results,
-           "train.validation_interval=1", "train.auto_resume=false", *data_overrides(data), *overrides]
+           "train.auto_resume=false", *data_overrides(data), *overrides]
     print("running:", " ".join(cmd), flush=True)
     start = time.time()
     proc = subprocess.Popen(cmd)
