@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-python3 -m pytest -q "$@"
+"${PYTHON:-python3}" -m pytest -q "$@"
