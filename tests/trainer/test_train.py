@@ -1,6 +1,7 @@
 """`deformable-detr train` in one process on the tiny COCO set: outputs, precision, fine-tuning, SIGTERM."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -217,3 +218,69 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_continues(tiny_coco,
     assert [r["step"] for r in steps] == list(range(1, 5))
     assert read_status(str(folder))["state"] == "completed"
     assert load_checkpoint(str(folder / LATEST_NAME))["step"] == 4
+
+
+def _unreachable_s3(monkeypatch) -> str:
+    import socket
+
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    return "s3://unreachable/run"
+
+
+def _trainer_with_a_failed_upload(tiny_coco, monkeypatch):
+    """A trainer whose results go to an S3 endpoint that is down, with one upload already given up on."""
+    from deformable_detr.config.loader import spec_from_dict
+    from deformable_detr.runtime.artifacts import ArtifactSync
+    from deformable_detr.runtime.distributed import DistInfo
+    from deformable_detr.tasks.train import Trainer
+
+    spec = spec_from_dict(tiny_train_spec(tiny_coco, _unreachable_s3(monkeypatch)))
+    trainer = Trainer(spec, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True))
+    trainer.sync = ArtifactSync(trainer.local_dir, trainer.results_dir, attempts=1, backoff_seconds=0.0)
+    with open(os.path.join(trainer.local_dir, "status.json"), "w") as fh:
+        fh.write("{}")
+    trainer.sync.upload("status.json")
+    trainer.sync.wait()
+    return trainer
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_failed_upload_never_hides_the_error_that_failed_training(tiny_coco, monkeypatch):
+    from deformable_detr.tasks import train
+
+    trainer = _trainer_with_a_failed_upload(tiny_coco, monkeypatch)
+    records = _Records()  # the CLI's logging setup stops propagation: listen on the task's logger itself
+    train.log.addHandler(records)
+    try:
+        trainer._finish("failed")  # no StorageError here: the training error is the one that propagates
+    finally:
+        train.log.removeHandler(records)
+    failures = [m for m in records.messages if "uploading the results failed" in m]
+    assert len(failures) == 1 and "status.json" in failures[0] and "\n" not in failures[0]
+
+
+def test_a_failed_upload_fails_a_successful_run_in_one_line(tiny_coco, monkeypatch):
+    from deformable_detr.runtime.storage import StorageError
+
+    trainer = _trainer_with_a_failed_upload(tiny_coco, monkeypatch)
+    with pytest.raises(StorageError) as caught:
+        trainer._finish("completed")
+    assert "not uploaded to s3://unreachable/run/train" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -52,10 +52,9 @@ def _join(folder: str, name: str) -> str:
 
 def _list_names(folder: str) -> list[str]:
     if storage.is_remote(folder):
-        list_files = getattr(storage, "list_files", None)
-        if list_files is None:  # s3 listing arrives with the storage issue
-            return []
-        return [os.path.basename(p.rstrip("/")) for p in list_files(folder.rstrip("/") + "/")]
+        prefix = folder.rstrip("/") + "/"
+        # The listing is recursive: keep the folder's own files, not those of its subfolders.
+        return [p[len(prefix):] for p in storage.list_files(prefix) if "/" not in p[len(prefix):]]
     try:
         return os.listdir(folder)
     except FileNotFoundError:
@@ -84,7 +83,7 @@ def find_resume_checkpoint(folder: str) -> Optional[str]:
 def _publish_latest(path: str, latest: str) -> None:
     """Make `latest` a complete copy of `path` in one atomic rename (a hard link when the disk allows)."""
     if storage.is_remote(path):
-        storage.write_bytes(latest, storage.read_bytes(path))
+        storage.copy(path, latest)  # server-side: the bytes never pass through this process
         return
     with atomic_path(latest) as tmp:
         os.remove(tmp)

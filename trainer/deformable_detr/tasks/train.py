@@ -40,6 +40,7 @@ from ..runtime.optim import build_optimizer, build_scheduler
 from ..runtime.paths import task_results_dir
 from ..runtime.progress import progress
 from ..runtime.signals import EXIT_SIGTERM, StopRequest
+from ..runtime.storage import StorageError
 from ..runtime.training_log import LOG_NAME, STATUS_NAME, TrainingLog
 
 log = get_logger("train")
@@ -60,11 +61,26 @@ def run(spec: ExperimentConfig) -> int:
     launched = _relaunch_under_torchrun(spec)
     if launched is not None:
         return launched
-    info = distributed.setup()
     try:
-        return Trainer(spec, info).fit()
+        code = Trainer(spec, distributed.setup()).fit()
+    except BaseException as err:
+        code = distributed.exit_code_for(err)
+        distributed.record_exit_code(code)
+        if code != distributed.EXIT_PEER_LOST:
+            raise
+        # A peer is gone (killed, node lost, timed out): a retryable code, not the traceback of a bug.
+        log.error("lost contact with another training process (%s); exiting %d so that the run is retried",
+                  _one_line(err), code)
+        return code
     finally:
         distributed.cleanup()
+    distributed.record_exit_code(code)
+    return code
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _relaunch_under_torchrun(spec: ExperimentConfig) -> Optional[int]:
@@ -137,7 +153,9 @@ class Trainer:
         self.remote = storage.is_remote(self.results_dir)
         # Remote results: everything is written into a local staging folder, then uploaded.
         self.local_dir = (tempfile.mkdtemp(prefix="ddetr-train-staging-") if self.remote else self.results_dir)
-        self.sync = ArtifactSync(self.local_dir, self.results_dir if self.remote else None)
+        # Checkpoints leave the staging disk once uploaded: a pod's disk holds only those in flight.
+        self.sync = ArtifactSync(self.local_dir, self.results_dir if self.remote else None,
+                                 remove_uploaded_checkpoints=True)
         self.training_log: Optional[TrainingLog] = None
         self.metrics = None
 
@@ -266,7 +284,10 @@ class Trainer:
             "epoch_finished": epoch_finished, "rng": {"ranks": rng_states},
             "spec": spec_to_dict(dataclasses.replace(self.spec, encryption_key=None)),
         }
-        path = checkpoint.save_checkpoint(state, self.local_dir, key=self.spec.encryption_key)
+        # With remote results the sync moves the remote latest once the upload is complete; a local
+        # latest in the staging folder would only keep a checkpoint's bytes on the pod's disk.
+        path = checkpoint.save_checkpoint(state, self.local_dir, key=self.spec.encryption_key,
+                                          update_latest=not self.remote)
         self.sync.publish_checkpoint(os.path.basename(path), latest_name=checkpoint.LATEST_NAME)
         shown = f"{self.results_dir}/{os.path.basename(path)}"
         self.training_log.update_status(last_checkpoint=shown)
@@ -407,13 +428,20 @@ class Trainer:
             self._upload_logs()
         if self.metrics is not None:
             self.metrics.close()
-        self.sync.close()  # raises when an upload failed for good: the staging copy is then kept
+        try:
+            self.sync.close()  # raises when an upload failed for good: the staging copy is then kept
+        except StorageError as err:
+            if state != "failed":
+                raise
+            # Training already failed: its error is the one to surface; the upload failure is logged.
+            log.error("also, uploading the results failed: %s", err)
+            return
         if self.remote:
             shutil.rmtree(self.local_dir, ignore_errors=True)
 
     def fit(self) -> int:
-        self._open_outputs()
         try:
+            self._open_outputs()
             code, state = self._fit()
         except BaseException:
             self._finish("failed")
