@@ -89,3 +89,65 @@ def test_multi_node_launch_needs_a_rendezvous(monkeypatch):
     cmd = distributed.torchrun_command(["train", "-e", "s.yaml"], num_gpus=2, num_nodes=2)
     assert "--nnodes=2" in cmd and "--node_rank=1" in cmd and "--master_addr=10.0.0.1" in cmd
     assert cmd[-4:] == ["deformable_detr", "train", "-e", "s.yaml"]
+
+
+def test_exit_codes_tell_a_lost_peer_from_a_bug_and_a_usage_error():
+    """The operator retries 128-255 and gives up on 1-127: a lost peer must read as retryable."""
+    import torch.distributed as dist
+
+    lost = [dist.DistBackendError("NCCL communicator was aborted"), dist.DistNetworkError("connection refused"),
+            RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")]
+    for err in lost:
+        assert distributed.exit_code_for(err) == distributed.EXIT_PEER_LOST
+    try:  # raised while handling a collective's failure: still a lost peer
+        try:
+            raise dist.DistBackendError("gloo: timed out")
+        except dist.DistBackendError as inner:
+            raise ValueError("all_gather_object failed") from inner
+    except ValueError as wrapped:
+        assert distributed.exit_code_for(wrapped) == distributed.EXIT_PEER_LOST
+    assert distributed.exit_code_for(ValueError("shape mismatch")) == 1
+    assert distributed.exit_code_for(RuntimeError("CUDA out of memory")) == 1
+    assert distributed.exit_code_for(UsageError("train.num_epochs: ...")) == 2
+    assert 128 <= distributed.EXIT_PEER_LOST <= 255 and distributed.EXIT_PEER_LOST != 143
+
+
+def test_launcher_exit_code_from_torchrun_and_the_workers():
+    code = distributed.launcher_exit_code
+    assert code(0, False, []) == 0
+    assert code(1, True, [distributed.EXIT_PEER_LOST]) == 143  # SIGTERM to the launcher
+    # A worker SIGKILLed records nothing; its peer records the lost peer: retryable.
+    assert code(1, False, [distributed.EXIT_PEER_LOST]) == distributed.EXIT_PEER_LOST
+    # A bug in one worker makes its peers lose it: the bug decides (permanent).
+    assert code(1, False, [1, distributed.EXIT_PEER_LOST]) == 1
+    assert code(1, False, [distributed.EXIT_PEER_LOST, 2]) == 2
+    assert code(1, False, [143, 143]) == 143
+    assert code(1, False, []) == 1
+
+
+FAILING_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    from deformable_detr.runtime import distributed
+
+    info = distributed.setup()
+    if info.rank == 1:  # what train.run does on failing: record the code, then exit with it
+        code = distributed.EXIT_PEER_LOST if sys.argv[1] == "lost" else 1
+        distributed.record_exit_code(code)
+        raise SystemExit(code)
+    distributed.record_exit_code(0)
+""")
+
+
+def test_launch_if_needed_reports_the_codes_its_workers_recorded(tmp_path, monkeypatch):
+    """torchrun exits 1 whatever failed; the launcher reads what its workers recorded instead."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_WORKER)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(distributed, "torchrun_command",
+                        lambda argv, n, _nodes: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc_per_node={n}", str(script), *argv])
+    assert distributed.launch_if_needed(["lost"], num_gpus=2) == distributed.EXIT_PEER_LOST
+    assert distributed.launch_if_needed(["bug"], num_gpus=2) == 1

@@ -14,18 +14,32 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+import tempfile
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
 from .logging import get_logger
+from .signals import EXIT_SIGTERM
 
 log = get_logger("distributed")
 
 # Seconds a collective may wait for a peer before the run fails (DDETR_DIST_TIMEOUT_S overrides).
 DEFAULT_TIMEOUT_S = 900
+
+# Exit code of a worker that lost contact with its peers (a worker killed, a node lost, a collective
+# timed out): the operator retries 128-255 and gives up on 1-127. 200 is above every signal death
+# (129-192), so it never reads as one.
+EXIT_PEER_LOST = 200
+
+# Where the launcher asks its workers to record their exit codes (torchrun itself exits 1 on any failure).
+EXIT_CODE_DIR_ENV = "DDETR_EXIT_CODE_DIR"
+
+# Words of the RuntimeErrors that gloo and NCCL raise when a peer is gone or silent (older torch
+# versions, and some paths of newer ones, raise plain RuntimeError instead of DistError).
+_COMMUNICATION_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +170,8 @@ def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo,
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    # Some parameters get no gradient in a step (e.g. frozen stages, unused levels): let DDP find them.
+    # Some parameters get no gradient in a step (unused levels; the intermediate decoder heads under
+    # with_box_refine when aux_loss is off): let DDP find them, else it fails the next step.
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
@@ -183,11 +198,76 @@ def torchrun_command(task_argv: Sequence[str], num_gpus: int, num_nodes: int) ->
     return cmd + ["-m", "deformable_detr", *task_argv]
 
 
+def is_communication_failure(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) is torch.distributed failing to reach a peer."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
+            return True
+        if isinstance(current, RuntimeError) and any(m in str(current).lower() for m in _COMMUNICATION_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def exit_code_for(err: BaseException) -> int:
+    """The exit code a task ending with `err` reports: 2/3 usage, 130 interrupt, 200 peer lost, 1 bug."""
+    if isinstance(err, UsageError):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return 130
+    if is_communication_failure(err):
+        return EXIT_PEER_LOST
+    return 1
+
+
+def record_exit_code(code: int) -> None:
+    """Leave this worker's exit code where `launch_if_needed` reads it (nothing outside its launch)."""
+    folder = os.environ.get(EXIT_CODE_DIR_ENV)
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank{os.environ.get('RANK', '0')}")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(str(code))
+    os.replace(path + ".tmp", path)
+
+
+def _recorded_exit_codes(folder: str) -> list[int]:
+    codes = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("rank") and not name.endswith(".tmp"):
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                codes.append(int(fh.read().strip() or 1))
+    return codes
+
+
+def launcher_exit_code(torchrun_code: int, terminated: bool, worker_codes: Iterable[int]) -> int:
+    """The launcher's exit code from torchrun's (1 on any worker failure) and the codes workers recorded.
+
+    A permanent failure (1-127: a bug, a usage error) wins over a lost peer, which it usually
+    causes: a worker that raised leaves its peers failing in their next collective.
+    """
+    if torchrun_code == 0:
+        return 0
+    if terminated:
+        return EXIT_SIGTERM
+    codes = list(worker_codes)
+    permanent = [c for c in codes if 0 < c < 128]
+    if permanent:
+        return permanent[0]
+    for retryable in (EXIT_PEER_LOST, EXIT_SIGTERM):
+        if retryable in codes:
+            return retryable
+    return torchrun_code
+
+
 def launch_if_needed(task_argv: Sequence[str], num_gpus: int, num_nodes: int = 1) -> Optional[int]:
     """Start `num_gpus` workers under torchrun and return their exit code; None = work in this process.
 
     SIGTERM and SIGINT reach the workers through torchrun; a run stopped by SIGTERM
-    reports 143 (retryable), as the workers themselves do.
+    reports 143 (retryable), as the workers themselves do; workers that lost a peer, 200.
     """
     if under_torchrun() or (num_gpus <= 1 and num_nodes <= 1):
         return None
@@ -196,20 +276,19 @@ def launch_if_needed(task_argv: Sequence[str], num_gpus: int, num_nodes: int = 1
                          f"{torch.cuda.device_count()} GPU(s); accepted: 1..{torch.cuda.device_count()}")
     cmd = torchrun_command(task_argv, num_gpus, num_nodes)
     log.info("starting %d worker(s) per node on %d node(s): %s", num_gpus, num_nodes, " ".join(cmd[:6]))
-    child = subprocess.Popen(cmd)
-    terminated = False
+    with tempfile.TemporaryDirectory(prefix="ddetr-exit-codes-") as codes_dir:
+        child = subprocess.Popen(cmd, env={**os.environ, EXIT_CODE_DIR_ENV: codes_dir})
+        terminated = False
 
-    def _forward(signum, _frame):
-        nonlocal terminated
-        terminated = terminated or signum == signal.SIGTERM
-        child.send_signal(signum)
+        def _forward(signum, _frame):
+            nonlocal terminated
+            terminated = terminated or signum == signal.SIGTERM
+            child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, _forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if terminated and code != 0:
-        return 143
-    return code
+        previous = {sig: signal.signal(sig, _forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return launcher_exit_code(code, terminated, _recorded_exit_codes(codes_dir))
