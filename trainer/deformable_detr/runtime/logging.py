@@ -31,7 +31,8 @@ def setup_logging(verbose: bool = False) -> None:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-        root.propagate = False
+        # Records still propagate: the root logger has no handler in the CLI, and tools that attach
+        # one (pytest's caplog, an embedding application) keep seeing them.
         _CONFIGURED = True
 
 
