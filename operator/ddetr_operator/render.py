@@ -166,9 +166,12 @@ def _command(spec: Mapping[str, Any]) -> list[str]:
     if task != "train":
         # Kubernetes expands $(VAR) in the command from the container's environment.
         return ["deformable-detr", task, "-e", SPEC_FILE] + (["-k", f"$({KEY_ENV})"] if with_key else [])
-    launch = ("exec torchrun --nnodes=$PET_NNODES --nproc_per_node=$PET_NPROC_PER_NODE --node_rank=$PET_NODE_RANK"
-              " --master_addr=$PET_MASTER_ADDR --master_port=$PET_MASTER_PORT --max_restarts=0"
-              f" -m deformable_detr train -e {SPEC_FILE}" + (f' -k "${KEY_ENV}"' if with_key else ""))
+    # Through the CLI's own launcher (not torchrun directly): it starts torchrun with these settings and
+    # exits with the workers' own code (143 after SIGTERM, 200 when a peer was lost, 2 for a bad spec)
+    # instead of torchrun's blanket 1, so the restart policy can tell retryable from permanent.
+    launch = ('export MASTER_ADDR="$PET_MASTER_ADDR" MASTER_PORT="$PET_MASTER_PORT" NODE_RANK="$PET_NODE_RANK"\n'
+              f'exec deformable-detr train -e {SPEC_FILE} --num_nodes "$PET_NNODES" --gpus "$PET_NPROC_PER_NODE"'
+              + (f' -k "${KEY_ENV}"' if with_key else ""))
     wait = 'if [ "$PET_NODE_RANK" != "0" ]; then python3 -c "$DDETR_WAIT_FOR_MASTER" || exit $?; fi'
     return ["/bin/sh", "-c", f"{wait}\n{launch}"]
 

@@ -144,11 +144,12 @@ def test_gang_scheduling_wires_pods_to_the_podgroup(make_job):
 
 @pytest.fixture
 def fake_torchrun(tmp_path):
-    """A `torchrun` on PATH that prints the arguments it was started with, one a line."""
+    """A `deformable-detr` on PATH that prints its rendezvous settings and arguments, one a line."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    script = bin_dir / "torchrun"
-    script.write_text("#!/bin/sh\nprintf '%s\\n' torchrun \"$@\"\n")
+    script = bin_dir / "deformable-detr"
+    script.write_text("#!/bin/sh\nprintf '%s\\n' \"MASTER_ADDR=$MASTER_ADDR\" \"MASTER_PORT=$MASTER_PORT\" "
+                      "\"NODE_RANK=$NODE_RANK\" deformable-detr \"$@\"\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     # `python3` in the pod command must be this interpreter.
     (bin_dir / "python3").symlink_to(sys.executable)
@@ -161,13 +162,14 @@ def run_worker_command(manifest: dict, bin_dir, **overrides: str) -> subprocess.
     return subprocess.run(container(manifest)["command"], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_worker_waits_for_the_master_then_launches_torchrun(make_job, fake_torchrun):
+def test_worker_waits_for_the_master_then_launches_the_gang(make_job, fake_torchrun):
     manifest = render.render_worker_job(make_job(), 0)
     done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="localhost")
     assert done.returncode == 0, done.stderr
+    # The CLI's launcher turns these into torchrun's --nnodes/--node_rank/--master_addr/--master_port.
     assert done.stdout.split() == [
-        "torchrun", "--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=localhost",
-        "--master_port=29500", "--max_restarts=0", "-m", "deformable_detr", "train", "-e", "/etc/ddetr/spec.yaml"]
+        "MASTER_ADDR=localhost", "MASTER_PORT=29500", "NODE_RANK=1",
+        "deformable-detr", "train", "-e", "/etc/ddetr/spec.yaml", "--num_nodes", "2", "--gpus", "4"]
 
 
 def test_worker_gives_up_on_an_unresolvable_master_with_a_retryable_code(make_job, fake_torchrun):
@@ -175,4 +177,4 @@ def test_worker_gives_up_on_an_unresolvable_master_with_a_retryable_code(make_jo
     done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="pod-0.does-not-exist.invalid",
                               DDETR_MASTER_WAIT_SECONDS="0")
     assert done.returncode == render.MASTER_UNRESOLVABLE_EXIT >= 128
-    assert "did not resolve" in done.stderr and "torchrun" not in done.stdout
+    assert "did not resolve" in done.stderr and "deformable-detr" not in done.stdout
