@@ -6,7 +6,6 @@ credentials, a bucket that does not exist, a port nobody listens on.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -22,20 +21,6 @@ from deformable_detr.runtime.artifacts import ArtifactSync
 from deformable_detr.runtime.storage import ArtifactNotFound, StorageError
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto import settings
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")  # credentials unchecked unless a test turns IAM on
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def _aws_env(monkeypatch, endpoint: str, key_id: str = "testing", secret: str = "testing") -> None:

@@ -2,46 +2,15 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
 import time
 import urllib.request
-import uuid
 
-import pytest
 
 from deformable_detr.runtime import storage
 from test_train import tiny_train_spec, train_cli
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto import settings
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(moto_endpoint, monkeypatch) -> str:
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
-    name = f"train-{uuid.uuid4().hex[:12]}"
-    storage.s3_client().create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 def _remote_log(folder: str) -> list[dict]:

@@ -1,0 +1,41 @@
+"""Fixtures shared by the trainer tests that need a real S3 endpoint (moto's server on 127.0.0.1)."""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1, reached over HTTP like any S3-compatible store."""
+    from moto import settings
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")  # credentials unchecked unless a test turns IAM on
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint, monkeypatch, request) -> str:
+    """A fresh bucket on the moto endpoint, with the environment pointing storage at it; returns s3://name."""
+    from deformable_detr.runtime import storage
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
+    prefix = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")[:20]
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return f"s3://{name}"
