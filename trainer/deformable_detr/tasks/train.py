@@ -63,6 +63,9 @@ def run(spec: ExperimentConfig) -> int:
         return launched
     try:
         code = Trainer(spec, distributed.setup()).fit()
+        # Leave together: a rank that tears its process group down while a peer is still in a
+        # collective (rank 0 saving the last checkpoint) can abort at exit.
+        distributed.barrier()
     except BaseException as err:
         code = distributed.exit_code_for(err)
         distributed.record_exit_code(code)
