@@ -118,17 +118,17 @@ def predict(model, postprocessor, dataloader: Iterable, device: torch.device | s
     return results
 
 
-def relaunch_in_workers(spec: ExperimentConfig, task: str, num_gpus: int) -> Optional[int]:
+def relaunch_in_workers(spec: ExperimentConfig, task: str, num_gpus: int, num_nodes: int = 1) -> Optional[int]:
     """Run `task` in `num_gpus` torchrun workers and return their exit code; None = work in this process.
 
     The workers read the effective spec from a temporary file; the key goes on their
     command line (as -k), never into a file.
     """
-    if distributed.under_torchrun() or num_gpus <= 1:
+    if distributed.under_torchrun() or (num_gpus <= 1 and num_nodes <= 1):
         return None
     with tempfile.TemporaryDirectory(prefix=f"ddetr-{task}-") as folder:
         spec_path = os.path.join(folder, "spec.yaml")
         with open(spec_path, "w", encoding="utf-8") as fh:
             fh.write(dump_spec(dataclasses.replace(spec, encryption_key=None)))
         argv = [task, "-e", spec_path] + (["-k", spec.encryption_key] if spec.encryption_key else [])
-        return distributed.launch_if_needed(argv, num_gpus=num_gpus, num_nodes=1)
+        return distributed.launch_if_needed(argv, num_gpus=num_gpus, num_nodes=num_nodes)

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..config.loader import dump_spec, spec_to_dict
+from ..config.loader import spec_to_dict
 from ..config.schema import ExperimentConfig
 from ..errors import UsageError
 from ..runtime import checkpoint, distributed, storage
@@ -40,6 +40,7 @@ from ..runtime.optim import build_optimizer, build_scheduler
 from ..runtime.paths import task_results_dir
 from ..runtime.progress import progress
 from ..runtime.signals import EXIT_SIGTERM, StopRequest
+from .common import relaunch_in_workers
 from ..runtime.storage import StorageError
 from ..runtime.training_log import LOG_NAME, STATUS_NAME, TrainingLog
 
@@ -58,7 +59,7 @@ class Position:
 
 
 def run(spec: ExperimentConfig) -> int:
-    launched = _relaunch_under_torchrun(spec)
+    launched = relaunch_in_workers(spec, "train", spec.train.num_gpus, spec.train.num_nodes)
     if launched is not None:
         return launched
     try:
@@ -84,18 +85,6 @@ def run(spec: ExperimentConfig) -> int:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
-def _relaunch_under_torchrun(spec: ExperimentConfig) -> Optional[int]:
-    """With several processes asked for outside torchrun, run this task in torchrun workers."""
-    if distributed.under_torchrun() or (spec.train.num_gpus <= 1 and spec.train.num_nodes <= 1):
-        return None
-    with tempfile.TemporaryDirectory(prefix="ddetr-train-") as folder:
-        spec_path = os.path.join(folder, "spec.yaml")
-        with open(spec_path, "w", encoding="utf-8") as fh:  # the key travels as -k, never into a file
-            fh.write(dump_spec(dataclasses.replace(spec, encryption_key=None)))
-        argv = ["train", "-e", spec_path] + (["-k", spec.encryption_key] if spec.encryption_key else [])
-        return distributed.launch_if_needed(argv, spec.train.num_gpus, spec.train.num_nodes)
 
 
 def _float_outputs(value: Any) -> Any:
