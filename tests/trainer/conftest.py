@@ -39,3 +39,26 @@ def bucket(moto_endpoint, monkeypatch, request) -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def perturbed_checkpoint(tmp_path_factory):
+    """Build a model from `spec_dict`, move its weights off their initial values (so outputs differ
+    per query) and save it as our checkpoint; returns (model in eval mode, checkpoint path)."""
+    def _make(spec_dict: dict, seed: int = 0):
+        import torch
+
+        from deformable_detr.config.loader import spec_from_dict
+        from deformable_detr.model import build_model
+        from deformable_detr.runtime.checkpoint_io import save_object
+
+        torch.manual_seed(seed)
+        model, _, _ = build_model(spec_from_dict(spec_dict))
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point() and "running_var" not in name:
+                    tensor.add_(torch.randn_like(tensor) * 0.05)
+        path = str(tmp_path_factory.mktemp("ckpt") / "model.pth")
+        save_object({"model": model.state_dict(), "epoch": 0}, path)
+        return model.eval(), path
+    return _make

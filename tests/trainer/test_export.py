@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from deformable_detr.cli import main
-from deformable_detr.config.loader import spec_from_dict
 from deformable_detr.export.onnx_export import PLUGIN_DOMAIN, PLUGIN_OP, ExportedDetector
-from deformable_detr.model import build_model
 from deformable_detr.runtime.checkpoint_io import save_object
 
 MODEL = {"backbone": "resnet_18", "num_queries": 6, "num_feature_levels": 2, "return_interm_indices": [3, 4],
@@ -24,18 +22,8 @@ def _reference_attention(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A model with weights moved off their initial values, saved as our checkpoint."""
-    spec = spec_from_dict({"model": MODEL, "dataset": {"num_classes": 3}})
-    torch.manual_seed(0)
-    model, _, _ = build_model(spec)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and "running_var" not in name:
-                tensor.add_(torch.randn_like(tensor) * 0.05)
-    path = str(tmp_path_factory.mktemp("ckpt") / "model.pth")
-    save_object({"model": model.state_dict(), "epoch": 0}, path)
-    return model.eval(), path
+def trained(perturbed_checkpoint):
+    return perturbed_checkpoint({"model": MODEL, "dataset": {"num_classes": 3}})
 
 
 def export(write_spec, results_dir, checkpoint: str, onnx_file: str, **fields) -> int:

@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from deformable_detr.cli import main
-from deformable_detr.config.loader import spec_from_dict
 from deformable_detr.export.onnx_export import ExportedDetector
 from deformable_detr.export.trt import missing_requirements
-from deformable_detr.model import build_model
-from deformable_detr.runtime.checkpoint_io import save_object
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(bool(missing_requirements()),
@@ -33,17 +30,8 @@ def _reference_attention(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    spec = spec_from_dict({"model": MODEL, "dataset": {"num_classes": NUM_CLASSES}})
-    torch.manual_seed(0)
-    model, _, _ = build_model(spec)
-    with torch.no_grad():  # move the weights off their initial values so the outputs differ per query
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and "running_var" not in name:
-                tensor.add_(torch.randn_like(tensor) * 0.05)
-    path = str(tmp_path_factory.mktemp("ckpt") / "model.pth")
-    save_object({"model": model.state_dict(), "epoch": 0}, path)
-    return model.eval(), path
+def trained(perturbed_checkpoint):
+    return perturbed_checkpoint({"model": MODEL, "dataset": {"num_classes": NUM_CLASSES}})
 
 
 def build_engine(write_spec, folder, checkpoint: str, on_cpu: bool, batch_size: int) -> str:
