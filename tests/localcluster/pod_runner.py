@@ -220,9 +220,11 @@ class PodRunner:
         hosts_dir.mkdir(parents=True, exist_ok=True)
         (hosts_dir / "hosts").write_text("127.0.0.1 localhost\n")
         self.write_hosts()
-        env.setdefault("HOSTNAME", pod["spec"].get("hostname") or meta["name"])
+        env.setdefault("HOSTNAME", (pod["spec"].get("hostname") or meta["name"])[:63])
         # Bind-mount the volumes in the pod's own mount namespace (ip netns exec makes one), then exec.
-        script = ["set -e"]
+        # Its own UTS namespace too: the pod's hostname resolves to its own address (gloo and
+        # NCCL pick their interface from it), as in a real pod.
+        script = ["set -e", f"hostname {shlex.quote(env['HOSTNAME'])}"]
         for source, target, read_only in mounts:
             kind = "-f" if Path(source).is_file() else "-d"
             make = f"touch {shlex.quote(target)}" if kind == "-f" else f"mkdir -p {shlex.quote(target)}"
@@ -234,7 +236,7 @@ class PodRunner:
         script.append('exec "$@"')
         log = open(root / "container.log", "ab")
         running.process = subprocess.Popen(
-            ["ip", "netns", "exec", running.netns, "sh", "-c", "\n".join(script), "pod", *argv],
+            ["ip", "netns", "exec", running.netns, "unshare", "--uts", "sh", "-c", "\n".join(script), "pod", *argv],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         log.close()
         (root / "pid").write_text(str(running.process.pid))
