@@ -1,9 +1,9 @@
-"""Backbones: torchvision ResNets with frozen BatchNorm, and timm's GC-ViT.
+"""Backbones: torchvision ResNets with frozen BatchNorm, and GC-ViT (timm's modules, TAO's semantics).
 
 `backbone.0.body` holds the network under its library's own parameter names (torchvision
-for ResNet, as the original Deformable DETR; timm for GC-ViT), `backbone.1` the position
-encoding, so the detector's keys read `backbone.0.body.layer1.0.conv1.weight` as in the
-original checkpoints.
+for ResNet, as the original Deformable DETR; timm for GC-ViT, plus TAO's output norms `norm{i}`),
+`backbone.1` the position encoding, so the detector's keys read `backbone.0.body.layer1.0.conv1.weight`
+as in the original checkpoints. TAO's GC-ViT names are converted on load (model/gcvit.py).
 """
 from __future__ import annotations
 
@@ -78,16 +78,18 @@ def _block_out_channels(block: nn.Module) -> int:
     return int(last_bn.weight.shape[0])
 
 
-class TimmBackbone(_BackboneBase):
-    """A timm network (GC-ViT) returning the chosen stages through `forward_intermediates`."""
+class GcVitBackbone(_BackboneBase):
+    """GC-ViT (model/gcvit.py) returning the chosen stages, each through its output norm."""
 
     def __init__(self, network: nn.Module, stage_indices: Sequence[int], train_backbone: bool,
                  input_size: Tuple[int, int]) -> None:
         super().__init__()
         self.body = network
-        # GC-ViT's window and global-query sizes are fixed by the input size it was built for.
+        # The model is built for one input size (the spec's crop); other sizes are refused.
         self.input_size = tuple(input_size)
         self.stage_indices = list(stage_indices)
+        if list(network.out_indices) != sorted(self.stage_indices):
+            raise ValueError(f"GC-ViT built for stages {network.out_indices}, asked for {self.stage_indices}")
         if not train_backbone:
             for parameter in network.parameters():
                 parameter.requires_grad_(False)
@@ -100,7 +102,7 @@ class TimmBackbone(_BackboneBase):
             raise UsageError(f"GC-ViT backbone built for {self.input_size[0]}x{self.input_size[1]} inputs got "
                              f"{images.shape[-2]}x{images.shape[-1]}; set dataset.augmentation.fixed_random_crop "
                              "(or export.input_height/input_width) to the size the model was built for")
-        return self.body.forward_intermediates(images, indices=self.stage_indices, intermediates_only=True)
+        return self.body(images)
 
 
 class Joiner(nn.Sequential):

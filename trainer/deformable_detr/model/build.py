@@ -9,7 +9,7 @@ from torch import nn
 from ..config.schema import ExperimentConfig
 from ..errors import UsageError
 from ..runtime.logging import get_logger
-from .backbone import EXTRA_LEVEL, GC_VITS, RESNETS, Joiner, ResNetBackbone, TimmBackbone, resnet_network
+from .backbone import EXTRA_LEVEL, GC_VITS, RESNETS, GcVitBackbone, Joiner, ResNetBackbone, resnet_network
 from .criterion import SetCriterion, weight_dict_for
 from .detector import DeformableDETR
 from .matcher import HungarianMatcher
@@ -55,11 +55,11 @@ def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.M
         network = resnet_network(model.backbone, model.dilation)
         body = ResNetBackbone(network, stage_indices, train_backbone, dilation=model.dilation)
     elif model.backbone in GC_VITS:
-        import timm
+        from .gcvit import GcVitNetwork
 
         size = gc_vit_input_size(spec)
-        network = timm.create_model(GC_VITS[model.backbone], pretrained=False, num_classes=0, img_size=size)
-        body = TimmBackbone(network, stage_indices, train_backbone, input_size=(size, size))
+        network = GcVitNetwork(GC_VITS[model.backbone], stage_indices)
+        body = GcVitBackbone(network, stage_indices, train_backbone, input_size=(size, size))
     else:
         raise UsageError(f"model.backbone: {model.backbone!r} is not supported; accepted: "
                          f"{', '.join(list(RESNETS) + list(GC_VITS))}")
@@ -71,8 +71,21 @@ def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.M
 _BACKBONE_PREFIXES = ("module.", "model.", "backbone.0.body.", "backbone.", "body.")
 
 
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _BACKBONE_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
 def load_backbone_weights(body: nn.Module, path: str) -> None:
-    """Load a torchvision/timm backbone state dict (or a checkpoint holding one), reporting mismatches."""
+    """Load a torchvision/timm backbone state dict (or a checkpoint holding one), reporting mismatches.
+
+    GC-ViT weights may also be in TAO's naming, and load strictly (model/gcvit.py).
+    """
     from ..runtime.checkpoint_io import load_object
 
     state = load_object(path)
@@ -83,6 +96,12 @@ def load_backbone_weights(body: nn.Module, path: str) -> None:
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"model.pretrained_backbone_path: {path} holds no state dict of tensors")
+    from .gcvit import GcVitNetwork, load_gcvit_backbone_weights
+
+    if isinstance(body, GcVitNetwork):
+        # GC-ViT loads strictly, in timm's or TAO's naming: wrapper prefixes go, however nested.
+        load_gcvit_backbone_weights(body, {_strip_prefixes(key): value for key, value in state.items()}, path)
+        return
     own = set(body.state_dict())
     cleaned = {}
     for key, value in state.items():

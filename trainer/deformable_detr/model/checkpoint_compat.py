@@ -1,7 +1,8 @@
 """Load model weights from our checkpoints, original Deformable-DETR files and TAO Lightning files.
 
 Our checkpoints and the original's are `{"model": state_dict, ...}`; TAO's are Lightning
-checkpoints whose `state_dict` keys carry a `model.model.` prefix before the original names.
+checkpoints whose `state_dict` keys carry a `model.model.` prefix before the original names, and
+name a GC-ViT backbone in TAO's own way (converted by model/gcvit.py).
 DistributedDataParallel's `module.` prefix is stripped as well.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..runtime.logging import get_logger
+from .gcvit import convert_tao_gcvit_keys
 
 log = get_logger("model.checkpoint")
 
@@ -64,7 +66,7 @@ def load_model_state(model: nn.Module, checkpoint: Any, strict: bool = True,
     allow_num_classes_change: class heads of a different width keep their fresh initialisation
     (fine-tuning to another `dataset.num_classes`); any other shape mismatch is an error.
     """
-    state = extract_state_dict(checkpoint)
+    state = convert_tao_gcvit_keys(model, extract_state_dict(checkpoint))
     own = model.state_dict()
     reinitialised: List[str] = []
     mismatched: List[str] = []
