@@ -2,7 +2,8 @@
 
 Every option has an environment variable, so a Helm chart can set them either way:
 DDETR_WATCH_NAMESPACES (comma-separated; empty = all namespaces), DDETR_LIVENESS_ENDPOINT,
-DDETR_OPERATOR_METRICS_PORT, DDETR_RECONCILE_INTERVAL.
+DDETR_OPERATOR_METRICS_PORT, DDETR_RECONCILE_INTERVAL, DDETR_ALLOWED_HOST_PATHS
+(comma-separated prefixes; empty = no hostPath volumes), DDETR_READ_SECRETS (true/false).
 """
 from __future__ import annotations
 
@@ -13,11 +14,20 @@ import os
 import kopf
 
 from . import handlers
+from .validate import Policy
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ddetr-operator", description="DeformableDetrJob operator")
-    env_namespaces = [n for n in os.environ.get("DDETR_WATCH_NAMESPACES", "").split(",") if n.strip()]
+    env_namespaces = _split(os.environ.get("DDETR_WATCH_NAMESPACES", ""))
     parser.add_argument("--namespace", "-n", action="append", dest="namespaces",
                         help="namespace to watch (repeatable); default: all namespaces")
     parser.add_argument("--liveness", default=os.environ.get("DDETR_LIVENESS_ENDPOINT", "http://0.0.0.0:8080/healthz"),
@@ -26,10 +36,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="port of the operator's Prometheus /metrics (0 = off)")
     parser.add_argument("--reconcile-interval", type=float,
                         default=float(os.environ.get("DDETR_RECONCILE_INTERVAL", "10")),
-                        help="seconds between reconcile passes of each job")
+                        help="seconds between resync passes of each unfinished job (events trigger passes at once)")
+    parser.add_argument("--allowed-host-path", action="append", dest="allowed_host_paths", metavar="PREFIX",
+                        help="accept hostPath volumes under this path (repeatable); default: none")
+    parser.add_argument("--read-secrets", action=argparse.BooleanOptionalAction,
+                        default=_flag(os.environ.get("DDETR_READ_SECRETS", "true")),
+                        help="read the credentials Secret a job names, to fetch its progress from S3 "
+                             "(needs `get` on Secrets); off: the operator's own S3 credentials, if any")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     args.namespaces = [n.strip() for n in (args.namespaces or env_namespaces)]
+    env_paths = _split(os.environ.get("DDETR_ALLOWED_HOST_PATHS", ""))
+    args.allowed_host_paths = [p.strip() for p in (args.allowed_host_paths or env_paths) if p.strip()]
+    for path in args.allowed_host_paths:
+        if not path.startswith("/"):
+            parser.error(f"--allowed-host-path: {path!r} is not an absolute path")
     return args
 
 
@@ -37,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = handlers.register(kopf.OperatorRegistry(), interval=args.reconcile_interval)
+    options = handlers.Options(interval=args.reconcile_interval, read_secrets=args.read_secrets,
+                               policy=Policy(allowed_host_paths=tuple(args.allowed_host_paths)))
+    registry = handlers.register(kopf.OperatorRegistry(), options=options)
     # One replica (Deployment strategy Recreate); standalone: no KopfPeering CRD needed.
     kopf.run(registry=registry, standalone=True, clusterwide=not args.namespaces, namespaces=args.namespaces,
              liveness_endpoint=args.liveness or None, memo=kopf.Memo(metrics_port=args.metrics_port))

@@ -1,13 +1,34 @@
-"""kopf handlers: thin glue between the watch stream and the pure functions.
+"""kopf handlers: thin glue between the watch streams and the pure functions.
 
-A single timer per DeformableDetrJob runs one level-triggered reconcile pass every
-`interval` seconds (default 10): read the job fresh, observe its
-children, `reconcile.reconcile`, apply the actions, patch the status subresource, post
-events. Reading the job fresh (not the timer's cached body) means a pass always sees
-the status the previous pass wrote.
+No finalizer, ever. kopf puts one on every object that has a timer, a daemon or an
+on.delete handler (nolar/kopf#1074), and then `kubectl delete ddj` and the deletion of a
+namespace hang whenever the operator is down. So the operator uses only `kopf.on.event`
+(which needs none) and keeps its own loop:
+
+- `on.event` on DeformableDetrJob: remember the job (an in-memory table of the jobs this
+  operator serves) and run a pass; forget it on DELETED.
+- `on.event` on the children it owns (batch/v1 Jobs and Pods labelled `ddetr.dev/job-name`):
+  run a pass of the owner, so a pod failure is acted on at once, not at the next resync.
+- a periodic resync, a background task started on startup and stopped on cleanup: every
+  `interval` seconds a pass for each job not finished (progress, deadlines, the 300 s
+  grace for stale pods), and for finished jobs only when their TTL has run out.
+
+A pass (`reconcile_once`: read the job fresh, observe its children, `reconcile.reconcile`,
+apply the actions, `reconcile.settle`, patch the status, post events) is blocking client
+code and runs in a worker thread. Passes for one job never overlap: triggers that arrive
+during a pass fold into one more pass after it. A pass that raises is counted and logged;
+the next trigger or resync retries it.
+
+Jobs that still carry kopf's old finalizer (`kopf.zalando.org/KopfFinalizerMarker`, from
+the timer this operator used before) lose it on their first event: kopf removes
+`settings.persistence.finalizer` from any object no handler needs it for, with a JSON
+patch guarded by the resourceVersion.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -16,27 +37,169 @@ from typing import Any
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, metrics
+from . import GROUP, LABEL_JOB, PLURAL, VERSION, metrics
 from .kube import Cluster, load_api_client
 from .progress import read_status_json, status_json_uri
-from .reconcile import TERMINAL, DeleteSelf, Observed, reconcile
-from .validate import JobSpecError, effective_experiment
+from .reconcile import TERMINAL, DeleteSelf, Observed, reconcile, settle, wants_pass
+from .validate import JobSpecError, Policy, effective_experiment
 
 DEFAULT_RECONCILE_INTERVAL = 10.0
+# The finalizer kopf added while the operator used a timer. Kept as kopf's persistence finalizer so
+# that kopf strips it from old jobs (it removes that one finalizer where no handler requires it).
+LEGACY_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
 logger = logging.getLogger(__name__)
 
 
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The operator's configuration (command line / environment)."""
+
+    interval: float = DEFAULT_RECONCILE_INTERVAL
+    policy: Policy = Policy()
+    read_secrets: bool = True  # read a job's credentials Secret to fetch its progress from S3
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _read_progress(cluster: Cluster, job: dict, read_secrets: bool) -> dict | None:
+    spec = job.get("spec") or {}
+    if (spec.get("task") or "train") != "train":
+        return None
+    try:
+        uri = status_json_uri(effective_experiment(spec))
+    except JobSpecError:
+        return None
+    if not uri.startswith("s3://"):
+        return None
+    access = cluster.s3_access(job["metadata"]["namespace"], spec.get("artifacts") or {}, read_secrets)
+    return read_status_json(uri, access)
+
+
+def reconcile_once(cluster: Cluster, namespace: str, name: str, options: Options = Options()) -> None:
+    """One pass for one job (blocking)."""
+    job = cluster.get_job(namespace, name)
+    if job is None:
+        return
+    old_status = job.get("status") or {}
+    phase = old_status.get("phase")
+    clean_all = ((job.get("spec") or {}).get("runPolicy") or {}).get("cleanPodPolicy") == "All"
+    # A finished job needs no look at its children, unless they are to be cleaned away.
+    observed = cluster.observe(job) if phase not in TERMINAL or clean_all else Observed()
+    if phase not in TERMINAL and observed.worker_jobs:
+        observed.progress = _read_progress(cluster, job, options.read_secrets)
+    now = _now()
+    decision = reconcile(job, observed, now, options.policy)
+    error = None
+    for action in decision.actions:
+        error = cluster.apply(job, action, observed)
+        if error is not None:
+            logger.warning("%s/%s: %s", namespace, name, error.describe())
+            break  # the rest depends on it (a gang without its ConfigMap or PodGroup never starts)
+    decision = settle(job, decision, error, now)
+    deleted = error is None and any(isinstance(a, DeleteSelf) for a in decision.actions)
+    changed = any(old_status.get(key) != value for key, value in decision.status.items())
+    if changed and not deleted:
+        cluster.patch_status(job, decision.status)
+    if decision.status.get("restarts", 0) > old_status.get("restarts", 0):
+        metrics.RESTARTS.labels(namespace=namespace).inc()
+    metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
+    for event in decision.events:
+        if event.reason != "ChildCreateFailed":
+            metrics.TRANSITIONS.labels(phase=decision.status.get("phase")).inc()
+        cluster.post_event(job, event, now)
+
+
+class Controller:
+    """The jobs this operator serves, and one pass at a time per job."""
+
+    def __init__(self, cluster: Cluster, options: Options = Options()):
+        self.cluster, self.options = cluster, options
+        self.jobs: dict[tuple[str, str], dict] = {}  # (namespace, name) -> the job as last seen on the watch
+        self._running: dict[tuple[str, str], asyncio.Task] = {}
+        self._again: set[tuple[str, str]] = set()
+
+    def remember(self, body: dict) -> tuple[str, str]:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        self.jobs[key] = body
+        return key
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self.jobs.pop(key, None)
+
+    def trigger(self, key: tuple[str, str], resync: bool = False) -> None:
+        """Run a pass for the job soon, unless it has nothing to do (a finished job)."""
+        job = self.jobs.get(key)
+        if job is None or not wants_pass(job, _now(), resync):
+            return
+        if key in self._running:
+            self._again.add(key)  # one more pass after the running one, however many triggers came
+            return
+        self._running[key] = asyncio.get_running_loop().create_task(self._passes(key))
+
+    async def _passes(self, key: tuple[str, str]) -> None:
+        try:
+            while True:
+                self._again.discard(key)
+                await self._one_pass(key)
+                if key not in self._again or key not in self.jobs:
+                    return
+        finally:
+            self._running.pop(key, None)
+
+    async def _one_pass(self, key: tuple[str, str]) -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(reconcile_once, self.cluster, key[0], key[1], self.options)
+        except Exception:  # noqa: BLE001 - the next event or resync retries the job
+            metrics.RECONCILE_ERRORS.inc()
+            logger.exception("reconcile pass of %s/%s failed; retrying at the next event or resync", *key)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+    async def resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.interval)
+            for key in list(self.jobs):
+                self.trigger(key, resync=True)
+
+    async def drain(self) -> None:
+        """Wait for the passes in flight (on shutdown: none is cut off mid-way)."""
+        running = list(self._running.values())
+        if running:
+            await asyncio.wait(running, timeout=30)
+
+
+def _controller(memo: kopf.Memo) -> Controller:
+    return memo.controller
+
+
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, options: Options) -> None:
     # Our resources are known in advance; no need to watch (and have RBAC for) all CRDs.
     settings.scanning.disabled = True
     settings.posting.reporting_component = "ddetr-operator"
     settings.watching.server_timeout = 300
-    memo.cluster = Cluster(load_api_client())
+    # No handler requires a finalizer, so kopf adds none; with this (its default) name it strips
+    # the one an earlier version of this operator left on old jobs.
+    settings.persistence.finalizer = LEGACY_FINALIZER
+    memo.controller = Controller(Cluster(load_api_client()), options)
     port = getattr(memo, "metrics_port", None)
     if port is None:
         port = int(os.environ.get("DDETR_OPERATOR_METRICS_PORT", "8000"))
     if port:
         metrics.start_metrics_server(port)
+
+
+async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    task = getattr(memo, "resync_task", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    controller = getattr(memo, "controller", None)
+    if controller is not None:
+        await controller.drain()
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -49,68 +212,43 @@ def jobs_known(**_: Any) -> int:
     return metrics.phases.count()
 
 
-def _read_progress(cluster: Cluster, job: dict) -> dict | None:
-    spec = job.get("spec") or {}
-    if (spec.get("task") or "train") != "train":
-        return None
-    try:
-        uri = status_json_uri(effective_experiment(spec))
-    except JobSpecError:
-        return None
-    if not uri.startswith("s3://"):
-        return None
-    return read_status_json(uri, cluster.s3_access(job["metadata"]["namespace"], spec.get("artifacts") or {}))
-
-
-def reconcile_once(cluster: Cluster, namespace: str, name: str, body: kopf.Body | None = None) -> None:
-    """One pass for one job."""
-    job = cluster.get_job(namespace, name)
-    if job is None:
-        return
-    old_status = job.get("status") or {}
-    phase = old_status.get("phase")
-    clean_all = ((job.get("spec") or {}).get("runPolicy") or {}).get("cleanPodPolicy") == "All"
-    # A finished job needs no look at its children, unless they are to be cleaned away.
-    observed = cluster.observe(job) if phase not in TERMINAL or clean_all else Observed()
-    if phase not in TERMINAL and observed.worker_jobs:
-        observed.progress = _read_progress(cluster, job)
-    decision = reconcile(job, observed, dt.datetime.now(dt.timezone.utc))
-    for action in decision.actions:
-        cluster.apply(job, action, observed)
-    changed = any(old_status.get(key) != value for key, value in decision.status.items())
-    if changed and not any(isinstance(a, DeleteSelf) for a in decision.actions):
-        cluster.patch_status(job, decision.status)
-    if decision.status.get("restarts", 0) > old_status.get("restarts", 0):
-        metrics.RESTARTS.labels(namespace=namespace).inc()
-    metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
-    target = body if body is not None else job
-    for event in decision.events:
-        metrics.TRANSITIONS.labels(phase=decision.status.get("phase")).inc()
-        kopf.event(target, type=event.type, reason=event.reason, message=event.message)
-
-
-def reconcile_job(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    started = time.monotonic()
-    try:
-        reconcile_once(memo.cluster, namespace, name, body)
-    except Exception:
-        metrics.RECONCILE_ERRORS.inc()
-        raise  # kopf logs it and retries after the backoff
-    finally:
-        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-
-
-def forget_deleted_job(event: kopf.RawEvent, uid: str, **_: Any) -> None:
-    # No finalizer: children go with the job through their ownerReferences; only metrics forget it.
+async def on_job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    controller = _controller(memo)
+    raw = dict(event.get("object") or {}) or dict(body)
+    key = (raw["metadata"]["namespace"], raw["metadata"]["name"])
     if event.get("type") == "DELETED":
-        metrics.phases.forget(uid)
+        # Children go with the job through their ownerReferences; the operator only forgets it.
+        controller.forget(key)
+        metrics.phases.forget(raw["metadata"].get("uid"))
+        return
+    controller.remember(raw)
+    controller.trigger(key)
 
 
-def register(registry: kopf.OperatorRegistry, interval: float = DEFAULT_RECONCILE_INTERVAL) -> kopf.OperatorRegistry:
-    """Register the handlers (the timer interval is fixed here, hence a function, not decorators)."""
-    kopf.on.startup(registry=registry)(configure)
+async def on_child_event(event: kopf.RawEvent, labels: kopf.Labels, namespace: str, memo: kopf.Memo,
+                         **_: Any) -> None:
+    owner = labels.get(LABEL_JOB)
+    if owner and namespace:
+        _controller(memo).trigger((namespace, owner))
+
+
+def register(registry: kopf.OperatorRegistry, interval: float | None = None,
+             options: Options | None = None) -> kopf.OperatorRegistry:
+    """Register the handlers: on.event only (no timers, daemons or on.delete: no finalizers)."""
+    options = options or Options()
+    if interval is not None:
+        options = dataclasses.replace(options, interval=interval)
+
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure(settings, memo, options)
+        memo.resync_task = asyncio.get_running_loop().create_task(_controller(memo).resync_forever())
+
+    kopf.on.startup(registry=registry, id="configure")(startup)
+    kopf.on.cleanup(registry=registry)(stop_resync)
     kopf.on.login(registry=registry)(login)
     kopf.on.probe(id="jobs_known", registry=registry)(jobs_known)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=interval, backoff=interval, registry=registry)(reconcile_job)
-    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(forget_deleted_job)
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(on_job_event)
+    for group_version, plural in (("batch/v1", "jobs"), ("v1", "pods")):
+        kopf.on.event(group_version, plural, labels={LABEL_JOB: kopf.PRESENT}, registry=registry,
+                      id=f"owner_of_{plural}")(on_child_event)
     return registry

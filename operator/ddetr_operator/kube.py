@@ -1,26 +1,32 @@
 """Talking to the Kubernetes API: observe a job's children, apply reconcile actions.
 
 Every call tolerates the races a level-triggered operator meets: "already exists" on
-create and "not found" on delete count as done, so a repeated pass is harmless.
+create and "not found" on delete count as done, so a repeated pass is harmless. Any
+other refusal of a child request comes back as a `ChildError` (the API server's own
+message), which `reconcile.settle` turns into status and an event: never a silent Pending.
 """
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 import os
+import socket
 from typing import Any, Mapping
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from . import GROUP, LABEL_ATTEMPT, LABEL_JOB, PLURAL, VERSION
+from . import API_VERSION, GROUP, KIND, LABEL_ATTEMPT, LABEL_JOB, PLURAL, VERSION
 from .progress import S3Access
-from .reconcile import Action, Create, DeleteSelf, DeleteWorkerJob, Observed, SetSuspend
+from .reconcile import Action, ChildError, Create, DeleteSelf, DeleteWorkerJob, Event, Observed, SetSuspend
 from .render import PODGROUP_API, configmap_name, podgroup_name, service_name
 
 logger = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
+REPORTING_COMPONENT = "ddetr-operator"
+MAX_EVENT_MESSAGE = 1024
 # Take responses as raw JSON, not the client's models: those reject objects with fields
 # (or missing fields) they do not expect, and the operator needs only a few fields.
 RAW = {"_preload_content": False}
@@ -34,6 +40,29 @@ def load_api_client() -> kubernetes.client.ApiClient:
         # Read KUBECONFIG now: the client library captures it once, at its import.
         kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     return kubernetes.client.ApiClient()
+
+
+def describe(action: Action, job_name: str) -> str:
+    """The request an action makes, for messages: "create Job demo-a0"."""
+    if isinstance(action, Create):
+        return f"create {action.manifest['kind']} {action.manifest['metadata']['name']}"
+    if isinstance(action, DeleteWorkerJob):
+        return f"delete Job {action.name}"
+    if isinstance(action, SetSuspend):
+        return f"patch Job {action.name} (suspend={str(action.suspend).lower()})"
+    return f"delete {KIND} {job_name}"
+
+
+def child_error(what: str, status: int | None, reason: str | None, body: Any) -> ChildError:
+    """A refused request as a ChildError, with the message of the API server's Status body."""
+    try:
+        parsed = json.loads(body) if isinstance(body, (str, bytes)) and body else {}
+    except ValueError:
+        parsed = {}
+    parsed = parsed if isinstance(parsed, dict) else {}
+    message = parsed.get("message") or (body.decode(errors="replace") if isinstance(body, bytes) else body) or reason
+    return ChildError(what=what, code=int(status or 0), reason=str(parsed.get("reason") or reason or ""),
+                      message=str(message or "no message"))
 
 
 def _owned_by(obj: Mapping[str, Any], job_name: str) -> bool:
@@ -89,52 +118,63 @@ class Cluster:
             pods=[p for p in pods if _owned_by(p, name) and LABEL_ATTEMPT in p["metadata"]["labels"]],
         )
 
-    def s3_access(self, namespace: str, artifacts: Mapping[str, Any]) -> S3Access:
+    def s3_access(self, namespace: str, artifacts: Mapping[str, Any], read_secret: bool = True) -> S3Access:
+        """How to reach the job's S3 store: its endpoint and region, and the keys from its Secret.
+
+        Without `read_secret` (the chart grants no Secret access, the default cluster-wide) or
+        when the read is forbidden, no keys: boto3 then uses the operator's own credentials
+        (IRSA, AWS_* in its environment), or reads nothing and the status has no progress.
+        """
         secret_ref = artifacts.get("credentialsSecret")
         key_id = secret_key = None
-        if secret_ref:
+        if secret_ref and read_secret:
             try:
                 secret = json.loads(self.core.read_namespaced_secret(secret_ref["name"], namespace, **RAW).data)
             except ApiException as err:
-                if err.status != 404:
+                if err.status not in (401, 403, 404):
                     raise
-                secret = {}  # not there (yet): the pods will not start either; progress waits
+                if err.status != 404:
+                    logger.debug("may not read Secret %s/%s (%s): no progress from S3 with the job's credentials",
+                                namespace, secret_ref["name"], err.status)
+                secret = {}  # not there (yet), or not ours to read: progress waits
             data = secret.get("data") or {}
             decode = lambda key: base64.b64decode(data[key]).decode() if key in data else None  # noqa: E731
             key_id = decode(secret_ref.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"))
             secret_key = decode(secret_ref.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
         return S3Access(artifacts.get("endpoint"), artifacts.get("region"), key_id, secret_key)
 
-    def apply(self, job: Mapping[str, Any], action: Action, observed: Observed) -> None:
+    def apply(self, job: Mapping[str, Any], action: Action, observed: Observed) -> ChildError | None:
+        """Make one action's request; None when done, else the API server's refusal."""
         namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
         try:
             if isinstance(action, Create):
                 self._create(namespace, action.manifest)
             elif isinstance(action, DeleteWorkerJob):
-                self.batch.delete_namespaced_job(action.name, namespace, propagation_policy="Background", **RAW)
+                self._ignore_missing(self.batch.delete_namespaced_job, action.name, namespace,
+                                     propagation_policy="Background")
                 # Delete the gang's pods now rather than waiting for the garbage collector.
                 for pod in observed.pods:
                     labels = pod["metadata"].get("labels") or {}
                     if action.name in (labels.get("batch.kubernetes.io/job-name"), labels.get("job-name")):
-                        self._delete_pod(namespace, pod["metadata"]["name"])
+                        self._ignore_missing(self.core.delete_namespaced_pod, pod["metadata"]["name"], namespace)
             elif isinstance(action, SetSuspend):
-                self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}},
-                                                _content_type=MERGE_PATCH, **RAW)
+                self._ignore_missing(self.batch.patch_namespaced_job, action.name, namespace,
+                                     {"spec": {"suspend": action.suspend}}, _content_type=MERGE_PATCH)
             elif isinstance(action, DeleteSelf):
-                self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                            propagation_policy="Background", **RAW)
+                self._ignore_missing(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace,
+                                     PLURAL, name, propagation_policy="Background")
         except ApiException as err:
             if err.status == 409 and isinstance(action, Create):
-                return  # created by an earlier pass
-            if err.status == 404 and not isinstance(action, Create):
-                return  # already gone
-            raise
+                return None  # created by an earlier pass
+            return child_error(describe(action, name), err.status, err.reason, err.body)
+        return None
 
-    def _delete_pod(self, namespace: str, name: str) -> None:
+    @staticmethod
+    def _ignore_missing(call, *args, **kwargs) -> None:
         try:
-            self.core.delete_namespaced_pod(name, namespace, **RAW)
+            call(*args, **kwargs, **RAW)
         except ApiException as err:
-            if err.status != 404:
+            if err.status != 404:  # already gone counts as done
                 raise
 
     def _create(self, namespace: str, manifest: dict) -> None:
@@ -156,3 +196,23 @@ class Cluster:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status},
             _content_type=MERGE_PATCH, **RAW)
+
+    def post_event(self, job: Mapping[str, Any], event: Event, now: dt.datetime) -> None:
+        """A core/v1 Event on the job (what `kubectl describe ddj` shows)."""
+        meta = job["metadata"]
+        stamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": event.type, "reason": event.reason, "message": event.message[-MAX_EVENT_MESSAGE:],
+            "source": {"component": REPORTING_COMPONENT}, "reportingComponent": REPORTING_COMPONENT,
+            "reportingInstance": socket.gethostname()[:128],
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body, **RAW)
+        except ApiException as err:  # an event is a courtesy: never fail a pass over it
+            logger.warning("could not post event %s on %s/%s: %s %s", event.reason, meta["namespace"], meta["name"],
+                           err.status, err.reason)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from . import LABEL_ATTEMPT
 from .render import (CONTAINER, KUEUE_QUEUE_LABEL, render_configmap, render_podgroup, render_service,
                      render_worker_job, worker_job_name)
-from .validate import JobSpecError, validate_job
+from .validate import JobSpecError, Policy, validate_job
 
 TERMINAL = ("Succeeded", "Failed")
 # The condition type that records each phase (Pending is recorded as "Created").
@@ -201,11 +201,11 @@ def _progress_status(progress: Mapping[str, Any], previous: Mapping[str, Any] | 
 class _Pass:
     """State of one reconcile pass; helpers append to `actions`/`events` and edit `status`."""
 
-    def __init__(self, job: Mapping[str, Any], observed: Observed, now: dt.datetime):
-        self.job, self.observed, self.now = job, observed, now
-        self.spec = job.get("spec") or {}
-        self.run_policy = self.spec.get("runPolicy") or {}
-        old = dict(job.get("status") or {})
+    def __init__(self, job: Mapping[str, Any], observed: Observed, now: dt.datetime, policy: Policy = Policy()):
+        self.job, self.observed, self.now, self.policy = job, observed, now, policy
+        self.spec = _as_mapping(job.get("spec"))
+        self.run_policy = _as_mapping(self.spec.get("runPolicy"))
+        old = dict(_as_mapping(job.get("status")))
         self.status: dict[str, Any] = {k: old[k] for k in (
             "phase", "conditions", "startTime", "completionTime", "restarts", "restartTime", "workersReady", "workerJob",
             "epochs", "progress") if k in old}
@@ -221,12 +221,13 @@ class _Pass:
     def transition(self, phase: str, reason: str, message: str) -> None:
         message = message[-MAX_MESSAGE:]
         conditions = self.status["conditions"]
+        was_true = any(c["type"] == PHASE_CONDITION[phase] and c.get("status") == "True" for c in conditions)
         for other in ACTIVE_CONDITIONS:
             if other != PHASE_CONDITION[phase] and any(c["type"] == other for c in conditions):
                 conditions = set_condition(conditions, other, "False", reason, message, self.now)
         self.status["conditions"] = set_condition(conditions, PHASE_CONDITION[phase], "True", reason, message,
                                                   self.now)
-        if self.status.get("phase") != phase:
+        if self.status.get("phase") != phase or not was_true:
             self.events.append(Event("Warning" if phase in ("Failed", "Restarting") else "Normal", reason, message))
         self.status["phase"] = phase
         if phase in TERMINAL:
@@ -272,14 +273,12 @@ class _Pass:
         if self.run_policy.get("cleanPodPolicy", "Running") == "All":
             for worker in self.observed.worker_jobs:
                 self.actions.append(DeleteWorkerJob(worker["metadata"]["name"]))
-        ttl = self.run_policy.get("ttlSecondsAfterFinished")
-        done = parse_time(self.status.get("completionTime"))
-        if ttl is not None and done is not None and self.now >= done + dt.timedelta(seconds=ttl):
+        if ttl_expired(self.job, self.now):
             self.actions.append(DeleteSelf())
 
     def active(self) -> None:
         try:
-            experiment = validate_job(self.job["metadata"]["name"], self.spec)
+            experiment = validate_job(self.job["metadata"]["name"], self.job.get("spec"), self.policy)
         except JobSpecError as err:
             self.tear_down()  # an edit can make a running job's spec invalid
             self.transition("Failed", "InvalidSpec", str(err))
@@ -336,7 +335,8 @@ class _Pass:
         self.status["workerJob"] = name
         self.status["workersReady"] = 0
         self.status.setdefault("startTime", timestamp(self.now))
-        if self.status.get("phase") in (None, "Suspended"):
+        never_created = not any(c.get("type") == "Created" for c in self.status["conditions"])
+        if self.status.get("phase") in (None, "Suspended") or never_created:  # (Pending after a refused create)
             resumed = self.status.get("phase") == "Suspended"
             self.transition("Pending", "Resumed" if resumed else "GangCreated",
                             f"created worker Job {name} with {self.spec.get('nodes', 1)} pod(s)")
@@ -392,6 +392,97 @@ class _Pass:
                             f"{failure.message}")
 
 
-def reconcile(job: Mapping[str, Any], observed: Observed, now: dt.datetime) -> Decision:
+def reconcile(job: Mapping[str, Any], observed: Observed, now: dt.datetime, policy: Policy = Policy()) -> Decision:
     """The next status of `job` and the actions that move its children towards it."""
-    return _Pass(job, observed, now).run()
+    return _Pass(job, observed, now, policy).run()
+
+
+def _as_mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def ttl_expired(job: Mapping[str, Any], now: dt.datetime) -> bool:
+    """A finished job whose runPolicy.ttlSecondsAfterFinished has run out (it is to be deleted)."""
+    ttl = _as_mapping(_as_mapping(job.get("spec")).get("runPolicy")).get("ttlSecondsAfterFinished")
+    status = _as_mapping(job.get("status"))
+    if status.get("phase") not in TERMINAL or not isinstance(ttl, int) or isinstance(ttl, bool):
+        return False
+    try:
+        done = parse_time(status.get("completionTime"))
+    except (TypeError, ValueError):
+        return False
+    return done is not None and now >= done + dt.timedelta(seconds=ttl)
+
+
+def wants_pass(job: Mapping[str, Any], now: dt.datetime, resync: bool) -> bool:
+    """Whether a reconcile pass has anything to do for `job` (as last seen on the watch).
+
+    Active jobs always do (status, progress, deadlines, restarts). A finished job has work
+    only when its TTL has run out, or, on an event (its own or a child's), when
+    cleanPodPolicy All may still have a gang to delete: the periodic resync never lists a
+    finished job's children again.
+    """
+    if _as_mapping(job.get("status")).get("phase") not in TERMINAL:
+        return True
+    if ttl_expired(job, now):
+        return True
+    clean_all = _as_mapping(_as_mapping(job.get("spec")).get("runPolicy")).get("cleanPodPolicy") == "All"
+    return clean_all and not resync
+
+
+# --- the API server refusing a child ----------------------------------------------------
+
+CHILD_REJECTED = "ChildRejected"  # reason of the Failed condition: the request will never be accepted
+CHILD_CREATE_FAILED = "ChildCreateFailed"  # condition type: a request failed, and is retried
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildError:
+    """The API server refused one of a pass's requests (create, patch or delete of a child)."""
+
+    what: str  # "create Job demo-a0"
+    code: int  # HTTP status
+    reason: str  # the Status body's reason (Invalid, Forbidden, NotFound, ...)
+    message: str  # the Status body's message: what the API server says is wrong
+
+    @property
+    def permanent(self) -> bool:
+        """Will the same request fail again whatever the cluster does meanwhile?
+
+        400/422: the object itself is bad (a toleration the API refuses). 404 on a create: the
+        kind does not exist (a PodGroup without Volcano's CRD). Those need a new job. 401/403
+        (RBAC, a quota exceeded), 409 (conflict), 429 and 5xx can pass later: retried.
+        """
+        return self.code in (400, 422) or (self.code == 404 and self.what.startswith("create "))
+
+    def describe(self) -> str:
+        return f"{self.what} was refused by the API server ({self.code} {self.reason}): {self.message}"
+
+
+def settle(job: Mapping[str, Any], decision: Decision, error: ChildError | None, now: dt.datetime) -> Decision:
+    """The pass's final status once its actions ran: `decision` when they all went through.
+
+    When the API server refused one, the decided transitions did not happen (a "created"
+    gang that was not created), so the status starts again from the job's own: a permanent
+    refusal fails the job (reason ChildRejected, the server's message); a transient one sets
+    the condition ChildCreateFailed and the next pass tries again. Either way a Warning event
+    carries the message (once per distinct message for retries, not every pass).
+    """
+    if error is None:
+        conditions = decision.status.get("conditions") or []
+        if any(c.get("type") == CHILD_CREATE_FAILED and c.get("status") == "True" for c in conditions):
+            decision.status["conditions"] = set_condition(conditions, CHILD_CREATE_FAILED, "False", "Accepted",
+                                                          "the API server accepted the operator's requests", now)
+        return decision
+    again = _Pass(job, Observed(), now)
+    message = error.describe()[-MAX_MESSAGE:]
+    if error.permanent and again.status.get("phase") not in TERMINAL:
+        again.transition("Failed", CHILD_REJECTED, message)
+        return Decision(again.status, [], again.events)
+    previous = next((c for c in again.status["conditions"] if c.get("type") == CHILD_CREATE_FAILED), None)
+    events = [] if previous and previous.get("status") == "True" and previous.get("message") == message else [
+        Event("Warning", CHILD_CREATE_FAILED, message)]
+    again.status["conditions"] = set_condition(again.status["conditions"], CHILD_CREATE_FAILED, "True",
+                                               error.reason or f"HTTP{error.code}", message, now)
+    again.status.setdefault("phase", "Pending")
+    return Decision(again.status, [], events)

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ddetr_operator.__main__ import parse_args
 from ddetr_operator.metrics import JOBS, PhaseBook
 from ddetr_operator.progress import S3Access, read_status_json, status_json_uri
@@ -63,6 +65,21 @@ def test_namespaces_from_arguments_or_environment(monkeypatch):
     monkeypatch.setenv("DDETR_WATCH_NAMESPACES", "")
     args = parse_args(["--metrics-port", "9100", "--liveness", "http://0.0.0.0:8081/healthz"])
     assert (args.namespaces, args.metrics_port, args.liveness) == ([], 9100, "http://0.0.0.0:8081/healthz")
+
+
+def test_host_path_allow_list_and_secret_reads_from_arguments_or_environment(monkeypatch):
+    monkeypatch.delenv("DDETR_ALLOWED_HOST_PATHS", raising=False)
+    monkeypatch.delenv("DDETR_READ_SECRETS", raising=False)
+    args = parse_args([])
+    assert args.allowed_host_paths == [] and args.read_secrets is True  # no hostPath by default
+    monkeypatch.setenv("DDETR_ALLOWED_HOST_PATHS", "/mnt/datasets, /data")
+    monkeypatch.setenv("DDETR_READ_SECRETS", "false")
+    args = parse_args([])
+    assert args.allowed_host_paths == ["/mnt/datasets", "/data"] and args.read_secrets is False
+    args = parse_args(["--allowed-host-path", "/srv", "--read-secrets"])
+    assert args.allowed_host_paths == ["/srv"] and args.read_secrets is True
+    with pytest.raises(SystemExit):
+        parse_args(["--allowed-host-path", "relative/path"])
 
 
 def test_operator_imports_no_torch():

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ddetr_operator import render
-from ddetr_operator.validate import validate_job
+from ddetr_operator.validate import Policy, validate_job
 from deformable_detr.config.loader import spec_from_dict
 
 K8S_VERSION = "1.30"
@@ -38,7 +38,7 @@ VARIANTS = {
 
 
 def all_manifests(job: dict) -> list[dict]:
-    experiment = validate_job(job["metadata"]["name"], job["spec"])
+    experiment = validate_job(job["metadata"]["name"], job["spec"], Policy(allowed_host_paths=("/mnt",)))
     out = [render.render_service(job), render.render_configmap(job, experiment),
            render.render_worker_job(job, 0), render.render_worker_job(job, 3, suspend=True)]
     podgroup = render.render_podgroup(job)
@@ -178,3 +178,54 @@ def test_worker_gives_up_on_an_unresolvable_master_with_a_retryable_code(make_jo
                               DDETR_MASTER_WAIT_SECONDS="0")
     assert done.returncode == render.MASTER_UNRESOLVABLE_EXIT >= 128
     assert "did not resolve" in done.stderr and "deformable-detr" not in done.stdout
+
+
+def meets_restricted_pod_security(pod_spec: dict) -> list[str]:
+    """The `restricted` Pod Security Standard's checks that a rendered pod can fail (kubernetes.io/docs)."""
+    problems = []
+    pod_context = pod_spec.get("securityContext") or {}
+    for volume in pod_spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                         "projected", "secret"}:
+            problems.append(f"volume {volume['name']}: {kinds}")
+    for container in pod_spec["containers"]:
+        context = container.get("securityContext") or {}
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append("allowPrivilegeEscalation must be false")
+        if "ALL" not in ((context.get("capabilities") or {}).get("drop") or []):
+            problems.append("capabilities must drop ALL")
+        if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+            problems.append("runAsNonRoot must be true")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            problems.append("runAsUser must not be 0")
+        seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append("seccompProfile must be RuntimeDefault or Localhost")
+        if context.get("privileged"):
+            problems.append("privileged")
+    return problems
+
+
+@pytest.mark.parametrize("variant", ["train-2-nodes", "evaluate", "volcano-gang"])
+def test_trainer_pods_meet_the_restricted_pod_security_level_by_default(make_job, variant):
+    pod_spec = render.render_worker_job(make_job(**VARIANTS[variant]), 0)["spec"]["template"]["spec"]
+    assert meets_restricted_pod_security(pod_spec) == []
+    assert pod_spec["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container({"spec": {"template": {"spec": pod_spec}}})["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert pod_spec["automountServiceAccountToken"] is False  # trainers never call the Kubernetes API
+
+
+def test_the_security_context_defaults_can_be_overridden_key_by_key(make_job):
+    job = make_job(podSecurityContext={"runAsUser": 2000, "supplementalGroups": [3000]},
+                   securityContext={"readOnlyRootFilesystem": True})
+    pod_spec = render.render_worker_job(job, 0)["spec"]["template"]["spec"]
+    assert pod_spec["securityContext"]["runAsUser"] == 2000 and pod_spec["securityContext"]["runAsGroup"] == 10001
+    assert pod_spec["securityContext"]["supplementalGroups"] == [3000]
+    context = pod_spec["containers"][0]["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["capabilities"] == {"drop": ["ALL"]}
+    kubernetes_validate.validate(render.render_worker_job(job, 0), K8S_VERSION, strict=True)
+    assert meets_restricted_pod_security(pod_spec) == []
