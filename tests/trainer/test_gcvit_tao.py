@@ -375,3 +375,22 @@ def test_timm_pretrained_backbone_still_loads_and_a_foreign_key_is_an_error(tmp_
     torch.save(state, path)
     with pytest.raises(UsageError, match=r"1 \(stages.0.blocks.0.attn.extra\) keys match no tensor"):
         build_model(small_spec(pretrained_backbone_path=str(path)))
+
+
+def test_gc_vit_detector_exports_to_onnx_with_padding_and_resized_queries():
+    # 64 pixels: padded windows and bicubic global queries must trace into plain ONNX ops.
+    ort = pytest.importorskip("onnxruntime")
+    from deformable_detr.export.onnx_export import export_to_bytes
+
+    torch.manual_seed(0)
+    model, _, _ = build_model(small_spec())
+    model.eval()
+    data = export_to_bytes(model, batch_size=-1, channels=3, height=64, width=64, opset=17, plugin=False,
+                           verbose=False)
+    session = ort.InferenceSession(data)
+    images = torch.randn(2, 3, 64, 64)
+    logits, boxes = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        expected = model(images, torch.zeros(2, 64, 64, dtype=torch.bool))
+    torch.testing.assert_close(torch.from_numpy(logits), expected["pred_logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(boxes), expected["pred_boxes"], rtol=1e-4, atol=1e-4)
