@@ -155,7 +155,8 @@ def _ln(x, state, name):
 def _conv_branch(x, state, name):
     """TAO's `conv` Sequential: depthwise 3x3, GELU, squeeze-excitation, pointwise 1x1 (NCHW)."""
     y = F.gelu(F.conv2d(x, state[f"{name}.0.weight"], padding=1, groups=x.shape[1]))
-    gate = torch.sigmoid(F.gelu(y.mean((2, 3)) @ state[f"{name}.2.fc.0.weight"].t()) @ state[f"{name}.2.fc.2.weight"].t())
+    squeeze, excite = state[f"{name}.2.fc.0.weight"], state[f"{name}.2.fc.2.weight"]
+    gate = torch.sigmoid(F.gelu(y.mean((2, 3)) @ squeeze.t()) @ excite.t())
     return F.conv2d(y * gate[:, :, None, None], state[f"{name}.3.weight"])
 
 
@@ -202,7 +203,8 @@ def _block(x, query, state, name, heads, window):
     y = _attention(y.reshape(-1, window * window, c), query, state, f"{name}.attn", heads, window)
     y = y.view(b, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
     x = x + state.get(f"{name}.gamma1", 1.0) * y[:, :h, :w]
-    hidden = F.gelu(_ln(x, state, f"{name}.norm2") @ state[f"{name}.mlp.fc1.weight"].t() + state[f"{name}.mlp.fc1.bias"])
+    hidden = _ln(x, state, f"{name}.norm2") @ state[f"{name}.mlp.fc1.weight"].t() + state[f"{name}.mlp.fc1.bias"]
+    hidden = F.gelu(hidden)
     mlp = hidden @ state[f"{name}.mlp.fc2.weight"].t() + state[f"{name}.mlp.fc2.bias"]
     return x + state.get(f"{name}.gamma2", 1.0) * mlp
 
