@@ -41,11 +41,10 @@ def _reference_attention(monkeypatch):
 
 
 def test_the_schema_offers_exactly_the_variants_checked_here():
-    from deformable_detr.config import schema
+    from deformable_detr.config.schema import BACKBONES
 
-    offered = {name for name in GC_VITS}
-    assert offered == set(TAO_VARIANTS)
-    assert offered <= set(re.findall(r"gc_vit_\w+", open(schema.__file__).read()))
+    offered = {name for name in BACKBONES if name.startswith("gc_vit")}
+    assert offered == set(GC_VITS) == set(TAO_VARIANTS)
 
 
 # --- structure ------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ def gcvit_state_from_tao(network: GcVitNetwork, tao: Mapping[str, torch.Tensor],
         if name is None:
             unmatched.append(key)
             continue
-        converted[name] = value.reshape(own[name].shape) if _SE_WEIGHT.search(name) and value.dim() == 2 else value
+        linear_se = _SE_WEIGHT.search(name) and value.dim() == 2 and value.numel() == own[name].numel()
+        converted[name] = value.reshape(own[name].shape) if linear_se else value  # Linear -> 1x1 conv
     missing = [name for name in own if name not in converted
                and not any(re.fullmatch(pattern, name) for pattern in optional)]
     if unmatched or missing or wrong_index:
