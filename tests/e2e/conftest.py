@@ -1,25 +1,28 @@
-"""Fixtures of the real-cluster suite: a reachable cluster (else skip, with the reason), the
-chart installed into a fresh namespace, the in-cluster S3 store and the dataset."""
+"""Fixtures of the cluster suite. With KUBECONFIG set, the suite runs against that cluster
+(e.g. kind with the real images). Without it, the suite starts the local control plane
+(tests/localcluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK
+and the pod runner, built from Go modules) for the session, and skips with the reason
+where that cannot be had (no Go, no module proxy, not root)."""
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
-import time
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
-import yaml
 
 import e2e_manifests as m
+from kube_target import CHART, Cluster, LocalTarget
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "deformable-detr-operator"
 TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
+sys.path.insert(0, str(REPO / "tests" / "localcluster"))
+RELEASE = "ddetr"
+OPERATOR_SA = "ddetr-operator"  # the chart's fullnameOverride in these tests: its ServiceAccount's name
 
 
 def _tool(name: str) -> str | None:
@@ -30,10 +33,7 @@ def _tool(name: str) -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-def _no_cluster_reason() -> str | None:
-    kubeconfig = os.environ.get("KUBECONFIG", "")
-    if not kubeconfig:
-        return "KUBECONFIG is not set: the end-to-end suite needs a cluster (see docs/kubernetes.md)"
+def _external_cluster_problem(kubeconfig: str) -> str | None:
     missing = [p for p in kubeconfig.split(os.pathsep) if p and not Path(p).exists()]
     if missing:
         return f"KUBECONFIG names {', '.join(missing)}, which does not exist"
@@ -50,105 +50,134 @@ def _no_cluster_reason() -> str | None:
     return None
 
 
-class Cluster:
-    """kubectl and helm against the cluster KUBECONFIG names, in one test namespace."""
-
-    def __init__(self, namespace: str):
-        self.namespace = namespace
-        self.kubectl_path = _tool("kubectl")
-        self.helm_path = _tool("helm")
-
-    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120,
-                namespaced: bool = True) -> str:
-        command = [self.kubectl_path, *(["--namespace", self.namespace] if namespaced else []), *args]
-        result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
-
-    def helm(self, *args: str, timeout: float = 600) -> str:
-        result = subprocess.run([self.helm_path, *args], capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
-
-    def apply(self, manifests: list[dict]) -> None:
-        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(manifests))
-
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        return json.loads(self.kubectl("get", kind, name, "-o", "json"))
-
-    def wait_until(self, what: str, condition: Callable[[], Any], timeout: float, every: float = 3.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(every)
-
-    def run_python(self, name: str, code: str, timeout: float = 300) -> str:
-        """Run `code` in a one-shot Job (trainer image, S3 credentials) and return its output."""
-        self.apply([m.helper_job(self.namespace, name, code)])
-        self.kubectl("wait", "--for=condition=complete", f"job/{name}", f"--timeout={int(timeout)}s",
-                     timeout=timeout + 30)
-        return self.kubectl("logs", f"job/{name}")
-
-    def port_forward(self, target: str, port: int) -> tuple[subprocess.Popen, int]:
-        """`kubectl port-forward target :port`; returns the process and the local port."""
-        process = subprocess.Popen([self.kubectl_path, "--namespace", self.namespace, "port-forward", target,
-                                    f":{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = process.stdout.readline()
-        match = re.search(r"127\.0\.0\.1:(\d+)", line)
-        if not match:
-            process.terminate()
-            raise AssertionError(f"port-forward {target}: {line or process.stderr.read()}")
-        return process, int(match.group(1))
+_local_cluster = None
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Cluster:
-    reason = _no_cluster_reason()
-    if reason:
+def control_plane(tmp_path_factory):
+    """The local control plane for this session (None when KUBECONFIG names a cluster)."""
+    global _local_cluster
+    if os.environ.get("KUBECONFIG"):
+        yield None
+        return
+    from controlplane import LocalCluster, control_plane_bin
+    if os.geteuid() != 0:
+        pytest.skip("the local control plane's pod runner needs root (network namespaces); or set KUBECONFIG")
+    if _tool("helm") is None:
+        pytest.skip("no helm binary (scripts/test-deps.d/helm.sh installs one)")
+    bin_dir, reason = control_plane_bin()
+    if bin_dir is None:
         pytest.skip(reason)
-    namespace = f"ddetr-e2e-{uuid.uuid4().hex[:6]}"
-    cluster = Cluster(namespace)
-    cluster.kubectl("create", "namespace", namespace, namespaced=False)
+    cluster = LocalCluster(tmp_path_factory.mktemp("local-cluster"), bin_dir).start()
+    _local_cluster = cluster
     try:
         yield cluster
     finally:
-        if not os.environ.get("DDETR_E2E_KEEP"):
-            cluster.kubectl("delete", "namespace", namespace, "--wait=false", namespaced=False, check=False)
+        _local_cluster = None
+        cluster.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the last lines of every component's log (and every operator's)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _local_cluster is not None:
+        report.sections.append(("local cluster logs", _local_cluster.log_tails()))
+        for log in sorted(_local_cluster.state.glob("operator-*.log")):
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-80:])
+            report.sections.append((log.name, tail))
 
 
 @pytest.fixture(scope="session")
-def operator_release(cluster: Cluster) -> str:
-    """The chart, installed into the test namespace and watching only it."""
-    repository, _, tag = m.OPERATOR_IMAGE.rpartition(":")
-    release = "ddetr"
-    cluster.helm("upgrade", "--install", release, str(CHART), "--namespace", cluster.namespace,
-                 "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
-                 "--set", f"image.pullPolicy={m.PULL_POLICY}",
-                 "--set", f"watch.namespaces={{{cluster.namespace}}}",
-                 "--set", "operator.reconcileIntervalSeconds=3",
-                 "--wait", "--timeout", "5m")
+def cluster(control_plane):
+    namespace = f"ddetr-e2e-{uuid.uuid4().hex[:6]}"
+    if control_plane is None:
+        problem = _external_cluster_problem(os.environ["KUBECONFIG"])
+        if problem:
+            pytest.skip(problem)
+        target = Cluster(namespace, _tool("kubectl"), _tool("helm"), os.environ["KUBECONFIG"])
+    else:
+        target = LocalTarget(namespace, control_plane, _tool("helm"))
+    target.kubectl("create", "namespace", namespace, namespaced=False)
+    target.wait_until("the namespace's default ServiceAccount",
+                      lambda: target.kubectl("get", "sa", "default", check=False).returncode == 0, 60, every=0.5)
+    try:
+        yield target
+    finally:
+        if target.local:
+            target.stop_operators()
+        if not os.environ.get("DDETR_E2E_KEEP"):
+            target.kubectl("delete", "namespace", namespace, "--wait=false", namespaced=False, check=False)
+
+
+def install_chart(cluster: Cluster, release: str, namespace: str, watch: list[str], *extra: str) -> None:
+    args = ["upgrade", "--install", release, str(CHART), "--namespace", namespace,
+            "--set", f"fullnameOverride={release}-operator", "--set", "operator.reconcileIntervalSeconds=3"]
+    if watch:
+        args += ["--set", "watch.namespaces={" + ",".join(watch) + "}"]
+    if not cluster.local:
+        repository, _, tag = m.OPERATOR_IMAGE.rpartition(":")
+        args += ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+                 "--set", f"image.pullPolicy={m.PULL_POLICY}", "--wait", "--timeout", "5m"]
+    cluster.helm(*args, *extra)
+
+
+@pytest.fixture(scope="session")
+def operator_release(cluster, tmp_path_factory) -> str:
+    """The chart, installed into the test namespace and watching only it; on the local
+    control plane its operator runs here as the chart's ServiceAccount."""
+    install_chart(cluster, RELEASE, cluster.namespace, [cluster.namespace])
     # A chart installed earlier keeps its CRD (Helm never upgrades crds/): bring it up to date.
     crds = cluster.helm("show", "crds", str(CHART))
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crds, namespaced=False)
-    return release
+    if cluster.local:
+        # The suite's dataset is a hostPath under pytest's temporary folder: the one path allowed.
+        allowed = str(tmp_path_factory.getbasetemp())
+        cluster.start_operator(OPERATOR_SA, cluster.namespace, [cluster.namespace],
+                               {"DDETR_ALLOWED_HOST_PATHS": allowed})
+    return RELEASE
 
 
 @pytest.fixture(scope="session")
-def s3_store(cluster: Cluster) -> str:
-    cluster.apply(m.s3_store(cluster.namespace))
-    cluster.kubectl("rollout", "status", f"deployment/{m.S3_SERVICE}", "--timeout=300s", timeout=330)
-    assert "bucket ready" in cluster.run_python("make-bucket", m.MAKE_BUCKET)
-    return m.BUCKET
+def s3_store(cluster) -> str:
+    if not cluster.local:
+        cluster.apply(m.s3_store(cluster.namespace))
+        cluster.kubectl("rollout", "status", f"deployment/{m.S3_SERVICE}", "--timeout=300s", timeout=330)
+        assert "bucket ready" in cluster.run_python("make-bucket", m.MAKE_BUCKET)
+        yield m.BUCKET
+        return
+    from moto.server import ThreadedMotoServer
+    from kube_target import _free_port
+    address, port = cluster.runner_address(), _free_port()
+    server = ThreadedMotoServer(ip_address=address, port=port, verbose=False)
+    server.start()
+    cluster.s3_url = f"http://{address}:{port}"
+    try:
+        cluster.apply([m.credentials_secret(cluster.namespace)])
+        assert "bucket ready" in cluster.run_python("make-bucket", m.MAKE_BUCKET)
+        yield m.BUCKET
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def dataset(cluster: Cluster) -> str:
-    cluster.apply(m.dataset_daemonset(cluster.namespace))
-    cluster.kubectl("rollout", "status", "daemonset/dataset", "--timeout=300s", timeout=330)
-    return m.DATA_HOST_PATH
+def dataset(cluster, tmp_path_factory) -> str:
+    if not cluster.local:
+        cluster.apply(m.dataset_daemonset(cluster.namespace))
+        cluster.kubectl("rollout", "status", "daemonset/dataset", "--timeout=300s", timeout=330)
+        return m.DATA_HOST_PATH
+    folder = tmp_path_factory.mktemp("e2e-data")
+    subprocess.run([sys.executable, str(m.DATASET_SCRIPT), str(folder)], check=True)
+    cluster.data_dir = str(folder)
+    return str(folder)
+
+
+def job_status(cluster, name: str, namespace: str | None = None) -> dict:
+    return cluster.get("deformabledetrjobs", name, namespace=namespace).get("status") or {}
+
+
+def events_of(cluster, name: str, namespace: str | None = None) -> list[dict]:
+    out = cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "json",
+                          namespace=namespace)
+    return json.loads(out)["items"]

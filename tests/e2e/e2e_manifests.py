@@ -16,6 +16,7 @@ PULL_POLICY = os.environ.get("DDETR_E2E_PULL_POLICY", "IfNotPresent")
 S3_SERVICE, S3_PORT = "s3", 5000
 BUCKET = "ddetr-e2e"
 CREDENTIALS_SECRET = "s3-credentials"
+ACCESS_KEY, SECRET_KEY = "e2e-access-key", "e2e-secret-key"
 DATA_HOST_PATH = "/var/tmp/ddetr-e2e-data"
 DATA_MOUNT = "/data"
 DATASET_SCRIPT = Path(__file__).with_name("make_dataset.py")
@@ -55,10 +56,13 @@ def s3_store(namespace: str) -> list[dict]:
     service = {"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": S3_SERVICE, "namespace": namespace, "labels": labels},
                "spec": {"selector": labels, "ports": [{"name": "s3", "port": S3_PORT, "targetPort": S3_PORT}]}}
-    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-              "metadata": {"name": CREDENTIALS_SECRET, "namespace": namespace, "labels": _labels("s3")},
-              "stringData": {"AWS_ACCESS_KEY_ID": "e2e-access-key", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key"}}
-    return [deployment, service, secret]
+    return [deployment, service, credentials_secret(namespace)]
+
+
+def credentials_secret(namespace: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": CREDENTIALS_SECRET, "namespace": namespace, "labels": _labels("s3")},
+            "stringData": {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}}
 
 
 def _s3_env(namespace: str) -> list[dict]:
@@ -124,8 +128,10 @@ def list_objects_code(prefix: str) -> str:
             "print(json.dumps([o['Key'] for p in pages for o in p.get('Contents', [])]))")
 
 
-def training_job(namespace: str, name: str, num_epochs: int, nodes: int = 2) -> dict[str, Any]:
+def training_job(namespace: str, name: str, num_epochs: int, nodes: int = 2, endpoint: str | None = None,
+                 data_host_path: str = DATA_HOST_PATH) -> dict[str, Any]:
     """A tiny CPU DeformableDetrJob: 2 nodes x 1 process, checkpoints every epoch to S3."""
+    endpoint = endpoint or s3_endpoint(namespace)
     train_source = {"image_dir": f"{DATA_MOUNT}/train/images", "json_file": f"{DATA_MOUNT}/train/annotations.json"}
     val_source = {"image_dir": f"{DATA_MOUNT}/val/images", "json_file": f"{DATA_MOUNT}/val/annotations.json"}
     return {
@@ -138,8 +144,8 @@ def training_job(namespace: str, name: str, num_epochs: int, nodes: int = 2) -> 
             "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}},
             "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
             "volumes": [{"name": "data", "mountPath": DATA_MOUNT, "readOnly": True,
-                         "hostPath": {"path": DATA_HOST_PATH, "type": "Directory"}}],
-            "artifacts": {"uri": f"s3://{BUCKET}/{name}", "endpoint": s3_endpoint(namespace), "region": "us-east-1",
+                         "hostPath": {"path": data_host_path, "type": "Directory"}}],
+            "artifacts": {"uri": f"s3://{BUCKET}/{name}", "endpoint": endpoint, "region": "us-east-1",
                           "credentialsSecret": {"name": CREDENTIALS_SECRET}},
             "runPolicy": {"backoffLimit": 2, "activeDeadlineSeconds": 1800, "cleanPodPolicy": "None"},
             "experiment": {
@@ -153,3 +159,18 @@ def training_job(namespace: str, name: str, num_epochs: int, nodes: int = 2) -> 
             },
         },
     }
+
+
+KWOK_NODE_SELECTOR = {"type": "kwok"}
+
+
+def kwok_job(namespace: str, name: str, endpoint: str, nodes: int = 2, **spec: Any) -> dict[str, Any]:
+    """A DeformableDetrJob for KWOK's fake GPU nodes: its pods run only in the API server's eyes,
+    and end when a test annotates them (ddetr.dev/simulated-exit-code, -disruption)."""
+    job = training_job(namespace, name, num_epochs=2, nodes=nodes, endpoint=endpoint)
+    job["spec"].update(image="example.invalid/deformable-detr-trainer:kwok", gpusPerNode=1,
+                       nodeSelector=dict(KWOK_NODE_SELECTOR), resources={"requests": {"cpu": "1", "memory": "1Gi"}},
+                       terminationGracePeriodSeconds=30)
+    job["spec"].pop("volumes")
+    job["spec"].update(spec)
+    return job

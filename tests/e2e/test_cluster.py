@@ -6,7 +6,6 @@ a reachable cluster."""
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 
@@ -45,16 +44,6 @@ def _worker_pods(cluster, name: str, attempt: int | None = None, index: int | No
     return pods
 
 
-def _scrape(cluster, target: str, port: int) -> str:
-    process, local_port = cluster.port_forward(target, port)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{local_port}/metrics", timeout=10) as response:
-            return response.read().decode()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 def _s3_keys(cluster, prefix: str, helper_name: str) -> list[str]:
     return json.loads(cluster.run_python(helper_name, m.list_objects_code(prefix)).strip().splitlines()[-1])
 
@@ -66,7 +55,7 @@ def ready(cluster, operator_release, s3_store, dataset):
 
 def test_two_node_job_trains_to_succeeded(ready):
     cluster, name = ready, "e2e-train"
-    cluster.apply([m.training_job(cluster.namespace, name, num_epochs=3)])
+    cluster.apply([cluster.training_job(name, num_epochs=3)])
 
     # Rank 0 serves /metrics while it trains: scrape it through a port-forward.
     def trainer_metrics():
@@ -76,7 +65,7 @@ def test_two_node_job_trains_to_succeeded(ready):
         if not pods:
             return None
         try:
-            text = _scrape(cluster, f"pod/{pods[0]['metadata']['name']}", 9090)
+            text = cluster.scrape_pod(pods[0], 9090)
         except (AssertionError, OSError):
             return None
         return text if f'ddetr_train_step{{job="{name}"}}' in text else None
@@ -97,22 +86,15 @@ def test_two_node_job_trains_to_succeeded(ready):
     assert any(k.endswith(".pth") for k in keys) and f"{name}/train/status.json" in keys
     assert progress["lastCheckpoint"].removeprefix(f"s3://{m.BUCKET}/") in keys
 
-    operator_metrics = _scrape(cluster, f"service/{operator_release_service(cluster)}", 8000)
+    operator_metrics = cluster.scrape_operator()
     succeeded = [line for line in operator_metrics.splitlines()
                  if line.startswith('ddetr_operator_jobs{phase="Succeeded"}')]
     assert succeeded and float(succeeded[0].split()[-1]) >= 1
 
 
-def operator_release_service(cluster) -> str:
-    services = json.loads(cluster.kubectl("get", "services", "-l", "app.kubernetes.io/component=operator",
-                                          "-o", "json"))["items"]
-    assert len(services) == 1, "expected the chart's one metrics Service"
-    return services[0]["metadata"]["name"]
-
-
 def test_killed_worker_restarts_the_gang_from_its_checkpoint(ready):
     cluster, name = ready, "e2e-restart"
-    cluster.apply([m.training_job(cluster.namespace, name, num_epochs=8)])
+    cluster.apply([cluster.training_job(name, num_epochs=8)])
 
     def first_checkpoint():
         job = _job(cluster, name)
@@ -121,7 +103,7 @@ def test_killed_worker_restarts_the_gang_from_its_checkpoint(ready):
     checkpoint = cluster.wait_until("the first checkpoint", first_checkpoint, JOB_TIMEOUT_S, every=2)
 
     (victim,) = _worker_pods(cluster, name, attempt=0, index=1)
-    cluster.kubectl("delete", "pod", victim["metadata"]["name"], "--grace-period=0", "--force", "--wait=false")
+    cluster.break_worker(victim)  # SIGKILL of its rank's process (local) or a force-deleted pod
 
     cluster.wait_until("a gang restart", lambda: (_job(cluster, name).get("status") or {}).get("restarts", 0) >= 1,
                        600)
@@ -134,13 +116,13 @@ def test_killed_worker_restarts_the_gang_from_its_checkpoint(ready):
     attempt = int(job["status"]["workerJob"].rpartition("-a")[2])
     assert attempt >= 1
     (rank0,) = _worker_pods(cluster, name, attempt=attempt, index=0)
-    log = cluster.kubectl("logs", rank0["metadata"]["name"])
+    log = cluster.pod_log(rank0)
     assert "resuming from" in log, log[-2000:]
     assert checkpoint.startswith(f"s3://{m.BUCKET}/{name}/train/")
     assert any(k.endswith(".pth") for k in _s3_keys(cluster, f"{name}/train/", "list-e2e-restart"))
 
     # The operator counted the restart in its own metrics.
-    text = _scrape(cluster, f"service/{operator_release_service(cluster)}", 8000)
+    text = cluster.scrape_operator()
     restarts = [line for line in text.splitlines()
                 if line.startswith(f'ddetr_operator_job_restarts_total{{namespace="{cluster.namespace}"}}')]
     assert restarts and float(restarts[0].split()[-1]) >= 1

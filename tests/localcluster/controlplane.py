@@ -166,9 +166,7 @@ class LocalCluster:
             self._write_kubeconfig(server, pki)
 
             kubeconfig = str(self.kubeconfig)
-            common = ["--kubeconfig", kubeconfig, "--authentication-kubeconfig", kubeconfig,
-                      "--authorization-kubeconfig", kubeconfig, "--bind-address", "127.0.0.1",
-                      "--leader-elect=false", "--v", "1"]
+            common = ["--kubeconfig", kubeconfig, "--bind-address", "127.0.0.1", "--leader-elect=false", "--v", "1"]
             self._spawn("kube-controller-manager", [
                 b("kube-controller-manager"), *common, "--secure-port", str(free_port()),
                 "--controllers", ",".join(CONTROLLERS), "--root-ca-file", str(pki["ca_cert"]),
@@ -186,6 +184,7 @@ class LocalCluster:
             self._wait("the default namespace's service account", self._default_service_account, 60)
             for index in range(self.kwok_nodes):
                 self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(kwok_node(f"kwok-gpu-{index}")))
+                clear_not_ready_taint(self.kubectl, f"kwok-gpu-{index}")
             if self.pod_runner:
                 self._spawn("pod-runner", [self.pod_runner_python, str(HERE / "pod_runner.py"),
                                            "--kubeconfig", kubeconfig, "--state", str(self.state / "pods")],
@@ -260,6 +259,12 @@ def kwok_node(name: str) -> dict:
                                                   "nvidia.com/gpu.present": "true"},
                          "annotations": {"kwok.x-k8s.io/node": "fake"}},
             "status": {"capacity": capacity, "allocatable": capacity}}
+
+
+def clear_not_ready_taint(kubectl, node: str) -> None:
+    """The API server taints every new node not-ready; the node-lifecycle controller (not run
+    here: nothing renews node leases) would lift it once the node reports Ready."""
+    kubectl("patch", "node", node, "--type=merge", "-p", '{"spec": {"taints": null}}')
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

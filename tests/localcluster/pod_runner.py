@@ -142,6 +142,8 @@ class PodRunner:
             if err.status != 409:
                 raise
         self.heartbeat(capacity)
+        # The API server taints new nodes not-ready; no node-lifecycle controller runs here to lift it.
+        self.core.patch_node(NODE_NAME, {"spec": {"taints": None}}, **RAW)
 
     def heartbeat(self, capacity: dict | None = None) -> None:
         status: dict = {"conditions": [{"type": "Ready", "status": "True", "reason": "PodRunnerReady",
