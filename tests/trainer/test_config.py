@@ -72,6 +72,15 @@ def test_single_data_source_mapping_is_accepted():
     ({"export": {"batch_size": 0}}, "export.batch_size: 0 is not accepted"),
     ({"model": []}, "model: got []; expected a mapping with keys"),
     ({"inference": {"conf_threshold": 1.5}}, "inference.conf_threshold: 1.5 is out of range; accepted: 0.0..1.0"),
+    ({"train": {"optim": {"lr_monitor": "val_mAP"}}},
+     "train.optim.lr_monitor: 'val_mAP' is not accepted; choose one of val_loss, train_loss"),
+    ({"train": {"optim": {"monitor_name": "loss"}}},
+     "train.optim.monitor_name: 'loss' is not accepted; choose one of val_loss, train_loss"),
+    ({"train": {"optim": {"lr_scheduler": "CosineAnnealing"}}},
+     "train.optim.lr_scheduler: 'CosineAnnealing' is not accepted; choose one of MultiStep, StepLR, AutoReduce"),
+    ({"train": {"optim": {"lr_scheduler": "AutoReduce", "lr_decay": 1.0}}},
+     "train.optim.lr_decay: 1.0 does not reduce the lr; AutoReduce accepts 0.0 <= lr_decay < 1.0"),
+    ({"train": {"optim": {"patience": -1}}}, "train.optim.patience: -1 is out of range; accepted: >= 0"),
 ])
 def test_bad_values_name_the_field(raw, expected):
     with pytest.raises(SpecError) as info:
@@ -111,3 +120,29 @@ def test_json_schema_covers_every_field():
     sources = schema["properties"]["dataset"]["properties"]["train_data_sources"]
     assert sources["items"]["properties"]["json_file"]["type"] == "string"
     assert set(schema["properties"]) == {f for f in ExperimentConfig.__dataclass_fields__}
+
+
+def test_lr_monitor_is_also_spelled_monitor_name(write_spec):
+    # TAO's table says lr_monitor, TAO's code monitor_name: one field, either spelling, in a file or an override.
+    assert ExperimentConfig().train.optim.lr_monitor == "val_loss"
+    assert spec_from_dict({"train": {"optim": {"lr_monitor": "train_loss"}}}).train.optim.lr_monitor == "train_loss"
+    assert spec_from_dict({"train": {"optim": {"monitor_name": "train_loss"}}}).train.optim.lr_monitor == "train_loss"
+    path = write_spec({"train": {"optim": {"monitor_name": "train_loss"}}})
+    assert load_spec(path).train.optim.lr_monitor == "train_loss"
+    assert load_spec(None, ["train.optim.monitor_name=train_loss"]).train.optim.lr_monitor == "train_loss"
+    same = {"lr_monitor": "train_loss", "monitor_name": "train_loss"}
+    assert spec_from_dict({"train": {"optim": same}}).train.optim.lr_monitor == "train_loss"
+    with pytest.raises(SpecError) as info:
+        spec_from_dict({"train": {"optim": {"lr_monitor": "val_loss", "monitor_name": "train_loss"}}})
+    assert str(info.value).startswith("train.optim.monitor_name: train_loss conflicts with train.optim.lr_monitor: "
+                                      "val_loss; they are one field")
+    # What a spec is written back as: the documented name only.
+    assert "monitor_name" not in spec_to_dict(ExperimentConfig())["train"]["optim"]
+
+
+def test_alias_in_the_json_schema_has_no_default():
+    # The API server fills defaults in: a default beside a spec's monitor_name would make two values.
+    optim = experiment_schema()["properties"]["train"]["properties"]["optim"]["properties"]
+    assert optim["lr_monitor"]["enum"] == optim["monitor_name"]["enum"] == ["val_loss", "train_loss"]
+    assert "default" not in optim["lr_monitor"] and "default" not in optim["monitor_name"]
+    assert optim["lr_scheduler"]["enum"] == ["MultiStep", "StepLR", "AutoReduce"]

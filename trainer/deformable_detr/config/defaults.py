@@ -38,6 +38,8 @@ def _comment(f: dataclasses.Field) -> str:
     elif "min" in meta or "max" in meta:
         lo, hi = meta.get("min"), meta.get("max")
         parts.append(f"range: {'' if lo is None else lo}..{'' if hi is None else hi}")
+    if "aliases" in meta:
+        parts.append("also spelled: " + ", ".join(meta["aliases"]))
     return "; ".join(p for p in parts if p)
 
 

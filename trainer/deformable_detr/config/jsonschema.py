@@ -53,7 +53,15 @@ def dataclass_schema(cls) -> dict:
     instance = cls()
     props = {}
     for f in dataclasses.fields(cls):
-        props[f.name] = _schema_for(hints[f.name], dict(f.metadata), getattr(instance, f.name))
+        meta = dict(f.metadata)
+        aliases = meta.get("aliases", [])
+        # An aliased field carries no default here: the API server would fill it in beside a spec's
+        # alias and the loader would see two values. The trainer applies the default itself.
+        default = dataclasses.MISSING if aliases else getattr(instance, f.name)
+        props[f.name] = _schema_for(hints[f.name], meta, default)
+        for alias in aliases:
+            props[alias] = _schema_for(hints[f.name], {**meta, "help": f"another name for {f.name}; give one"},
+                                       dataclasses.MISSING)
     return {"type": "object", "properties": props}
 
 

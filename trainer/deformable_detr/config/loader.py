@@ -133,6 +133,7 @@ def build_dataclass(cls, raw: Any, path: str = ""):
         raise SpecError(f"{where}: got {_show(raw)}; expected {_type_name(cls)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    raw, spelled = _resolve_aliases(fields, raw, path)
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
@@ -141,10 +142,31 @@ def build_dataclass(cls, raw: Any, path: str = ""):
                             f"(valid fields of {where}: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
-        dotted = f"{path}.{name}" if path else name
+        # Errors name the field as the spec spelled it (an alias where it used one).
+        dotted = f"{path}.{spelled.get(name, name)}" if path else spelled.get(name, name)
         if name in raw:
             kwargs[name] = _convert(raw[name], hints[name], dotted, dict(f.metadata))
     return cls(**kwargs)
+
+
+def _resolve_aliases(fields: dict, raw: dict, path: str) -> tuple[dict, dict]:
+    """`raw` with aliases renamed to their field, and {field: alias} for those the spec used."""
+    aliases = {alias: name for name, f in fields.items() for alias in f.metadata.get("aliases", ())}
+    if not any(key in aliases for key in raw):
+        return raw, {}
+    prefix = path + "." if path else ""
+    resolved, spelled = {}, {}
+    for key, value in raw.items():
+        name = aliases.get(key, key)
+        if name in resolved and resolved[name] != value:
+            other = spelled.get(name, name) if key == name else name
+            raise SpecError(f"{prefix}{key}: {_show(value)} conflicts with {prefix}{other}: {_show(resolved[name])}; "
+                            f"they are one field ({', '.join(fields[name].metadata['aliases'])} is another name "
+                            f"for {name}): give one")
+        resolved[name] = value
+        if key != name:
+            spelled[name] = key
+    return resolved, spelled
 
 
 def spec_to_dict(spec) -> dict:
@@ -233,8 +255,12 @@ def check_consistency(spec: ExperimentConfig) -> None:
                         f"train_random_crop_max ({aug.train_random_crop_max})")
     if aug.fixed_random_crop is not None and aug.fixed_random_crop % 32:
         raise SpecError(f"dataset.augmentation.fixed_random_crop: {aug.fixed_random_crop} must be divisible by 32")
-    if any(s <= 0 for s in spec.train.optim.lr_steps):
-        raise SpecError(f"train.optim.lr_steps: epochs must be positive, got {spec.train.optim.lr_steps}")
+    optim = spec.train.optim
+    if any(s <= 0 for s in optim.lr_steps):
+        raise SpecError(f"train.optim.lr_steps: epochs must be positive, got {optim.lr_steps}")
+    if optim.lr_scheduler == "AutoReduce" and optim.lr_decay >= 1.0:
+        raise SpecError(f"train.optim.lr_decay: {optim.lr_decay} does not reduce the lr; "
+                        "AutoReduce accepts 0.0 <= lr_decay < 1.0")
     if spec.export.batch_size == 0:
         raise SpecError("export.batch_size: 0 is not accepted; use -1 (dynamic) or a positive batch")
     trt = spec.gen_trt_engine.tensorrt

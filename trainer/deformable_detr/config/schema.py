@@ -5,8 +5,9 @@ These dataclasses are the single source of truth. The CLI validates against them
 generated from them (see `jsonschema.py`).
 
 Every field carries metadata: `help` (shown in the commented default spec),
-optionally `choices`, `min`, `max`, and `case_insensitive` (choices match in any
-case and are stored in the canonical spelling).
+optionally `choices`, `min`, `max`, `case_insensitive` (choices match in any
+case and are stored in the canonical spelling), and `aliases` (other names a spec may
+use for the same field, e.g. TAO's code name where its documentation names it otherwise).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import Any, Dict, List, Optional
 
 
 def spec_field(default: Any = None, help: str = "", *, choices=None, min=None, max=None,
-               case_insensitive: bool = False, factory=None):
+               case_insensitive: bool = False, aliases=None, factory=None):
     """A dataclass field with the validation metadata the loader reads."""
     meta = {"help": help}
+    if aliases:
+        meta["aliases"] = list(aliases)
     if choices is not None:
         meta["choices"] = list(choices)
     if min is not None:
@@ -134,17 +137,26 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = spec_field("AdamW", "optimizer", choices=["AdamW", "SGD"])
-    monitor_name: str = spec_field("val_loss", "quantity monitored for the best checkpoint",
-                                   choices=["val_loss", "train_loss"])
+    # TAO's table names this lr_monitor, TAO's code monitor_name: both spellings load, into this one field.
+    lr_monitor: str = spec_field(
+        "val_loss", "quantity the AutoReduce schedule watches: val_loss (loss on val_data_sources at each "
+        "validation) or train_loss (the epoch's mean training loss); MultiStep and StepLR ignore it",
+        choices=["val_loss", "train_loss"], aliases=["monitor_name"])
     lr: float = spec_field(2e-4, "learning rate of the transformer and heads", min=0.0)
     lr_backbone: float = spec_field(2e-5, "learning rate of the backbone", min=0.0)
     lr_linear_proj_mult: float = spec_field(0.1, "lr multiplier of sampling_offsets and reference_points", min=0.0)
     momentum: float = spec_field(0.9, "SGD momentum", min=0.0, max=1.0)
     weight_decay: float = spec_field(1e-4, "weight decay", min=0.0)
-    lr_scheduler: str = spec_field("MultiStep", "learning-rate schedule", choices=["MultiStep", "StepLR"])
+    lr_scheduler: str = spec_field(
+        "MultiStep", "learning-rate schedule: MultiStep decays by lr_decay at lr_steps, StepLR every "
+        "lr_step_size epochs, AutoReduce when lr_monitor has not improved by 0.1% for patience checks",
+        choices=["MultiStep", "StepLR", "AutoReduce"])
     lr_steps: List[int] = spec_field([40], "epochs at which MultiStep decays the lr")
     lr_step_size: int = spec_field(40, "StepLR period in epochs", min=1)
-    lr_decay: float = spec_field(0.1, "decay factor of either schedule", min=0.0)
+    lr_decay: float = spec_field(0.1, "decay factor of every schedule (AutoReduce: below 1)", min=0.0)
+    patience: int = spec_field(
+        1, "AutoReduce: checks of lr_monitor (epochs; validations for val_loss) without improvement "
+        "that are tolerated; the next one decays the lr", min=0)
 
 
 @dataclass
@@ -206,9 +218,10 @@ class ExportConfig:
     gpu_id: int = spec_field(0, "GPU used for export", min=0)
     checkpoint: Optional[str] = spec_field(None, "model checkpoint (.pth) to export")
     onnx_file: Optional[str] = spec_field(None, "ONNX file to write")
+    # TAO's table: true (TAO's code says false). Plain ops run in any ONNX runtime and TensorRT alike.
     on_cpu: bool = spec_field(
-        False, "true: deformable attention as plain ONNX ops (GridSample); "
-        "false: one MultiscaleDeformableAttnPlugin_TRT node per attention layer")
+        True, "true: deformable attention as plain ONNX ops (GridSample), traced on the CPU; "
+        "false: one MultiscaleDeformableAttnPlugin_TRT node per attention layer (needs TAO's TensorRT plugin)")
     input_channel: int = spec_field(3, "input channels (only 3)", choices=[3])
     input_width: int = spec_field(960, "input width", min=32)
     input_height: int = spec_field(544, "input height", min=32)
@@ -256,8 +269,10 @@ class GenTrtEngineConfig:
 class ConvertConfig:
     input_source: Optional[str] = spec_field(None, ".txt file listing KITTI data-source folders, one a line")
     results_dir: Optional[str] = spec_field(None, "output folder; default {results_dir}/convert")
-    image_dir_name: str = spec_field("images", "image folder name under each source")
-    label_dir_name: str = spec_field("labels", "KITTI label folder name under each source")
+    # TAO's table has no default (None): its converter cannot run without the names. KITTI's usual
+    # folder names as defaults let that layout convert as is; a spec naming them behaves as in TAO.
+    image_dir_name: str = spec_field("images", "image folder name under each source (TAO: no default)")
+    label_dir_name: str = spec_field("labels", "KITTI label folder name under each source (TAO: no default)")
     image_extension: str = spec_field(".jpg", "extension of the image files")
     num_shards: int = spec_field(32, "COCO JSON shards per partition", min=1)
     num_partitions: int = spec_field(1, "random partitions (folds) of each source", min=1)

@@ -48,8 +48,22 @@ def build_optimizer(model: nn.Module, spec: ExperimentConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """The per-epoch schedule: MultiStep at `lr_steps` or StepLR every `lr_step_size` epochs."""
+# TAO's AutoReduce: a value less than 0.1 % below the best one so far is no improvement.
+PLATEAU_THRESHOLD = 1e-3
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig):
+    """The per-epoch schedule: MultiStep at `lr_steps`, StepLR every `lr_step_size` epochs, or
+    AutoReduce (ReduceLROnPlateau on `lr_monitor`, stepped with that value: see `monitors_a_value`)."""
+    if optim.lr_scheduler == "AutoReduce":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=optim.lr_decay, patience=optim.patience,
+            threshold=PLATEAU_THRESHOLD, threshold_mode="rel")
     if optim.lr_scheduler == "StepLR":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.lr_step_size, gamma=optim.lr_decay)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sorted(optim.lr_steps), gamma=optim.lr_decay)
+
+
+def monitors_a_value(scheduler) -> bool:
+    """True for a schedule stepped with the monitored value (AutoReduce), False for one stepped per epoch."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

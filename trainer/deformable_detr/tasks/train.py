@@ -36,7 +36,7 @@ from ..errors import UsageError
 from ..runtime import checkpoint, distributed, storage
 from ..runtime.artifacts import ArtifactSync
 from ..runtime.logging import get_logger
-from ..runtime.optim import build_optimizer, build_scheduler
+from ..runtime.optim import build_optimizer, build_scheduler, monitors_a_value
 from ..runtime.paths import task_results_dir
 from ..runtime.progress import progress
 from ..runtime.signals import EXIT_SIGTERM, StopRequest
@@ -51,11 +51,18 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclasses.dataclass
 class Position:
-    """Where training stands: the epoch in progress, batches of it done, optimizer steps overall."""
+    """Where training stands: the epoch in progress, batches of it done, optimizer steps overall,
+    and the sum of this epoch's step losses so far (its mean is `train_loss` for AutoReduce)."""
 
     epoch: int = 0
     batches_done: int = 0
     step: int = 0
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+
+    @property
+    def train_loss(self) -> Optional[float]:
+        return self.loss_sum / self.loss_steps if self.loss_steps else None
 
 
 def run(spec: ExperimentConfig) -> int:
@@ -157,6 +164,10 @@ class Trainer:
         from ..model import build_model
 
         spec, info = self.spec, self.info
+        optim = self.train_cfg.optim
+        if optim.lr_scheduler == "AutoReduce" and optim.lr_monitor == "val_loss" and not spec.dataset.val_data_sources:
+            raise UsageError("train.optim.lr_monitor: val_loss needs dataset.val_data_sources (AutoReduce watches "
+                             "the validation loss); give validation data or set train.optim.lr_monitor: train_loss")
         # The same seed on every rank gives every rank the same initial weights (FSDP2 shards them as they are).
         torch.manual_seed(self.train_cfg.seed)
         model, self.criterion, self.postprocessor = build_model(spec)
@@ -233,6 +244,11 @@ class Trainer:
         if missing:
             raise UsageError(f"train.resume_training_checkpoint_path: {path} is not a training checkpoint "
                              f"(missing {', '.join(missing)}); use train.pretrained_model_path to fine-tune from it")
+        saved_on_plateau = "best" in state["lr_scheduler"]  # ReduceLROnPlateau's state has its best value
+        if saved_on_plateau != monitors_a_value(self.scheduler):
+            raise UsageError(f"train.optim.lr_scheduler: {path} was trained with "
+                             f"{'AutoReduce' if saved_on_plateau else 'MultiStep or StepLR'}, this spec asks for "
+                             f"{self.train_cfg.optim.lr_scheduler}; resume with the spec it was trained with")
         try:
             checkpoint.load_model_and_optimizer(self._bare_model, self.optimizer, state["model"], state["optimizer"])
         except (KeyError, RuntimeError, ValueError) as err:
@@ -245,8 +261,10 @@ class Trainer:
         if state.get("epoch_finished", True):
             position = Position(epoch=int(state["epoch"]) + 1, batches_done=0, step=int(state["step"]))
         else:
+            epoch_loss = state.get("epoch_loss") or {}
             position = Position(epoch=int(state["epoch"]), batches_done=int(state.get("batches_done", 0)),
-                                step=int(state["step"]))
+                                step=int(state["step"]), loss_sum=float(epoch_loss.get("sum", 0.0)),
+                                loss_steps=int(epoch_loss.get("steps", 0)))
         log.info("resuming from %s: epoch %d, batch %d, step %d", path, position.epoch + 1,
                  position.batches_done, position.step)
         return position, state.get("rng")
@@ -274,6 +292,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": position.epoch, "step": position.step, "batches_done": position.batches_done,
             "epoch_finished": epoch_finished, "rng": {"ranks": rng_states},
+            "epoch_loss": {"sum": position.loss_sum, "steps": position.loss_steps},
             "spec": spec_to_dict(dataclasses.replace(self.spec, encryption_key=None)),
         }
         # With remote results the sync moves the remote latest once the upload is complete; a local
@@ -342,6 +361,8 @@ class Trainer:
             position.step += 1
             position.batches_done = index + 1
             total = sum(reduced.values())
+            position.loss_sum += total
+            position.loss_steps += 1
             if not math.isfinite(total):
                 raise FloatingPointError(f"training loss is {total} at epoch {epoch + 1}, step {position.step}; "
                                          "lower train.optim.lr or use train.precision fp32")
@@ -365,8 +386,9 @@ class Trainer:
                                       images=images, step_seconds=step_seconds, data_wait_seconds=data_wait)
 
     # ------------------------------------------------------------- validation
-    def _validate(self, position: Position) -> Optional[dict]:
-        """COCO mAP on val_data_sources (rank 0 scores what every rank predicted)."""
+    def _validate(self, position: Position) -> Optional[float]:
+        """COCO mAP on val_data_sources (rank 0 scores what every rank predicted). Returns the
+        validation loss, the same on every rank, when AutoReduce watches it; else None."""
         if self.val_loader is None:
             return None
         from ..data.coco_eval import evaluate_coco
@@ -374,26 +396,75 @@ class Trainer:
 
         self.model.eval()
         # DDP's forward would sync buffers per batch and ranks may hold different batch counts:
-        # predict with the bare module. FSDP2 must run every forward on every rank: pad the counts.
+        # predict with the bare module. FSDP2 must run every forward on every rank, and the loss
+        # averages box counts over ranks in each batch: both pad the batch counts to the largest.
         model = self.model if self.sharded else distributed.unwrap_model(self.model)
+        with_loss = self._watches_val_loss
         batches: Iterable = self.val_loader
-        if self.sharded:
+        if self.sharded or (with_loss and self.info.distributed):
             batches = _padded_batches(self.val_loader, max(distributed.all_gather_objects(len(self.val_loader))))
-        detections = predict(model, self.postprocessor, batches, self.info.device, show_progress=self.info.is_main)
+        if with_loss:
+            detections, val_loss = self._predict_with_loss(model, batches)
+        else:
+            detections, val_loss = predict(model, self.postprocessor, batches, self.info.device,
+                                           show_progress=self.info.is_main), None
         gathered = distributed.all_gather_objects([d for d in detections if d["image_id"] >= 0])
         self.model.train()
         if not self.info.is_main:
-            return None
+            return val_loss
         results = sorted((d for part in gathered for d in part),
                          key=lambda d: (d["image_id"], -d["score"], d["category_id"]))
         scores = evaluate_coco(self.val_dataset.coco, results, class_ids=self.spec.dataset.eval_class_ids)
         metrics = {"mAP": scores["AP"], "mAP50": scores["AP50"], "mAP75": scores["AP75"],
                    "per_class_AP": scores["per_class"]}
+        if val_loss is not None:
+            metrics["val_loss"] = val_loss
         self.training_log.log_validation(epoch=position.epoch, step=position.step, metrics=metrics)
         if self.metrics is not None:
             self.metrics.observe_validation({k: v for k, v in metrics.items() if k != "per_class_AP"})
-        log.info("epoch %d: validation mAP %.4f (mAP50 %.4f)", position.epoch + 1, metrics["mAP"], metrics["mAP50"])
-        return metrics
+        log.info("epoch %d: validation mAP %.4f (mAP50 %.4f)%s", position.epoch + 1, metrics["mAP"],
+                 metrics["mAP50"], "" if val_loss is None else f", loss {val_loss:.4f}")
+        return val_loss
+
+    @property
+    def _watches_val_loss(self) -> bool:
+        return monitors_a_value(self.scheduler) and self.train_cfg.optim.lr_monitor == "val_loss"
+
+    def _predict_with_loss(self, model, batches: Iterable) -> tuple[list[dict], float]:
+        """COCO results as `predict` gives them, and the loss per image over every rank (TAO's val_loss:
+        the training loss, weighted alike, on validation images). Padding batches count for nothing."""
+        from .common import to_coco_results
+
+        device = self.info.device
+        results: list[dict] = []
+        loss_sum, images = 0.0, 0
+        with torch.inference_mode():
+            for batch_images, masks, targets in progress(batches, total=len(self.val_loader), desc="validate",
+                                                         enabled=self.info.is_main):
+                outputs = model(batch_images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
+                real = sum(1 for t in targets if int(t["image_id"]) >= 0)
+                losses = self.criterion(_float_outputs(outputs), _to_device(targets, device))
+                loss_sum += float(sum(losses.values())) * real
+                images += real
+                sizes = torch.stack([torch.as_tensor(t["orig_size"], dtype=torch.int64) for t in targets])
+                for target, found in zip(targets, self.postprocessor(outputs, sizes.to(device))):
+                    found = {name: value.detach().cpu() for name, value in found.items()}
+                    results.extend(to_coco_results(int(torch.as_tensor(target["image_id"]).item()), found))
+        total = distributed.all_reduce_mean(torch.tensor([loss_sum, float(images)], dtype=torch.float64))
+        return results, float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    def _step_on_plateau(self, position: Position, val_loss: Optional[float]) -> None:
+        """AutoReduce: step with the monitored value; val_loss exists on validation epochs only."""
+        name = self.train_cfg.optim.lr_monitor
+        value = position.train_loss if name == "train_loss" else val_loss
+        if value is None:
+            return
+        before = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(value)
+        after = self.optimizer.param_groups[0]["lr"]
+        if after < before and self.info.is_main:
+            log.info("epoch %d: %s %.4f has not improved for %d checks: lr %g -> %g", position.epoch + 1, name,
+                     value, self.train_cfg.optim.patience + 1, before, after)
 
     # -------------------------------------------------------------------- fit
     def _open_outputs(self) -> None:
@@ -463,13 +534,18 @@ class Trainer:
                     self._save(position, epoch_finished=False)
                     log.warning("stopped by SIGTERM at epoch %d, step %d", position.epoch + 1, position.step)
                     return EXIT_SIGTERM, "stopped"
-                self.scheduler.step()
+                on_plateau = monitors_a_value(self.scheduler)
+                if not on_plateau:
+                    self.scheduler.step()
                 done = position.epoch + 1
+                val_loss = None
                 if done % self.train_cfg.validation_interval == 0 or done == num_epochs:
                     # Validation draws random numbers too; training must not depend on when it ran.
                     rng_before = checkpoint.capture_rng_state()
-                    self._validate(position)
+                    val_loss = self._validate(position)
                     checkpoint.restore_rng_state(rng_before)
+                if on_plateau:  # after validation, before the checkpoint that holds the schedule's state
+                    self._step_on_plateau(position, val_loss)
                 if done % self.train_cfg.checkpoint_interval == 0 or done == num_epochs:
                     self._save(position, epoch_finished=True)
                 self._log_epoch(position)
@@ -488,7 +564,8 @@ class Trainer:
         if not self.sharded and len(set(checksums)) > 1:
             log.warning("weights differ between ranks after epoch %d: %s", position.epoch + 1, checksums)
         self.training_log.append("epoch", epoch=position.epoch, step=position.step,
-                                 lr=self.optimizer.param_groups[0]["lr"], weight_checksums=checksums)
+                                 lr=self.optimizer.param_groups[0]["lr"], train_loss=position.train_loss,
+                                 weight_checksums=checksums)
         self.training_log.update_status(epoch=position.epoch + 1, step=position.step)
         self._upload_logs()
 
