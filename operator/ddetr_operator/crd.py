@@ -16,14 +16,18 @@ from deformable_detr.runtime.storage import write_text
 
 from . import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from .render import DEFAULT_TERMINATION_GRACE_SECONDS
+from .validate import CLEAN_POD_POLICIES, GANG_SCHEDULERS, MAX_NAME_LENGTH, TASKS
 
-TASKS = ["train", "evaluate", "inference", "export", "convert", "gen_trt_engine"]
 PHASES = ["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
-CLEAN_POD_POLICIES = ["None", "Running", "All"]
-GANG_SCHEDULERS = ["volcano", "scheduler-plugins"]
 
 _ANY_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 _QUANTITY_RE = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# resource.Quantity's own pattern, as the Kubernetes API's OpenAPI schema states it.
+_K8S_QUANTITY_RE = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+# What may change in a job after it is created: the suspend switch (the user's and Kueue's), and the
+# TTL (as for a batch/v1 Job). Everything else shapes the gang: a new job, not an edit.
+MUTABLE_RUN_POLICY = ("suspend", "ttlSecondsAfterFinished")
 
 
 def _obj(properties: dict, required: list[str] | None = None, description: str = "") -> dict:
@@ -43,6 +47,128 @@ def _int(description: str, **extra: Any) -> dict:
     return {"type": "integer", "description": description, **extra}
 
 
+def _quantity(description: str = "a quantity: 8, 500m, 64Gi") -> dict:
+    return {"x-kubernetes-int-or-string": True, "pattern": _K8S_QUANTITY_RE, "description": description}
+
+
+def _int64(description: str, **extra: Any) -> dict:
+    return _int(description, format="int64", **extra)
+
+
+def _bool(description: str) -> dict:
+    return {"type": "boolean", "description": description}
+
+
+def _resources_schema() -> dict:
+    """core/v1 ResourceRequirements."""
+    quantities = {"type": "object", "additionalProperties": _quantity()}
+    return _obj({
+        "limits": {**quantities, "description": "most of each resource the container may use"},
+        "requests": {**quantities, "description": "resources the scheduler reserves"},
+        "claims": {"type": "array", "description": "dynamic resource claims (DRA) the container uses",
+                   "items": _obj({"name": _str("a claim of the pod"), "request": _str("one request of that claim")},
+                                 ["name"])},
+    }, description="container resources (core/v1 ResourceRequirements); nvidia.com/gpu is set from gpusPerNode")
+
+
+def _env_schema() -> dict:
+    """core/v1 EnvVar."""
+    key_ref = _obj({"name": _str("ConfigMap or Secret in the job's namespace"), "key": _str("the key to take"),
+                    "optional": _bool("no error when it is missing")}, ["key"])
+    value_from = _obj({
+        "fieldRef": _obj({"apiVersion": _str("version of fieldPath's schema"),
+                          "fieldPath": _str("a field of the pod, e.g. metadata.name")}, ["fieldPath"]),
+        "resourceFieldRef": _obj({"containerName": _str("container"), "divisor": _quantity("output unit"),
+                                  "resource": _str("limits.cpu, requests.memory, ...")}, ["resource"]),
+        "configMapKeyRef": key_ref, "secretKeyRef": key_ref,
+    }, description="where the value comes from")
+    return {"type": "array", "description": "extra environment variables of the trainer (core/v1 EnvVar)",
+            "items": _obj({"name": _str("variable name", minLength=1), "value": _str("the value"),
+                           "valueFrom": value_from}, ["name"])}
+
+
+def _tolerations_schema() -> dict:
+    """core/v1 Toleration."""
+    return {"type": "array", "description": "tolerations of the trainer pods (core/v1 Toleration)",
+            "items": _obj({
+                "key": _str("taint key; empty with operator Exists: every taint"),
+                "operator": _str("Equal (default) or Exists", enum=["Exists", "Equal"]),
+                "value": _str("taint value (Equal)"),
+                "effect": _str("taint effect; empty: every effect", enum=["NoSchedule", "PreferNoSchedule", "NoExecute"]),
+                "tolerationSeconds": _int64("NoExecute: seconds the pod stays bound after the taint appears"),
+            })}
+
+
+def _seccomp_schema() -> dict:
+    return _obj({"type": _str("the profile kind", enum=["RuntimeDefault", "Localhost", "Unconfined"]),
+                 "localhostProfile": _str("profile file on the node (Localhost)")}, ["type"])
+
+
+def _pod_security_context_schema() -> dict:
+    """The common subset of core/v1 PodSecurityContext (other fields are pruned)."""
+    return _obj({
+        "runAsUser": _int64("uid of the containers' processes"), "runAsGroup": _int64("their gid"),
+        "runAsNonRoot": _bool("refuse to start a container as root"),
+        "fsGroup": _int64("group owning the pod's volumes"),
+        "fsGroupChangePolicy": _str("when to change volume ownership", enum=["OnRootMismatch", "Always"]),
+        "supplementalGroups": {"type": "array", "items": _int64("gid")},
+        "seccompProfile": _seccomp_schema(),
+    }, description="overrides the trainer pods' security context key by key (default: the restricted Pod "
+                   "Security level as uid/gid 10001, the trainer image's user)")
+
+
+def _container_security_context_schema() -> dict:
+    """The common subset of core/v1 SecurityContext (other fields are pruned)."""
+    return _obj({
+        "allowPrivilegeEscalation": _bool("let a process gain more privileges than its parent"),
+        "privileged": _bool("run privileged"), "readOnlyRootFilesystem": _bool("read-only root filesystem"),
+        "runAsUser": _int64("uid"), "runAsGroup": _int64("gid"), "runAsNonRoot": _bool("refuse root"),
+        "capabilities": _obj({"add": {"type": "array", "items": {"type": "string"}},
+                              "drop": {"type": "array", "items": {"type": "string"}}}),
+        "seccompProfile": _seccomp_schema(),
+    }, description="overrides the trainer container's security context key by key (default: no privilege "
+                   "escalation, every capability dropped)")
+
+
+def _cel_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _unchanged(path: str, default: Any = None) -> str:
+    """CEL: the field at `path` (below self/oldSelf) is the same in the old and the new object.
+
+    Absent and present differ, except for a field with a default (the API server fills it in
+    whenever its parent exists): there absent reads as the default.
+    """
+    parts = path.split(".")
+    def present(root: str) -> str:
+        return " && ".join(f"has({root}.{'.'.join(parts[:i + 1])})" for i in range(len(parts)))
+    new, old = f"self.{path}", f"oldSelf.{path}"
+    if default is not None:
+        literal = _cel_literal(default)
+        return f"({present('self')} ? {new} : {literal}) == ({present('oldSelf')} ? {old} : {literal})"
+    return f"({present('self')}) == ({present('oldSelf')}) && (!({present('self')}) || {new} == {old})"
+
+
+def _immutable_spec_rule(spec_schema: dict) -> dict:
+    """One transition rule: every spec field but runPolicy.suspend (and the TTL) keeps its value."""
+    terms = []
+    for name, prop in spec_schema["properties"].items():
+        if name == "runPolicy":
+            for field, sub in prop["properties"].items():
+                if field not in MUTABLE_RUN_POLICY:
+                    terms.append(_unchanged(f"runPolicy.{field}", sub.get("default")))
+        else:
+            terms.append(_unchanged(name))
+    return {"rule": " && ".join(terms),
+            "message": "spec is immutable once the job exists, except runPolicy.suspend and "
+                       "runPolicy.ttlSecondsAfterFinished: create a new job (suspend this one to stop it)"}
+
+
 def _volume_schema() -> dict:
     return _obj({
         "name": _str("volume name (DNS label)", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", maxLength=63),
@@ -60,7 +186,7 @@ def job_spec_schema() -> dict:
     volume["x-kubernetes-validations"] = [{
         "rule": "has(self.persistentVolumeClaim) != has(self.hostPath)",
         "message": "give exactly one of persistentVolumeClaim or hostPath"}]
-    return _obj({
+    spec = _obj({
         "experiment": {**experiment_schema(), "description":
                        "the TAO deformable_detr spec, exactly as the deformable-detr CLI takes it"},
         "task": _str("which task to run; train runs a multi-node gang, the others one pod",
@@ -82,13 +208,13 @@ def job_spec_schema() -> dict:
             default=DEFAULT_TERMINATION_GRACE_SECONDS),
         "shmSize": _str("size of /dev/shm (memory-backed) for data-loader workers",
                         pattern=_QUANTITY_RE, default="8Gi"),
-        "resources": {**_ANY_OBJECT, "description": "container resources (requests/limits); "
-                      "nvidia.com/gpu is set from gpusPerNode"},
-        "env": {"type": "array", "description": "extra environment variables (core/v1 EnvVar)",
-                "items": _ANY_OBJECT},
+        "resources": _resources_schema(),
+        "env": _env_schema(),
         "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
-        "tolerations": {"type": "array", "items": _ANY_OBJECT},
-        "affinity": _ANY_OBJECT,
+        "tolerations": _tolerations_schema(),
+        "affinity": {**_ANY_OBJECT, "description": "core/v1 Affinity of the trainer pods (passed through)"},
+        "podSecurityContext": _pod_security_context_schema(),
+        "securityContext": _container_security_context_schema(),
         # maxItems bounds the CEL rule's cost estimate, as the API server requires.
         "volumes": {"type": "array", "items": volume, "maxItems": 64, "description": "dataset volumes (PVC or hostPath)"},
         "artifacts": _obj({
@@ -121,10 +247,18 @@ def job_spec_schema() -> dict:
         "priorityClassName": _str("priority class of the trainer pods"),
         "gangScheduling": _obj({
             "scheduler": _str("gang scheduler whose PodGroup to create", enum=GANG_SCHEDULERS),
-            "minAvailable": _int("pods that must be schedulable together; default all nodes", minimum=1),
+            "minAvailable": _int("pods that must be schedulable together: must equal nodes (a torchrun gang starts "
+                                 "only whole); leave it out", minimum=1),
             "scheduleTimeoutSeconds": _int("scheduler-plugins: give up co-scheduling after this", minimum=1),
         }, ["scheduler"], "all-or-nothing scheduling through a PodGroup"),
     }, ["experiment", "image"])
+    spec["x-kubernetes-validations"] = [
+        _immutable_spec_rule(spec),
+        {"rule": "!has(self.gangScheduling) || !has(self.gangScheduling.minAvailable) || "
+                 "self.gangScheduling.minAvailable == self.nodes",
+         "message": "gangScheduling.minAvailable must equal nodes: a torchrun gang starts only whole (leave it out)"},
+    ]
+    return spec
 
 
 def job_status_schema() -> dict:
@@ -171,11 +305,14 @@ def build_crd() -> dict:
                 "name": VERSION, "served": True, "storage": True,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": [{"name": n, "type": t, "jsonPath": p} for n, t, p in columns],
-                "schema": {"openAPIV3Schema": _obj({
+                "schema": {"openAPIV3Schema": {**_obj({
                     "apiVersion": {"type": "string"}, "kind": {"type": "string"},
                     "metadata": {"type": "object"},
                     "spec": job_spec_schema(), "status": job_status_schema(),
-                }, ["spec"])},
+                }, ["spec"]), "x-kubernetes-validations": [{
+                    "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+                    "message": f"metadata.name: at most {MAX_NAME_LENGTH} characters (it names the pods, "
+                               "<name>-a<attempt>-<index>, which must fit a 63-character DNS label)"}]}},
             }],
         },
     }

@@ -27,7 +27,8 @@ NON_DEFAULT_VALUES = {
     "operator": {"verbose": True, "reconcileIntervalSeconds": 5, "healthPort": 8181, "metricsPort": 9191,
                  "extraEnv": [{"name": "EXTRA", "value": "1"}]},
     "watch": {"namespaces": ["team-a", "team-b"]},
-    "rbac": {"create": True, "podGroups": False},
+    "rbac": {"create": True, "podGroups": False, "readSecretsClusterWide": True},
+    "trainer": {"allowedHostPaths": ["/mnt/datasets", "/data"]},
     "serviceAccount": {"create": True, "name": "ddetr-op", "annotations": {"a": "b"}},
     "trainerServiceAccount": {"create": True, "name": "trainer",
                               "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}},
@@ -232,6 +233,8 @@ def test_default_render_is_valid_and_secure(tmp_path):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in container["args"]
     assert not any(arg.startswith("--namespace") for arg in container["args"])  # cluster-wide
+    assert "--no-read-secrets" in container["args"]  # the ClusterRole grants no Secrets
+    assert not any(arg.startswith("--allowed-host-path") for arg in container["args"])  # no hostPath
     assert pod["serviceAccountName"] == _one(docs, "Deployment")["metadata"]["name"]
 
     service = _one(docs, "Service")
@@ -259,6 +262,8 @@ def test_non_default_render_is_valid_and_namespaced(tmp_path):
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
     assert "--verbose" in container["args"] and "--reconcile-interval=5" in container["args"]
     assert "--liveness=http://0.0.0.0:8181/healthz" in container["args"]
+    assert "--allowed-host-path=/mnt/datasets" in container["args"] and "--allowed-host-path=/data" in container["args"]
+    assert "--no-read-secrets" not in container["args"]  # the Roles grant Secrets `get` in their namespaces
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8181, "metrics": 9191}
 
     # Namespaced mode: job/child permissions only through Roles in the listed namespaces.
@@ -298,6 +303,9 @@ def test_non_default_render_is_valid_and_namespaced(tmp_path):
     ({"podMonitor": {"enabled": True, "interval": "often"}}, "podMonitor.interval"),
     ({"metrics": {"service": {"type": "LoadBalancer", "port": 9090}}}, "metrics.service.type"),
     ({"dashbords": {"enabled": True}}, "dashbords"),
+    ({"trainer": {"allowedHostPaths": ["mnt/relative"]}}, "trainer.allowedHostPaths"),
+    ({"trainer": {"allowedHostPaths": ["/mnt/../etc"]}}, "trainer.allowedHostPaths"),
+    ({"rbac": {"create": True, "readSecretsClusterWide": "yes"}}, "rbac.readSecretsClusterWide"),
 ])
 def test_schema_rejects_bad_values(tmp_path, values, field):
     result = _helm("template", "ddetr", str(CHART), "--values", _values_file(tmp_path, values), check=False)
@@ -325,35 +333,64 @@ def _plural(kind: str) -> str:
     return kind.lower() + ("es" if kind.endswith("s") else "s")
 
 
-@needs_helm
-def test_rbac_covers_the_operators_children_and_grants_no_secrets(tmp_path):
-    docs = _render(tmp_path)
-    rules = _one(docs, "ClusterRole")["rules"]
-
-    def allowed(group: str, resource: str, verb: str) -> bool:
-        return any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
-                   for rule in rules)
-
-    crd = _crd()
+# (group, resource) -> the verbs the operator uses, from its calls (kube.py, handlers.py) and kopf's.
+def _expected_rbac(crd: dict, pod_groups: bool = True, secrets: bool = False) -> dict[tuple[str, str], set[str]]:
     group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
-    for verb in ("get", "list", "watch", "patch"):
-        assert allowed(group, plural, verb)
-    assert allowed(group, f"{plural}/status", "patch")
-    assert allowed(group, plural, "delete")  # ttlSecondsAfterFinished
+    expected = {
+        (group, plural): {"get",  # kube.get_job: each pass reads its job fresh
+                          "list", "watch",  # kopf.on.event
+                          "delete",  # ttlSecondsAfterFinished
+                          "patch"},  # kopf removing the finalizer older operator versions left
+        (group, f"{plural}/status"): {"patch"},  # kube.patch_status
+        # blockOwnerDeletion on children, under the OwnerReferencesPermissionEnforcement admission plugin
+        (group, f"{plural}/finalizers"): {"update"},
+        ("", "services"): {"get", "create"}, ("", "configmaps"): {"get", "create"},
+        ("", "pods"): {"list", "watch", "delete"}, ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
+        ("", "events"): {"create"},
+    }
+    if pod_groups:
+        expected.update({("scheduling.volcano.sh", "podgroups"): {"get", "create"},
+                         ("scheduling.x-k8s.io", "podgroups"): {"get", "create"}})
+    if secrets:
+        expected[("", "secrets")] = {"get"}
+    return expected
+
+
+def _granted(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+@needs_helm
+def test_rbac_grants_exactly_the_operators_calls_and_no_secrets_cluster_wide_by_default(tmp_path):
+    """The ClusterRole grants each verb the operator (kube.py, handlers.py, kopf) uses and nothing else:
+    no `get` on Secrets cluster-wide unless rbac.readSecretsClusterWide; its children all covered;
+    nothing that escalates (no wildcard, RBAC objects, pods/exec, pod creation outside a Job)."""
+    crd = _crd()
+    rules = _one(_render(tmp_path), "ClusterRole")["rules"]
+    assert _granted(rules) == _expected_rbac(crd)
+    assert all("*" not in rule["verbs"] and "*" not in rule["apiGroups"] and "*" not in rule["resources"]
+               for rule in rules)
     for child in _rendered_children():
         child_group = child["apiVersion"].rpartition("/")[0]
-        for verb in ("create", "delete", "get", "list", "watch"):
-            assert allowed(child_group, _plural(child["kind"]), verb), f"{verb} {child['kind']} not granted"
-    assert allowed("", "pods", "list") and allowed("", "pods", "delete") and allowed("", "events", "create")
-    # Least privilege: the operator reads the one Secret a job names (to read rank 0's status.json
-    # from S3) but may not list or watch Secrets; nothing may escalate (no wildcard, no RBAC
-    # objects, no pods/exec, no creating pods outside a Job).
-    assert allowed("", "secrets", "get")
-    assert not any(allowed("", "secrets", verb) for verb in ("list", "watch", "create", "update", "patch"))
-    assert not allowed("", "pods", "create")
-    granted = {r for rule in rules for r in rule["resources"]}
-    assert not granted & {"pods/exec", "roles", "rolebindings", "clusterroles", "*"}
-    assert all("*" not in rule["verbs"] and "*" not in rule["apiGroups"] for rule in rules)
+        assert "create" in _granted(rules)[(child_group, _plural(child["kind"]))], f"create {child['kind']}"
+
+    opted_in = _one(_render(tmp_path, {"rbac": {"create": True, "readSecretsClusterWide": True}}), "ClusterRole")
+    assert _granted(opted_in["rules"]) == _expected_rbac(crd, secrets=True)
+
+
+@needs_helm
+def test_rbac_in_namespaced_mode_grants_secrets_get_only_in_the_watched_namespaces(tmp_path):
+    """With watch.namespaces: a Role per namespace with the same calls plus `get` on Secrets (the S3
+    credentials a job names, for its progress); no cluster-wide grant at all."""
+    docs = _render(tmp_path, {"watch": {"namespaces": ["team-a", "team-b"]}, "rbac": {"create": True, "podGroups": False}})
+    assert not _by_kind(docs, "ClusterRole")
+    for role in _by_kind(docs, "Role"):
+        assert _granted(role["rules"]) == _expected_rbac(_crd(), pod_groups=False, secrets=True)
 
 
 @needs_helm
@@ -385,6 +422,8 @@ def test_operator_accepts_the_charts_arguments(tmp_path, values):
     assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
     assert args.namespaces == chart_values["watch"]["namespaces"]
     assert args.reconcile_interval == chart_values["operator"]["reconcileIntervalSeconds"]
+    assert args.allowed_host_paths == chart_values["trainer"]["allowedHostPaths"]
+    assert args.read_secrets is bool(chart_values["watch"]["namespaces"] or chart_values["rbac"]["readSecretsClusterWide"])
 
 
 KUBE_CLIENT_VERBS = {"read": "get", "list": "list", "create": "create", "delete": "delete", "patch": "patch",
@@ -395,13 +434,15 @@ KUBE_CLIENT_VERBS = {"read": "get", "list": "list", "create": "create", "delete"
 def test_rbac_grants_every_core_and_batch_call_the_operator_makes(tmp_path):
     """Read the operator's Kubernetes client calls from its source and check each is allowed."""
     source = (REPO / "operator" / "ddetr_operator" / "kube.py").read_text()
-    calls = set(re.findall(r"self\.(core|batch)\.(read|list|create|delete|patch|replace)_namespaced_(\w+?)\(", source))
+    calls = set(re.findall(r"self\.(core|batch)\.(read|list|create|delete|patch|replace)_namespaced_(\w+?)\b", source))
     assert calls, "found no Kubernetes client calls in kube.py"
     for namespaced in (False, True):
         values = {"watch": {"namespaces": ["team-a"]}} if namespaced else None
         docs = _render(tmp_path, values)
         rules = [rule for doc in docs if doc["kind"] in ("ClusterRole", "Role") for rule in doc["rules"]]
         for api, method, resource in sorted(calls):
+            if resource == "secret" and not namespaced:
+                continue  # cluster-wide the chart runs it with --no-read-secrets (no Secret access)
             group = "" if api == "core" else "batch"
             plural = resource.replace("_", "") + "s"
             verb = KUBE_CLIENT_VERBS[method]

@@ -84,9 +84,23 @@ app.kubernetes.io/component: operator
 {{- range (include "ddetr.watchNamespaces" . | fromJsonArray) }}
 - {{ printf "--namespace=%s" . }}
 {{- end }}
+{{- range .Values.trainer.allowedHostPaths }}
+- {{ printf "--allowed-host-path=%s" . }}
+{{- end }}
+{{- if not (include "ddetr.readsSecrets" .) }}
+- --no-read-secrets
+{{- end }}
 {{- if .Values.operator.verbose }}
 - --verbose
 {{- end }}
+{{- end -}}
+
+{{/* Non-empty when the operator may `get` Secrets: in namespaced mode (in those namespaces only), or
+     cluster-wide when rbac.readSecretsClusterWide says so. */}}
+{{- define "ddetr.readsSecrets" -}}
+{{- if or (include "ddetr.watchNamespaces" . | fromJsonArray) .Values.rbac.readSecretsClusterWide -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/* Selects trainer pods: the worker pods the operator renders (ddetr_operator.render). */}}
@@ -99,36 +113,48 @@ matchExpressions:
     operator: Exists
 {{- end -}}
 
-{{/* What the operator does in the namespaces it serves (operator/ddetr_operator/kube.py): watch
-     its jobs, patch their status and delete them after ttlSecondsAfterFinished; create and delete
-     each job's children (headless Service, spec ConfigMap, worker Job, PodGroup); list and delete
-     worker pods (cleanPodPolicy); read the one Secret a job names for S3 (to read rank 0's
-     status.json); post events. */}}
+{{/* Exactly what the operator calls in the namespaces it serves (operator/ddetr_operator/kube.py and
+     handlers.py, and kopf's own calls), nothing more:
+     - its jobs: kopf lists and watches them; kube.py gets one fresh per pass, deletes it after
+       ttlSecondsAfterFinished; patch is kopf's removal of the finalizer older operator versions left;
+       status: merge-patched each pass; finalizers: `update` lets it create children with
+       blockOwnerDeletion under the OwnerReferencesPermissionEnforcement admission plugin;
+     - Services and ConfigMaps: read (exists?) and create, never changed or deleted (garbage collection);
+     - Pods: listed (observe) and watched (kopf: a pod's change triggers its job's pass), deleted with
+       a failed gang; batch Jobs: the same, plus create and patch (suspend);
+     - Secrets: `get` of the S3 credentials Secret a job names (its progress), only when .secrets;
+     - events: created (the operator's and kopf's);
+     - PodGroups: read (exists?) and created. */}}
 {{- define "ddetr.namespacedRules" -}}
 - apiGroups: [{{ .crd.spec.group | quote }}]
   resources: [{{ .crd.spec.names.plural | quote }}]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: [{{ .crd.spec.group | quote }}]
   resources: [{{ printf "%s/status" .crd.spec.names.plural | quote }}]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
+- apiGroups: [{{ .crd.spec.group | quote }}]
+  resources: [{{ printf "%s/finalizers" .crd.spec.names.plural | quote }}]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "delete"]
+  verbs: ["list", "watch", "delete"]
+{{- if .secrets }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- end }}
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- if .podGroups }}
 - apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "create"]
 {{- end -}}
 {{- end -}}
