@@ -212,7 +212,11 @@ def job_spec_schema() -> dict:
         "env": _env_schema(),
         "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
         "tolerations": _tolerations_schema(),
-        "affinity": {**_ANY_OBJECT, "description": "core/v1 Affinity of the trainer pods (passed through)"},
+        # Its three kinds declared (the rest of core/v1 Affinity is passed through): CEL compares objects
+        # without declared fields loosely, and the immutability rule should see a kind added or removed.
+        "affinity": _obj({kind: {**_ANY_OBJECT, "description": f"core/v1 {kind[0].upper()}{kind[1:]}"}
+                          for kind in ("nodeAffinity", "podAffinity", "podAntiAffinity")},
+                         description="core/v1 Affinity of the trainer pods"),
         "podSecurityContext": _pod_security_context_schema(),
         "securityContext": _container_security_context_schema(),
         # maxItems bounds the CEL rule's cost estimate, as the API server requires.
