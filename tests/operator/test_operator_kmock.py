@@ -166,12 +166,12 @@ async def scrape(port: int) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def running_operator():
-    """The kopf operator with a fast reconcile interval, on its own thread and event loop.
+async def running_operator(interval: float = 0.3):
+    """The kopf operator with a fast resync interval, on its own thread and event loop.
 
     Its own loop because kopf, when it stops, cancels every task of the loop it ran in.
     """
-    registry = handlers.register(kopf.OperatorRegistry(), interval=0.3)
+    registry = handlers.register(kopf.OperatorRegistry(), interval=interval)
     metrics_port, liveness_port = free_port(), free_port()
     stop, ready = threading.Event(), threading.Event()
     operator_coroutine = kopf.operator(
@@ -428,3 +428,30 @@ async def test_no_finalizer_is_ever_added_and_the_old_kopf_finalizer_is_removed(
                     assert "plain" not in path or "finalizers" not in text, text
                     if "finalizers" in text:  # only ever the removal of the old marker
                         assert path.endswith("/legacy") and patch.get("op") == "remove", text
+
+
+async def test_no_handler_makes_kopf_add_a_finalizer():
+    """Timers, daemons and on.delete handlers make kopf put a finalizer on every job (nolar/kopf#1074)."""
+    registry = handlers.register(kopf.OperatorRegistry())
+    assert not registry._spawning.get_all_handlers(), "timers or daemons force a finalizer"
+    assert not registry._changing.get_all_handlers(), "on.create/update/delete handlers keep kopf's state and finalizers"
+    assert len(registry._watching.get_all_handlers()) == 3  # the jobs, their batch Jobs and their Pods
+
+
+async def test_children_events_drive_the_job_without_waiting_for_the_resync(kube):
+    """With a resync far away, a pod's change still moves its job at once: child events trigger passes."""
+    async with aiohttp.ClientSession(base_url=str(kube.url)) as session, running_operator(interval=3600):
+        api = Api(session)
+        await api.create(JOBS, ddj("quick", artifacts={"uri": "s3://runs/quick"}))
+        worker = await api.wait_for("worker Job", lambda: api.get(f"{BATCH_JOBS}/quick-a0"), timeout=10)
+        pods = await api.run_pods(worker)
+        await api.wait_for("Running", lambda: _phase_is(api, "quick", "Running"), timeout=10)
+        await api.patch(f"{PODS}/{pods[0]}/status", {"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]}})
+        await api.wait_for("Restarting", lambda: _phase_is(api, "quick", "Restarting"), timeout=10)
+        # The operator deletes the old gang; the pods' DELETED events start attempt 1.
+        await api.wait_for("worker Job a1", lambda: api.get(f"{BATCH_JOBS}/quick-a1"), timeout=10)
+
+
+async def _phase_is(api: Api, name: str, phase: str) -> bool:
+    return (await api.job_status(name)).get("phase") == phase
