@@ -88,3 +88,36 @@ def test_resuming_with_another_kind_of_schedule_is_refused(tiny_coco, tmp_path, 
     spec["train"]["optim"] = _autoreduce(lr_monitor="train_loss")
     assert train_cli(write_spec, spec) == 2
     assert "train.optim.lr_scheduler:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_validation_loss_with_uneven_shards(tiny_coco, tmp_path):
+    # Three validation images over two ranks, one a batch: rank 1 holds a batch fewer. Both ranks must
+    # run the same number of loss computations (the criterion averages box counts over ranks) and
+    # step the schedule with the same value, so their learning rates never part.
+    import json
+    import subprocess
+    import sys
+
+    from test_train_distributed import _env
+
+    coco = json.loads(open(tiny_coco["val"]["json_file"]).read())
+    kept = {image["id"] for image in coco["images"][:3]}
+    coco["images"] = [i for i in coco["images"] if i["id"] in kept]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in kept]
+    (tmp_path / "val3.json").write_text(json.dumps(coco))
+    spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=1, num_epochs=2)
+    spec["dataset"]["val_data_sources"] = [{"image_dir": tiny_coco["val"]["image_dir"],
+                                            "json_file": str(tmp_path / "val3.json")}]
+    spec["train"]["optim"] = _autoreduce(lr=1e-6, lr_backbone=1e-6, patience=0)
+    path = tmp_path / "spec.yaml"
+    path.write_text(__import__("yaml").safe_dump(spec))
+    done = subprocess.run([sys.executable, "-m", "deformable_detr", "train", "-e", str(path), "--gpus", "2"],
+                          env=_env(), capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = tmp_path / "r" / "train"
+    records = read_log(str(folder))
+    assert len([r for r in records if r["kind"] == "validation" and r["val_loss"] > 0]) == 2
+    assert [r["lr"] for r in records if r["kind"] == "epoch"] == pytest.approx([1e-6, 5e-7])
+    state = load_checkpoint(str(folder / LATEST_NAME))
+    assert state["lr_scheduler"]["num_bad_epochs"] == 0 and state["lr_scheduler"]["_last_lr"][0] == pytest.approx(5e-7)
