@@ -455,3 +455,24 @@ async def test_children_events_drive_the_job_without_waiting_for_the_resync(kube
 
 async def _phase_is(api: Api, name: str, phase: str) -> bool:
     return (await api.job_status(name)).get("phase") == phase
+
+
+async def test_a_gang_the_api_server_refuses_fails_the_job_with_its_message(kube, operator):
+    """No silent Pending: a 422 on the worker Job reaches the job's status and events, verbatim."""
+    message = ('Job.batch "refused-a0" is invalid: spec.template.spec.tolerations[0].operator: '
+               "Invalid value: \"Sometimes\": a valid toleration operator must be 'Exists' or 'Equal'")
+    kube[f"post {BATCH_JOBS}"] << 422 << {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                          "message": message, "reason": "Invalid", "code": 422}
+    async with aiohttp.ClientSession(base_url=str(kube.url)) as session:
+        api = Api(session)
+        await api.create(JOBS, ddj("refused", nodes=1, artifacts={"uri": "s3://runs/refused"}))
+        status = await api.wait_phase("refused", "Failed")
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "ChildRejected"
+        assert failed["message"] == f"create Job refused-a0 was refused by the API server (422 Invalid): {message}"
+
+        async def warning():
+            return [e for e in await api.items("/api/v1/namespaces/ml/events")
+                    if e.get("involvedObject", {}).get("name") == "refused" and e["reason"] == "ChildRejected"]
+        (event,) = await api.wait_for("the Warning event", warning)
+        assert event["type"] == "Warning" and message in event["message"]
