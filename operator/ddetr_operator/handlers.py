@@ -127,6 +127,7 @@ class Controller:
 
     def forget(self, key: tuple[str, str]) -> None:
         self.jobs.pop(key, None)
+        self._again.discard(key)
 
     def trigger(self, key: tuple[str, str], resync: bool = False) -> None:
         """Run a pass for the job soon, unless it has nothing to do (a finished job)."""

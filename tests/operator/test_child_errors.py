@@ -179,3 +179,40 @@ def test_finished_jobs_get_passes_only_for_ttl_or_cleanup(make_job):
     assert wants_pass(with_ttl, NOW + dt.timedelta(minutes=10), resync=True)
     clean_all = make_job(status=done, runPolicy={"cleanPodPolicy": "All"})
     assert wants_pass(clean_all, NOW, resync=False) and not wants_pass(clean_all, NOW, resync=True)
+
+
+def test_passes_for_one_job_never_overlap_and_triggers_fold_into_one_more(make_job, monkeypatch):
+    import asyncio
+    import threading
+
+    running, overlaps, passes = set(), [], []
+    release = threading.Event()
+
+    def fake_pass(cluster, namespace, name, options):
+        if (namespace, name) in running:
+            overlaps.append(name)
+        running.add((namespace, name))
+        passes.append(name)
+        release.wait(5)
+        running.discard((namespace, name))
+
+    monkeypatch.setattr(handlers, "reconcile_once", fake_pass)
+
+    async def scenario():
+        controller = handlers.Controller(cluster=None)
+        key = controller.remember(make_job())
+        other = controller.remember({**make_job(), "metadata": {"name": "other", "namespace": "ml", "uid": "2"}})
+        controller.trigger(key)
+        controller.trigger(other)  # another job runs in parallel
+        await asyncio.sleep(0.2)
+        for _ in range(10):  # a burst of pod events during the pass
+            controller.trigger(key)
+        release.set()
+        await asyncio.sleep(0.3)
+        await controller.drain()
+        finished = controller.remember(make_job(status={"phase": "Succeeded", "completionTime": "2026-01-02T03:00:00Z"}))
+        controller.trigger(finished, resync=True)  # nothing to do: no pass
+        await controller.drain()
+
+    asyncio.run(scenario())
+    assert overlaps == [] and sorted(passes) == ["demo", "demo", "other"]
