@@ -221,7 +221,7 @@ def test_undecodable_image_fails_lazily_or_early_with_one_line(tmp_path):
 
 
 def test_undecodable_image_in_a_worker_still_reports_one_line(tmp_path):
-    source = write_coco(tmp_path, [image_entry(1)], [])
+    source = write_coco(tmp_path, [image_entry(1)], [box_entry(1, 1, [1, 1, 4, 4])])
     (tmp_path / "images" / "1.jpg").write_bytes(b"garbage")
     loader = build_dataloader(spec_for(source, workers=1, batch_size=1), "val")
     with pytest.raises(UsageError) as err:
@@ -291,7 +291,7 @@ def test_eval_sampler_reads_every_image_once_over_ranks(tiny_coco):
 
 
 def test_uniform_sampler_balances_sources(tmp_path):
-    big = write_coco(tmp_path / "big", [image_entry(i) for i in range(1, 31)], [])
+    big = write_coco(tmp_path / "big", [image_entry(i) for i in range(1, 31)], [box_entry(1, 1, [1, 1, 4, 4])])
     small = write_coco(tmp_path / "small", [image_entry(i) for i in range(1, 4)], [])
     spec = spec_from_dict({"dataset": {"train_data_sources": [big, small], "num_classes": 3, "workers": 0,
                                        "train_sampler": "uniform_sampler", "augmentation": dict(SMALL_AUG)}})
@@ -306,7 +306,7 @@ def test_uniform_sampler_balances_sources(tmp_path):
 
 
 def test_non_uniform_sampler_deals_sources_to_ranks(tmp_path):
-    sources = [write_coco(tmp_path / f"s{k}", [image_entry(i) for i in range(1, n + 1)], [])
+    sources = [write_coco(tmp_path / f"s{k}", [image_entry(i) for i in range(1, n + 1)], [box_entry(1, 1, [1, 1, 4, 4])])
                for k, n in enumerate([4, 2, 3])]
     spec = spec_from_dict({"dataset": {"train_data_sources": sources, "num_classes": 3, "workers": 0,
                                        "train_sampler": "non_uniform_sampler", "augmentation": dict(SMALL_AUG)}})

@@ -79,7 +79,7 @@ def test_chunks_detect_truncation_reordering_and_tampering():
 def test_garbage_checkpoint_is_one_clear_line(tmp_path):
     path = tmp_path / "model.pth"
     path.write_bytes(b"this is not a checkpoint at all")
-    with pytest.raises(UsageError, match=r"cannot be read as a PyTorch checkpoint") as caught:
+    with pytest.raises(UsageError, match=r"is truncated or not a PyTorch checkpoint") as caught:
         checkpoint_io.load_object(str(path))
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match="checkpoint not found"):

@@ -2,7 +2,9 @@
 
 TAO's calling convention. Each task lives in `deformable_detr.tasks.<task>` and has
 `run(spec) -> int`; the CLI loads and validates the spec, writes the effective spec
-into the task's results directory, and dispatches.
+into the task's results directory, and dispatches. When the task then refuses its input
+(a usage error, exit 2 or 3) before writing anything else, that record is taken back, so a
+run that did nothing leaves the folder as it was.
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     for task, help_text in SPEC_TASKS.items():
         _add_spec_args(sub.add_parser(task, help=help_text, description=help_text))
     p = sub.add_parser("default-spec", help="print a complete, commented spec with every default")
-    p.add_argument("for_task", nargs="?", choices=known_tasks(), help="only the sections this task reads")
+    p.add_argument("for_task", nargs="?", metavar="task",
+                   help=f"only the sections this task reads: {', '.join(known_tasks())}")
     p = sub.add_parser("make-example-data", help="generate the seeded example dataset (COCO and KITTI)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-train", type=int, default=2000, help="training images")
@@ -71,17 +74,64 @@ def _task_overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + extra
 
 
-def write_effective_spec(spec, task: str) -> None:
-    """Record the spec a run used, in its results folder (without the key)."""
+EFFECTIVE_SPEC = "experiment.yaml"
+
+
+@dataclasses.dataclass
+class _FolderBefore:
+    """A local results folder as it was before the effective spec was written into it."""
+
+    folder: str
+    created: list[str]            # folders that did not exist yet, innermost first
+    names: set[str]               # what the folder held
+    previous_spec: Optional[bytes]  # the experiment.yaml it held
+
+
+def write_effective_spec(spec, task: str) -> Optional[_FolderBefore]:
+    """Record the spec a run used, in its results folder (without the key); returns what to undo."""
+    from .runtime import storage
     from .runtime.paths import task_results_dir
-    from .runtime.storage import write_text
 
     recorded = dataclasses.replace(spec, encryption_key=None)
     text = dump_spec(recorded)
     if spec.encryption_key:
         text = "# encryption_key was set (not recorded)\n" + text
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_text(f"{task_results_dir(spec, task).rstrip('/')}/experiment.yaml", text)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    folder = task_results_dir(spec, task).rstrip("/")
+    before = None
+    if not storage.is_remote(folder):
+        created, parent = [], os.path.abspath(folder)
+        while parent and not os.path.exists(parent):
+            created.append(parent)
+            parent = os.path.dirname(parent)
+        names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        path = os.path.join(folder, EFFECTIVE_SPEC)
+        previous = open(path, "rb").read() if os.path.isfile(path) else None
+        before = _FolderBefore(folder, created, names, previous)
+    storage.write_text(f"{folder}/{EFFECTIVE_SPEC}", text)
+    return before
+
+
+def undo_effective_spec(before: Optional[_FolderBefore]) -> None:
+    """Put the folder back as it was, unless the task has written something else there."""
+    if before is None or not os.path.isdir(before.folder):
+        return
+    if set(os.listdir(before.folder)) - {EFFECTIVE_SPEC} != before.names - {EFFECTIVE_SPEC}:
+        return
+    path = os.path.join(before.folder, EFFECTIVE_SPEC)
+    if before.previous_spec is not None:
+        from .runtime.storage import write_bytes
+
+        write_bytes(path, before.previous_spec)
+        return
+    if os.path.isfile(path):
+        os.remove(path)
+    for folder in before.created:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def load_task(task: str):
@@ -99,6 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.task == "default-spec":
+            if args.for_task is not None and args.for_task not in known_tasks():
+                raise UsageError(f"{args.for_task!r} is not a task; accepted: {', '.join(known_tasks())}")
             sys.stdout.write(default_spec_text(args.for_task))
             return 0
         if args.task == "make-example-data":
@@ -112,8 +164,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .runtime.paths import task_results_dir
         task_results_dir(spec, args.task)  # fails early, naming the field, when no results folder is set
         module = load_task(args.task)
-        write_effective_spec(spec, args.task)
-        return int(module.run(spec) or 0)
+        before = write_effective_spec(spec, args.task)
+        try:
+            return int(module.run(spec) or 0)
+        except UsageError:
+            undo_effective_spec(before)
+            raise
     except UsageError as err:
         print(f"deformable-detr {args.task}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..errors import UsageError
+from ..errors import UsageError, relative_to_cwd
 from .schema import ExperimentConfig
 
 
@@ -203,14 +203,42 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     return raw
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges; keys written beside it override, as YAML intends
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line)
+                except TypeError:  # an unhashable key: let PyYAML report it
+                    continue
+                if first != key_node.start_mark.line:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_spec_file(path: str) -> dict:
     if not os.path.exists(path):
-        raise SpecError(f"spec file not found: {path}")
+        raise SpecError(f"spec file not found: {path}" + relative_to_cwd(path))
     if os.path.isdir(path):
-        raise SpecError(f"spec file {path} is a folder; expected a YAML file")
+        raise SpecError(f"spec file {path} is a folder, expected a file (YAML)")
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise SpecError(f"{path}:{dup.line}: duplicate key {dup.key!r} (first given on line {dup.first_line}); "
+                        "each key may appear once in a section") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path

@@ -2,13 +2,14 @@
 
 Image ids match the `image_id` of dataset targets: the JSON's own ids for a single
 source, 1..N in source order for several (see `annotations.merged_image_ids`).
-Boxes with non-positive width or height are left out, as the dataset leaves them out;
+Boxes with non-positive width or height or a NaN/infinite coordinate are left out, as the dataset leaves them out;
 crowd boxes stay (COCOeval treats them as "ignore" regions).
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 from typing import Sequence
 
 from pycocotools.coco import COCO
@@ -42,7 +43,7 @@ def merged_coco(json_files: Sequence[str]) -> COCO:
             images.append({**image, "id": new_id[image["id"]]})
         for ann in raw.get("annotations", []):
             x, y, w, h = ann["bbox"]
-            if w <= 0 or h <= 0:
+            if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
                 continue
             annotations.append({**ann, "id": len(annotations) + 1, "image_id": new_id[ann["image_id"]],
                                 "area": ann.get("area", w * h), "iscrowd": int(ann.get("iscrowd", 0))})

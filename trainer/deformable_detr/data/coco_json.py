@@ -1,20 +1,23 @@
 """Read one COCO-format source, check it, and return its annotations as columns.
 
 Every problem a user can cause ends in one `UsageError` naming the file and the entry.
-Boxes with non-positive width or height are skipped and counted (as COCO tools do);
-crowd boxes are kept apart (evaluation scores them as "ignore", training drops them).
+Boxes with non-positive width or height, and boxes with a NaN or infinite coordinate, are
+skipped, counted and warned about; crowd boxes are kept apart (evaluation scores them as
+"ignore", training drops them). A source's `width`/`height` are checked against the pixels
+when each image is first decoded (dataset.py); 0 or absent means "not given".
 """
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UsageError, relative_to_cwd
 from ..runtime.logging import get_logger
 
 log = get_logger("data")
@@ -36,6 +39,13 @@ class SourceColumns:
     categories: list[dict]       # the JSON's category list
     skipped_boxes: int           # boxes with non-positive width or height
     crowd_boxes: int             # crowd boxes (not in the columns)
+    nonfinite_boxes: int = 0     # boxes with a NaN or infinite coordinate (not in the columns)
+    annotations_key: bool = True  # False when the JSON has no 'annotations' key at all
+
+    @property
+    def num_boxes(self) -> int:
+        """Boxes a model can learn from or be scored against (crowd boxes are only "ignore" regions)."""
+        return len(self.boxes_xywh)
 
 
 def expand_json_files(pattern: str, field: str) -> list[str]:
@@ -45,10 +55,12 @@ def expand_json_files(pattern: str, field: str) -> list[str]:
     if any(ch in pattern for ch in "*?["):
         files = sorted(glob.glob(pattern))
         if not files:
-            raise UsageError(f"{field}: no file matches {pattern}")
+            raise UsageError(f"{field}: no file matches {pattern}" + relative_to_cwd(pattern))
         return files
+    if os.path.isdir(pattern):
+        raise UsageError(f"{field}: {pattern} is a folder, expected a file (COCO JSON)")
     if not os.path.isfile(pattern):
-        raise UsageError(f"{field}: file not found: {pattern}")
+        raise UsageError(f"{field}: file not found: {pattern}" + relative_to_cwd(pattern))
     return [pattern]
 
 
@@ -58,7 +70,9 @@ def read_json(path: str) -> Any:
         with open(path, "rb") as fh:
             return json.load(fh)
     except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
+        raise UsageError(f"{path}: file not found" + relative_to_cwd(path)) from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, expected a file (COCO JSON)") from None
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     except UnicodeDecodeError as err:
@@ -95,6 +109,7 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
     if not isinstance(raw, dict):
         raise UsageError(f"{json_file}: expected a JSON object with images, annotations, categories")
     images = _require_list(raw, "images", json_file)
+    has_annotations_key = "annotations" in raw
     annotations = raw.get("annotations", [])
     if not isinstance(annotations, list):
         raise UsageError(f"{json_file}: 'annotations' must be a list")
@@ -128,7 +143,7 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
         file_names.append(file_name)
 
     box_image_index, boxes, category_ids = [], [], []
-    skipped = crowd = 0
+    skipped = crowd = nonfinite = 0
     for k, ann in enumerate(annotations):
         where = f"{json_file}: annotations[{k}] (id {ann.get('id', '?') if isinstance(ann, dict) else '?'})"
         if not isinstance(ann, dict):
@@ -141,6 +156,9 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
         if (not isinstance(bbox, list) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise UsageError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
+        if not all(math.isfinite(v) for v in bbox):  # json reads NaN, Infinity and 1e999 as floats
+            nonfinite += 1
+            continue
         if ann.get("iscrowd", 0):
             crowd += 1
             continue
@@ -152,10 +170,28 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
         category_ids.append(ann["category_id"])
     if skipped:
         log.warning("%s: skipped %d box(es) with non-positive width or height", json_file, skipped)
+    if nonfinite:
+        log.warning("%s: skipped %d box(es) with a NaN or infinite coordinate", json_file, nonfinite)
     return SourceColumns(
         json_file=json_file, image_dir=image_dir, image_ids=image_ids, file_names=file_names,
         heights=heights, widths=widths,
         box_image_index=np.asarray(box_image_index, np.int64).reshape(-1),
         boxes_xywh=np.asarray(boxes, np.float32).reshape(-1, 4),
         category_ids=np.asarray(category_ids, np.int64).reshape(-1),
-        categories=categories, skipped_boxes=skipped, crowd_boxes=crowd)
+        categories=categories, skipped_boxes=skipped, crowd_boxes=crowd, nonfinite_boxes=nonfinite,
+        annotations_key=has_annotations_key)
+
+
+def describe_no_boxes(sources: list[SourceColumns]) -> str:
+    """Why a split has no usable box, file by file: "a.json (no 'annotations' key), b.json (...)"."""
+    parts = []
+    for src in sources:
+        if not src.annotations_key:
+            why = "no 'annotations' key"
+        elif src.num_boxes == 0 and not (src.skipped_boxes or src.nonfinite_boxes or src.crowd_boxes):
+            why = "'annotations' is empty"
+        else:
+            why = (f"all boxes unusable: {src.skipped_boxes} empty, {src.nonfinite_boxes} NaN/infinite, "
+                   f"{src.crowd_boxes} crowd")
+        parts.append(f"{src.json_file} ({why})")
+    return ", ".join(parts)

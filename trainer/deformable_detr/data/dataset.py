@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from functools import cached_property
 from typing import Any, Optional, Sequence
 
@@ -11,13 +12,13 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from ..config.schema import DataSource, ExperimentConfig
-from ..errors import UsageError
+from ..errors import UsageError, relative_to_cwd
 from ..runtime.logging import get_logger
 from ..runtime.progress import progress
 from .annotations import AnnotationStore, build_store
 from .coco_gt import merged_coco
-from .coco_json import expand_json_files, load_source
-from .images import load_image, verify_image
+from .coco_json import describe_no_boxes, expand_json_files, load_source
+from .images import ImageSizeMismatch, load_image, verify_image
 from .transforms import Transform, build_eval_transform, build_train_transform
 
 log = get_logger("data")
@@ -32,11 +33,15 @@ class CocoDetection(Dataset):
     (float [n, 4] cxcywh relative to the transformed image), `labels` (int64 [n],
     category ids as in the JSON), `image_id` (int64 scalar), `orig_size` and `size`
     (int64 [2], h w). Crowd boxes are not in targets.
+
+    `require_boxes` ("train" or "score") refuses a split with no usable box at all: training
+    on it teaches nothing and scoring against it gives AP -1. Each image's JSON width and
+    height must match its pixels as stored (EXIF orientation is not applied, see images.py).
     """
 
     def __init__(self, sources: Sequence[DataSource], num_classes: int, transform: Transform,
                  dataset_type: str = "serialized", field: str = "dataset", check_files: bool = True,
-                 decode_images: bool = True) -> None:
+                 decode_images: bool = True, require_boxes: Optional[str] = None) -> None:
         if not sources:
             raise UsageError(f"{field}: no data source; expected a list of {{image_dir, json_file}}")
         columns = []
@@ -46,12 +51,21 @@ class CocoDetection(Dataset):
             where = f"{field}[{k}]"
             if not src.image_dir:
                 raise UsageError(f"{where}.image_dir: not set; expected the folder holding the images")
+            if check_files and os.path.isfile(src.image_dir):
+                raise UsageError(f"{where}.image_dir: {src.image_dir} is a file, expected a folder of images")
+            if check_files and not os.path.isdir(src.image_dir):
+                raise UsageError(f"{where}.image_dir: folder not found: {src.image_dir}"
+                                 + relative_to_cwd(src.image_dir))
             for json_file in expand_json_files(src.json_file, f"{where}.json_file"):
                 columns.append(load_source(json_file, src.image_dir, num_classes, check_files))
                 self.json_files.append(json_file)
                 self.source_of_json.append(k)
         self.num_images_per_json = [len(c.image_ids) for c in columns]
         self.skipped_boxes = sum(c.skipped_boxes for c in columns)
+        if require_boxes and columns and not any(c.num_boxes for c in columns):
+            purpose = ("to train on; a training set needs annotated boxes" if require_boxes == "train"
+                       else "to score against; evaluation needs ground truth")
+            raise UsageError(f"{field}: no boxes {purpose}: {describe_no_boxes(columns)}")
         self.store: AnnotationStore = build_store(columns, dataset_type)
         del columns
         gc.collect()  # the parsed JSON is garbage now; return it before workers fork
@@ -82,6 +96,7 @@ class CocoDetection(Dataset):
         record = self.store.record(index)
         if self.decode_images:
             image = load_image(record.path)
+            _check_size(record.path, image.shape[-2:], record.height, record.width)
         else:  # benchmarks of annotation handling only
             image = tv_tensors.Image(torch.zeros(3, max(record.height, 1), max(record.width, 1), dtype=torch.uint8))
         height, width = image.shape[-2:]
@@ -98,6 +113,17 @@ class CocoDetection(Dataset):
         target["image_id"] = torch.tensor(record.image_id, dtype=torch.int64)
         target["orig_size"] = torch.tensor([height, width], dtype=torch.int64)
         return image.as_subclass(torch.Tensor), target
+
+
+def _check_size(path: str, decoded_hw, height: int, width: int) -> None:
+    """The JSON's height/width (0 = not given) against the decoded pixels; one line naming the image."""
+    actual_h, actual_w = int(decoded_hw[0]), int(decoded_hw[1])
+    if (height and height != actual_h) or (width and width != actual_w):
+        hint = (" (swapped: the JSON lists the EXIF-rotated size; boxes must be in the stored pixel "
+                "orientation, which is what is read)" if (height, width) == (actual_w, actual_h) else "")
+        raise ImageSizeMismatch(f"{path}: the annotation file lists width {width}, height {height}, but the "
+                                f"image is {actual_w}x{actual_h}{hint}; fix the JSON's width/height (and its "
+                                "boxes, if they were made for another image)")
 
 
 def split_sources(spec: ExperimentConfig, split: str) -> tuple[list[DataSource], str]:
@@ -123,7 +149,8 @@ def build_dataset(spec: ExperimentConfig, split: str, verify_images: bool = Fals
     aug = spec.dataset.augmentation
     if transform is None:
         transform = build_train_transform(aug) if split == "train" else build_eval_transform(aug)
-    dataset = CocoDetection(sources, spec.dataset.num_classes, transform, spec.dataset.dataset_type, field)
+    dataset = CocoDetection(sources, spec.dataset.num_classes, transform, spec.dataset.dataset_type, field,
+                            require_boxes="train" if split == "train" else "score")
     if verify_images:
         dataset.verify_images()
     log.info("%s: %d images from %d annotation file(s)", field, len(dataset), len(dataset.json_files))

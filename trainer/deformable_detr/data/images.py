@@ -1,4 +1,9 @@
-"""Decoding image files, with one clear error for a file that cannot be read."""
+"""Decoding image files, with one clear error for a file that cannot be read.
+
+EXIF orientation is not applied, anywhere: images are read as their pixels are stored, as
+TAO, torchvision's CocoDetection and pycocotools do, so a COCO/KITTI file's boxes, width and
+height refer to the stored pixels; drawn images and inference labels use the same frame.
+"""
 from __future__ import annotations
 
 import torch
@@ -25,6 +30,10 @@ class UnreadableImageError(UsageError):
         return last.split(f"{type(self).__name__}: ", 1)[-1]
 
 
+class ImageSizeMismatch(UnreadableImageError):
+    """An image whose pixels do not have the width/height its annotation file lists."""
+
+
 def load_image(path: str) -> tv_tensors.Image:
     """The image as uint8 RGB [3, H, W]."""
     try:
@@ -32,7 +41,7 @@ def load_image(path: str) -> tv_tensors.Image:
     except (RuntimeError, OSError) as err:
         raise UnreadableImageError(f"{path}: cannot read image file ({err})") from None
     try:
-        return tv_tensors.Image(decode_image(data, mode=ImageReadMode.RGB))
+        return tv_tensors.Image(decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=False))
     except RuntimeError:
         pass
     try:  # formats torchvision's decoders lack (BMP, TIFF, ...)

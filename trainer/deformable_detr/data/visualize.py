@@ -1,7 +1,10 @@
 """What inference writes for each image: a KITTI label file and a copy with the boxes drawn.
 
 KITTI lines follow TAO's 16-field form (class, truncation, occlusion, alpha, the 2D box
-in pixels of the original image, seven zeros for the 3D fields, and the score).
+in pixels of the original image, seven zeros for the 3D fields, and the score). A class name
+with spaces ("potted plant") is written with underscores ("potted_plant"), the form TAO's
+KITTI class names take, so every line keeps 16 fields and `convert` reads it back (it maps
+an underscore name to the spaced one of a mapping file).
 """
 from __future__ import annotations
 
@@ -39,10 +42,15 @@ def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
             min(max(x2, 0.0), width), min(max(y2, 0.0), height))
 
 
+def kitti_class_name(name: str) -> str:
+    """The class name as one KITTI column: runs of whitespace become one underscore."""
+    return "_".join(name.split())
+
+
 def kitti_line(detection: Detection, width: int, height: int) -> str:
     """TAO's KITTI label line for one detection, its box clipped to the image."""
     x1, y1, x2, y2 = clip_box(detection.box, width, height)
-    return (f"{detection.class_name} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} "
+    return (f"{kitti_class_name(detection.class_name)} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} "
             f"0.00 0.00 0.00 0.00 0.00 0.00 0.00 {detection.score:.3f}")
 
 
@@ -81,9 +89,41 @@ def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
 
 
+def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, width) * max(0.0, height)
+
+
+def place_tags(boxes: Sequence[Sequence[float]], sizes: Sequence[tuple[int, int]],
+               width: int, height: int) -> list[tuple[float, float, float, float]]:
+    """Where each box's tag (of `sizes` (w, h)) goes: (x1, y1, x2, y2), inside the image.
+
+    Boxes come in priority order (highest score first); each tag takes the first of: above
+    its box, inside its top edge, below it, inside its bottom edge, that no earlier tag
+    covers, else the one that overlaps earlier tags least. Tags are shifted (never cut) to
+    stay within the image, as far as a tag fits in it at all.
+    """
+    placed: list[tuple[float, float, float, float]] = []
+    for (x1, y1, x2, y2), (tag_w, tag_h) in zip(boxes, sizes):
+        left = min(max(x1, 0.0), max(0.0, width - tag_w))
+        candidates = []
+        for top in (y1 - tag_h, y1, y2, y2 - tag_h):
+            top = min(max(top, 0.0), max(0.0, height - tag_h))
+            candidates.append((left, top, left + tag_w, top + tag_h))
+        best = min(candidates, key=lambda c: (sum(_overlap(c, other) for other in placed), candidates.index(c)))
+        placed.append(best)
+    return placed
+
+
 def draw_detections(image: Image.Image, detections: Sequence[Detection],
                     colors: Mapping[str, tuple[int, int, int]]) -> Image.Image:
-    """A copy of `image` with each box outlined in its class colour and labelled `name score`."""
+    """A copy of `image` with each box outlined in its class colour and tagged `name score`.
+
+    Every box is drawn first, then the tags on filled backgrounds (see `place_tags`), so no
+    box line crosses a tag's text; the best-scoring detection's tag is placed first and
+    drawn last (on top).
+    """
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
@@ -92,18 +132,19 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection],
     font_size = max(10, round(min(width, height) / 40))
     font = ImageFont.load_default(size=font_size)
     pad = max(1, font_size // 8)
-    for det in detections:
-        color = colors[det.class_name]
-        x1, y1, x2, y2 = clip_box(det.box, width - 1, height - 1)
-        draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=color, width=line_width)
-        label = f"{det.class_name} {det.score:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        text_w, text_h = right - left + 2 * pad, bottom - top + 2 * pad
-        # Above the box where there is room, else just inside its top edge.
-        text_y = y1 - text_h if y1 - text_h >= 0 else y1
-        text_x = min(x1, max(0, width - text_w))
-        draw.rectangle((text_x, text_y, text_x + text_w, text_y + text_h), fill=color)
-        draw.text((text_x - left + pad, text_y - top + pad), label, fill=_text_color(color), font=font)
+    order = sorted(range(len(detections)), key=lambda i: -detections[i].score)
+    boxes = [clip_box(detections[i].box, width - 1, height - 1) for i in order]
+    for i, (x1, y1, x2, y2) in zip(order, boxes):
+        draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=colors[detections[i].class_name],
+                       width=line_width)
+    labels = [f"{detections[i].class_name} {detections[i].score:.2f}" for i in order]
+    extents = [draw.textbbox((0, 0), label, font=font) for label in labels]
+    sizes = [(right - left + 2 * pad, bottom - top + 2 * pad) for left, top, right, bottom in extents]
+    tags = place_tags(boxes, sizes, width, height)
+    for i, label, (left, top, _, _), tag in reversed(list(zip(order, labels, extents, tags))):
+        color = colors[detections[i].class_name]
+        draw.rectangle((tag[0], tag[1], tag[2] - 1, tag[3] - 1), fill=color)
+        draw.text((tag[0] - left + pad, tag[1] - top + pad), label, fill=_text_color(color), font=font)
     return canvas
 
 

@@ -36,7 +36,7 @@ def _tensorrt_import_error() -> Optional[str]:
         import tensorrt  # noqa: F401
     except ImportError as err:
         if getattr(err, "name", None) == "tensorrt":
-            return "the tensorrt package is not installed (pip install 'deformable-detr[tensorrt]')"
+            return "the tensorrt package is not installed (pip install './trainer[tensorrt]' in the repository)"
         return f"the tensorrt package does not import ({err})"
     except OSError as err:  # a shared library of TensorRT or CUDA is missing
         return f"the tensorrt package does not import ({err})"

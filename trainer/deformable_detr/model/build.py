@@ -167,4 +167,5 @@ def build_model(spec: ExperimentConfig) -> Tuple[DeformableDETR, SetCriterion, P
     if unknown:
         raise UsageError(f"model.loss_types: {sorted(unknown)} unknown; accepted: labels, boxes")
     criterion = SetCriterion(spec.dataset.num_classes, matcher, weights, m.loss_types, focal_alpha=m.focal_alpha)
+    model.spec_model = m  # what checkpoint_compat compares a checkpoint's stored spec against
     return model, criterion, PostProcess(m.num_select)

@@ -4,6 +4,11 @@ Our checkpoints and the original's are `{"model": state_dict, ...}`; TAO's are L
 checkpoints whose `state_dict` keys carry a `model.model.` prefix before the original names, and
 name a GC-ViT backbone in TAO's own way (converted by model/gcvit.py).
 DistributedDataParallel's `module.` prefix is stripped as well.
+
+Our checkpoints also store the spec they were trained with. Some architecture fields change
+no tensor shape (nheads 8 x 4 points and nheads 4 x 8 points give the same sampling_offsets),
+so their weights would load into the wrong model silently; those fields are compared and a
+difference is refused, naming each field.
 """
 from __future__ import annotations
 
@@ -19,6 +24,10 @@ from .gcvit import convert_tao_gcvit_keys
 log = get_logger("model.checkpoint")
 
 _PREFIXES = ("model.model.", "module.", "model.")
+# model fields that define the network (not the losses, the post-processing or the training).
+ARCHITECTURE_FIELDS = ("backbone", "num_feature_levels", "return_interm_indices", "hidden_dim", "nheads",
+                       "enc_layers", "dec_layers", "dim_feedforward", "enc_n_points", "dec_n_points",
+                       "num_queries", "with_box_refine", "two_stage", "dilation")
 # Heads whose width is the number of classes: re-initialised when fine-tuning to other classes.
 _CLASS_HEADS = ("class_embed.", "transformer.decoder.class_embed.")
 
@@ -58,6 +67,32 @@ def _without_shared_prefixes(keys: List[str]) -> List[str]:
     return keys
 
 
+def architecture_differences(stored_spec: Any, model_section: Any) -> List[str]:
+    """`model.field: checkpoint X, spec Y` for each architecture field the stored spec sets otherwise."""
+    stored = stored_spec.get("model") if isinstance(stored_spec, Mapping) else None
+    if not isinstance(stored, Mapping) or model_section is None:
+        return []
+    differences = []
+    for name in ARCHITECTURE_FIELDS:
+        if name not in stored or not hasattr(model_section, name):
+            continue
+        ours, theirs = getattr(model_section, name), stored[name]
+        if (list(ours) if isinstance(ours, (list, tuple)) else ours) != (
+                list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+            differences.append(f"model.{name}: checkpoint {theirs!r}, spec {ours!r}")
+    return differences
+
+
+def check_architecture(checkpoint: Any, model_section: Any) -> None:
+    """Refuse a checkpoint whose stored spec describes another network than `model_section` (spec.model)."""
+    if not isinstance(checkpoint, Mapping):
+        return
+    differences = architecture_differences(checkpoint.get("spec"), model_section)
+    if differences:
+        raise UsageError(f"checkpoint was trained with another architecture ({'; '.join(differences)}); "
+                         "set these fields as the checkpoint has them")
+
+
 def load_model_state(model: nn.Module, checkpoint: Any, strict: bool = True,
                      allow_num_classes_change: bool = False) -> LoadReport:
     """Copy the checkpoint's weights into `model`.
@@ -65,7 +100,10 @@ def load_model_state(model: nn.Module, checkpoint: Any, strict: bool = True,
     strict: every model key must be present and no checkpoint key left over (UsageError otherwise).
     allow_num_classes_change: class heads of a different width keep their fresh initialisation
     (fine-tuning to another `dataset.num_classes`); any other shape mismatch is an error.
+    A stored spec (our checkpoints) must agree with the spec the model was built from
+    (`model.spec_model`, set by build_model) in every ARCHITECTURE_FIELDS field.
     """
+    check_architecture(checkpoint, getattr(model, "spec_model", None))
     state = convert_tao_gcvit_keys(model, extract_state_dict(checkpoint))
     own = model.state_dict()
     reinitialised: List[str] = []

@@ -70,13 +70,33 @@ def load_model_for_inference(spec: ExperimentConfig, checkpoint_path: str, key: 
     from ..runtime.checkpoint_io import load_object
 
     model, _criterion, postprocessor = build_model(spec)
-    state = load_object(checkpoint_path, key)
+    state = load_object(checkpoint_path, key)  # its errors name the path already
     try:
         load_model_state(model, state)
     except UsageError as err:
         raise UsageError(f"{checkpoint_path}: {err}") from None
     model.to(device).eval()
     return model, postprocessor
+
+
+def check_resume(spec: ExperimentConfig, state: dict, path: str) -> None:
+    """Before resuming from `state` (a training checkpoint read from `path`): the same network, and epochs left.
+
+    A checkpoint already past train.num_epochs would make the run a silent no-op, so it is refused.
+    """
+    from ..model.checkpoint_compat import check_architecture
+
+    try:
+        check_architecture(state, spec.model)
+    except UsageError as err:
+        raise UsageError(f"train.resume_training_checkpoint_path: {path}: {err}") from None
+    epoch = int(state.get("epoch", 0)) + 1  # 1-based: the epoch the checkpoint was taken in
+    if spec.train.num_epochs < epoch:
+        raise UsageError(f"train.num_epochs: {spec.train.num_epochs} is below the epoch of the checkpoint to resume "
+                         f"({path}: epoch {epoch}); set train.num_epochs to {epoch} or more to continue it, "
+                         "or train into another results folder")
+    if spec.train.num_epochs == epoch and state.get("epoch_finished", True):
+        log.info("%s finished epoch %d of %d: training is already complete", path, epoch, spec.train.num_epochs)
 
 
 def _target_sizes(targets: list[dict]) -> torch.Tensor:

@@ -14,12 +14,10 @@ import torch
 from ..config.schema import ExperimentConfig
 from ..errors import UsageError
 from ..export.onnx_export import PLUGIN_OP, check_opset, export_to_bytes
-from ..model import build_model
-from ..model.checkpoint_compat import load_model_state
 from ..runtime import storage
-from ..runtime.checkpoint_io import load_object
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
+from .common import load_model_for_inference
 
 log = get_logger("export")
 
@@ -51,9 +49,7 @@ def run(spec: ExperimentConfig) -> int:
         raise UsageError("export.batch_size: 0; accepted: -1 (dynamic) or a positive batch size")
     target = onnx_path(spec)
 
-    model, _criterion, _postprocessor = build_model(spec)
-    load_model_state(model, load_object(export.checkpoint, spec.encryption_key))
-    model.to(_device(spec)).eval()
+    model, _postprocessor = load_model_for_inference(spec, export.checkpoint, spec.encryption_key, _device(spec))
     mode = "plain ONNX ops" if export.on_cpu else f"{PLUGIN_OP} nodes"
     log.info("exporting %s (%dx%dx%d, batch %s, opset %d, attention as %s)", export.checkpoint,
              export.input_channel, export.input_height, export.input_width,

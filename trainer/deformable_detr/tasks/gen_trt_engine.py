@@ -1,34 +1,24 @@
 """`deformable-detr gen_trt_engine`: a TensorRT engine (fp32/fp16) from an exported ONNX file.
 
-Needs the `tensorrt` package (extra `deformable-detr[tensorrt]`) and a CUDA GPU; without
-them it says so in one line and exits 3. The deformable-attention nodes resolve to
+Needs the `tensorrt` package (`pip install './trainer[tensorrt]'`) and a CUDA GPU; without
+them it says so in one line, exits 3 and writes nothing. The deformable-attention nodes resolve to
 TensorRT's `MultiscaleDeformableAttnPlugin_TRT` from its standard plugin library.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import torch
 
 from ..config.schema import ExperimentConfig
 from ..errors import UsageError
+from ..export.trt import missing_requirements
 from ..runtime import storage
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
+from .common import FeatureUnavailable
 
 log = get_logger("gen_trt_engine")
-FEATURE_UNAVAILABLE = 3
-
-
-def missing_requirements() -> list[str]:
-    missing = []
-    if importlib.util.find_spec("tensorrt") is None:
-        missing.append("the tensorrt package is not installed (pip install 'deformable-detr[tensorrt]')")
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is visible")
-    return missing
 
 
 def engine_path(spec: ExperimentConfig) -> str:
@@ -88,9 +78,7 @@ def run(spec: ExperimentConfig) -> int:
         raise UsageError(f"gen_trt_engine.onnx_file: {section.onnx_file} does not exist")
     missing = missing_requirements()
     if missing:
-        print(f"deformable-detr gen_trt_engine: error: a TensorRT engine cannot be built here: "
-              f"{'; '.join(missing)}", file=sys.stderr)
-        return FEATURE_UNAVAILABLE
+        raise FeatureUnavailable(f"a TensorRT engine cannot be built here: {'; '.join(missing)}")
     if section.gpu_id >= torch.cuda.device_count():
         raise UsageError(f"gen_trt_engine.gpu_id: {section.gpu_id}; accepted: 0..{torch.cuda.device_count() - 1}")
     torch.cuda.set_device(section.gpu_id)  # TensorRT builds on the current CUDA device

@@ -40,7 +40,7 @@ from ..runtime.optim import build_optimizer, build_scheduler, monitors_a_value
 from ..runtime.paths import task_results_dir
 from ..runtime.progress import progress
 from ..runtime.signals import EXIT_SIGTERM, StopRequest
-from .common import relaunch_in_workers
+from .common import check_resume, relaunch_in_workers
 from ..runtime.storage import StorageError
 from ..runtime.training_log import LOG_NAME, STATUS_NAME, TrainingLog
 
@@ -240,6 +240,7 @@ class Trainer:
         if path is None:
             return Position(), None
         state = checkpoint.load_checkpoint(path, self.spec.encryption_key)
+        check_resume(self.spec, state, path)  # same network, and epochs left to train
         missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch", "step") if k not in state]
         if missing:
             raise UsageError(f"train.resume_training_checkpoint_path: {path} is not a training checkpoint "
