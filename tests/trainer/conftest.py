@@ -62,3 +62,9 @@ def perturbed_checkpoint(tmp_path_factory):
         save_object({"model": model.state_dict(), "epoch": 0}, path)
         return model.eval(), path
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _own_staging_folder(tmp_path, monkeypatch):
+    # Training with s3:// results stages under a stable folder; each test gets its own.
+    monkeypatch.setenv("DDETR_STAGING_DIR", str(tmp_path / "staging"))

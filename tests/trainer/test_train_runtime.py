@@ -145,7 +145,8 @@ def test_training_log_and_status(tmp_path):
     assert records[0]["loss_ce"] == pytest.approx(1.5) and records[0]["lr"] == 1e-4
     assert records[1]["kind"] == "validation" and records[1]["val_loss"] is None
     status = read_status(str(tmp_path))
-    assert status == {"num_epochs": 2, "epoch": 1, "step": 1, "last_loss": 2.0, "last_map": 0.25,
+    assert status == {"num_epochs": 2, "epoch": 1, "epochs_completed": 1, "epoch_index": 0, "step": 1,
+                      "last_loss": 2.0, "last_map": 0.25,
                       "last_checkpoint": "/x/model_epoch_000_step_00001.pth", "state": "completed"}
     with pytest.raises(ValueError):
         TrainingLog(str(tmp_path), 1).update_status(state="exploded")

@@ -2,36 +2,76 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import signal
+from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..config.schema import ExperimentConfig
 from .collate import collate_fn
 from .dataset import CocoDetection, build_dataset
-from .samplers import ShardedSequentialSampler, build_train_sampler
+from .samplers import ResumableSampler, ShardedSequentialSampler, build_train_sampler, seed_of
 from .transforms import fixed_pad_size
+
+
+class SeededSamples(Dataset):
+    """`dataset`, each item read with torch's generator seeded from its index's `seed` (a
+    `SampleIndex`), restored afterwards: augmentation draws the same numbers in any worker,
+    and reading a sample never moves the reader's own random stream."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int) -> Any:
+        seed = seed_of(key)
+        if seed is None:
+            return self.dataset[key]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[int(key)]
+
+    def __getattr__(self, name: str) -> Any:  # coco, source_index, json_files ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """Loader workers leave SIGTERM and SIGINT to the main process: sent to the whole process
+    group (timeout, Slurm, Ctrl-C), they would otherwise kill the workers before the main
+    process could save its checkpoint. Workers still exit with their main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_dataloader(spec: ExperimentConfig, split: str, rank: int = 0, world_size: int = 1,
                      seed: Optional[int] = None, dataset: Optional[CocoDetection] = None) -> DataLoader:
     """A loader over this rank's part of a split; call `loader.sampler.set_epoch(e)` each epoch.
 
-    Training uses `dataset.train_sampler`; val/test read each image once over all ranks,
-    in order. Augmentation randomness is seeded from `seed` (default train.seed) and the rank.
+    Training uses `dataset.train_sampler` inside a `ResumableSampler`: each sample is augmented
+    with a seed of its own (from `seed`, default train.seed, the epoch, the rank and its place in
+    the epoch), whatever the number of workers, and `loader.sampler.skip(n)` resumes mid-epoch.
+    val/test read each image once over all ranks, in order.
     """
     seed = spec.train.seed if seed is None else seed
     dataset = dataset if dataset is not None else build_dataset(spec, split)
     if split == "train":
-        sampler = build_train_sampler(spec.dataset.train_sampler, dataset, rank, world_size, seed)
+        sampler = ResumableSampler(build_train_sampler(spec.dataset.train_sampler, dataset, rank, world_size, seed),
+                                   seed, rank)
+        items: Dataset = SeededSamples(dataset)
     else:
         sampler = ShardedSequentialSampler(len(dataset), rank, world_size)
+        items = dataset
     generator = torch.Generator()
-    generator.manual_seed(seed + 7919 * rank)  # seeds the workers' augmentation randomness
+    generator.manual_seed(seed + 7919 * rank)  # seeds the workers' own randomness (eval splits)
     workers = spec.dataset.workers
     return DataLoader(
-        dataset, batch_size=spec.dataset.batch_size, sampler=sampler, num_workers=workers,
+        items, batch_size=spec.dataset.batch_size, sampler=sampler, num_workers=workers,
         collate_fn=functools.partial(collate_fn, pad_to=fixed_pad_size(spec.dataset.augmentation)),
         pin_memory=spec.dataset.pin_memory and torch.cuda.is_available(),
-        persistent_workers=workers > 0, generator=generator, drop_last=False)
+        persistent_workers=workers > 0, generator=generator, drop_last=False,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None)

@@ -13,11 +13,17 @@ so distributed ranks take the same number of steps:
   proportion to their size. With fewer files than ranks, images are dealt instead.
 Evaluation: `ShardedSequentialSampler`: rank r reads images r, r + W, r + 2W, ...
 in order; all ranks together read every image exactly once.
+
+`ResumableSampler` wraps a training sampler for exact resume: each index it yields
+carries the seed of that sample's augmentation (from seed, epoch, rank and the sample's
+place in the epoch), so augmentation never depends on which loader worker (or how many)
+reads it, and `skip(n)` starts an epoch after its first n samples without reading them.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -102,3 +108,53 @@ def build_train_sampler(name: str, dataset, rank: int, world_size: int, seed: in
     if name == "non_uniform_sampler":
         return PerRankSourceSampler(dataset.source_index, rank, world_size, seed)
     raise ValueError(f"unknown train_sampler {name!r}")
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The augmentation seed of the `position`-th sample rank `rank` reads in `epoch`."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{rank}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+class SampleIndex(int):
+    """A dataset index (it is the int) that carries the seed its sample is augmented with."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> "SampleIndex":
+        value = super().__new__(cls, index)
+        value.seed = seed
+        return value
+
+    def __reduce__(self):  # to loader workers, with its seed
+        return SampleIndex, (int(self), self.seed)
+
+
+class ResumableSampler(Sampler[int]):
+    """`base`'s indices as `SampleIndex`es, from sample `skip(n)` of the epoch on."""
+
+    def __init__(self, base: Sampler[int], seed: int, rank: int) -> None:
+        self.base, self.seed, self.rank = base, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first sample (call `skip` afterwards to start later)."""
+        self.epoch, self.start = epoch, 0
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def skip(self, samples: int) -> None:
+        """Leave out this epoch's first `samples` samples: they are never read nor augmented."""
+        self.start = max(int(samples), 0)
+
+    def __len__(self) -> int:
+        return max(len(self.base) - self.start, 0)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        for position, index in enumerate(self.base):
+            if position >= self.start:
+                yield SampleIndex(index, sample_seed(self.seed, self.epoch, self.rank, position))
+
+
+def seed_of(key: int) -> Optional[int]:
+    return getattr(key, "seed", None)

@@ -2,8 +2,9 @@
 
 Images are `tv_tensors.Image` (uint8 [3, H, W]) and boxes `tv_tensors.BoundingBoxes`
 (absolute XYXY), so torchvision's functional ops move boxes with every resize, crop
-and flip. Random choices come from torch's global generator, which the DataLoader
-seeds per worker, so a seeded loader gives the same augmentation every run.
+and flip. Random choices come from torch's global generator, which the training loader
+seeds per sample (data.loader.SeededSamples), so a seeded loader gives the same
+augmentation every run, with any number of workers.
 
 Training (TAO's pipeline):
     horizontal flip (horizontal_flip_prob), then with probability 1/2

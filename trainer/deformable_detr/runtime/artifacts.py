@@ -6,11 +6,19 @@ unreachable bucket never stalls the training loop. `publish_checkpoint` moves th
 remote `latest` object only after the checkpoint itself is fully uploaded, so `latest`
 never names a partial or missing object. Failed uploads are retried a bounded number
 of times with exponential backoff; `close()` then raises one clear `StorageError`.
+
+The local folder of an s3:// results folder is a stable staging folder (`staging_dir`):
+`$DDETR_STAGING_DIR` (default `<tmp>/ddetr-train-staging`) / the results URI made into a
+folder name. What a run could not upload stays there, and the next run on that disk
+uploads it first (`recover_staging`), so a later checkpoint is never stranded.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import tempfile
 import threading
 import time
 from collections import deque
@@ -24,6 +32,18 @@ from .storage import StorageError
 log = get_logger("artifacts")
 
 DEFAULT_LATEST_NAME = "dd_model_latest.pth"
+STAGING_ENV = "DDETR_STAGING_DIR"
+
+
+def staging_root() -> str:
+    return os.environ.get(STAGING_ENV) or os.path.join(tempfile.gettempdir(), "ddetr-train-staging")
+
+
+def staging_dir(remote_uri: str) -> str:
+    """The local folder a run with results in `remote_uri` writes before uploading: the same for every
+    run (and restarted pod) with that results folder on this disk."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", remote_uri.rstrip("/")).strip("_.") or "results"
+    return os.path.join(staging_root(), name)
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,7 @@ class ArtifactSync:
         self._closed = False
         self._thread: Optional[threading.Thread] = None
         self._failures: dict[str, str] = {}  # relpath -> last error, cleared by a later success
+        self._retryable: dict[str, bool] = {}  # relpath -> whether its failure may pass on its own
         self.latest: dict[str, str] = {}  # latest name -> checkpoint relpath it names remotely
 
     # ------------------------------------------------------------ caller side
@@ -108,7 +129,9 @@ class ArtifactSync:
             self._thread.join()
         message = self.error
         if message:
-            raise StorageError(message)
+            with self._cond:
+                retryable = all(self._retryable.get(name, True) for name in self._failures)
+            raise StorageError(message, retryable=retryable)
 
     def __enter__(self) -> "ArtifactSync":
         return self
@@ -190,6 +213,7 @@ class ArtifactSync:
                     log.error("giving up on %s after %d attempt(s): %s", relpath, attempt, err)
                     with self._cond:
                         self._failures[relpath] = f"{relpath} after {attempt} attempt(s): {err}"
+                        self._retryable[relpath] = bool(retryable)
                     return False
                 delay = self.backoff_seconds * 2 ** (attempt - 1)
                 log.warning("upload of %s failed (attempt %d/%d), retrying in %.1fs: %s",
@@ -198,5 +222,70 @@ class ArtifactSync:
             else:
                 with self._cond:
                     self._failures.pop(relpath, None)
+                    self._retryable.pop(relpath, None)
                 return True
         return False
+
+
+def _remote_status_step(remote_uri: str) -> int:
+    try:
+        return int(json.loads(storage.read_bytes(storage.join(remote_uri, "status.json"))).get("step") or 0)
+    except storage.ArtifactNotFound:
+        return -1
+    except (ValueError, TypeError, AttributeError):
+        return -1
+
+
+def _local_status_step(local_dir: str) -> int:
+    try:
+        with open(os.path.join(local_dir, "status.json"), encoding="utf-8") as fh:
+            return int(json.load(fh).get("step") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return -1
+
+
+def recover_staging(local_dir: str, remote_uri: str, attempts: int = 3, backoff_seconds: float = 2.0,
+                    log_names: tuple[str, ...] = ("train_log.jsonl", "status.json")) -> list[str]:
+    """Upload what an earlier run left in its staging folder `local_dir`; the names uploaded.
+
+    Checkpoints still there were never uploaded (uploaded ones leave the disk): each goes up,
+    and the remote latest moves to the newest only when it is newer than every remote checkpoint
+    (a stale staging folder never moves it back). The log and status go up when the staged status
+    counts more steps than the remote one. Raises StorageError (naming the folder) when an upload fails.
+    """
+    from .checkpoint import list_checkpoints
+    from .files import remove_partial_writes
+
+    if not os.path.isdir(local_dir):
+        return []
+    remove_partial_writes(local_dir)
+    staged = list_checkpoints(local_dir)
+    upload_logs = all(os.path.isfile(os.path.join(local_dir, n)) for n in log_names) and \
+        _local_status_step(local_dir) > _remote_status_step(remote_uri)
+    if not staged and not upload_logs:
+        return []
+    log.warning("uploading what an earlier run left in its staging folder %s to %s", local_dir, remote_uri)
+    remote = list_checkpoints(remote_uri)
+    newest_remote = remote[-1].step if remote else -1
+    sync = ArtifactSync(local_dir, remote_uri, attempts=attempts, backoff_seconds=backoff_seconds,
+                        remove_uploaded_checkpoints=True)
+    done = []
+    for ref in staged:
+        name = os.path.basename(ref.path)
+        if ref is staged[-1] and ref.step > newest_remote:
+            sync.publish_checkpoint(name)
+        else:
+            sync.upload(name)
+        done.append(name)
+    if upload_logs:
+        for name in log_names:
+            sync.upload(name)
+            done.append(name)
+    try:
+        sync.close()
+    except StorageError as err:
+        raise StorageError(f"{err}; what is not uploaded stays in {local_dir}", retryable=err.retryable) from None
+    for ref in staged:  # uploaded without a latest copy: nothing removed them yet
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(ref.path)
+    return done

@@ -80,6 +80,36 @@ def find_resume_checkpoint(folder: str) -> Optional[str]:
     return latest if storage.exists(latest) else None
 
 
+def load_newest_readable(folder: str, key: Optional[str] = None
+                         ) -> Optional[tuple[str, dict[str, Any], list[tuple[str, str]]]]:
+    """(path, state, skipped) of the newest checkpoint in `folder` that can be read, else None.
+
+    A numbered checkpoint that cannot be read (truncated, damaged) is skipped for the next older
+    one; `skipped` lists (path, reason). A key that does not fit is not a damaged file: it raises,
+    as does a folder where no checkpoint at all can be read.
+    """
+    from .encryption import KeyMismatch
+    from ..errors import UsageError
+
+    candidates = [ref.path for ref in reversed(list_checkpoints(folder))]
+    latest = _join(folder, LATEST_NAME)
+    if storage.exists(latest):
+        candidates.append(latest)
+    skipped: list[tuple[str, str]] = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, key), skipped
+        except KeyMismatch:
+            raise
+        except UsageError as err:
+            skipped.append((path, str(err)))
+    if skipped:
+        raise UsageError(f"no readable checkpoint in {folder} for auto_resume: {skipped[0][1]}"
+                         + (f" (and {len(skipped) - 1} older)" if len(skipped) > 1 else "")
+                         + "; remove the damaged files or set train.auto_resume: false")
+    return None
+
+
 def _publish_latest(path: str, latest: str) -> None:
     """Make `latest` a complete copy of `path` in one atomic rename (a hard link when the disk allows)."""
     if storage.is_remote(path):

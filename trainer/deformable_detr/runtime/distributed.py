@@ -257,7 +257,11 @@ def launcher_exit_code(torchrun_code: int, terminated: bool, worker_codes: Itera
     permanent = [c for c in codes if 0 < c < 128]
     if permanent:
         return permanent[0]
-    for retryable in (EXIT_PEER_LOST, EXIT_SIGTERM):
+    from .files import EXIT_DISK_FULL
+    from .storage import EXIT_STORAGE_UNAVAILABLE
+
+    # The rank that met the cause (a full disk, storage down) says more than its peers' lost-peer codes.
+    for retryable in (EXIT_DISK_FULL, EXIT_STORAGE_UNAVAILABLE, EXIT_PEER_LOST, EXIT_SIGTERM, 130):
         if retryable in codes:
             return retryable
     return torchrun_code

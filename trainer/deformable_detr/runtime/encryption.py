@@ -27,6 +27,10 @@ _TAG = 16
 CHUNK_SIZE = 16 * 1024 * 1024
 
 
+class KeyMismatch(UsageError):
+    """An encrypted checkpoint read without its key or with another one (not a damaged file)."""
+
+
 def _derive(key: str, salt: bytes) -> tuple[bytes, bytes]:
     """(AES key, key check) from the passphrase and salt."""
     derived = Scrypt(salt=salt, length=32 + _CHECK, n=2 ** 14, r=8, p=1).derive(key.encode("utf-8"))
@@ -58,13 +62,13 @@ def decrypt(data: bytes, key: str | None, name: str = "checkpoint", chunk_size: 
     if not is_encrypted(data):
         return data
     if not key:
-        raise UsageError(f"{name} is encrypted; pass its key with -k KEY (or encryption_key in the spec)")
+        raise KeyMismatch(f"{name} is encrypted; pass its key with -k KEY (or encryption_key in the spec)")
     header = bytes(data[:len(MAGIC) + _SALT + _CHECK])
     if len(header) < len(MAGIC) + _SALT + _CHECK:
         raise UsageError(f"{name}: encrypted checkpoint is truncated (incomplete header); it cannot be read")
     aes_key, check = _derive(key, header[len(MAGIC):len(MAGIC) + _SALT])
     if not hmac.compare_digest(check, header[len(MAGIC) + _SALT:]):
-        raise UsageError(f"{name}: wrong key (-k); it does not decrypt this checkpoint")
+        raise KeyMismatch(f"{name}: wrong key (-k); it does not decrypt this checkpoint")
     cipher = AESGCM(aes_key)
     view = memoryview(data)[len(header):]
     sealed_size = chunk_size + _TAG

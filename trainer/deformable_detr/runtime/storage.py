@@ -6,6 +6,9 @@ the region comes from `AWS_REGION` / `AWS_DEFAULT_REGION`. Each request is retri
 exponential backoff by botocore (`AWS_MAX_ATTEMPTS`, default 5; `AWS_RETRY_MODE`, default
 `standard`). Large objects move as multipart transfers. Failures a user can fix (wrong
 credentials, a missing bucket, an unreachable endpoint) end in one `StorageError` line.
+Its exit code says whether waiting may help: 201 (retryable) for an unreachable endpoint,
+timeouts, 5xx and throttling; 2 (permanent) for rejected credentials, a missing bucket
+or object, a bad URI.
 
 Writes never leave a half-written artifact: local files are written to a temporary name
 and renamed; an S3 object only becomes visible once its (multipart) upload completes.
@@ -34,6 +37,13 @@ DEFAULT_MAX_ATTEMPTS = 5
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
                      "InvalidToken", "TokenRefreshRequired", "InvalidClientTokenId", "403", "401"}
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+# Answers that say "try again later" whatever their HTTP status.
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                   "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "429", "503"}
+
+# Exit code of a task stopped by storage that may come back (endpoint down, timeouts, 5xx,
+# throttling): >= 128, so the operator retries it; permanent storage errors keep exit code 2.
+EXIT_STORAGE_UNAVAILABLE = 201
 
 
 class StorageError(UsageError):
@@ -45,6 +55,7 @@ class StorageError(UsageError):
     def __init__(self, message: str, retryable: bool = False):
         super().__init__(" ".join(message.split()))  # server messages may carry newlines; the CLI shows one line
         self.retryable = retryable
+        self.exit_code = EXIT_STORAGE_UNAVAILABLE if retryable else UsageError.exit_code
 
 
 class ArtifactNotFound(StorageError):
@@ -168,7 +179,8 @@ def _translate(err: BaseException, uri: str, client) -> StorageError:
         if code in _NOT_FOUND_CODES:
             return ArtifactNotFound(f"file not found: {uri}")
         status = int(client_error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        return StorageError(f"{uri}: S3 request failed ({code}: {message})", retryable=status >= 500)
+        return StorageError(f"{uri}: S3 request failed ({code}: {message})",
+                            retryable=status >= 500 or status == 429 or code in _THROTTLE_CODES)
     if isinstance(err, BotoConnectionError):
         return StorageError(f"{uri}: cannot reach the S3 endpoint {_where(client)} after {_max_attempts()} attempts "
                             f"({type(err).__name__}); check S3_ENDPOINT_URL/AWS_ENDPOINT_URL and the network",
@@ -248,7 +260,7 @@ def write_bytes(path: str, data: bytes) -> None:
         bucket, key = split_s3(path)
         _s3_call(path, lambda c: c.upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config()))
         return
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size=len(data)) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
 
@@ -320,7 +332,7 @@ def list_files(prefix: str) -> list[str]:
 def _copy_local(source: str, destination: str) -> None:
     if os.path.abspath(source) == os.path.abspath(destination):
         return
-    with atomic_path(destination) as tmp:
+    with atomic_path(destination, size=os.path.getsize(source)) as tmp:
         shutil.copyfile(source, tmp)
 
 

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any, Optional
 
-from .files import write_text_atomic
+from .files import disk_full_error, is_disk_full, write_text_atomic
 
 LOG_NAME = "train_log.jsonl"
 STATUS_NAME = "status.json"
@@ -18,10 +18,14 @@ STATES = ("running", "completed", "stopped", "failed")
 
 @dataclasses.dataclass
 class TrainStatus:
-    """`epoch` counts finished epochs (progress is epoch / num_epochs); `step` counts optimizer steps."""
+    """`epoch` and `epochs_completed` count finished epochs (progress is epoch / num_epochs: 4 when
+    4 of 4 are done); `epoch_index` is the 0-based epoch in progress or last finished, the number
+    in checkpoint names and train_log.jsonl; `step` counts optimizer steps."""
 
     num_epochs: int
     epoch: int = 0
+    epochs_completed: int = 0
+    epoch_index: int = 0
     step: int = 0
     last_loss: Optional[float] = None
     last_map: Optional[float] = None
@@ -62,7 +66,7 @@ class TrainingLog:
                 previous = json.load(fh)
         except (OSError, ValueError):
             return
-        for name in ("epoch", "step", "last_loss", "last_map", "last_checkpoint"):
+        for name in ("epoch", "epochs_completed", "epoch_index", "step", "last_loss", "last_map", "last_checkpoint"):
             if name in previous:
                 setattr(self.status, name, previous[name])
 
@@ -76,7 +80,13 @@ class TrainingLog:
 
     def append(self, kind: str, **fields: Any) -> None:
         record = {"kind": kind, "time": round(time.time(), 3), **_jsonable(fields)}
-        self._log.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        try:
+            self._log.write(line)
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(self.log_path, len(line)) from None
+            raise
 
     def log_step(self, *, epoch: int, step: int, losses: dict[str, float], lr: float, **extra: Any) -> None:
         loss = float(sum(losses.values()))
@@ -102,10 +112,14 @@ class TrainingLog:
 
     def write_status(self) -> None:
         self._status_written = time.monotonic()
+        self.status.epochs_completed = self.status.epoch  # the same count, under a name that says so
         write_text_atomic(self.status_path, json.dumps(_jsonable(dataclasses.asdict(self.status)), indent=2) + "\n")
 
     def close(self) -> None:
-        self._log.close()
+        try:
+            self._log.close()
+        except OSError:  # a record the full disk refused: already reported when it was written
+            pass
 
 
 def read_status(folder: str) -> dict[str, Any]:

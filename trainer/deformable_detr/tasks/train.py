@@ -7,23 +7,30 @@ inside, every worker joins the process group. Rank 0 writes, into the task's res
   `dd_model_latest.pth` once that file is complete;
 - `train_log.jsonl` (a record per step, per validation, per epoch) and `status.json`.
 A run resumes exactly from `resume_training_checkpoint_path`, else (`auto_resume`) from
-the newest checkpoint in its results folder. SIGTERM stops every rank at the next step;
-rank 0 saves a checkpoint and the run exits 143.
+the newest readable checkpoint in its results folder (an unreadable one is skipped, and
+named). SIGTERM (or a first SIGINT) stops every rank at the next step; rank 0 saves a
+checkpoint and the run exits 143 (130).
 
-Exact resume: checkpoints hold every rank's RNG states, and validation runs with the RNG
-saved and restored around it, so a resumed run draws the same numbers as an uninterrupted
-one. Bit-for-bit equality holds with `dataset.workers: 0`; with workers, augmentation
-draws from the loader workers' own seeds, which restart with the loader.
+Exact resume, mid-epoch too: checkpoints hold every rank's RNG states and the batches
+done in the epoch; a resumed epoch starts at the sampler after those batches (they are
+not read again), each sample is augmented with a seed of its own (seed, epoch, rank,
+place in the epoch) whatever the number of loader workers, and validation runs with the
+RNG saved and restored around it. A resumed run so draws the same numbers as an
+uninterrupted one.
+
+Epochs: `epoch` is 0-based everywhere it names an epoch (checkpoint names, train_log.jsonl,
+log lines); status.json's `epoch` (and `epochs_completed`) counts finished epochs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
 import resource
 import shutil
-import tempfile
 import time
 from typing import Any, Iterable, Iterator, Optional
 
@@ -34,12 +41,13 @@ from ..config.loader import spec_to_dict
 from ..config.schema import ExperimentConfig
 from ..errors import UsageError
 from ..runtime import checkpoint, distributed, storage
-from ..runtime.artifacts import ArtifactSync
+from ..runtime.artifacts import ArtifactSync, recover_staging, staging_dir
+from ..runtime.files import disk_full_error, is_disk_full, remove_partial_writes
 from ..runtime.logging import get_logger
 from ..runtime.optim import build_optimizer, build_scheduler, monitors_a_value
 from ..runtime.paths import task_results_dir
 from ..runtime.progress import progress
-from ..runtime.signals import EXIT_SIGTERM, StopRequest
+from ..runtime.signals import StopRequest
 from .common import check_resume, relaunch_in_workers
 from ..runtime.storage import StorageError
 from ..runtime.training_log import LOG_NAME, STATUS_NAME, TrainingLog
@@ -75,10 +83,12 @@ def run(spec: ExperimentConfig) -> int:
         # collective (rank 0 saving the last checkpoint) can abort at exit.
         distributed.barrier()
     except BaseException as err:
+        if is_disk_full(err):  # a write outside the atomic helpers: still one line, still retryable
+            err = disk_full_error(getattr(err, "filename", None) or task_results_dir(spec, "train"))
         code = distributed.exit_code_for(err)
         distributed.record_exit_code(code)
         if code != distributed.EXIT_PEER_LOST:
-            raise
+            raise err
         # A peer is gone (killed, node lost, timed out): a retryable code, not the traceback of a bug.
         log.error("lost contact with another training process (%s); exiting %d so that the run is retried",
                   _one_line(err), code)
@@ -150,13 +160,17 @@ class Trainer:
         _check_precision(self.train_cfg.precision, info.device)
         self.results_dir = task_results_dir(spec, "train").rstrip("/")
         self.remote = storage.is_remote(self.results_dir)
-        # Remote results: everything is written into a local staging folder, then uploaded.
-        self.local_dir = (tempfile.mkdtemp(prefix="ddetr-train-staging-") if self.remote else self.results_dir)
+        # Remote results: everything is written into a local staging folder, then uploaded. Its path is
+        # stable (artifacts.staging_dir), so what a run could not upload is found by the next one.
+        self.local_dir = staging_dir(self.results_dir) if self.remote else self.results_dir
+        if self.remote:
+            os.makedirs(self.local_dir, exist_ok=True)
         # Checkpoints leave the staging disk once uploaded: a pod's disk holds only those in flight.
         self.sync = ArtifactSync(self.local_dir, self.results_dir if self.remote else None,
                                  remove_uploaded_checkpoints=True)
         self.training_log: Optional[TrainingLog] = None
         self.metrics = None
+        self.resumed_from: Optional[str] = None
 
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
@@ -234,12 +248,27 @@ class Trainer:
             return checkpoint.find_resume_checkpoint(self.results_dir)
         return None
 
+    def _load_resume_state(self) -> tuple[Optional[str], Optional[dict]]:
+        """(path, state) of the checkpoint to resume from; auto_resume skips unreadable ones, saying which."""
+        if self.train_cfg.resume_training_checkpoint_path:
+            path = self.train_cfg.resume_training_checkpoint_path
+            return path, checkpoint.load_checkpoint(path, self.spec.encryption_key)
+        if not self.train_cfg.auto_resume:
+            return None, None
+        found = checkpoint.load_newest_readable(self.results_dir, self.spec.encryption_key)
+        if found is None:
+            return None, None
+        path, state, skipped = found
+        for bad, reason in skipped:
+            log.warning("auto_resume: skipping %s, which cannot be read (%s); resuming from %s", bad, reason, path)
+        return path, state
+
     def _resume(self) -> tuple[Position, Optional[dict]]:
         """Load the resume checkpoint into model, optimizer, schedule and scaler; (position, RNG states)."""
-        path = self._resume_path()
-        if path is None:
+        path, state = self._load_resume_state()
+        if path is None or state is None:
             return Position(), None
-        state = checkpoint.load_checkpoint(path, self.spec.encryption_key)
+        self.resumed_from = path
         check_resume(self.spec, state, path)  # same network, and epochs left to train
         missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch", "step") if k not in state]
         if missing:
@@ -266,7 +295,7 @@ class Trainer:
             position = Position(epoch=int(state["epoch"]), batches_done=int(state.get("batches_done", 0)),
                                 step=int(state["step"]), loss_sum=float(epoch_loss.get("sum", 0.0)),
                                 loss_steps=int(epoch_loss.get("steps", 0)))
-        log.info("resuming from %s: epoch %d, batch %d, step %d", path, position.epoch + 1,
+        log.info("resuming from %s: epoch %d (0-based), batch %d, step %d", path, position.epoch,
                  position.batches_done, position.step)
         return position, state.get("rng")
 
@@ -338,15 +367,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ epoch
     def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any]]:
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        batches: Iterable = enumerate(self.train_loader)
-        for index, batch in progress(batches, total=len(self.train_loader),
-                                     desc=f"epoch {epoch + 1}/{self.train_cfg.num_epochs}",
-                                     enabled=self.info.is_main):
-            if index >= skip:  # batches a stopped run already trained on are read (same order) but not used
-                yield index, batch
+        """This epoch's batches from batch `skip` on, with their index in the epoch."""
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(epoch)
+        total = len(self.train_loader)
+        # Batches a stopped run already trained on are left out at the sampler: never read nor
+        # augmented, so nothing draws from the random streams the checkpoint restored.
+        sampler.skip(skip * self.train_loader.batch_size)
+        batches: Iterable = enumerate(self.train_loader, start=skip)
+        yield from progress(batches, total=total, initial=skip, unit="it",
+                            desc=f"epoch {epoch} of 0..{self.train_cfg.num_epochs - 1}", enabled=self.info.is_main)
 
     def _train_epoch(self, position: Position, stop: StopRequest) -> bool:
         """Train one epoch from `position`; False when a SIGTERM stopped it early."""
@@ -365,7 +395,7 @@ class Trainer:
             position.loss_sum += total
             position.loss_steps += 1
             if not math.isfinite(total):
-                raise FloatingPointError(f"training loss is {total} at epoch {epoch + 1}, step {position.step}; "
+                raise FloatingPointError(f"training loss is {total} at epoch {epoch} (0-based), step {position.step}; "
                                          "lower train.optim.lr or use train.precision fp32")
             step_seconds = time.perf_counter() - waited_since
             self._record_step(position, reduced, len(targets) * self.info.world_size, step_seconds, data_wait)
@@ -423,7 +453,7 @@ class Trainer:
         self.training_log.log_validation(epoch=position.epoch, step=position.step, metrics=metrics)
         if self.metrics is not None:
             self.metrics.observe_validation({k: v for k, v in metrics.items() if k != "per_class_AP"})
-        log.info("epoch %d: validation mAP %.4f (mAP50 %.4f)%s", position.epoch + 1, metrics["mAP"],
+        log.info("epoch %d: validation mAP %.4f (mAP50 %.4f)%s", position.epoch, metrics["mAP"],
                  metrics["mAP50"], "" if val_loss is None else f", loss {val_loss:.4f}")
         return val_loss
 
@@ -464,51 +494,93 @@ class Trainer:
         self.scheduler.step(value)
         after = self.optimizer.param_groups[0]["lr"]
         if after < before and self.info.is_main:
-            log.info("epoch %d: %s %.4f has not improved for %d checks: lr %g -> %g", position.epoch + 1, name,
+            log.info("epoch %d: %s %.4f has not improved for %d checks: lr %g -> %g", position.epoch, name,
                      value, self.train_cfg.optim.patience + 1, before, after)
 
     # -------------------------------------------------------------------- fit
-    def _open_outputs(self) -> None:
+    def _prepare_folder(self) -> None:
+        """Rank 0, first: remove partial writes a killed run left; upload what an earlier run could not."""
         if not self.info.is_main:
             return
-        if self.remote:  # a restarted pod continues the log and status it had uploaded
-            for name in (LOG_NAME, STATUS_NAME):
-                remote = f"{self.results_dir}/{name}"
-                if storage.exists(remote):
-                    with open(os.path.join(self.local_dir, name), "wb") as fh:
-                        fh.write(storage.read_bytes(remote))
+        if self.remote:
+            recover_staging(self.local_dir, self.results_dir)
+            return
+        removed = remove_partial_writes(self.local_dir)
+        if removed:
+            log.warning("removed %d partial file(s) a stopped run left in %s: %s", len(removed), self.local_dir,
+                        ", ".join(sorted(removed)))
+
+    def _open_outputs(self) -> None:
+        """Rank 0, once the model, data and starting point are known: the run now owns status.json and
+        the log. A resumed run continues them (a restarted pod downloads them); a fresh one starts anew."""
+        if not self.info.is_main:
+            return
+        fresh = self.resumed_from is None
+        os.makedirs(self.local_dir, exist_ok=True)
+        for name in (LOG_NAME, STATUS_NAME):
+            local = os.path.join(self.local_dir, name)
+            if fresh:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(local)
+            elif self.remote and storage.exists(f"{self.results_dir}/{name}"):
+                storage.download(f"{self.results_dir}/{name}", local)
         self.training_log = TrainingLog(self.local_dir, self.train_cfg.num_epochs)
         self.metrics = _open_metrics(self.spec, self.info.is_main)
+
+    def _record_failed_attempt(self, err: BaseException) -> None:
+        """A run that failed before it started training leaves status.json (and the cli experiment.yaml)
+        as the last run left them: the attempt is a record at the end of train_log.jsonl instead."""
+        if not self.info.is_main or self.remote:
+            return
+        path = os.path.join(self.local_dir, LOG_NAME)
+        if not os.path.isfile(path):
+            return
+        record = {"kind": "failed_attempt", "time": round(time.time(), 3), "error": _one_line(err),
+                  "exit_code": distributed.exit_code_for(err)}
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as write_error:
+            log.error("could not record the failed attempt in %s: %s", path, write_error)
 
     def _upload_logs(self) -> None:
         if self.info.is_main:
             self.sync.upload(LOG_NAME)
             self.sync.upload(STATUS_NAME)
 
-    def _finish(self, state: str) -> None:
+    def _finish(self, state: str, error: Optional[BaseException] = None) -> None:
         if self.training_log is not None:
-            self.training_log.update_status(state=state)
+            try:
+                self.training_log.update_status(state=state)
+            except (UsageError, OSError) as err:  # a full disk: the training error is the one to surface
+                if state != "failed":
+                    raise
+                log.error("also, status.json could not be updated: %s", _one_line(err))
             self.training_log.close()
             self._upload_logs()
+        elif error is not None:
+            self._record_failed_attempt(error)
         if self.metrics is not None:
             self.metrics.close()
         try:
             self.sync.close()  # raises when an upload failed for good: the staging copy is then kept
         except StorageError as err:
+            kept = StorageError(f"{err}; kept in {self.local_dir}, which the next run with this results folder "
+                                "uploads first", retryable=err.retryable)
             if state != "failed":
-                raise
+                raise kept from None
             # Training already failed: its error is the one to surface; the upload failure is logged.
-            log.error("also, uploading the results failed: %s", err)
+            log.error("also, uploading the results failed: %s", kept)
             return
-        if self.remote:
+        if self.remote and state != "failed":  # everything is uploaded: the staging copy can go
             shutil.rmtree(self.local_dir, ignore_errors=True)
 
     def fit(self) -> int:
         try:
-            self._open_outputs()
+            self._prepare_folder()
             code, state = self._fit()
-        except BaseException:
-            self._finish("failed")
+        except BaseException as err:
+            self._finish("failed", err)
             raise
         self._finish(state)
         return code
@@ -517,9 +589,13 @@ class Trainer:
         self._build()
         position, rng = self._resume()
         num_epochs = self.train_cfg.num_epochs
+        self._open_outputs()
         if self.training_log is not None:
-            self.training_log.update_status(epoch=position.epoch, step=position.step, state="running")
+            self.training_log.update_status(epoch=position.epoch, epoch_index=position.epoch, step=position.step,
+                                            state="running")
+            # One per launch: a fresh run (resumed_from null) starts a fresh log.
             self.training_log.append("start", epoch=position.epoch, step=position.step,
+                                     batches_done=position.batches_done, resumed_from=self.resumed_from,
                                      world_size=self.info.world_size, precision=self.train_cfg.precision,
                                      strategy=self.train_cfg.distributed_strategy)
         if self.train_cfg.is_dry_run:
@@ -530,11 +606,14 @@ class Trainer:
             while position.epoch < num_epochs:
                 if self.metrics is not None:
                     self.metrics.set_epoch(position.epoch, num_epochs)
+                if self.training_log is not None:
+                    self.training_log.status.epoch_index = position.epoch
                 finished = self._train_epoch(position, stop)
                 if not finished:
                     self._save(position, epoch_finished=False)
-                    log.warning("stopped by SIGTERM at epoch %d, step %d", position.epoch + 1, position.step)
-                    return EXIT_SIGTERM, "stopped"
+                    log.warning("stopped by %s at epoch %d (0-based), batch %d, step %d", stop.signal_name,
+                                position.epoch, position.batches_done, position.step)
+                    return stop.exit_code, "stopped"
                 on_plateau = monitors_a_value(self.scheduler)
                 if not on_plateau:
                     self.scheduler.step()
@@ -563,11 +642,11 @@ class Trainer:
         if not self.info.is_main:
             return
         if not self.sharded and len(set(checksums)) > 1:
-            log.warning("weights differ between ranks after epoch %d: %s", position.epoch + 1, checksums)
+            log.warning("weights differ between ranks after epoch %d: %s", position.epoch, checksums)
         self.training_log.append("epoch", epoch=position.epoch, step=position.step,
                                  lr=self.optimizer.param_groups[0]["lr"], train_loss=position.train_loss,
                                  weight_checksums=checksums)
-        self.training_log.update_status(epoch=position.epoch + 1, step=position.step)
+        self.training_log.update_status(epoch=position.epoch + 1, epoch_index=position.epoch, step=position.step)
         self._upload_logs()
 
 
