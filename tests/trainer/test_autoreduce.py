@@ -70,6 +70,9 @@ def test_train_loss_schedule_resumes_exactly(tiny_coco, tmp_path, write_spec):
     _assert_same_training_state(full, resumed)
     epochs = [r for r in read_log(str(tmp_path / "full" / "train")) if r["kind"] == "epoch"]
     assert full["lr_scheduler"]["best"] == pytest.approx(min(r["train_loss"] for r in epochs))
+    # A run stopped inside an epoch resumes that epoch's loss sum too: checkpoints carry it.
+    assert full["epoch_loss"]["steps"] == 2
+    assert full["epoch_loss"]["sum"] / 2 == pytest.approx(epochs[-1]["train_loss"])
 
 
 def test_val_loss_without_validation_data_is_refused(tiny_coco, tmp_path, write_spec, capsys):
