@@ -268,3 +268,27 @@ def test_atomic_path_removes_its_temporary_file_on_error(tmp_path):
             open(tmp, "wb").write(b"half")
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_during_evaluate_exits_202_in_one_line(tiny_coco, tmp_path, write_spec, monkeypatch, capsys):
+    from deformable_detr.config.loader import spec_from_dict
+    from deformable_detr.model import build_model
+    from deformable_detr.runtime.checkpoint_io import save_object
+    from test_evaluate import TINY_MODEL, tiny_spec
+
+    model, _, _ = build_model(spec_from_dict({"model": TINY_MODEL, "dataset": {"num_classes": 4}}))
+    weights = str(tmp_path / "model.pth")
+    save_object({"model": model.state_dict(), "epoch": 0, "step": 1}, weights)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    assert main(["evaluate", "-e", write_spec(tiny_spec(tiny_coco, tmp_path / "r", weights))]) == 202
+    line = _last_error_line(capsys)
+    assert line.startswith("deformable-detr evaluate: error: no space left on device writing ")
+    assert "results.json" in line
+    assert not [n for n in os.listdir(tmp_path / "r" / "evaluate") if n.endswith(".tmp")]

@@ -107,7 +107,9 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(uninterrupt
 
 def _launch(spec: dict, path, workers_env: dict | None = None) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(spec))
-    env = dict(os.environ, OMP_NUM_THREADS="1", DDETR_MSDA_IMPL="reference", **(workers_env or {}))
+    # As many threads as the in-process reference run: a float sum's order depends on it.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), DDETR_MSDA_IMPL="reference",
+               **(workers_env or {}))
     # A session of its own: signals go to the whole process group, as timeout, Slurm and Ctrl-C send them.
     return subprocess.Popen([sys.executable, "-m", "deformable_detr", "train", "-e", str(path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
