@@ -193,9 +193,13 @@ class Cluster:
 
     def patch_status(self, job: Mapping[str, Any], status: dict) -> None:
         meta = job["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status},
-            _content_type=MERGE_PATCH, **RAW)
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status},
+                _content_type=MERGE_PATCH, **RAW)
+        except ApiException as err:
+            if err.status != 404:
+                raise  # 404: the job was deleted during the pass; there is no status to keep
 
     def post_event(self, job: Mapping[str, Any], event: Event, now: dt.datetime) -> None:
         """A core/v1 Event on the job (what `kubectl describe ddj` shows)."""

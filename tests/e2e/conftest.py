@@ -119,6 +119,7 @@ def install_chart(cluster: Cluster, release: str, namespace: str, watch: list[st
     if not cluster.local:
         repository, _, tag = m.OPERATOR_IMAGE.rpartition(":")
         args += ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+                 "--set", "trainer.allowedHostPaths={" + m.DATA_HOST_PATH + "}",
                  "--set", f"image.pullPolicy={m.PULL_POLICY}", "--wait", "--timeout", "5m"]
     cluster.helm(*args, *extra)
 

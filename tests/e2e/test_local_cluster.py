@@ -204,6 +204,10 @@ def test_cluster_wide_install_runs_jobs_in_any_namespace(local):
     home = _new_namespace(cluster, "operator-cw")
     elsewhere = _new_namespace(cluster, "team-a")
     install_chart(cluster, "ddetr-cw", home, [])
+    # A cluster-wide install cannot know the teams' namespaces: their admin creates the
+    # trainer ServiceAccount there (docs/kubernetes.md), as here.
+    cluster.apply([{"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+                    "metadata": {"name": m.TRAINER_SERVICE_ACCOUNT, "namespace": elsewhere}}], namespace=elsewhere)
     operator = cluster.start_operator("ddetr-cw-operator", home, [])
     try:
         name = "kwok-anywhere"
