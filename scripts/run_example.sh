@@ -1,35 +1,39 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run the whole path on the embedded example:
-# make data -> convert (KITTI copy) -> train -> evaluate -> inference -> export (ONNX, checked with onnxruntime).
-#   EPOCHS=30 bash scripts/run_example.sh     # longer training (default 4 epochs: a few minutes on 2 cores)
+# make data -> convert (KITTI copy) -> train (on the converted shards) -> evaluate -> inference
+# -> export (ONNX, checked with onnxruntime).
+#   EPOCHS=30 bash scripts/run_example.sh     # longer training (default 6 epochs: about 5 minutes on 2 cores)
+#   PYTHON=.venv/bin/python bash scripts/run_example.sh    # in a virtual environment (no need to activate it)
+#   SKIP_INSTALL=1 bash scripts/run_example.sh             # run again without reinstalling
 set -euo pipefail
+source "$(dirname "$0")/python-env.sh"   # $PY and ddetr (= "$PY" -m deformable_detr)
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
-EPOCHS=${EPOCHS:-4}
+[ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
+EPOCHS=${EPOCHS:-6}
 RUN=example_run
 SPEC=examples/tiny/spec.yaml
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1/6 example data (seeded, deterministic)"
-deformable-detr make-example-data --out example_data
+ddetr make-example-data --out example_data
 
-step "2/6 convert: the KITTI copy to sharded COCO JSON"
-deformable-detr convert -e "$SPEC" -r "$RUN/results"
+step "2/6 convert: the KITTI copy of the training images to sharded COCO JSON"
+ddetr convert -e "$SPEC" -r "$RUN/results"
 
-step "3/6 train: tiny config, $EPOCHS epochs on the CPU"
-deformable-detr train -e "$SPEC" -r "$RUN/results" train.num_epochs="$EPOCHS" \
+step "3/6 train: tiny config, $EPOCHS epochs on the CPU, on the shards convert just wrote"
+ddetr train -e "$SPEC" -r "$RUN/results" train.num_epochs="$EPOCHS" \
     train.validation_interval="$EPOCHS" train.checkpoint_interval="$EPOCHS" train.optim.lr_steps="[$EPOCHS]" \
     train.auto_resume=false
 
 step "4/6 evaluate: COCO mAP on the held-out images"
-deformable-detr evaluate -e "$SPEC" -r "$RUN/results"
+ddetr evaluate -e "$SPEC" -r "$RUN/results"
 
 step "5/6 inference: KITTI labels and annotated images"
-deformable-detr inference -e "$SPEC" -r "$RUN/results"
+ddetr inference -e "$SPEC" -r "$RUN/results"
 
 step "6/6 export: ONNX with plain ops, checked against PyTorch with onnxruntime"
-deformable-detr export -e "$SPEC" -r "$RUN/results"
-python3 - "$SPEC" "$RUN/results" <<'PY'
+ddetr export -e "$SPEC" -r "$RUN/results"
+"$PY" - "$SPEC" "$RUN/results" <<'PY'
 import sys
 import numpy as np
 import onnxruntime as ort

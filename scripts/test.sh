@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run the whole test suite (what CI runs).
+#   PYTHON=.venv/bin/python bash scripts/test.sh    # in a virtual environment (no need to activate it)
 set -euo pipefail
+source "$(dirname "$0")/python-env.sh"
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-"${PYTHON:-python3}" -m pytest -q "$@"
+"$PY" -m pytest -q "$@"

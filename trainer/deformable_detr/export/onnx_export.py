@@ -106,7 +106,8 @@ def export_onnx(model: nn.Module, path: str, *, batch_size: int, channels: int, 
                 opset: int, plugin: bool, verbose: bool = False) -> onnx.ModelProto:
     """Trace `model` (eval mode) into an ONNX file at local `path`; returns the checked model.
 
-    batch_size -1 makes the batch axis dynamic (named `batch`); a positive value fixes it.
+    batch_size -1 makes the batch axis dynamic (named `batch`); a positive value fixes it. The
+    query axis of the outputs is always static (model.num_queries).
     """
     check_opset(opset)
     wrapper = ExportedDetector(model).eval()
@@ -123,8 +124,24 @@ def export_onnx(model: nn.Module, path: str, *, batch_size: int, channels: int, 
                           do_constant_folding=True, verbose=verbose,
                           custom_opsets={PLUGIN_DOMAIN: PLUGIN_DOMAIN_VERSION} if plugin else None)
     exported = onnx.load(path)
+    _fix_output_shapes(exported, int(model.num_queries))
+    onnx.save(exported, path)
     onnx.checker.check_model(exported, full_check=True)
     return exported
+
+
+def _fix_output_shapes(exported: onnx.ModelProto, num_queries: int) -> None:
+    """The query axis of both outputs is fixed by the model: write it as a number.
+
+    The tracer leaves it symbolic under generated names (`Addpred_logits_dim_1`), which makes
+    consumers (TensorRT profiles, onnxruntime bindings) treat it as dynamic. Only the batch
+    axis stays dynamic, under the name `batch`.
+    """
+    for output in exported.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) == 3:
+            dims[1].Clear()
+            dims[1].dim_value = num_queries
 
 
 def export_to_bytes(model: nn.Module, **kwargs) -> bytes:

@@ -88,10 +88,27 @@ def find_cuda_home() -> Optional[Path]:
     return None
 
 
+def quiet_cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found, using CUDA_HOME=..."
+    warning: the CPU kernel needs no CUDA, and a CPU-only first run should not print about it."""
+    import logging
+
+    name = "torch.utils.cpp_extension"
+    if name not in sys.modules:
+        logger = logging.getLogger(name)
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            importlib.import_module(name)
+        finally:
+            logger.setLevel(level)
+    return sys.modules[name]
+
+
 def nvcc_command(source: Path, output: Path, archs: list[str]) -> list[str]:
     """nvcc invocation compiling one CUDA source to an object with the flags of the extension
     build, for the given compute capabilities (e.g. ["8.0", "9.0"])."""
-    from torch.utils import cpp_extension
+    cpp_extension = quiet_cpp_extension()
 
     cuda_home = find_cuda_home()
     if cuda_home is None:
@@ -149,7 +166,7 @@ def _import_library(name: str, directory: Path) -> ModuleType:
 
 
 def _check_toolchain(kind: str) -> None:
-    from torch.utils import cpp_extension
+    cpp_extension = quiet_cpp_extension()
 
     if kind == "cuda":
         if not _is_cuda_toolkit(cpp_extension.CUDA_HOME):
@@ -250,7 +267,7 @@ def build(kind: str, verbose: bool = False) -> ModuleType:
 
 def _compile(kind: str, name: str, directory: Path, verbose: bool) -> ModuleType:
     """Run the compiler (the caller holds the build lock) and record the outcome as BUILT or FAILED."""
-    from torch.utils import cpp_extension  # imported late: it probes for CUDA and warns
+    cpp_extension = quiet_cpp_extension()  # imported late: it probes for CUDA
 
     log.info("building the %s kernel of multi-scale deformable attention in %s (first use; about %s)",
              kind.upper(), directory, "1-2 min per GPU arch" if kind == "cuda" else "30 s")
