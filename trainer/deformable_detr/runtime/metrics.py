@@ -55,7 +55,7 @@ class TrainMetrics:
         # An own registry: several runs (or tests) in one process never collide.
         self.registry = registry = CollectorRegistry()
         job_label = ["job"]
-        self._epoch = Gauge("ddetr_train_epoch", "Current training epoch", job_label, registry=registry)
+        self._epoch = Gauge("ddetr_train_epoch", "Current training epoch, 0-based as in checkpoint names", job_label, registry=registry)
         self._num_epochs = Gauge("ddetr_train_num_epochs", "Epochs this run trains for", job_label,
                                  registry=registry)
         self._step = Gauge("ddetr_train_step", "Optimizer steps done (global step)", job_label, registry=registry)

@@ -578,6 +578,8 @@ class Trainer:
     def fit(self) -> int:
         try:
             self._prepare_folder()
+            # Every rank looks for its resume checkpoint only once rank 0 has uploaded what was staged.
+            distributed.barrier()
             code, state = self._fit()
         except BaseException as err:
             self._finish("failed", err)
