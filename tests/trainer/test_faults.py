@@ -292,3 +292,32 @@ def test_a_full_disk_during_evaluate_exits_202_in_one_line(tiny_coco, tmp_path, 
     assert line.startswith("deformable-detr evaluate: error: no space left on device writing ")
     assert "results.json" in line
     assert not [n for n in os.listdir(tmp_path / "r" / "evaluate") if n.endswith(".tmp")]
+
+
+def test_loader_workers_leave_sigterm_and_sigint_to_the_main_process(tiny_coco):
+    import multiprocessing
+    import signal
+    import time
+
+    from deformable_detr.config.loader import spec_from_dict
+    from deformable_detr.data.loader import build_dataloader, ignore_stop_signals
+
+    spec = spec_from_dict(tiny_train_spec(tiny_coco, "/unused"))
+    spec.dataset.workers = 1
+    assert build_dataloader(spec, "train").worker_init_fn is ignore_stop_signals
+
+    def worker() -> None:
+        ignore_stop_signals(0)
+        time.sleep(30)
+
+    child = multiprocessing.get_context("fork").Process(target=worker)
+    child.start()
+    try:
+        time.sleep(0.5)
+        os.kill(child.pid, signal.SIGTERM)
+        os.kill(child.pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert child.is_alive()  # what a process-group signal does to a loader worker: nothing
+    finally:
+        child.kill()
+        child.join()
