@@ -159,7 +159,18 @@ class OperatorProcess:
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True)
         handle.close()
-        return self
+        # Fail here, with its words, rather than later as a job that never moves.
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                _get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the operator's /metrics did not answer in 60 s:\n{self.tail()}") from None
+                time.sleep(0.5)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -1,8 +1,9 @@
-"""End to end on a real cluster (KUBECONFIG): the chart installs the operator; a tiny CPU
-DeformableDetrJob on 2 nodes trains to Succeeded with progress in its status, checkpoints
-in the in-cluster S3 store and live metrics; a second job survives the loss of a worker
-pod by restarting its gang from the newest checkpoint. Skipped, with the reason, without
-a reachable cluster."""
+"""End to end, on the local control plane (its pod runner runs the pods as real processes)
+or on the cluster KUBECONFIG names: the chart installs the operator; a tiny CPU
+DeformableDetrJob on 2 nodes trains to Succeeded with progress in its status and columns,
+checkpoints in S3 and live metrics; a second job survives the loss of a worker (its rank's
+process SIGKILLed, or its pod force-deleted) by restarting its gang from the newest
+checkpoint."""
 from __future__ import annotations
 
 import json
@@ -81,6 +82,13 @@ def test_two_node_job_trains_to_succeeded(ready):
     assert progress["lastCheckpoint"].startswith(f"s3://{m.BUCKET}/{name}/train/")
     assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in status["conditions"])
     assert len(_worker_pods(cluster, name)) == 2
+    # Epoch, loss and mAP in status, and the same figures in `kubectl get ddj`'s columns.
+    assert isinstance(progress["lastLoss"], float) and isinstance(progress["lastMap"], float)
+    header, row = cluster.kubectl("get", "ddj", name).splitlines()[:2]
+    columns = dict(zip(header.split(), row.split()))
+    assert columns["PHASE"] == "Succeeded" and columns["EPOCH"] == status["epochs"]
+    assert float(columns["LOSS"]) == pytest.approx(progress["lastLoss"], rel=1e-3)
+    assert float(columns["MAP"]) == pytest.approx(progress["lastMap"], rel=1e-3, abs=1e-6)
 
     keys = _s3_keys(cluster, f"{name}/train/", "list-e2e-train")
     assert any(k.endswith(".pth") for k in keys) and f"{name}/train/status.json" in keys
@@ -108,7 +116,8 @@ def test_killed_worker_restarts_the_gang_from_its_checkpoint(ready):
     cluster.wait_until("a gang restart", lambda: (_job(cluster, name).get("status") or {}).get("restarts", 0) >= 1,
                        600)
     job = _wait_for_phase(cluster, name, "Succeeded")
-    assert job["status"]["restarts"] >= 1
+    # Exactly one restart where the test breaks a worker itself; elsewhere a preemption may add more.
+    assert job["status"]["restarts"] == 1 if cluster.local else job["status"]["restarts"] >= 1
     progress = job["status"]["progress"]
     assert progress["numEpochs"] == 8 and progress["epoch"] >= progress["numEpochs"] - 1
 

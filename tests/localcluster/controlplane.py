@@ -104,7 +104,7 @@ class LocalCluster:
         log = self.log_dir / f"{name}.log"
         handle = open(log, "ab")
         process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env=env)
+                                   start_new_session=True, env=env, preexec_fn=_die_with_parent)
         handle.close()
         component = Component(name, argv, log, process)
         self.components.append(component)
@@ -265,6 +265,14 @@ def clear_not_ready_taint(kubectl, node: str) -> None:
     """The API server taints every new node not-ready; the node-lifecycle controller (not run
     here: nothing renews node leases) would lift it once the node reports Ready."""
     kubectl("patch", "node", node, "--type=merge", "-p", '{"spec": {"taints": null}}')
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (a killed
+    pytest or `local-cluster.sh` never leaves a control plane behind)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

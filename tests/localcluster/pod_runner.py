@@ -354,6 +354,8 @@ class PodRunner:
         env = {"PATH": f"{self.python_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": "/root",
                "LANG": os.environ.get("LANG", "C.UTF-8"), "KUBERNETES_SERVICE_HOST": "",
                "PYTHONUNBUFFERED": "1"}
+        if os.environ.get("PYTHONPATH"):  # the project's environment, as the runner itself has it
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         namespace = pod["metadata"]["namespace"]
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
