@@ -151,6 +151,38 @@ def test_kernel_rejects_mismatched_shapes(cpu_kernel):
         kernel_output(cpu_kernel, value, spatial_shapes[:1], level_start_index, locations, weights)
 
 
+@needs_toolchain
+@pytest.mark.parametrize("fault,message", [
+    ("short_value", "spatial_shapes add up to 47 positions .* but value has S = 10"),
+    ("long_value", "spatial_shapes add up to 47 positions .* but value has S = 60"),
+    ("bad_start", r"level_start_index\[1\] = 5 but the levels before it hold 30"),
+    ("nonzero_first_start", r"level_start_index\[0\] = 1 but the levels before it hold 0"),
+    ("zero_width", r"spatial_shapes\[1\] = \(3, 0\) must be positive"),
+])
+def test_kernel_rejects_levels_that_do_not_fit_value(cpu_kernel, fault, message):
+    """Shapes that do not add up to S would read (and the backward write) outside `value`: both
+    passes refuse them with a message naming the numbers, before touching memory."""
+    shapes = [(6, 5), (3, 3), (2, 4)]  # 30 + 9 + 8 = 47 positions
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        shapes, 1, 2, 4, 3, 2, torch.float32, seed=9)
+    if fault == "short_value":
+        value = value[:, :10].contiguous()
+    elif fault == "long_value":
+        value = torch.cat([value, value[:, :13]], 1)
+    elif fault == "bad_start":
+        level_start_index = torch.tensor([0, 5, 39])
+    elif fault == "nonzero_first_start":
+        level_start_index = level_start_index + 1
+    elif fault == "zero_width":
+        spatial_shapes = torch.tensor([[6, 5], [3, 0], [2, 4]])
+    with pytest.raises(RuntimeError, match=message):
+        kernel_output(cpu_kernel, value, spatial_shapes, level_start_index, locations, weights)
+    # The backward checks too (it is the pass that would write out of bounds).
+    grad = torch.zeros(1, 3, 8)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernel.backward(value, spatial_shapes, level_start_index, locations, weights, grad)
+
+
 class RecordingHandler(logging.Handler):
     def __init__(self):
         super().__init__(logging.INFO)

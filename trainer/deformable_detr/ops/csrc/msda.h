@@ -37,3 +37,7 @@ std::vector<at::Tensor> msda_cuda_backward(const at::Tensor& value, const at::Te
 void msda_check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                        const at::Tensor& attention_weights);
+
+// spatial_shapes positive, level_start_index their running sum and S their total; read on the host.
+void msda_check_levels(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                       const at::Tensor& level_start_index);

@@ -29,6 +29,32 @@ void msda_check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes
     TORCH_CHECK(t->is_contiguous(), "multi-scale deformable attention inputs must be contiguous");
     TORCH_CHECK(t->device() == value.device(), "all inputs must be on the device of value (", value.device(), ")");
   }
+  msda_check_levels(value, spatial_shapes, level_start_index);
+}
+
+// The kernels index `value` through spatial_shapes and level_start_index without bounds checks,
+// so these are checked on the host: shapes that do not add up to S would read (and, in the
+// backward, write) outside the tensors. For CUDA inputs this copies 2 x L int64 to the host.
+void msda_check_levels(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                       const at::Tensor& level_start_index) {
+  const at::Tensor shapes = spatial_shapes.to(at::kCPU);
+  const at::Tensor starts = level_start_index.to(at::kCPU);
+  const int64_t* shape = shapes.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  const int64_t levels = shapes.size(0);
+  int64_t total = 0;
+  for (int64_t l = 0; l < levels; ++l) {
+    const int64_t height = shape[2 * l], width = shape[2 * l + 1];
+    TORCH_CHECK(height > 0 && width > 0, "spatial_shapes[", l, "] = (", height, ", ", width,
+                ") must be positive (H, W)");
+    TORCH_CHECK(start[l] == total, "level_start_index[", l, "] = ", start[l], " but the levels before it hold ",
+                total, " positions (level_start_index must be 0 followed by the running sum of H * W ",
+                "of spatial_shapes)");
+    total += height * width;
+  }
+  TORCH_CHECK(total == value.size(1), "spatial_shapes add up to ", total,
+              " positions (sum of H * W over levels) but value has S = ", value.size(1),
+              " (value is [N, S, M, D] = ", value.sizes(), ")");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
