@@ -3,7 +3,9 @@
 Every option has an environment variable, so a Helm chart can set them either way:
 DDETR_WATCH_NAMESPACES (comma-separated; empty = all namespaces), DDETR_LIVENESS_ENDPOINT,
 DDETR_OPERATOR_METRICS_PORT, DDETR_RECONCILE_INTERVAL, DDETR_ALLOWED_HOST_PATHS
-(comma-separated prefixes; empty = no hostPath volumes), DDETR_READ_SECRETS (true/false).
+(comma-separated prefixes; empty = no hostPath volumes), DDETR_READ_SECRETS (true/false),
+DDETR_LEADER_ELECTION_NAMESPACE (where the leader Lease lives; empty = no leader election: run
+one replica), DDETR_LEADER_ELECTION_ID (this replica's identity; default hostname-pid).
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=_flag(os.environ.get("DDETR_READ_SECRETS", "true")),
                         help="read the credentials Secret a job names, to fetch its progress from S3 "
                              "(needs `get` on Secrets); off: the operator's own S3 credentials, if any")
+    parser.add_argument("--leader-election-namespace",
+                        default=os.environ.get("DDETR_LEADER_ELECTION_NAMESPACE", ""),
+                        help="hold a coordination.k8s.io Lease in this namespace and act only while holding it "
+                             "(several replicas); empty: no leader election")
+    parser.add_argument("--leader-election-id", default=os.environ.get("DDETR_LEADER_ELECTION_ID", ""),
+                        help="this replica's identity in the Lease (default: hostname-pid)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     args.namespaces = [n.strip() for n in (args.namespaces or env_namespaces)]
@@ -59,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = handlers.Options(interval=args.reconcile_interval, read_secrets=args.read_secrets,
-                               policy=Policy(allowed_host_paths=tuple(args.allowed_host_paths)))
+                               policy=Policy(allowed_host_paths=tuple(args.allowed_host_paths)),
+                               leader_namespace=args.leader_election_namespace or None,
+                               leader_identity=args.leader_election_id)
     registry = handlers.register(kopf.OperatorRegistry(), options=options)
-    # One replica (Deployment strategy Recreate); standalone: no KopfPeering CRD needed.
+    # standalone: no kopf peering (no KopfPeering CRD); several replicas coordinate through our own
+    # Lease instead (leader.py), which keeps every replica watching, ready to take over.
     kopf.run(registry=registry, standalone=True, clusterwide=not args.namespaces, namespaces=args.namespaces,
              liveness_endpoint=args.liveness or None, memo=kopf.Memo(metrics_port=args.metrics_port))
     return 0

@@ -246,7 +246,19 @@ def job_spec_schema() -> dict:
                                    enum=CLEAN_POD_POLICIES, default="Running"),
             "suspend": {"type": "boolean", "default": False,
                         "description": "stop the gang but keep the job; unsuspending resumes from the checkpoint"},
+            "startupDeadlineSeconds": _int("fail the job when an attempt's gang is not all running this long after "
+                                           "its Job started (image pulls, scheduling, missing Secrets)", minimum=1),
         }),
+        "networkPolicy": _bool("create a NetworkPolicy: the gang's pods accept connections only from each other "
+                               "on masterPort, and on metricsPort"),
+        "podTemplate": _obj({
+            "metadata": _obj({"labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                              "annotations": {"type": "object", "additionalProperties": {"type": "string"}}},
+                             description="added to the trainer pods (e.g. Multus network annotations)"),
+            "spec": {**_ANY_OBJECT, "description": "core/v1 PodSpec fields set on the trainer pods (hostNetwork, "
+                     "initContainers, dnsConfig, ...); containers, restartPolicy, subdomain and volumes are the "
+                     "operator's"},
+        }, description="what the curated fields miss, merged over the rendered pod template"),
         "schedulerName": _str("scheduler of the trainer pods"),
         "priorityClassName": _str("priority class of the trainer pods"),
         "gangScheduling": _obj({
@@ -276,7 +288,21 @@ def job_status_schema() -> dict:
         "conditions": {"type": "array", "items": condition},
         "startTime": _str("when the first gang was created", format="date-time"),
         "completionTime": _str("when the job reached Succeeded or Failed", format="date-time"),
-        "restarts": _int("gang restarts so far"),
+        "attempt": _int("the current attempt (worker Job <name>-a<attempt>)"),
+        "restarts": _int("gang restarts after failures so far (counted against backoffLimit)"),
+        "disruptions": _int("gang restarts after preemptions, evictions and node drains (not counted)"),
+        "lastFailure": _obj({
+            "attempt": _int("attempt that failed"), "rank": _int("node rank (completion index) of the pod"),
+            "pod": _str("the pod that failed first"), "exitCode": _int("the trainer container's exit code"),
+            "reason": _str("CamelCase reason"), "message": _str("what the pod said (last log lines)"),
+            "time": _str("when the operator saw it", format="date-time"),
+        }, description="the failure that ended the last failed attempt"),
+        "attempts": {"type": "array", "maxItems": 10, "description": "the last attempts, oldest first",
+                     "items": _obj({
+                         "attempt": _int("attempt number"), "startTime": _str("created", format="date-time"),
+                         "finishTime": _str("ended", format="date-time"),
+                         "outcome": _str("Succeeded, Failed or Disrupted"), "reason": _str("why it ended"),
+                         "rank": _int("rank that failed"), "exitCode": _int("its exit code")})},
         "restartTime": _str("when the last restart began", format="date-time"),
         "workersReady": _int("worker pods running"),
         "workerJob": _str("the current worker Job (one per attempt)"),
@@ -293,8 +319,10 @@ def job_status_schema() -> dict:
 def build_crd() -> dict:
     columns = [
         ("Phase", "string", ".status.phase"), ("Nodes", "integer", ".spec.nodes"),
-        ("Epoch", "string", ".status.epochs"), ("mAP", "number", ".status.progress.lastMap"),
-        ("Restarts", "integer", ".status.restarts"), ("Age", "date", ".metadata.creationTimestamp"),
+        ("Epoch", "string", ".status.epochs"), ("Loss", "number", ".status.progress.lastLoss"),
+        ("mAP", "number", ".status.progress.lastMap"),
+        ("Restarts", "integer", ".status.restarts"), ("Disruptions", "integer", ".status.disruptions"),
+        ("Age", "date", ".metadata.creationTimestamp"),
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -9,9 +9,12 @@ namespace hang whenever the operator is down. So the operator uses only `kopf.on
   operator serves) and run a pass; forget it on DELETED.
 - `on.event` on the children it owns (batch/v1 Jobs and Pods labelled `ddetr.dev/job-name`):
   run a pass of the owner, so a pod failure is acted on at once, not at the next resync.
+- leader election (optional, `Options.leader_namespace`): replicas race for a
+  coordination.k8s.io Lease (leader.py); all of them watch and remember jobs, only the
+  holder runs passes, and a new holder runs one for every job at once.
 - a periodic resync, a background task started on startup and stopped on cleanup: every
-  `interval` seconds a pass for each job not finished (progress, deadlines, the 300 s
-  grace for stale pods), and for finished jobs only when their TTL has run out.
+  `interval` seconds a pass for each job not finished (progress, deadlines, a restart
+  waiting for the old gang to be gone), and for finished jobs only when their TTL has run out.
 
 A pass (`reconcile_once`: read the job fresh, observe its children, `reconcile.reconcile`,
 apply the actions, `reconcile.settle`, patch the status, post events) is blocking client
@@ -32,6 +35,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -39,6 +43,7 @@ import kopf
 
 from . import GROUP, LABEL_JOB, PLURAL, VERSION, metrics
 from .kube import Cluster, load_api_client
+from .leader import DEFAULT_LEASE_NAME, LeaseElector, Timing
 from .progress import read_status_json, status_json_uri
 from .reconcile import TERMINAL, DeleteSelf, Observed, reconcile, settle, wants_pass
 from .validate import JobSpecError, Policy, effective_experiment
@@ -57,6 +62,12 @@ class Options:
     interval: float = DEFAULT_RECONCILE_INTERVAL
     policy: Policy = Policy()
     read_secrets: bool = True  # read a job's credentials Secret to fetch its progress from S3
+    # Leader election: the namespace of the coordination.k8s.io Lease (None: off, this replica acts
+    # alone), and this replica's identity in it.
+    leader_namespace: str | None = None
+    leader_identity: str = ""
+    lease_name: str = DEFAULT_LEASE_NAME
+    lease_timing: Timing = Timing()
 
 
 def _now() -> dt.datetime:
@@ -102,7 +113,7 @@ def reconcile_once(cluster: Cluster, namespace: str, name: str, options: Options
     changed = any(old_status.get(key) != value for key, value in decision.status.items())
     if changed and not deleted:
         cluster.patch_status(job, decision.status)
-    if decision.status.get("restarts", 0) > old_status.get("restarts", 0):
+    if decision.status.get("attempt", 0) > old_status.get("attempt", old_status.get("restarts", 0)):
         metrics.RESTARTS.labels(namespace=namespace).inc()
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
     for event in decision.events:
@@ -119,6 +130,8 @@ class Controller:
         self.jobs: dict[tuple[str, str], dict] = {}  # (namespace, name) -> the job as last seen on the watch
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
+        # Without leader election this replica always acts; with it, only while it holds the Lease.
+        self.leading = options.leader_namespace is None
 
     def remember(self, body: dict) -> tuple[str, str]:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -132,8 +145,8 @@ class Controller:
     def trigger(self, key: tuple[str, str], resync: bool = False) -> None:
         """Run a pass for the job soon, unless it has nothing to do (a finished job)."""
         job = self.jobs.get(key)
-        if job is None or not wants_pass(job, _now(), resync):
-            return
+        if not self.leading or job is None or not wants_pass(job, _now(), resync):
+            return  # (a replica that is not the leader only remembers jobs, to act at once if it becomes one)
         if key in self._running:
             self._again.add(key)  # one more pass after the running one, however many triggers came
             return
@@ -165,6 +178,19 @@ class Controller:
             for key in list(self.jobs):
                 self.trigger(key, resync=True)
 
+    async def elect_forever(self, elector: LeaseElector) -> None:
+        """Hold (or wait for) the Lease; on becoming the leader, a pass for every job at once."""
+        while True:
+            leading = await asyncio.to_thread(elector.try_once, time.monotonic())
+            if leading != self.leading:
+                logger.info("leader election: %s the Lease %s/%s as %s", "acquired" if leading else "lost",
+                            elector.namespace, elector.name, elector.identity)
+                self.leading = leading
+                if leading:
+                    for key in list(self.jobs):
+                        self.trigger(key, resync=True)
+            await asyncio.sleep(elector.timing.renew_every)
+
     async def drain(self) -> None:
         """Wait for the passes in flight (on shutdown: none is cut off mid-way)."""
         running = list(self._running.values())
@@ -193,11 +219,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, options: Options
 
 
 async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-    task = getattr(memo, "resync_task", None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for attribute in ("resync_task", "elect_task"):
+        task = getattr(memo, attribute, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     controller = getattr(memo, "controller", None)
     if controller is not None:
         await controller.drain()
@@ -242,7 +269,14 @@ def register(registry: kopf.OperatorRegistry, interval: float | None = None,
 
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure(settings, memo, options)
-        memo.resync_task = asyncio.get_running_loop().create_task(_controller(memo).resync_forever())
+        controller = _controller(memo)
+        loop = asyncio.get_running_loop()
+        memo.resync_task = loop.create_task(controller.resync_forever())
+        if options.leader_namespace:
+            elector = LeaseElector(controller.cluster.api_client, options.leader_namespace,
+                                   options.leader_identity or f"{socket.gethostname()}-{os.getpid()}",
+                                   options.lease_name, options.lease_timing)
+            memo.elect_task = loop.create_task(controller.elect_forever(elector))
 
     kopf.on.startup(registry=registry, id="configure")(startup)
     kopf.on.cleanup(registry=registry)(stop_resync)

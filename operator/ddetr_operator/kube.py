@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from . import API_VERSION, GROUP, KIND, LABEL_ATTEMPT, LABEL_JOB, PLURAL, VERSION
 from .progress import S3Access
 from .reconcile import Action, ChildError, Create, DeleteSelf, DeleteWorkerJob, Event, Observed, SetSuspend
-from .render import PODGROUP_API, configmap_name, podgroup_name, service_name
+from .render import PODGROUP_API, configmap_name, network_policy_name, podgroup_name, service_name, worker_job_name
 
 logger = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
@@ -76,6 +76,7 @@ class Cluster:
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.networking = kubernetes.client.NetworkingV1Api(api_client)
 
     @staticmethod
     def _items(response: Any) -> list[dict]:
@@ -110,13 +111,42 @@ class Cluster:
             group, version = PODGROUP_API[gang["scheduler"]].split("/")
             podgroup = self._exists(self.custom.get_namespaced_custom_object, group, version, namespace,
                                     "podgroups", podgroup_name(name))
-        return Observed(
+        network_policy = False
+        if (job.get("spec") or {}).get("networkPolicy"):
+            network_policy = self._exists(self.networking.read_namespaced_network_policy, network_policy_name(name),
+                                          namespace)
+        observed = Observed(
             service=self._exists(self.core.read_namespaced_service, service_name(name), namespace),
             configmap=self._exists(self.core.read_namespaced_config_map, configmap_name(name), namespace),
-            podgroup=podgroup,
+            podgroup=podgroup, network_policy=network_policy,
             worker_jobs=[j for j in jobs if _owned_by(j, name)],
             pods=[p for p in pods if _owned_by(p, name) and LABEL_ATTEMPT in p["metadata"]["labels"]],
         )
+        observed.worker_events = self._worker_events(job, observed)
+        return observed
+
+    def _worker_events(self, job: Mapping[str, Any], observed: Observed) -> list[dict]:
+        """Warning events on the current worker Job, only while it lacks pods (FailedCreate: the Job
+        controller records a refused pod, Pod Security or quota, only as an event)."""
+        status = job.get("status") or {}
+        name = job["metadata"]["name"]
+        attempt = status.get("attempt", status.get("restarts", 0))
+        current = worker_job_name(name, int(attempt or 0))
+        worker = next((j for j in observed.worker_jobs if j["metadata"]["name"] == current), None)
+        if worker is None or (worker.get("spec") or {}).get("suspend"):
+            return []
+        pods = [p for p in observed.pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(attempt)]
+        if len(pods) >= (job.get("spec") or {}).get("nodes", 1):
+            return []
+        selector = f"involvedObject.kind=Job,involvedObject.name={current},type=Warning"
+        try:
+            events = self._items(self.core.list_namespaced_event(job["metadata"]["namespace"],
+                                                                 field_selector=selector, **RAW))
+            return [e for e in events if (e.get("involvedObject") or {}).get("name") == current]
+        except ApiException as err:
+            if err.status in (401, 403):  # no RBAC for events list: no FailedCreate detail
+                return []
+            raise
 
     def s3_access(self, namespace: str, artifacts: Mapping[str, Any], read_secret: bool = True) -> S3Access:
         """How to reach the job's S3 store: its endpoint and region, and the keys from its Secret.
@@ -185,6 +215,8 @@ class Cluster:
             self.core.create_namespaced_config_map(namespace, manifest, **RAW)
         elif kind == "Job":
             self.batch.create_namespaced_job(namespace, manifest, **RAW)
+        elif kind == "NetworkPolicy":
+            self.networking.create_namespaced_network_policy(namespace, manifest, **RAW)
         elif kind == "PodGroup":
             group, version = manifest["apiVersion"].split("/")
             self.custom.create_namespaced_custom_object(group, version, namespace, "podgroups", manifest, **RAW)

@@ -16,8 +16,8 @@ import datetime as dt
 from typing import Any, Mapping, Sequence
 
 from . import LABEL_ATTEMPT
-from .render import (CONTAINER, KUEUE_QUEUE_LABEL, render_configmap, render_podgroup, render_service,
-                     render_worker_job, worker_job_name)
+from .render import (CONTAINER, KUEUE_QUEUE_LABEL, render_configmap, render_network_policy, render_podgroup,
+                     render_service, render_worker_job, worker_job_name)
 from .validate import JobSpecError, Policy, validate_job
 
 TERMINAL = ("Succeeded", "Failed")
@@ -26,7 +26,15 @@ PHASE_CONDITION = {"Pending": "Created", "Running": "Running", "Restarting": "Re
                    "Suspended": "Suspended", "Succeeded": "Succeeded", "Failed": "Failed"}
 ACTIVE_CONDITIONS = ("Running", "Restarting", "Suspended")
 MAX_MESSAGE = 1500
-STALE_POD_GRACE = 300
+# Failed attempts whose worker Jobs (and so their pods and `kubectl logs`) are kept besides the current one.
+KEEP_FAILED_ATTEMPTS = 3
+# Entries of status.attempts kept (the newest).
+MAX_ATTEMPT_HISTORY = 10
+# Container waiting reasons that keep a gang from starting whatever time passes, until someone acts.
+BLOCKING_WAIT_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                         "CreateContainerError", "ErrImageNeverPull")
+STALLED = "Stalled"  # condition type: the current attempt's pods cannot start (reason says why)
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 
 @dataclasses.dataclass
@@ -36,9 +44,13 @@ class Observed:
     service: bool = False
     configmap: bool = False
     podgroup: bool = False
+    network_policy: bool = False
     worker_jobs: list[dict] = dataclasses.field(default_factory=list)  # every attempt's Job still present
     pods: list[dict] = dataclasses.field(default_factory=list)  # every attempt's pods still present
     progress: Mapping[str, Any] | None = None  # rank 0's status.json, when readable
+    # Warning events on the current worker Job (FailedCreate: Pod Security, quota), read only while
+    # it has fewer pods than the gang.
+    worker_events: list[dict] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +96,26 @@ class Failure:
     retryable: bool
     reason: str
     message: str
+    disruption: bool = False  # preempted, evicted, node drained: restarted without using backoffLimit
+    pod: str | None = None
+    rank: int | None = None
+    exit_code: int | None = None
+
+
+def _rank(pod: Mapping[str, Any]) -> int | None:
+    meta = pod.get("metadata") or {}
+    value = (meta.get("labels") or {}).get(INDEX_LABEL) or (meta.get("annotations") or {}).get(INDEX_LABEL)
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _alive(pod: Mapping[str, Any]) -> bool:
+    """A pod whose containers may still run: not Succeeded/Failed (a Terminating pod is alive)."""
+    return (pod.get("status") or {}).get("phase") not in TERMINAL
+
+
+def _running(pod: Mapping[str, Any]) -> bool:
+    """Running and not being deleted: a Terminating pod never counts as a ready worker."""
+    return (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
 
 
 def timestamp(now: dt.datetime) -> str:
@@ -115,12 +147,14 @@ def pod_failure(pod: Mapping[str, Any]) -> Failure:
     if terminated is None or terminated.get("exitCode") is None:
         status = pod.get("status") or {}
         reason = status.get("reason") or "PodFailed"
-        return Failure(True, reason, f"pod {name}: {reason}: {status.get('message', 'lost before it exited')}")
+        return Failure(True, reason, f"pod {name}: {reason}: {status.get('message', 'lost before it exited')}",
+                       pod=name, rank=_rank(pod))
     code = int(terminated["exitCode"])
     detail = (terminated.get("message") or "").strip()
     what = terminated.get("reason") or "Error"
     message = f"pod {name} exited with code {code} ({what})" + (f"; last log lines:\n{detail}" if detail else "")
-    return Failure(is_retryable_exit(code), "OOMKilled" if what == "OOMKilled" else f"ExitCode{code}", message)
+    return Failure(is_retryable_exit(code), "OOMKilled" if what == "OOMKilled" else f"ExitCode{code}", message,
+                   pod=name, rank=_rank(pod), exit_code=code)
 
 
 def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -144,8 +178,10 @@ def first_failure(pods: Sequence[Mapping[str, Any]]) -> Failure | None:
         disruption = _disruption(pod)
         if disruption is not None:
             reason = disruption.get("reason") or "DisruptionTarget"
+            terminated = _terminated(pod) or {}
             return Failure(True, reason, f"pod {pod['metadata']['name']} was disrupted: {reason}: "
-                                         f"{disruption.get('message', '')}")
+                                         f"{disruption.get('message', '')}", disruption=True,
+                           pod=pod["metadata"]["name"], rank=_rank(pod), exit_code=terminated.get("exitCode"))
 
     def finished(pod: Mapping[str, Any]) -> tuple[str, str]:
         terminated = _terminated(pod) or {}
@@ -205,18 +241,24 @@ class _Pass:
         self.job, self.observed, self.now, self.policy = job, observed, now, policy
         self.spec = _as_mapping(job.get("spec"))
         self.run_policy = _as_mapping(self.spec.get("runPolicy"))
+        self.queued = bool((job["metadata"].get("labels") or {}).get(KUEUE_QUEUE_LABEL))
         old = dict(_as_mapping(job.get("status")))
         self.status: dict[str, Any] = {k: old[k] for k in (
-            "phase", "conditions", "startTime", "completionTime", "restarts", "restartTime", "workersReady", "workerJob",
-            "epochs", "progress") if k in old}
+            "phase", "conditions", "startTime", "completionTime", "attempt", "restarts", "disruptions",
+            "restartTime", "workersReady", "workerJob", "epochs", "progress", "lastFailure", "attempts") if k in old}
         self.status.setdefault("restarts", 0)
         self.status.setdefault("conditions", [])
+        # The attempt number: the status's, or (status written by an older operator) its restarts, and
+        # never below the highest attempt label seen: a status lost between creating attempt n's Job and
+        # recording it cannot make a later pass reuse a name.
+        seen = [a for a in (self.attempt_of(o) for o in [*observed.worker_jobs, *observed.pods]) if a is not None]
+        self.status["attempt"] = max([int(self.status.get("attempt", self.status["restarts"])), *seen])
         self.actions: list[Action] = []
         self.events: list[Event] = []
 
     @property
     def attempt(self) -> int:
-        return int(self.status["restarts"])
+        return int(self.status["attempt"])
 
     def transition(self, phase: str, reason: str, message: str) -> None:
         message = message[-MAX_MESSAGE:]
@@ -232,6 +274,23 @@ class _Pass:
         self.status["phase"] = phase
         if phase in TERMINAL:
             self.status.setdefault("completionTime", timestamp(self.now))
+            self.stalled(None)
+
+    def stalled(self, blocker: tuple[str, str] | None) -> None:
+        """Condition Stalled: True (reason, message) while the attempt's pods cannot start; a Warning
+        event each time the reason or message changes."""
+        conditions = self.status["conditions"]
+        previous = next((c for c in conditions if c.get("type") == STALLED), None)
+        if blocker is None:
+            if previous is not None and previous.get("status") == "True":
+                self.status["conditions"] = set_condition(conditions, STALLED, "False", "WorkersStarted",
+                                                          "the gang's pods are no longer blocked", self.now)
+            return
+        reason, message = blocker[0], blocker[1][-MAX_MESSAGE:]
+        if previous is None or previous.get("status") != "True" or previous.get("reason") != reason \
+                or previous.get("message") != message:
+            self.events.append(Event("Warning", reason, message))
+        self.status["conditions"] = set_condition(conditions, STALLED, "True", reason, message, self.now)
 
     def attempt_of(self, obj: Mapping[str, Any]) -> int | None:
         value = (obj["metadata"].get("labels") or {}).get(LABEL_ATTEMPT)
@@ -244,21 +303,29 @@ class _Pass:
     def current_pods(self) -> list[dict]:
         return [p for p in self.observed.pods if self.attempt_of(p) == self.attempt]
 
-    def stale_pods_alive(self) -> bool:
-        """Pods of an earlier attempt still running or terminating (the gang is not torn down yet).
+    def old_pods_alive(self) -> bool:
+        """Pods of an earlier attempt (or of a deleted Job of this one) still running or terminating.
 
-        Bounded: a pod on a lost node can stay Terminating for good; after STALE_POD_GRACE
-        seconds the next attempt starts anyway (its pods have other names).
+        Unbounded, as JobSet's BlockingRecreate: a new gang starts only once the old one is gone,
+        however long its pods' own termination grace (checkpoint upload) takes. A pod stuck
+        Terminating on a lost node is the pod garbage collector's (or the admin's) to remove.
         """
-        alive = any(self.attempt_of(p) != self.attempt and (p.get("status") or {}).get("phase") not in TERMINAL
-                    for p in self.observed.pods)
-        since = parse_time(self.status.get("restartTime"))
-        return alive and not (since and self.now >= since + dt.timedelta(seconds=STALE_POD_GRACE))
+        return any(_alive(p) for p in self.observed.pods if self.attempt_of(p) != self.attempt)
 
     def tear_down(self) -> None:
         worker = self.current_worker_job()
         if worker is not None:
             self.actions.append(DeleteWorkerJob(worker["metadata"]["name"]))
+
+    def record_attempt(self, **fields: Any) -> None:
+        """Start or update the current attempt's entry in the bounded status.attempts history."""
+        history = [dict(a) for a in self.status.get("attempts") or [] if isinstance(a, Mapping)]
+        entry = next((a for a in history if a.get("attempt") == self.attempt), None)
+        if entry is None:
+            entry = {"attempt": self.attempt, "startTime": timestamp(self.now)}
+            history.append(entry)
+        entry.update({k: v for k, v in fields.items() if v is not None})
+        self.status["attempts"] = history[-MAX_ATTEMPT_HISTORY:]
 
     # -- the pass ---------------------------------------------------------------
 
@@ -270,6 +337,12 @@ class _Pass:
         return Decision(self.status, self.actions, self.events)
 
     def finished(self) -> None:
+        """cleanPodPolicy applies here, once the job is finished, never to a failed attempt of a live job.
+
+        All: every worker Job (and so every pod) goes. Running (the default) and None keep the Jobs
+        and their finished pods for `kubectl logs`: after a failure the Job controller has already
+        stopped the rest of the gang (backoffLimit 0), so no pod is left running.
+        """
         if self.run_policy.get("cleanPodPolicy", "Running") == "All":
             for worker in self.observed.worker_jobs:
                 self.actions.append(DeleteWorkerJob(worker["metadata"]["name"]))
@@ -284,14 +357,15 @@ class _Pass:
             self.transition("Failed", "InvalidSpec", str(err))
             return
         self.ensure_support_children(experiment)
+        self.stop_stale_attempts()
         if self.observed.progress:
             self.status["progress"] = _progress_status(self.observed.progress, self.status.get("progress"), self.now)
             epoch, total = self.status["progress"].get("epoch"), self.status["progress"].get("numEpochs")
             if epoch is not None and total is not None:
                 self.status["epochs"] = f"{epoch}/{total}"
-        if self.deadline_exceeded():
-            return
         worker = self.current_worker_job()
+        if self.deadline_exceeded(worker):
+            return
         if self.run_policy.get("suspend", False):
             self.suspend(worker)
             return
@@ -308,33 +382,82 @@ class _Pass:
         podgroup = render_podgroup(self.job)
         if podgroup is not None and not self.observed.podgroup:
             self.actions.append(Create(podgroup))
+        policy = render_network_policy(self.job)
+        if policy is not None and not self.observed.network_policy:
+            self.actions.append(Create(policy))
 
-    def deadline_exceeded(self) -> bool:
+    def stop_stale_attempts(self) -> None:
+        """Worker Jobs of earlier attempts: stop any that may still run pods; keep the last failed ones.
+
+        A failed attempt's Job stays (its pods hold the logs) for the last KEEP_FAILED_ATTEMPTS
+        attempts; older ones are deleted. An earlier attempt's Job that did not fail (a Kueue-managed
+        gang suspended by deleting it, a pass that crashed after recording the next attempt) is
+        deleted: its intent was recorded in the status by an earlier pass, so this never races it.
+        """
+        for worker in self.observed.worker_jobs:
+            number = self.attempt_of(worker)
+            if number is None or number >= self.attempt or worker["metadata"].get("deletionTimestamp"):
+                continue
+            pods = [p for p in self.observed.pods if self.attempt_of(p) == number]
+            failed = (_job_condition(worker, "Failed") or _job_condition(worker, "FailureTarget")
+                      or any((p.get("status") or {}).get("phase") == "Failed" for p in pods))
+            if not failed or number < self.attempt - KEEP_FAILED_ATTEMPTS:
+                self.actions.append(DeleteWorkerJob(worker["metadata"]["name"]))
+
+    def deadline_exceeded(self, worker: dict | None) -> bool:
         deadline = self.run_policy.get("activeDeadlineSeconds")
         started = parse_time(self.status.get("startTime"))
         if deadline is None or started is None or self.status.get("phase") == "Suspended":
             return False
         if self.now < started + dt.timedelta(seconds=deadline):
-            return False
+            return self.startup_deadline_exceeded(worker)
         self.tear_down()
         self.transition("Failed", "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds ({deadline})")
         return True
 
+    def startup_deadline_exceeded(self, worker: dict | None) -> bool:
+        """runPolicy.startupDeadlineSeconds: the attempt's gang must be all running within this."""
+        limit = self.run_policy.get("startupDeadlineSeconds")
+        if not limit or worker is None or (worker.get("spec") or {}).get("suspend") or \
+                self.status.get("phase") == "Running":
+            return False
+        since = parse_time((worker.get("status") or {}).get("startTime")) or \
+            parse_time(worker["metadata"].get("creationTimestamp"))
+        if since is None or self.now < since + dt.timedelta(seconds=limit):
+            return False
+        blocked = next((c for c in self.status["conditions"] if c.get("type") == STALLED and c.get("status") == "True"),
+                       None)
+        why = f"; {blocked['reason']}: {blocked['message']}" if blocked else ""
+        self.tear_down()
+        self.transition("Failed", "StartupDeadlineExceeded",
+                        f"the gang of {worker['metadata']['name']} was not all running within "
+                        f"runPolicy.startupDeadlineSeconds ({limit}){why}")
+        return True
+
     def suspend(self, worker: dict | None) -> None:
-        if worker is not None and not (worker.get("spec") or {}).get("suspend"):
+        if worker is not None and self.queued:
+            # Kueue owns the worker Job's suspend switch: stopping by flipping it would fight Kueue.
+            # Stop by deleting the attempt instead; resuming starts the next attempt (recorded here
+            # first, deleted by the next pass), so the deleted Job's name is never reused.
+            self.status["attempt"] = self.attempt + 1
+            self.status["workerJob"] = worker_job_name(self.job["metadata"]["name"], self.attempt)
+        elif worker is not None and not (worker.get("spec") or {}).get("suspend"):
             self.actions.append(SetSuspend(worker["metadata"]["name"], True))
         self.status["workersReady"] = 0
+        self.stalled(None)
         self.transition("Suspended", "SuspendedByUser",
                         "runPolicy.suspend is true: the gang is stopped; unsuspend to resume from the checkpoint")
 
     def start_attempt(self) -> None:
-        if self.stale_pods_alive():
+        if self.old_pods_alive():
             return  # wait until the previous gang is gone, so two gangs never share the results
         name = worker_job_name(self.job["metadata"]["name"], self.attempt)
         self.actions.append(Create(render_worker_job(self.job, self.attempt)))
         self.status["workerJob"] = name
         self.status["workersReady"] = 0
-        self.status.setdefault("startTime", timestamp(self.now))
+        self.record_attempt()
+        if not self.queued:  # with Kueue, the job starts when the Job is admitted (see follow)
+            self.status.setdefault("startTime", timestamp(self.now))
         never_created = not any(c.get("type") == "Created" for c in self.status["conditions"])
         if self.status.get("phase") in (None, "Suspended") or never_created:  # (Pending after a refused create)
             resumed = self.status.get("phase") == "Suspended"
@@ -344,21 +467,26 @@ class _Pass:
     def follow(self, worker: dict) -> None:
         name = worker["metadata"]["name"]
         self.status["workerJob"] = name
-        queued = (self.job["metadata"].get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+        pods = self.current_pods()
         if (worker.get("spec") or {}).get("suspend"):
-            if not queued:
+            if not self.queued:
+                if any(_alive(p) for p in pods):
+                    return  # the suspended gang's pods are still terminating: resume once they are gone
                 self.actions.append(SetSuspend(name, False))
                 self.status["startTime"] = timestamp(self.now)  # as the Job controller does on resume
                 self.transition("Pending", "Resumed", f"resuming worker Job {name} from the newest checkpoint")
             else:
                 self.transition("Pending", "Queued", f"worker Job {name} waits for admission by Kueue")
             return
-        pods = self.current_pods()
-        running = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
+        if self.queued and not self.status.get("startTime"):
+            # activeDeadlineSeconds counts from admission (Kueue unsuspending the Job), not from creation.
+            self.status["startTime"] = (worker.get("status") or {}).get("startTime") or timestamp(self.now)
+        running = sum(1 for p in pods if _running(p))
         self.status["workersReady"] = running
         complete = _job_condition(worker, "Complete") or _job_condition(worker, "SuccessCriteriaMet")
         if complete:
             self.status["workersReady"] = 0
+            self.record_attempt(finishTime=timestamp(self.now), outcome="Succeeded")
             self.transition("Succeeded", "Completed", f"all {self.spec.get('nodes', 1)} worker(s) finished")
             return
         failure = first_failure(pods)
@@ -370,26 +498,75 @@ class _Pass:
             self.handle_failure(failure)
             return
         nodes = self.spec.get("nodes", 1)
-        if running >= nodes and self.status.get("phase") != "Running":
-            self.transition("Running", "AllWorkersRunning", f"{running}/{nodes} worker(s) running")
+        if running >= nodes:
+            self.stalled(None)
+            if self.status.get("phase") != "Running":
+                self.transition("Running", "AllWorkersRunning", f"{running}/{nodes} worker(s) running")
+            return
+        self.stalled(blocker(pods, self.observed.worker_events, nodes))
+        self.startup_deadline_exceeded(worker)
 
     def handle_failure(self, failure: Failure) -> None:
-        self.tear_down()
+        """Record the failure and what comes next; delete nothing.
+
+        The Job controller has already stopped the rest of the gang (the worker Job's backoffLimit
+        is 0), and the failed attempt's Job and pods stay for `kubectl logs`. A restart only moves
+        the attempt number on; the next pass starts it once every pod of this one is gone.
+        """
         self.status["workersReady"] = 0
+        last = {"attempt": self.attempt, "rank": failure.rank, "pod": failure.pod, "exitCode": failure.exit_code,
+                "reason": failure.reason, "message": failure.message[-MAX_MESSAGE:], "time": timestamp(self.now)}
+        self.status["lastFailure"] = {k: v for k, v in last.items() if v is not None}
+        self.record_attempt(finishTime=timestamp(self.now), outcome="Disrupted" if failure.disruption else "Failed",
+                            reason=failure.reason, rank=failure.rank, exitCode=failure.exit_code)
         backoff_limit = self.run_policy.get("backoffLimit", 3)
+        restarts = int(self.status.get("restarts", 0))
         if not failure.retryable:
             self.transition("Failed", failure.reason, f"permanent failure, not retried: {failure.message}")
-        elif self.attempt >= backoff_limit:
+            return
+        if failure.disruption:
+            # Preemption, eviction, a drained node: not the job's fault, so not counted in backoffLimit.
+            self.status["disruptions"] = int(self.status.get("disruptions", 0)) + 1
+            detail = f"restart after disruption {self.status['disruptions']} (not counted in backoffLimit)"
+        elif restarts >= backoff_limit:
             self.transition("Failed", "BackoffLimitExceeded",
-                            f"{self.attempt} restart(s) used (backoffLimit {backoff_limit}); last failure: "
+                            f"{restarts} restart(s) used (backoffLimit {backoff_limit}); last failure: "
                             f"{failure.message}")
+            return
         else:
-            self.status["restarts"] = self.attempt + 1
-            self.status["restartTime"] = timestamp(self.now)
-            self.status["workerJob"] = worker_job_name(self.job["metadata"]["name"], self.attempt)
-            self.transition("Restarting", failure.reason,
-                            f"restart {self.attempt}/{backoff_limit} from the newest checkpoint after: "
-                            f"{failure.message}")
+            self.status["restarts"] = restarts + 1
+            detail = f"restart {restarts + 1}/{backoff_limit}"
+        self.status["attempt"] = self.attempt + 1
+        self.status["restartTime"] = timestamp(self.now)
+        self.status["workerJob"] = worker_job_name(self.job["metadata"]["name"], self.attempt)
+        self.transition("Restarting", failure.reason, f"{detail} from the newest checkpoint after: {failure.message}")
+
+
+def blocker(pods: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]],
+            nodes: int) -> tuple[str, str] | None:
+    """Why the gang's pods do not run, in words a user can act on: (reason, message), or None.
+
+    A pod the scheduler cannot place (PodScheduled False, Unschedulable), a container kubelet
+    cannot start (image pull, a missing Secret or key: CreateContainerConfigError), or pods the
+    Job controller could not create (FailedCreate events: Pod Security, quota, a webhook).
+    """
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        for container in status.get("containerStatuses") or status.get("initContainerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in BLOCKING_WAIT_REASONS:
+                return waiting["reason"], f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".strip()
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                    and cond.get("reason") == "Unschedulable":
+                return "Unschedulable", f"pod {name} cannot be scheduled: {cond.get('message', '')}"
+    if len(pods) < nodes:
+        failed_create = [e for e in events if e.get("reason") == "FailedCreate"]
+        if failed_create:
+            newest = max(failed_create, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+            return "FailedCreate", f"{len(pods)}/{nodes} pod(s) created: {newest.get('message', '')}"
+    return None
 
 
 def reconcile(job: Mapping[str, Any], observed: Observed, now: dt.datetime, policy: Policy = Policy()) -> Decision:

@@ -27,25 +27,26 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MASTER_WAIT_SECONDS = 300
 KEY_ENV = "DDETR_ENCRYPTION_KEY"
-# Exit code of the wait below when pod 0 never resolves: >= 128, so the gang is retried.
+# Exit code of the wait below when pod 0 never answers: >= 128, so the gang is retried.
 MASTER_UNRESOLVABLE_EXIT = 200
 # Time between SIGTERM and SIGKILL: torchrun forwards SIGTERM, rank 0 finishes its step, writes
 # a checkpoint and uploads it to S3 (hundreds of MB, tens of seconds); Kubernetes' 30 s is too short.
 DEFAULT_TERMINATION_GRACE_SECONDS = 180
 
-# Workers other than rank 0 wait (bounded) until pod 0's DNS name resolves, instead of
-# letting torchrun fail and the pod crash while pod 0 is still being scheduled.
+# Workers other than rank 0 wait (bounded) until pod 0's torchrun port accepts a connection (its
+# name resolving is not enough: pod 0 may still be pulling its image or loading the dataset), instead
+# of letting torchrun fail and the pod crash while pod 0 is still being scheduled.
 WAIT_FOR_MASTER = f"""
 import os, socket, sys, time
-host = os.environ["PET_MASTER_ADDR"]
+host, port = os.environ["PET_MASTER_ADDR"], int(os.environ["PET_MASTER_PORT"])
 deadline = time.monotonic() + float(os.environ.get("DDETR_MASTER_WAIT_SECONDS", "{MASTER_WAIT_SECONDS}"))
 while True:
     try:
-        socket.getaddrinfo(host, None)
+        socket.create_connection((host, port), timeout=5).close()
         break
-    except OSError:
+    except OSError as err:
         if time.monotonic() > deadline:
-            print(f"torchrun master {{host}} did not resolve in time", file=sys.stderr)
+            print(f"torchrun master {{host}}:{{port}} did not accept connections in time: {{err}}", file=sys.stderr)
             sys.exit({MASTER_UNRESOLVABLE_EXIT})
         time.sleep(2)
 """.strip()
@@ -78,6 +79,10 @@ def configmap_name(job_name: str) -> str:
 
 def worker_job_name(job_name: str, attempt: int) -> str:
     return f"{job_name}-a{attempt}"
+
+
+def network_policy_name(job_name: str) -> str:
+    return f"{job_name}-gang"
 
 
 def podgroup_name(job_name: str) -> str:
@@ -120,6 +125,24 @@ def render_configmap(job: Mapping[str, Any], experiment: ExperimentConfig) -> di
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _metadata(job, configmap_name(job["metadata"]["name"]), "spec"),
             "data": {"spec.yaml": text}}
+
+
+def render_network_policy(job: Mapping[str, Any]) -> dict | None:
+    """spec.networkPolicy: the gang's pods accept traffic only from each other, on the torchrun and
+    metrics ports (and metrics from anywhere in the namespace's allowed scrapers: any pod, same ports)."""
+    spec = job["spec"]
+    if not spec.get("networkPolicy"):
+        return None
+    name = job["metadata"]["name"]
+    gang = {"matchLabels": {LABEL_JOB: name, LABEL_ROLE: "worker"}}
+    ports = [{"protocol": "TCP", "port": spec.get("masterPort", 29500)}]
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": gang}], "ports": ports}]
+    if spec.get("metricsPort", 9090):
+        # Prometheus lives in another namespace: the metrics port is open to the cluster, nothing else is.
+        ingress.append({"ports": [{"protocol": "TCP", "port": spec.get("metricsPort", 9090)}]})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _metadata(job, network_policy_name(name), "network-policy"),
+            "spec": {"podSelector": gang, "policyTypes": ["Ingress"], "ingress": ingress}}
 
 
 def render_podgroup(job: Mapping[str, Any]) -> dict | None:
@@ -259,12 +282,40 @@ def render_worker_job(job: Mapping[str, Any], attempt: int, suspend: bool = Fals
     if spec.get("imagePullPolicy"):
         container["imagePullPolicy"] = spec["imagePullPolicy"]
     pod_spec.update(containers=[container], volumes=volumes)
+    template_meta = {"labels": pod_labels, "annotations": annotations}
+    _apply_pod_template(spec.get("podTemplate") or {}, template_meta, pod_spec)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _metadata(job, name, "workers", job_labels),
         "spec": {
             "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
             "backoffLimit": 0, "suspend": bool(suspend or queue),
-            "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+            # A replacement pod only once the old one is fully gone (after a suspend/resume): never
+            # two ranks with one index alive at once.
+            "podReplacementPolicy": "Failed",
+            "template": {"metadata": template_meta, "spec": pod_spec},
         },
     }
+
+
+# podTemplate.spec fields that the operator owns: overriding them would break the gang.
+OWNED_POD_FIELDS = ("containers", "restartPolicy", "subdomain", "volumes")
+
+
+def _apply_pod_template(template: Mapping[str, Any], meta: dict, pod_spec: dict) -> None:
+    """spec.podTemplate: what the curated fields miss, merged over the rendered pod.
+
+    metadata.labels/annotations are added (the operator's own labels win: it finds its pods by
+    them); spec fields replace the rendered ones (hostNetwork, initContainers, dnsPolicy, ...),
+    except the operator-owned containers, restartPolicy, subdomain and volumes (spec.volumes, under the
+    hostPath allow-list), which validate refuses.
+    """
+    template_meta = template.get("metadata") or {}
+    meta["labels"] = {**dict(template_meta.get("labels") or {}), **meta["labels"]}
+    meta["annotations"] = {**dict(template_meta.get("annotations") or {}), **meta["annotations"]}
+    for key, value in (template.get("spec") or {}).items():
+        if key not in OWNED_POD_FIELDS:
+            pod_spec[key] = copy.deepcopy(value)
+    if pod_spec.get("hostNetwork"):
+        # Pod hostnames still resolve through the headless Service; DNS must stay the cluster's.
+        pod_spec.setdefault("dnsPolicy", "ClusterFirstWithHostNet")

@@ -194,6 +194,21 @@ def _check_cluster_fields(name: str, spec: Mapping[str, Any], policy: Policy) ->
     _int(run_policy, "backoffLimit", 3, low=0, path="spec.runPolicy.")
     _int(run_policy, "activeDeadlineSeconds", None, low=1, path="spec.runPolicy.")
     _int(run_policy, "ttlSecondsAfterFinished", None, low=0, path="spec.runPolicy.")
+    _int(run_policy, "startupDeadlineSeconds", None, low=1, path="spec.runPolicy.")
+    if not isinstance(spec.get("networkPolicy", False), bool):
+        raise JobSpecError(f"spec.networkPolicy: {_kind(spec['networkPolicy'])} is not accepted; true or false")
+    template = _mapping(spec, "podTemplate")
+    for field in ("metadata", "spec"):
+        _mapping(template, field, "spec.podTemplate.")
+    for field in ("labels", "annotations"):
+        for key, value in _mapping(_mapping(template, "metadata", "spec.podTemplate."), field,
+                                   "spec.podTemplate.metadata.").items():
+            if not isinstance(value, str):
+                raise JobSpecError(f"spec.podTemplate.metadata.{field}.{key}: {_kind(value)} is not accepted; a string")
+    for field in ("containers", "restartPolicy", "subdomain", "volumes"):
+        if field in _mapping(template, "spec", "spec.podTemplate."):
+            raise JobSpecError(f"spec.podTemplate.spec.{field}: not accepted; the operator sets it (use spec.image, "
+                               "spec.env, spec.resources, spec.securityContext and spec.volumes)")
     if run_policy.get("cleanPodPolicy", "Running") not in CLEAN_POD_POLICIES:
         raise JobSpecError(f"spec.runPolicy.cleanPodPolicy: {_kind(run_policy['cleanPodPolicy'])} is not accepted; "
                            f"one of {', '.join(CLEAN_POD_POLICIES)}")

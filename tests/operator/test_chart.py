@@ -330,6 +330,8 @@ def _rendered_children() -> list[dict]:
 
 
 def _plural(kind: str) -> str:
+    if kind.endswith("y"):
+        return kind.lower()[:-1] + "ies"
     return kind.lower() + ("es" if kind.endswith("s") else "s")
 
 
@@ -346,7 +348,9 @@ def _expected_rbac(crd: dict, pod_groups: bool = True, secrets: bool = False) ->
         (group, f"{plural}/finalizers"): {"update"},
         ("", "services"): {"get", "create"}, ("", "configmaps"): {"get", "create"},
         ("", "pods"): {"list", "watch", "delete"}, ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
-        ("", "events"): {"create"},
+        ("", "events"): {"create",  # kube.post_event
+                         "list"},  # FailedCreate of a worker Job (Pod Security, quota) is only an event
+        ("networking.k8s.io", "networkpolicies"): {"get", "create"},  # spec.networkPolicy
     }
     if pod_groups:
         expected.update({("scheduling.volcano.sh", "podgroups"): {"get", "create"},
@@ -461,3 +465,22 @@ def test_monitor_validator_catches_a_bad_monitor(tmp_path):
     pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] = "yes"
     with pytest.raises(AssertionError, match="honorLabels must be boolean"):
         _validate_monitor_with_prometheus_operator_types(pod_monitor)
+
+
+@needs_helm
+def test_two_replicas_elect_a_leader_through_a_lease_in_the_release_namespace_only(tmp_path):
+    docs = _render(tmp_path, {"operator": {"replicas": 2}})
+    _validate_all(docs)
+    deployment = _one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DDETR_LEADER_ELECTION_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    role = _one(docs, "Role")
+    assert role["metadata"]["namespace"] == "ddetr-system"
+    assert _granted(role["rules"]) == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+    assert _one(docs, "RoleBinding")["roleRef"]["name"] == role["metadata"]["name"]
+    # One replica (the default): no election, no Lease access, Recreate.
+    single = _render(tmp_path)
+    assert not _by_kind(single, "Role") and _one(single, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
+    with pytest.raises(Exception):
+        _render(tmp_path, {"operator": {"replicas": 4}})

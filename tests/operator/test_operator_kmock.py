@@ -223,17 +223,24 @@ async def test_job_lifecycle_with_restart_progress_events_and_deletion(kube, ope
         assert status["progress"]["lastMap"] == 0.125
         assert status["progress"]["lastCheckpoint"] == "s3://runs/demo/train/model_epoch_000.pth"
 
-        # Worker 1 is OOM-killed: the gang is torn down and recreated as attempt 1.
+        # Worker 1 is OOM-killed: attempt 1 is recorded, and starts once the old gang is gone.
         await api.patch(f"{PODS}/{pods[1]}/status", {"status": {"phase": "Failed", "containerStatuses": [
             {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
                                                          "finishedAt": "2026-01-01T01:00:00Z"}}}]}})
         status = await api.wait_phase("demo", "Restarting")
-        assert status["restarts"] == 1
+        assert status["restarts"] == 1 and status["attempt"] == 1
+        assert status["lastFailure"]["exitCode"] == 137 and status["lastFailure"]["reason"] == "OOMKilled"
         restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
         assert restarting["reason"] == "OOMKilled" and "exited with code 137" in restarting["message"]
-        await api.wait_for("old gang deleted", lambda: _gone(api, f"{BATCH_JOBS}/demo-a0"))
-        await api.wait_for("old pods deleted", lambda: _gone(api, f"{PODS}/{pods[0]}"))
+        await asyncio.sleep(1.5)
+        assert await _gone(api, f"{BATCH_JOBS}/demo-a1")  # rank 0 of attempt 0 still runs: no overlap
+        # The Job controller (none in KMock: the test plays it) stops rank 0 and fails the Job.
+        await api.patch(f"{PODS}/{pods[0]}/status", {"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]}})
+        await api.patch(f"{BATCH_JOBS}/demo-a0/status", {"status": {"conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}})
         worker = await api.wait_for("worker Job a1", lambda: api.get(f"{BATCH_JOBS}/demo-a1"))
+        assert await api.get(f"{BATCH_JOBS}/demo-a0")  # the failed attempt's Job stays, for its logs
         env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["PET_MASTER_ADDR"] == "demo-a1-0.demo-workers.ml.svc"
 
@@ -449,7 +456,9 @@ async def test_children_events_drive_the_job_without_waiting_for_the_resync(kube
         await api.patch(f"{PODS}/{pods[0]}/status", {"status": {"phase": "Failed", "containerStatuses": [
             {"name": "trainer", "state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]}})
         await api.wait_for("Restarting", lambda: _phase_is(api, "quick", "Restarting"), timeout=10)
-        # The operator deletes the old gang; the pods' DELETED events start attempt 1.
+        # The Job controller (played here) stops the rest of the gang: that pod event starts attempt 1.
+        await api.patch(f"{PODS}/{pods[1]}/status", {"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]}})
         await api.wait_for("worker Job a1", lambda: api.get(f"{BATCH_JOBS}/quick-a1"), timeout=10)
 
 

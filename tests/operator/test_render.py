@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
+import time
 import sys
 
 import kubernetes_validate
@@ -164,11 +166,15 @@ def run_worker_command(manifest: dict, bin_dir, **overrides: str) -> subprocess.
 
 def test_worker_waits_for_the_master_then_launches_the_gang(make_job, fake_torchrun):
     manifest = render.render_worker_job(make_job(), 0)
-    done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="localhost")
+    with socket.socket() as master:  # pod 0's torchrun port, listening
+        master.bind(("127.0.0.1", 0))
+        master.listen()
+        port = str(master.getsockname()[1])
+        done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="localhost", PET_MASTER_PORT=port)
     assert done.returncode == 0, done.stderr
     # The CLI's launcher turns these into torchrun's --nnodes/--node_rank/--master_addr/--master_port.
     assert done.stdout.split() == [
-        "MASTER_ADDR=localhost", "MASTER_PORT=29500", "NODE_RANK=1",
+        "MASTER_ADDR=localhost", f"MASTER_PORT={port}", "NODE_RANK=1",
         "deformable-detr", "train", "-e", "/etc/ddetr/spec.yaml", "--num_nodes", "2", "--gpus", "4"]
 
 
@@ -177,7 +183,21 @@ def test_worker_gives_up_on_an_unresolvable_master_with_a_retryable_code(make_jo
     done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="pod-0.does-not-exist.invalid",
                               DDETR_MASTER_WAIT_SECONDS="0")
     assert done.returncode == render.MASTER_UNRESOLVABLE_EXIT >= 128
-    assert "did not resolve" in done.stderr and "deformable-detr" not in done.stdout
+    assert "did not accept connections" in done.stderr and "deformable-detr" not in done.stdout
+
+
+def test_worker_waits_for_the_master_port_not_just_its_name(make_job, fake_torchrun):
+    """The name resolves (localhost) but nothing listens yet: the worker waits, bounded, then gives up."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = str(closed.getsockname()[1])  # bound, not listening: connections are refused
+        manifest = render.render_worker_job(make_job(), 0)
+        started = time.monotonic()
+        done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="localhost", PET_MASTER_PORT=port,
+                                  DDETR_MASTER_WAIT_SECONDS="3")
+    assert done.returncode == render.MASTER_UNRESOLVABLE_EXIT
+    assert time.monotonic() - started >= 3 and "deformable-detr" not in done.stdout
+    assert f"localhost:{port} did not accept connections" in done.stderr
 
 
 def meets_restricted_pod_security(pod_spec: dict) -> list[str]:

@@ -151,10 +151,18 @@ matchExpressions:
   verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
 {{- if .podGroups }}
 - apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
   resources: ["podgroups"]
   verbs: ["get", "create"]
 {{- end -}}
+{{- end -}}
+
+{{/* Non-empty when the replicas elect a leader (several replicas, or asked for). */}}
+{{- define "ddetr.leaderElection" -}}
+{{- if or .Values.operator.leaderElection (gt (int .Values.operator.replicas) 1) }}true{{ end -}}
 {{- end -}}
