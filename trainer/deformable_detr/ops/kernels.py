@@ -75,13 +75,24 @@ def _is_cuda_toolkit(folder: Optional[str]) -> bool:
         (Path(folder) / "include" / "cuda_runtime_api.h").exists()
 
 
+def pypi_cuda_home() -> Optional[Path]:
+    """Where scripts/test-deps.d/cuda-nvcc.sh assembles a toolkit from PyPI's nvcc wheels for
+    torch's CUDA version: ${DDETR_TOOLS_DIR:-~/.cache/ddetr-tools}/cuda-<major.minor>."""
+    if not torch.version.cuda:
+        return None
+    tools = os.environ.get("DDETR_TOOLS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ddetr-tools")
+    return Path(tools) / f"cuda-{torch.version.cuda}"
+
+
 def find_cuda_home() -> Optional[Path]:
     """The CUDA toolkit: $CUDA_HOME/$CUDA_PATH, else /usr/local/cuda, else the folder of `nvcc` on
-    PATH; only a folder with both bin/nvcc and the CUDA headers counts (an `nvcc` wrapper script
-    in /usr/local/bin does not make /usr/local a toolkit)."""
+    PATH, else the toolkit assembled from PyPI wheels (`pypi_cuda_home`); only a folder with both
+    bin/nvcc and the CUDA headers counts (an `nvcc` wrapper script in /usr/local/bin does not
+    make /usr/local a toolkit)."""
     nvcc = shutil.which("nvcc")
+    pypi = pypi_cuda_home()
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
-                  str(Path(nvcc).resolve().parent.parent) if nvcc else None]
+                  str(Path(nvcc).resolve().parent.parent) if nvcc else None, str(pypi) if pypi else None]
     for candidate in candidates:
         if _is_cuda_toolkit(candidate):
             return Path(candidate)
