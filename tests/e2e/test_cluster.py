@@ -107,6 +107,9 @@ def test_killed_worker_restarts_the_gang_from_its_checkpoint(ready):
     def first_checkpoint():
         job = _job(cluster, name)
         status = job.get("status") or {}
+        if status.get("phase") in ("Failed", "Succeeded"):
+            raise AssertionError(f"{name} ended ({status['phase']}) before its first checkpoint: "
+                                 f"{json.dumps(status.get('conditions'), indent=1)[-3000:]}")
         return status.get("phase") == "Running" and (status.get("progress") or {}).get("lastCheckpoint")
     checkpoint = cluster.wait_until("the first checkpoint", first_checkpoint, JOB_TIMEOUT_S, every=2)
 

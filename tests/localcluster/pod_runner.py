@@ -4,8 +4,8 @@ local processes, with the project's own Python environment instead of the image.
 
 What is real: the pod objects, scheduling, the container's command, args and env (with
 $(VAR) expansion, fieldRef, secretKeyRef, configMapKeyRef, envFrom), configMap, secret,
-emptyDir and hostPath volumes bind-mounted at their mountPath, one network namespace
-per pod with its own address on a bridge, an /etc/hosts in which every pod's
+emptyDir and hostPath volumes bind-mounted at their mountPath, a private /tmp, one
+network namespace (and UTS namespace: its own hostname) per pod with its own address on a bridge, an /etc/hosts in which every pod's
 `<hostname>.<subdomain>.<namespace>.svc` name resolves (what cluster DNS gives a headless
 Service), real exit codes, the termination message from the log's tail
 (FallbackToLogsOnError), and deletion as SIGTERM, then SIGKILL after the grace period.
@@ -234,6 +234,12 @@ class PodRunner:
             script.append(f"mount --bind {shlex.quote(source)} {shlex.quote(target)}")
             if read_only:
                 script.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
+        # A private /tmp, as a container's own root filesystem gives it (after the volumes, whose
+        # host sources may lie under the host's /tmp).
+        private_tmp = root / "tmp"
+        private_tmp.mkdir(exist_ok=True)
+        private_tmp.chmod(0o1777)
+        script.append(f"mount --bind {shlex.quote(str(private_tmp))} /tmp")
         script.append(f"cd {shlex.quote(container.get('workingDir') or '/')}")
         script.append('exec "$@"')
         log = open(root / "container.log", "ab")
