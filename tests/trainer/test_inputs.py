@@ -335,3 +335,31 @@ def test_class_names_with_spaces_round_trip_inference_to_convert(tiny_coco, tmp_
     assert code == 0, err
     shard = json.loads(next((tmp_path / "results" / "convert" / "source").glob("*.json")).read_text())
     assert len(shard["annotations"]) == len(lines)
+
+
+@pytest.mark.parametrize("field, call", [
+    ("dataset.infer_data_sources.classmap", lambda path: __import__("deformable_detr.data.inference",
+                                                                     fromlist=["_"]).read_classmap(path)),
+    ("convert.mapping_path", lambda path: __import__("deformable_detr.data.kitti", fromlist=["_"]).read_mapping(path)),
+    ("convert.input_source", lambda path: __import__("deformable_detr.tasks.convert",
+                                                      fromlist=["_"]).read_input_source(path)),
+])
+def test_other_files_given_as_folders_or_missing(tmp_path, monkeypatch, field, call):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=rf"^{field}: {tmp_path} is a folder, expected a file"):
+        call(str(tmp_path))
+    with pytest.raises(UsageError) as caught:
+        call("missing.txt")
+    assert str(caught.value) == f"{field}: file not found: missing.txt (relative to {tmp_path})"
+
+
+def test_inference_image_dir_missing_or_a_file(tmp_path, monkeypatch):
+    from deformable_detr.data.inference import list_images
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"^dataset.infer_data_sources.image_dir: a.jpg is a file, expected a folder"):
+        list_images(["a.jpg"])
+    with pytest.raises(UsageError) as caught:
+        list_images(["frames"])
+    assert str(caught.value) == f"dataset.infer_data_sources.image_dir: folder not found: frames (relative to {tmp_path})"

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from ..config.schema import ExperimentConfig
-from ..errors import UsageError
+from ..errors import UsageError, relative_to_cwd
 from ..runtime.logging import get_logger
 from ..runtime.progress import progress
 from .images import UnreadableImageError, load_image, verify_image
@@ -26,7 +26,11 @@ def read_classmap(path: str) -> list[str]:
         with open(path, encoding="utf-8") as fh:
             names = [line.strip() for line in fh]
     except FileNotFoundError:
-        raise UsageError(f"dataset.infer_data_sources.classmap: file not found: {path}") from None
+        raise UsageError(f"dataset.infer_data_sources.classmap: file not found: {path}"
+                         + relative_to_cwd(path)) from None
+    except IsADirectoryError:
+        raise UsageError(f"dataset.infer_data_sources.classmap: {path} is a folder, expected a file "
+                         "(class names, one a line)") from None
     while names and not names[-1]:
         names.pop()
     if not names:
@@ -40,8 +44,11 @@ def read_classmap(path: str) -> list[str]:
 def list_images(folders: list[str]) -> list[str]:
     paths = []
     for folder in folders:
+        if os.path.isfile(folder):
+            raise UsageError(f"dataset.infer_data_sources.image_dir: {folder} is a file, expected a folder of images")
         if not os.path.isdir(folder):
-            raise UsageError(f"dataset.infer_data_sources.image_dir: not a folder: {folder}")
+            raise UsageError(f"dataset.infer_data_sources.image_dir: folder not found: {folder}"
+                             + relative_to_cwd(folder))
         paths += sorted(os.path.join(folder, name) for name in os.listdir(folder)
                         if name.lower().endswith(IMAGE_EXTENSIONS))
     return paths

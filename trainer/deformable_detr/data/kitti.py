@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 from PIL import Image
 
-from ..errors import UsageError
+from ..errors import UsageError, relative_to_cwd
 
 # TAO's default class mapping (source class, lower-cased -> target class).
 DEFAULT_MAPPING: dict[str, str] = {
@@ -43,7 +43,9 @@ def read_mapping(path: Optional[str]) -> dict[str, str]:
         with open(path, encoding="utf-8") as fh:
             raw = json.load(fh)
     except FileNotFoundError:
-        raise UsageError(f"convert.mapping_path: file not found: {path}") from None
+        raise UsageError(f"convert.mapping_path: file not found: {path}" + relative_to_cwd(path)) from None
+    except IsADirectoryError:
+        raise UsageError(f"convert.mapping_path: {path} is a folder, expected a file (JSON)") from None
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(raw, dict) or not raw:

@@ -13,7 +13,7 @@ import os
 from collections import Counter
 
 from ..config.schema import ConvertConfig, ExperimentConfig
-from ..errors import UsageError
+from ..errors import UsageError, relative_to_cwd
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from ..runtime.progress import progress
@@ -32,7 +32,10 @@ def read_input_source(path: str | None) -> list[str]:
         with open(path, encoding="utf-8") as fh:
             lines = [line.strip() for line in fh]
     except FileNotFoundError:
-        raise UsageError(f"convert.input_source: file not found: {path}") from None
+        raise UsageError(f"convert.input_source: file not found: {path}" + relative_to_cwd(path)) from None
+    except IsADirectoryError:
+        raise UsageError(f"convert.input_source: {path} is a folder, expected a file (.txt listing "
+                         "KITTI data-source folders)") from None
     base = os.path.dirname(os.path.abspath(path))
     folders = []
     for line_number, line in enumerate(lines, start=1):
