@@ -83,7 +83,7 @@ def test_two_node_job_trains_to_succeeded(ready):
     assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in status["conditions"])
     assert len(_worker_pods(cluster, name)) == 2
     # Epoch, loss and mAP in status, and the same figures in `kubectl get ddj`'s columns.
-    assert isinstance(progress["lastLoss"], float) and isinstance(progress["lastMap"], float)
+    assert isinstance(progress["lastLoss"], (int, float)) and isinstance(progress["lastMap"], (int, float))
     header, row = cluster.kubectl("get", "ddj", name).splitlines()[:2]
     columns = dict(zip(header.split(), row.split()))
     assert columns["PHASE"] == "Succeeded" and columns["EPOCH"] == status["epochs"]

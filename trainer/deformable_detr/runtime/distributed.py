@@ -243,6 +243,9 @@ def _recorded_exit_codes(folder: str) -> list[int]:
     return codes
 
 
+EXIT_KILLED = 128 + signal.SIGKILL
+
+
 def launcher_exit_code(torchrun_code: int, terminated: bool, worker_codes: Iterable[int]) -> int:
     """The launcher's exit code from torchrun's (1 on any worker failure) and the codes workers recorded.
 
@@ -264,6 +267,11 @@ def launcher_exit_code(torchrun_code: int, terminated: bool, worker_codes: Itera
     for retryable in (EXIT_DISK_FULL, EXIT_STORAGE_UNAVAILABLE, EXIT_PEER_LOST, EXIT_SIGTERM, 130):
         if retryable in codes:
             return retryable
+    if not codes:
+        # Every worker that exits on its own records its code; none did, so they were killed by a
+        # signal (the OOM killer's SIGKILL, a segfault): report it as a container runtime would
+        # (128 + 9), retryable, not as torchrun's blanket 1, which reads as permanent.
+        return EXIT_KILLED
     return torchrun_code
 
 
