@@ -2,24 +2,25 @@
 
 Both models get the same small configuration (ResNet-18 layout backbone without pretrained
 weights and frozen, as transformers freezes it, 2+2 layers, hidden 64, 4 levels, box refinement)
-and the same batch; the times are the best of interleaved repeats (medians kept in the JSON),
-so both see the same machine load. Ours runs twice: with the PyTorch reference attention (the
+and the same batch; each figure is min/median/max over interleaved repeats after a warm-up
+(the three models take turns, so they see the same machine load), and each speedup the
+min/median/max of the per-round ratios. Quote the median with its spread. Ours runs twice: with the PyTorch reference attention (the
 same algorithm as transformers' pure-PyTorch path) and with whatever `deformable_detr.ops`
 picks by default (a compiled CPU kernel when one builds here).
 Prints a table and writes bench/results/model_step.json.
 
-    OMP_NUM_THREADS=2 python3 bench/model_step.py [--image-size 128] [--batch 2] [--repeats 5]
+    OMP_NUM_THREADS=2 python3 bench/model_step.py [--image-size 128] [--batch 2] [--repeats 9] [--output F]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt, machine, ratio_spread, spread, time_interleaved, write_json  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model_step.json")
 HIDDEN, HEADS, QUERIES, CLASSES, LAYERS, FFN = 64, 8, 100, 4, 2, 256
@@ -96,59 +97,55 @@ def make_steps(size: int, count: int):
     return {"train": (our_train, hf_train), "inference": (our_infer, hf_infer)}
 
 
-def timed(step, impl: str | None) -> float:
-    if impl is None:
-        os.environ.pop("DDETR_MSDA_IMPL", None)
-    else:
-        os.environ["DDETR_MSDA_IMPL"] = impl
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
+def with_impl(step, impl: str | None):
+    """`step` run with DDETR_MSDA_IMPL set to `impl` (None: the default choice)."""
+    def action():
+        if impl is None:
+            os.environ.pop("DDETR_MSDA_IMPL", None)
+        else:
+            os.environ["DDETR_MSDA_IMPL"] = impl
+        step()
+    return action
 
 
 def main(argv=None) -> int:
+    load_at_start = os.getloadavg()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     from deformable_detr import ops
 
-    default_impl = ops.select_implementation(torch.device("cpu")) if hasattr(ops, "select_implementation") \
-        else "reference"
+    default_impl = ops.select_implementation(torch.device("cpu"))
     steps = make_steps(args.image_size, args.batch)
     rows = []
     for name, (our_step, hf_step) in steps.items():
-        for step, impl in ((our_step, "reference"), (our_step, None), (hf_step, "reference")):
-            timed(step, impl)  # warm-up
-        times = {"ours_reference": [], "ours_default": [], "transformers": []}
-        for _ in range(args.repeats):  # interleaved: the three see the same load
-            times["ours_reference"].append(timed(our_step, "reference"))
-            times["ours_default"].append(timed(our_step, None))
-            times["transformers"].append(timed(hf_step, "reference"))
-        # Best of the repeats: on a shared machine noise only ever adds time. Medians are kept too.
-        med = {k: min(v) for k, v in times.items()}
-        rows.append({"work": name, "batch": args.batch, "image_size": args.image_size,
-                     "ours_reference_s": med["ours_reference"], "ours_default_s": med["ours_default"],
-                     "ours_default_impl": default_impl, "transformers_s": med["transformers"],
-                     "median_s": {k: statistics.median(v) for k, v in times.items()},
-                     "speedup_reference": med["transformers"] / med["ours_reference"],
-                     "speedup_default": med["transformers"] / med["ours_default"]})
-    header = f"{'work':<10} {'ours (ref) s':>13} {'ours (' + default_impl + ') s':>16} {'transformers s':>15} " \
-             f"{'x (ref)':>8} {'x (' + default_impl + ')':>10}"
-    print(header)
+        times = time_interleaved({"ours_reference": with_impl(our_step, "reference"),
+                                  "ours_default": with_impl(our_step, None),
+                                  "transformers": with_impl(hf_step, "reference")}, args.repeats, warmup=1)
+        os.environ.pop("DDETR_MSDA_IMPL", None)
+        rows.append({"work": name, "batch": args.batch, "image_size": args.image_size, "repeats": args.repeats,
+                     "ours_default_impl": default_impl,
+                     "seconds": {k: spread(v) for k, v in times.items()},
+                     "speedup_reference": ratio_spread(times["transformers"], times["ours_reference"]),
+                     "speedup_default": ratio_spread(times["transformers"], times["ours_default"])})
+    info = machine(load_at_start)
+    print(f"{info['cpu_model']}, {info['torch_threads']} threads, load at start {info['load_at_start_1_5_15min']}; "
+          f"median (min-max) of {args.repeats} interleaved rounds")
+    print(f"{'work':<10} {'ours (ref) s':>20} {'ours (' + default_impl + ') s':>20} {'transformers s':>20} "
+          f"{'x (ref)':>18} {'x (' + default_impl + ')':>18}")
     for r in rows:
-        print(f"{r['work']:<10} {r['ours_reference_s']:>13.3f} {r['ours_default_s']:>16.3f} "
-              f"{r['transformers_s']:>15.3f} {r['speedup_reference']:>8.2f} {r['speedup_default']:>10.2f}")
-    print("x = transformers time / ours (above 1: ours is faster)")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    from deformable_detr.runtime.files import write_text_atomic
-
-    write_text_atomic(RESULTS, json.dumps({"config": {"hidden": HIDDEN, "heads": HEADS, "queries": QUERIES,
-                                                      "layers": LAYERS, "ffn": FFN, "backbone": "resnet_18 (frozen)"},
-                                           "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+        sec = r["seconds"]
+        print(f"{r['work']:<10} {fmt(sec['ours_reference'], 1, 3):>20} {fmt(sec['ours_default'], 1, 3):>20} "
+              f"{fmt(sec['transformers'], 1, 3):>20} {fmt(r['speedup_reference']):>18} {fmt(r['speedup_default']):>18}")
+    print("x = transformers time / ours, per round (above 1: ours is faster)")
+    write_json(args.output, {"machine": info, "config": {"hidden": HIDDEN, "heads": HEADS, "queries": QUERIES,
+                                                         "layers": LAYERS, "ffn": FFN,
+                                                         "backbone": "resnet_18 (frozen)"}, "rows": rows})
+    print(f"wrote {args.output}")
     return 0
 
 
