@@ -88,6 +88,11 @@ def _read_progress(cluster: Cluster, job: dict, read_secrets: bool) -> dict | No
     return read_status_json(uri, access)
 
 
+def _gang_restarts(status: dict) -> int:
+    """Restarts after failures and after disruptions (a Kueue suspend's new attempt is neither)."""
+    return int(status.get("restarts") or 0) + int(status.get("disruptions") or 0)
+
+
 def reconcile_once(cluster: Cluster, namespace: str, name: str, options: Options = Options()) -> None:
     """One pass for one job (blocking)."""
     job = cluster.get_job(namespace, name)
@@ -113,7 +118,7 @@ def reconcile_once(cluster: Cluster, namespace: str, name: str, options: Options
     changed = any(old_status.get(key) != value for key, value in decision.status.items())
     if changed and not deleted:
         cluster.patch_status(job, decision.status)
-    if decision.status.get("attempt", 0) > old_status.get("attempt", old_status.get("restarts", 0)):
+    if _gang_restarts(decision.status) > _gang_restarts(old_status):
         metrics.RESTARTS.labels(namespace=namespace).inc()
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
     for event in decision.events:

@@ -40,6 +40,20 @@ def test_missing_or_unreadable_status_is_no_progress(moto_s3, tmp_path):
     assert read_status_json(str(local), access) is None
 
 
+def test_one_s3_client_per_endpoint_and_credentials_is_reused(moto_s3):
+    """Making a boto3 client costs tens of ms of CPU: a pass must not make one each time."""
+    from ddetr_operator import progress
+    endpoint, _ = moto_s3
+    access = S3Access(endpoint=endpoint, access_key_id="k", secret_access_key="s")
+    assert progress._client(access) is progress._client(S3Access(endpoint=endpoint, access_key_id="k",
+                                                                 secret_access_key="s"))
+    assert progress._client(access) is not progress._client(S3Access(endpoint=endpoint, access_key_id="other",
+                                                                     secret_access_key="s"))
+    for i in range(progress.MAX_CLIENTS + 5):
+        progress._client(S3Access(endpoint=f"http://127.0.0.1:{i + 1}"))
+    assert len(progress._CLIENTS) == progress.MAX_CLIENTS
+
+
 def test_unreachable_store_is_no_progress():
     access = S3Access(endpoint="http://127.0.0.1:9", access_key_id="k", secret_access_key="s")
     assert read_status_json("s3://runs/a/status.json", access) is None
