@@ -39,3 +39,13 @@ def test_an_expired_lease_is_taken_over():
 
 def test_the_holder_stops_acting_before_another_may_take_over():
     assert TIMING.renew_deadline < TIMING.duration
+
+
+def test_a_replica_that_is_not_the_leader_runs_no_pass_but_remembers_jobs():
+    from ddetr_operator.handlers import Controller, Options
+    controller = Controller(cluster=None, options=Options(leader_namespace="ddetr-system"))
+    assert controller.leading is False
+    key = controller.remember({"metadata": {"namespace": "ml", "name": "demo"}, "status": {"phase": "Running"}})
+    controller.trigger(key)  # would need an event loop (and a cluster) if it started a pass
+    assert key in controller.jobs and not controller._running
+    assert Controller(cluster=None).leading is True  # no leader election: always acts
