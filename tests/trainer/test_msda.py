@@ -84,6 +84,31 @@ def test_cpu_kernel_gradcheck_float64(cpu_kernel, case):
 
 
 @needs_toolchain
+def test_cpu_backward_splits_queries_when_threads_outnumber_batch_times_heads(cpu_kernel):
+    """1 batch x 2 heads = 2 (batch, head) pairs on 8 threads: the backward also splits the
+    queries (4 slices per pair, each with its own grad_value buffer). Gradients stay exact
+    (gradcheck) and equal to the single-thread ones."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        [(7, 5), (4, 3)], 1, 2, 3, 9, 2, torch.float64, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        assert torch.autograd.gradcheck(
+            lambda v, loc, w: kernel_output(cpu_kernel, v, spatial_shapes, level_start_index, loc, w),
+            inputs, eps=1e-6, atol=1e-5)
+        split = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a),
+                                  [value, spatial_shapes, level_start_index, locations, weights])
+        torch.set_num_threads(1)
+        single = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a),
+                                   [value, spatial_shapes, level_start_index, locations, weights])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(split, single):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@needs_toolchain
 @pytest.mark.parametrize("case", range(len(RANDOM_CASES)))
 def test_cpu_kernel_matches_reference_float64(cpu_kernel, case):
     shapes, batch, heads, channels, queries, points = RANDOM_CASES[case]

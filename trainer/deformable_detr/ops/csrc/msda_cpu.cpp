@@ -3,7 +3,9 @@
 // Each sample is read straight from `value` and accumulated into the output row, so no
 // per-level sampled tensor is ever materialised. Work is split with at::parallel_for
 // (OpenMP in PyTorch builds): the forward over (batch, query, head) rows, the backward over
-// (batch, head) pairs, whose slices of grad_value are disjoint, so the scatter needs no atomics.
+// (batch, head) pairs, whose slices of grad_value are disjoint, so the scatter needs no atomics;
+// with more threads than pairs, also over slices of the queries, each slice scattering into its
+// own grad_value buffer (summed at the end).
 // The channel loops are vectorised; on x86-64 an AVX2+FMA copy is picked at run time.
 #include "msda.h"
 #include "msda_common.h"
@@ -12,6 +14,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -79,18 +82,26 @@ MSDA_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& args, int64_t begin, 
   }
 }
 
-// Backward of (batch, head) pairs [begin, end): their slices of grad_value are disjoint.
+// Backward of tasks [begin, end). A task is one (batch, head) pair and one of `chunks` slices of
+// its queries; different pairs write disjoint slices of grad_value, and the query slices of one
+// pair write their own copy of it (chunk 0: grad_value itself, chunk c: extra_grad_value[c - 1]),
+// summed afterwards, so the scatter needs no atomics.
 template <typename scalar_t>
-MSDA_ALWAYS_INLINE void backward_pairs(const Args<scalar_t>& args, int64_t begin, int64_t end) {
+MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, int64_t chunks,
+                                       at::opmath_type<scalar_t>* extra_grad_value, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = args.d;
   const scalar_t* value = args.value;
   const int64_t *shapes = args.shapes, *starts = args.starts;
-  acc_t* grad_value = args.grad_value;
   const int64_t pixel_stride = d.heads * d.channels;
-  for (int64_t pair = begin; pair < end; ++pair) {
+  const int64_t value_numel = d.batch * d.spatial * d.heads * d.channels;
+  const int64_t per_chunk = (d.queries + chunks - 1) / chunks;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t pair = task / chunks, chunk = task % chunks;
     const int64_t n = pair / d.heads, m = pair % d.heads;
-    for (int64_t q = 0; q < d.queries; ++q) {
+    acc_t* grad_value = chunk == 0 ? args.grad_value : extra_grad_value + (chunk - 1) * value_numel;
+    const int64_t q_end = std::min(d.queries, (chunk + 1) * per_chunk);
+    for (int64_t q = chunk * per_chunk; q < q_end; ++q) {
       const int64_t row = (n * d.queries + q) * d.heads + m;
       const scalar_t* grad_out = args.grad_output + row * d.channels;
       const acc_t* loc = args.locations + row * d.levels * d.points * 2;
@@ -142,9 +153,10 @@ __attribute__((target("avx2,fma"))) void forward_rows_avx2(const Args<scalar_t>&
 }
 
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void backward_pairs_avx2(const Args<scalar_t>& args, int64_t begin,
+__attribute__((target("avx2,fma"))) void backward_tasks_avx2(const Args<scalar_t>& args, int64_t chunks,
+                                                              at::opmath_type<scalar_t>* extra, int64_t begin,
                                                               int64_t end) {
-  backward_pairs<scalar_t>(args, begin, end);
+  backward_tasks<scalar_t>(args, chunks, extra, begin, end);
 }
 
 bool cpu_has_avx2() {
@@ -163,13 +175,22 @@ void forward_kernel(const Args<scalar_t>& args) {
   });
 }
 
+// Query slices per (batch, head) pair: enough tasks for every thread when there are fewer pairs
+// than threads (batch 2 x 8 heads = 16 pairs), each extra slice costing one more grad_value buffer.
+int64_t backward_chunks(const Dims& d) {
+  const int64_t pairs = d.batch * d.heads, threads = at::get_num_threads();
+  if (threads <= pairs || d.queries < 2) return 1;
+  const int64_t wanted = (threads + pairs - 1) / pairs;
+  return std::min<int64_t>({wanted, d.queries, 8});  // 8: bounds the extra memory
+}
+
 template <typename scalar_t>
-void backward_kernel(const Args<scalar_t>& args) {
-  at::parallel_for(0, args.d.batch * args.d.heads, 1, [&](int64_t begin, int64_t end) {
+void backward_kernel(const Args<scalar_t>& args, int64_t chunks, at::opmath_type<scalar_t>* extra) {
+  at::parallel_for(0, args.d.batch * args.d.heads * chunks, 1, [&](int64_t begin, int64_t end) {
 #ifdef MSDA_HAVE_AVX2_PATH
-    if (cpu_has_avx2()) return backward_pairs_avx2<scalar_t>(args, begin, end);
+    if (cpu_has_avx2()) return backward_tasks_avx2<scalar_t>(args, chunks, extra, begin, end);
 #endif
-    backward_pairs<scalar_t>(args, begin, end);
+    backward_tasks<scalar_t>(args, chunks, extra, begin, end);
   });
 }
 
@@ -203,6 +224,10 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value, const at::Ten
   auto grad_value = at::zeros(value.sizes(), value.options().dtype(sampling_locations.scalar_type()));
   auto grad_locations = at::zeros_like(sampling_locations);
   auto grad_weights = at::zeros_like(attention_weights);
+  const int64_t chunks = backward_chunks(d);
+  std::vector<int64_t> extra_sizes{chunks - 1};
+  extra_sizes.insert(extra_sizes.end(), value.sizes().begin(), value.sizes().end());
+  auto extra = chunks > 1 ? at::zeros(extra_sizes, grad_value.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> args{value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
@@ -210,7 +235,8 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value, const at::Ten
                         attention_weights.data_ptr<acc_t>(), nullptr, grad_output.data_ptr<scalar_t>(),
                         grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
                         grad_weights.data_ptr<acc_t>(), d};
-    backward_kernel<scalar_t>(args);
+    backward_kernel<scalar_t>(args, chunks, chunks > 1 ? extra.data_ptr<acc_t>() : nullptr);
   });
+  if (chunks > 1) grad_value.add_(extra.sum(0));
   return {grad_value, grad_locations, grad_weights};
 }
