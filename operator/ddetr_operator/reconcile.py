@@ -265,8 +265,12 @@ class _Pass:
         conditions = self.status["conditions"]
         was_true = any(c["type"] == PHASE_CONDITION[phase] and c.get("status") == "True" for c in conditions)
         for other in ACTIVE_CONDITIONS:
-            if other != PHASE_CONDITION[phase] and any(c["type"] == other for c in conditions):
-                conditions = set_condition(conditions, other, "False", reason, message, self.now)
+            previous = next((c for c in conditions if c["type"] == other), None)
+            if other != PHASE_CONDITION[phase] and previous is not None:
+                # Only the status flips: the reason and message keep saying why it last held (the
+                # preemption behind the last restart stays readable once the new gang runs).
+                conditions = set_condition(conditions, other, "False", previous.get("reason") or reason,
+                                           previous.get("message") or message, self.now)
         self.status["conditions"] = set_condition(conditions, PHASE_CONDITION[phase], "True", reason, message,
                                                   self.now)
         if self.status.get("phase") != phase or not was_true:

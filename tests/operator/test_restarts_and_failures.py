@@ -219,3 +219,17 @@ def test_network_policy_lets_the_gang_talk_on_its_ports_only(make_job):
     assert policy["spec"]["ingress"] == [{"from": [{"podSelector": gang}], "ports": [{"protocol": "TCP", "port": 29500}]},
                                          {"ports": [{"protocol": "TCP", "port": 9090}]}]
     assert render.render_network_policy(make_job()) is None
+
+
+def test_the_last_restarts_reason_stays_readable_once_the_new_gang_runs(make_job):
+    job = make_job(status=running_status(), runPolicy={"backoffLimit": 0})
+    observed = Observed(worker_jobs=[worker_job("demo", 0)], pods=[pod("demo", 0, 0, "Running"), disrupted(1)],
+                        **CHILDREN)
+    restarting = reconcile(job, observed, NOW).status
+    running = Observed(worker_jobs=[worker_job("demo", 0, "Failed"), worker_job("demo", 1)],
+                       pods=[pod("demo", 1, 0, "Running"), pod("demo", 1, 1, "Running")], **CHILDREN)
+    status = reconcile(make_job(status=restarting, runPolicy={"backoffLimit": 0}), running, LATER).status
+    assert status["phase"] == "Running"
+    restart = condition(status, "Restarting")
+    assert restart["status"] == "False" and restart["reason"] == "PreemptionByScheduler"
+    assert restart["lastTransitionTime"] == "2026-01-02T03:04:35Z"
