@@ -43,7 +43,9 @@ def test_training_jobs_pass_the_crd_schema_and_the_operator(epochs):
     render = pytest.importorskip("ddetr_operator.render")
     job = m.training_job(NAMESPACE, f"e2e-{epochs}", num_epochs=epochs)
     jsonschema.validate(job, _crd_schema())
-    experiment = validate.validate_job(job["metadata"]["name"], job["spec"])
+    # The suite's installs allow the dataset's hostPath (trainer.allowedHostPaths), as an admin would.
+    policy = validate.Policy(allowed_host_paths=(m.DATA_HOST_PATH,))
+    experiment = validate.validate_job(job["metadata"]["name"], job["spec"], policy)
     assert experiment.results_dir == f"s3://{m.BUCKET}/e2e-{epochs}"
     job["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
     worker_job = render.render_worker_job(job, attempt=0)
