@@ -1,0 +1,106 @@
+"""The README's benchmark figures for bench/msda.py and bench/model_step.py, rendered from the
+JSON those benches wrote to bench/results/, so that the README cannot drift from them.
+
+    python3 scripts/readme_figures.py           # print the rows
+    python3 scripts/readme_figures.py --check   # exit 1 when README.md differs (a test runs this)
+    python3 scripts/readme_figures.py --write   # replace the rows in README.md after re-running a bench
+
+Each row is a line of the Benchmarks table starting with "| `bench/<name>.py`"; figures are
+medians with their min-max over the repeats, and the load at the start of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+RESULTS = REPO / "bench" / "results"
+
+
+def x(stats: dict) -> str:
+    return f"{stats['median']:.2f}x ({stats['min']:.2f}-{stats['max']:.2f})"
+
+
+def machine_note(info: dict) -> str:
+    load = info["load_at_start_1_5_15min"][0]
+    return f"{info['cpu_cores']}-core {info['cpu_model']}, {info['torch_threads']} threads, load {load:.1f} at start"
+
+
+def msda_row(data: dict) -> str:
+    rows = {(r["case"], r["implementation"]): r for r in data["rows"] if r["device"] == "cpu" and r["dtype"] == "float32"}
+    encoder, decoder = rows[("encoder", "cpu")], rows[("decoder", "cpu")]
+    image = "x".join(map(str, data["image"]))
+    c = data["config"]
+    text = (f"| `bench/msda.py` (batch {c['batch']}, {c['heads']} heads x {c['channels']}, {len(data['levels'])} levels "
+            f"of an {image} image, {c['points']} points) | compiled CPU kernel vs the PyTorch reference in the same "
+            f"run, median (min-max) of {encoder['repeats']} rounds: encoder ({encoder['queries']:,} queries) forward "
+            f"{x(encoder['forward_speedup'])}, forward+backward {x(encoder['forward_backward_speedup'])}; decoder "
+            f"({decoder['queries']} queries) forward {x(decoder['forward_speedup'])}, forward+backward "
+            f"{x(decoder['forward_backward_speedup'])}")
+    scaling = data.get("thread_scaling")
+    if scaling and len(scaling) > 1:
+        text += "; encoder by threads, forward+backward: " + ", ".join(
+            f"{s['threads']}: {s['forward_backward_s']['median'] * 1e3:.0f} ms" for s in scaling)
+    return text + f" ({machine_note(data['machine'])}) |"
+
+
+def model_step_row(data: dict) -> str:
+    rows = {r["work"]: r for r in data["rows"]}
+    train, infer = rows["train"], rows["inference"]
+    impl = train["ours_default_impl"]
+    return (f"| `bench/model_step.py` (small config, batch {train['batch']}, {train['image_size']} px) | vs "
+            f"transformers' DeformableDetr, median (min-max) of {train['repeats']} interleaved rounds: training step "
+            f"{x(train['speedup_default'])}, inference {x(infer['speedup_default'])} faster with the {impl} "
+            f"kernel; with the PyTorch reference attention instead: {x(train['speedup_reference'])} / "
+            f"{x(infer['speedup_reference'])} ({machine_note(data['machine'])}) |")
+
+
+RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row)}
+
+
+def expected_rows() -> dict[str, str]:
+    return {name: render(json.loads((RESULTS / file).read_text())) for name, (file, render) in RENDERERS.items()}
+
+
+def readme_rows(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        for name in RENDERERS:
+            if line.startswith(f"| `{name}`"):
+                found[name] = line
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--check", action="store_true")
+    group.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    expected = expected_rows()
+    text = README.read_text()
+    current = readme_rows(text)
+    if args.write:
+        for name, line in expected.items():
+            if name not in current:
+                print(f"README.md has no row for {name} in the Benchmarks table", file=sys.stderr)
+                return 1
+            text = text.replace(current[name], line)
+        README.write_text(text)
+        print("README.md rows updated")
+        return 0
+    if args.check:
+        stale = [name for name, line in expected.items() if current.get(name) != line]
+        for name in stale:
+            print(f"README.md row for {name} differs from bench/results:\n  README:   {current.get(name)}\n"
+                  f"  expected: {expected[name]}\n(run: python3 scripts/readme_figures.py --write)", file=sys.stderr)
+        return 1 if stale else 0
+    print("\n".join(expected.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The README's figures for bench/msda.py and bench/model_step.py are the ones in bench/results/
+(scripts/readme_figures.py renders them), and those JSON files carry the spread, the machine and
+the same-run reference."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_figures_match_bench_results():
+    result = subprocess.run([sys.executable, str(REPO / "scripts/readme_figures.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_bench_results_carry_spread_machine_and_reference():
+    msda = json.loads((REPO / "bench/results/msda.json").read_text())
+    assert {"cpu_model", "cpu_cores", "load_at_start_1_5_15min", "versions"} <= set(msda["machine"])
+    implementations = {r["implementation"] for r in msda["rows"]}
+    assert {"reference", "cpu"} <= implementations
+    for row in msda["rows"]:
+        for key in ("forward_s", "forward_backward_s", "forward_speedup", "forward_backward_speedup"):
+            stats = row[key]
+            assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5, (key, stats)
+    step = json.loads((REPO / "bench/results/model_step.json").read_text())
+    assert "load_at_start_1_5_15min" in step["machine"]
+    for row in step["rows"]:
+        for stats in list(row["seconds"].values()) + [row["speedup_default"], row["speedup_reference"]]:
+            assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5
