@@ -5,6 +5,7 @@ server's own validation (schema, strict fields, CEL), the Job controller and the
 collector, exit codes and disruptions through KWOK, and operator restarts."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -182,13 +183,24 @@ def test_name_too_long_and_spec_changes_are_refused_by_cel_rules(local):
     cluster.kubectl("delete", "ddj", name, "--wait=true", timeout=60)
 
 
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+@contextlib.contextmanager
+def namespace_with_operator(cluster, prefix: str, release: str, labels: dict[str, str] | None = None):
+    """A fresh namespace with its own namespaced install of the chart and its operator running."""
+    namespace = _new_namespace(cluster, prefix, labels)
+    install_chart(cluster, release, namespace, [namespace])
+    operator = cluster.start_operator(f"{release}-operator", namespace, [namespace])
+    try:
+        yield namespace
+    finally:
+        operator.stop()
+
+
 def test_restricted_pod_security_namespace_admits_the_trainer_pods(local):
     cluster = local
-    namespace = _new_namespace(cluster, "restricted", {"pod-security.kubernetes.io/enforce": "restricted",
-                                                       "pod-security.kubernetes.io/enforce-version": "latest"})
-    install_chart(cluster, "ddetr-rs", namespace, [namespace])
-    operator = cluster.start_operator("ddetr-rs-operator", namespace, [namespace])
-    try:
+    with namespace_with_operator(cluster, "restricted", "ddetr-rs", RESTRICTED) as namespace:
         name = "kwok-restricted"
         cluster.apply([_kwok_job(cluster, name, namespace=namespace)], namespace=namespace)
         pods = _running_pods(cluster, name, 2, namespace=namespace)
@@ -197,8 +209,6 @@ def test_restricted_pod_security_namespace_admits_the_trainer_pods(local):
             assert context.get("runAsNonRoot") is True
         failed_create = [e for e in events_of(cluster, f"{name}-a0", namespace) if e["reason"] == "FailedCreate"]
         assert not failed_create, failed_create
-    finally:
-        operator.stop()
 
 
 def test_cluster_wide_install_runs_jobs_in_any_namespace(local):

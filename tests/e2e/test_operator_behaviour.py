@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import REPO, events_of, install_chart, job_status
-from test_local_cluster import (PHASE_TIMEOUT, _children, _end_pod, _kwok_job, _new_namespace, _pods, _running_pods,
-                                _wait_phase, local)  # noqa: F401 - `local` is the module fixture
+from test_local_cluster import (PHASE_TIMEOUT, RESTRICTED, _children, _end_pod, _kwok_job, _new_namespace, _pods,
+                                _running_pods, _wait_phase, local, namespace_with_operator)  # noqa: F401 - `local` is the module fixture
 
 from ddetr_operator import render
 from ddetr_operator.validate import validate_job
@@ -91,11 +91,7 @@ def test_an_unschedulable_gang_is_reported_and_the_startup_deadline_fails_it(loc
 
 def test_a_pod_security_rejection_is_reported(local):
     cluster = local
-    namespace = _new_namespace(cluster, "baseline", {"pod-security.kubernetes.io/enforce": "restricted",
-                                                     "pod-security.kubernetes.io/enforce-version": "latest"})
-    install_chart(cluster, "ddetr-ps", namespace, [namespace])
-    operator = cluster.start_operator("ddetr-ps-operator", namespace, [namespace])
-    try:
+    with namespace_with_operator(cluster, "baseline", "ddetr-ps", RESTRICTED) as namespace:
         name = "kwok-host-network"
         cluster.apply([_kwok_job(cluster, name, namespace=namespace, podTemplate={"spec": {"hostNetwork": True}})],
                       namespace=namespace)
@@ -104,8 +100,6 @@ def test_a_pod_security_rejection_is_reported(local):
         assert "PodSecurity" in message and "host namespaces" in message, message
         assert any(e["reason"] == "FailedCreate" and e["type"] == "Warning"
                    for e in events_of(cluster, name, namespace))
-    finally:
-        operator.stop()
 
 
 def test_network_policy_and_pod_template_are_accepted(local):
