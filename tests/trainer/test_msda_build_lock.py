@@ -50,7 +50,7 @@ def read_until_waiting(worker: subprocess.Popen) -> list[str]:
 
 
 def finish(worker: subprocess.Popen, earlier_stderr: list[str]) -> tuple[str, str]:
-    stdout, stderr = worker.communicate(timeout=120)
+    stdout, stderr = worker.communicate(timeout=600)  # a real CPU build takes minutes on a loaded 2-core machine
     stderr = "".join(earlier_stderr) + stderr
     assert worker.returncode == 0, stderr
     return stdout, stderr
