@@ -239,6 +239,25 @@ def test_a_failed_attempt_keeps_the_completed_runs_status_and_spec(tiny_coco, tm
     assert [r["exit_code"] for r in failed] == [2, 2] and "wrong key" in failed[1]["error"]
 
 
+def test_a_failed_attempt_keeps_the_remote_spec_of_a_completed_run(tiny_coco, tmp_path, write_spec, bucket, capsys):
+    """The same with results in S3: the experiment.yaml there is put back after a refused attempt."""
+    kept = b"# the completed run's spec\n"
+    storage.write_bytes(f"{bucket}/r/train/experiment.yaml", kept)
+    storage.write_bytes(f"{bucket}/r/train/status.json", b'{"state": "finished"}')
+    bad_data = _one_epoch_spec(tiny_coco, tmp_path / "unused")
+    bad_data["results_dir"] = f"{bucket}/r"
+    bad_data["dataset"]["train_data_sources"] = [{"image_dir": str(tmp_path / "nowhere"),
+                                                  "json_file": str(tmp_path / "nowhere.json")}]
+    assert train_cli(write_spec, bad_data, name="bad.yaml") == 2
+    assert "nowhere" in _last_error_line(capsys)
+    assert storage.read_bytes(f"{bucket}/r/train/experiment.yaml") == kept
+    assert storage.read_bytes(f"{bucket}/r/train/status.json") == b'{"state": "finished"}'
+    # A first attempt that is refused leaves no spec behind either.
+    bad_data["results_dir"] = f"{bucket}/fresh"
+    assert train_cli(write_spec, bad_data, name="bad2.yaml") == 2
+    assert not storage.exists(f"{bucket}/fresh/train/experiment.yaml")
+
+
 def test_a_fresh_run_starts_a_fresh_log(tiny_coco, tmp_path, write_spec):
     spec = _one_epoch_spec(tiny_coco, tmp_path / "r")
     spec["train"]["auto_resume"] = False

@@ -100,7 +100,12 @@ def write_effective_spec(spec, task: str) -> Optional[_FolderBefore]:
         return None
     folder = task_results_dir(spec, task).rstrip("/")
     before = None
-    if not storage.is_remote(folder):
+    if storage.is_remote(folder):
+        # An object store has no folders to take back; what it held is listed and kept instead.
+        path = f"{folder}/{EFFECTIVE_SPEC}"
+        previous = storage.read_bytes(path) if storage.exists(path) else None
+        before = _FolderBefore(folder, [], set(storage.list_files(folder)), previous)
+    else:
         created, parent = [], os.path.abspath(folder)
         while parent and not os.path.exists(parent):
             created.append(parent)
@@ -115,6 +120,21 @@ def write_effective_spec(spec, task: str) -> Optional[_FolderBefore]:
 
 def undo_effective_spec(before: Optional[_FolderBefore]) -> None:
     """Put the folder back as it was, unless the task has written something else there."""
+    from .runtime import storage
+
+    if before is not None and storage.is_remote(before.folder):
+        from .runtime.training_log import LOG_NAME
+
+        path = f"{before.folder}/{EFFECTIVE_SPEC}"
+        # The training log records the refused attempt itself; anything else new means the task ran.
+        ignored = {path, f"{before.folder}/{LOG_NAME}"}
+        if set(storage.list_files(before.folder)) - ignored != before.names - ignored:
+            return
+        if before.previous_spec is not None:
+            storage.write_bytes(path, before.previous_spec)
+        else:
+            storage.delete(path)
+        return
     if before is None or not os.path.isdir(before.folder):
         return
     if set(os.listdir(before.folder)) - {EFFECTIVE_SPEC} != before.names - {EFFECTIVE_SPEC}:

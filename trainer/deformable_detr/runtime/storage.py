@@ -301,6 +301,17 @@ def exists(path: str) -> bool:
     return True
 
 
+def delete(path: str) -> None:
+    """Remove the file or S3 object; one that is not there counts as removed."""
+    _check_scheme(path)
+    if not is_s3(path):
+        if os.path.isfile(path):
+            os.remove(path)
+        return
+    bucket, key = split_s3(path)
+    _s3_call(path, lambda c: c.delete_object(Bucket=bucket, Key=key))
+
+
 def _is_partial_local(name: str) -> bool:
     # Temporary files of `atomic_path` (".<name>.<random>.tmp") are writes still in progress.
     return name.startswith(".") and name.endswith(".tmp")
