@@ -4,7 +4,7 @@ local processes, with the project's own Python environment instead of the image.
 
 What is real: the pod objects, scheduling, the container's command, args and env (with
 $(VAR) expansion, fieldRef, secretKeyRef, configMapKeyRef, envFrom), configMap, secret,
-emptyDir and hostPath volumes bind-mounted at their mountPath, a private /tmp, one
+emptyDir and hostPath volumes bind-mounted at their mountPath, a private TMPDIR, one
 network namespace (and UTS namespace: its own hostname) per pod with its own address on a bridge, an /etc/hosts in which every pod's
 `<hostname>.<subdomain>.<namespace>.svc` name resolves (what cluster DNS gives a headless
 Service), real exit codes, the termination message from the log's tail
@@ -223,6 +223,11 @@ class PodRunner:
         (hosts_dir / "hosts").write_text("127.0.0.1 localhost\n")
         self.write_hosts()
         env.setdefault("HOSTNAME", (pod["spec"].get("hostname") or meta["name"])[:63])
+        # A temporary folder of its own, as a container's own root filesystem gives it. Through
+        # TMPDIR, not a mount over /tmp: the project's environment may itself live under /tmp.
+        private_tmp = root / "tmp"
+        private_tmp.mkdir(exist_ok=True)
+        env.setdefault("TMPDIR", str(private_tmp))
         # Bind-mount the volumes in the pod's own mount namespace (ip netns exec makes one), then exec.
         # Its own UTS namespace too: the pod's hostname resolves to its own address (gloo and
         # NCCL pick their interface from it), as in a real pod.
@@ -234,12 +239,6 @@ class PodRunner:
             script.append(f"mount --bind {shlex.quote(source)} {shlex.quote(target)}")
             if read_only:
                 script.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
-        # A private /tmp, as a container's own root filesystem gives it (after the volumes, whose
-        # host sources may lie under the host's /tmp).
-        private_tmp = root / "tmp"
-        private_tmp.mkdir(exist_ok=True)
-        private_tmp.chmod(0o1777)
-        script.append(f"mount --bind {shlex.quote(str(private_tmp))} /tmp")
         script.append(f"cd {shlex.quote(container.get('workingDir') or '/')}")
         script.append('exec "$@"')
         log = open(root / "container.log", "ab")
