@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -280,7 +279,3 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def secret_data(secret: dict) -> dict[str, str]:
-    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}

@@ -9,6 +9,7 @@ under `<state>/logs`, which the pytest fixture shows for a failed test.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -98,7 +99,7 @@ class LocalCluster:
         # etcd's data in memory: the cluster lives as long as the test session.
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.state
-        return base / f"ddetr-etcd-{abs(hash(str(self.state))) % 10**8}"
+        return base / f"ddetr-etcd-{hashlib.sha256(str(self.state).encode()).hexdigest()[:12]}"
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> Component:
         log = self.log_dir / f"{name}.log"
