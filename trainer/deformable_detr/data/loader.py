@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 from typing import Any, Optional
 
@@ -43,8 +44,11 @@ class SeededSamples(Dataset):
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """Loader workers leave SIGTERM and SIGINT to the main process: sent to the whole process
     group (timeout, Slurm, Ctrl-C), they would otherwise kill the workers before the main
-    process could save its checkpoint. Workers still exit with their main process."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    process could save its checkpoint. So each worker moves to a process group of its own and
+    ignores SIGINT; a SIGTERM sent to the worker itself still ends it, as the DataLoader's
+    shutdown and multiprocessing's exit handler need (a worker ignoring SIGTERM hung its main
+    process at exit). Workers still exit with their main process."""
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
