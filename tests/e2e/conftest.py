@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-import e2e_manifests as m
-from kube_target import CHART, Cluster, LocalTarget
-
 REPO = Path(__file__).resolve().parents[2]
-TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
 sys.path.insert(0, str(REPO / "tests" / "localcluster"))
+
+import e2e_manifests as m  # noqa: E402
+from kube_target import CHART, Cluster, LocalTarget  # noqa: E402
+
+TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
 RELEASE = "ddetr"
 OPERATOR_SA = "ddetr-operator"  # the chart's fullnameOverride in these tests: its ServiceAccount's name
 

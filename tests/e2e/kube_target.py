@@ -154,9 +154,10 @@ class OperatorProcess:
                "DDETR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{_free_port()}/healthz",
                "DDETR_RECONCILE_INTERVAL": "2", **self.extra_env}
         handle = open(self.log, "ab")
+        from controlplane import _die_with_parent  # tests/localcluster: a killed suite leaves no operator
         self.process = subprocess.Popen([sys.executable, "-m", "ddetr_operator"], stdout=handle,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         handle.close()
         # Fail here, with its words, rather than later as a job that never moves.
         deadline = time.monotonic() + 60
