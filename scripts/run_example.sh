@@ -2,7 +2,7 @@
 # Set up a fresh machine and run the whole path on the embedded example:
 # make data -> convert (KITTI copy) -> train (on the converted shards) -> evaluate -> inference
 # -> export (ONNX, checked with onnxruntime).
-#   EPOCHS=30 bash scripts/run_example.sh     # longer training (default 6 epochs: about 5 minutes on 2 cores)
+#   EPOCHS=30 bash scripts/run_example.sh     # longer training (default 6 epochs: 6 to 10 minutes on 2 cores)
 #   PYTHON=.venv/bin/python bash scripts/run_example.sh    # in a virtual environment (no need to activate it)
 #   SKIP_INSTALL=1 bash scripts/run_example.sh             # run again without reinstalling
 set -euo pipefail
