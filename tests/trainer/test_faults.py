@@ -84,15 +84,20 @@ def test_a_full_disk_is_one_line_exit_202_and_the_old_file_stays(tmp_path, monke
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["status.json"]
 
 
-def test_a_full_disk_during_training_exits_202_in_one_line(tiny_coco, tmp_path, write_spec, monkeypatch, capsys):
+def _disk_full_on_renaming_to(suffix: str, monkeypatch) -> None:
+    """The atomic writes' final rename of a file ending in `suffix` fails with ENOSPC."""
     real_replace = os.replace
 
     def replace(src, dst):
-        if str(dst).endswith(".pth"):
+        if str(dst).endswith(suffix):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
     monkeypatch.setattr(files.os, "replace", replace)
+
+
+def test_a_full_disk_during_training_exits_202_in_one_line(tiny_coco, tmp_path, write_spec, monkeypatch, capsys):
+    _disk_full_on_renaming_to(".pth", monkeypatch)
     spec = _one_epoch_spec(tiny_coco, tmp_path / "r")
     assert train_cli(write_spec, spec) == 202
     line = _last_error_line(capsys)
@@ -298,14 +303,7 @@ def test_a_full_disk_during_evaluate_exits_202_in_one_line(tiny_coco, tmp_path, 
     model, _, _ = build_model(spec_from_dict({"model": TINY_MODEL, "dataset": {"num_classes": 4}}))
     weights = str(tmp_path / "model.pth")
     save_object({"model": model.state_dict(), "epoch": 0, "step": 1}, weights)
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith("results.json"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(files.os, "replace", replace)
+    _disk_full_on_renaming_to("results.json", monkeypatch)
     assert main(["evaluate", "-e", write_spec(tiny_spec(tiny_coco, tmp_path / "r", weights))]) == 202
     line = _last_error_line(capsys)
     assert line.startswith("deformable-detr evaluate: error: no space left on device writing ")
