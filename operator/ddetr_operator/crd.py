@@ -262,7 +262,9 @@ def job_spec_schema() -> dict:
         "schedulerName": _str("scheduler of the trainer pods"),
         "priorityClassName": _str("priority class of the trainer pods"),
         "gangScheduling": _obj({
-            "scheduler": _str("gang scheduler whose PodGroup to create", enum=GANG_SCHEDULERS),
+            "scheduler": _str("gang scheduler whose PodGroup to create: kubernetes (the cluster's own scheduler, "
+                              "scheduling.k8s.io/v1beta1, 1.37+ with the GenericWorkload feature gate), volcano or "
+                              "scheduler-plugins", enum=GANG_SCHEDULERS),
             "minAvailable": _int("pods that must be schedulable together: must equal nodes (a torchrun gang starts "
                                  "only whole); leave it out", minimum=1),
             "scheduleTimeoutSeconds": _int("scheduler-plugins: give up co-scheduling after this", minimum=1),

@@ -45,7 +45,9 @@ def load_api_client() -> kubernetes.client.ApiClient:
 def describe(action: Action, job_name: str) -> str:
     """The request an action makes, for messages: "create Job demo-a0"."""
     if isinstance(action, Create):
-        return f"create {action.manifest['kind']} {action.manifest['metadata']['name']}"
+        # PodGroups come from three APIs: the version says which one a 404 is missing.
+        api = f" ({action.manifest['apiVersion']})" if action.manifest["kind"] == "PodGroup" else ""
+        return f"create {action.manifest['kind']} {action.manifest['metadata']['name']}{api}"
     if isinstance(action, DeleteWorkerJob):
         return f"delete Job {action.name}"
     if isinstance(action, SetSuspend):

@@ -65,7 +65,8 @@ DEFAULT_POD_SECURITY_CONTEXT = {
 }
 DEFAULT_CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
-PODGROUP_API = {"volcano": "scheduling.volcano.sh/v1beta1", "scheduler-plugins": "scheduling.x-k8s.io/v1alpha1"}
+PODGROUP_API = {"kubernetes": "scheduling.k8s.io/v1beta1", "volcano": "scheduling.volcano.sh/v1beta1",
+                "scheduler-plugins": "scheduling.x-k8s.io/v1alpha1"}
 DEFAULT_GANG_SCHEDULER_NAME = {"volcano": "volcano", "scheduler-plugins": "scheduler-plugins-scheduler"}
 
 
@@ -151,7 +152,15 @@ def render_podgroup(job: Mapping[str, Any]) -> dict | None:
         return None
     scheduler = gang["scheduler"]
     # The whole gang or nothing: torchrun cannot start with part of it (validate refuses another minAvailable).
-    spec: dict[str, Any] = {"minMember": job["spec"].get("nodes", 1)}
+    nodes = job["spec"].get("nodes", 1)
+    if scheduler == "kubernetes":
+        # A standalone PodGroup (no Workload): the pods name it in spec.schedulingGroup.
+        spec: dict[str, Any] = {"schedulingPolicy": {"gang": {"minCount": nodes}}}
+        if job["spec"].get("priorityClassName"):
+            spec["priorityClassName"] = job["spec"]["priorityClassName"]
+        return {"apiVersion": PODGROUP_API[scheduler], "kind": "PodGroup",
+                "metadata": _metadata(job, podgroup_name(job["metadata"]["name"]), "podgroup"), "spec": spec}
+    spec = {"minMember": nodes}
     if scheduler == "volcano" and job["spec"].get("priorityClassName"):
         spec["priorityClassName"] = job["spec"]["priorityClassName"]
     if scheduler == "scheduler-plugins" and gang.get("scheduleTimeoutSeconds"):
@@ -258,11 +267,14 @@ def render_worker_job(job: Mapping[str, Any], attempt: int, suspend: bool = Fals
                                                   DEFAULT_TERMINATION_GRACE_SECONDS)}
     gang = spec.get("gangScheduling")
     if gang:
-        if gang["scheduler"] == "volcano":
+        if gang["scheduler"] == "kubernetes":
+            pod_spec["schedulingGroup"] = {"podGroupName": podgroup_name(meta["name"])}  # default scheduler
+        elif gang["scheduler"] == "volcano":
             annotations["scheduling.k8s.io/group-name"] = podgroup_name(meta["name"])
+            pod_spec["schedulerName"] = DEFAULT_GANG_SCHEDULER_NAME["volcano"]
         else:
             pod_labels["scheduling.x-k8s.io/pod-group"] = podgroup_name(meta["name"])
-        pod_spec["schedulerName"] = DEFAULT_GANG_SCHEDULER_NAME[gang["scheduler"]]
+            pod_spec["schedulerName"] = DEFAULT_GANG_SCHEDULER_NAME["scheduler-plugins"]
     for field in ("schedulerName", "priorityClassName", "serviceAccountName", "nodeSelector", "tolerations",
                   "affinity", "imagePullSecrets"):
         if spec.get(field):

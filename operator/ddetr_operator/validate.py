@@ -24,7 +24,8 @@ _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 TASKS = ["train", "evaluate", "inference", "export", "convert", "gen_trt_engine"]
 CLEAN_POD_POLICIES = ["None", "Running", "All"]
-GANG_SCHEDULERS = ["volcano", "scheduler-plugins"]
+# "kubernetes": the cluster's own scheduler with the GenericWorkload feature (scheduling.k8s.io/v1beta1 PodGroup).
+GANG_SCHEDULERS = ["kubernetes", "volcano", "scheduler-plugins"]
 
 # Where the operator's allow-list of hostPath prefixes comes from, for messages.
 HOST_PATH_SETTING = ("the chart value trainer.allowedHostPaths (operator option --allowed-host-path, "

@@ -89,6 +89,60 @@ def test_an_unschedulable_gang_is_reported_and_the_startup_deadline_fails_it(loc
     assert failed["reason"] == "StartupDeadlineExceeded" and "Unschedulable" in failed["message"]
 
 
+def _bound(pods: list[dict]) -> list[str]:
+    return sorted(p["metadata"]["name"] for p in pods if p["spec"].get("nodeName"))
+
+
+def test_kubernetes_gang_scheduling_binds_the_whole_gang_or_nothing(local):
+    """Kubernetes' own gang scheduling (scheduling.k8s.io/v1beta1 PodGroup, the scheduler's
+    GangScheduling plugin), against the same job without it in the same cluster: with one GPU of
+    the 16 taken, a 2 x 8-GPU gang cannot fit; without a gang one rank binds and holds 8 GPUs for
+    a rendezvous that never comes, with it no rank binds until both fit."""
+    cluster = local
+    served = cluster.kubectl("api-resources", "--api-group=scheduling.k8s.io", "-o", "name", namespaced=False)
+    assert "podgroups.scheduling.k8s.io" in served.split(), served
+    blocker = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-blocker"},
+               "spec": {"nodeName": "kwok-gpu-0", "containers": [{
+                   "name": "c", "image": "example.invalid/blocker",
+                   "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+    cluster.apply([blocker])
+    try:
+        cluster.wait_until("the blocker running", lambda: cluster.get("pod", "gpu-blocker")["status"].get(
+            "phase") == "Running", PHASE_TIMEOUT, every=1)
+        # The reference: no gang scheduling, one rank binds.
+        plain = "kwok-no-gang"
+        cluster.apply([_kwok_job(cluster, plain, gpusPerNode=8)])
+        _wait_condition(cluster, plain, "Stalled", "Unschedulable")
+        assert len(_bound(_pods(cluster, plain))) == 1
+        cluster.kubectl("delete", "ddj", plain, "--wait=true")
+        cluster.wait_until(f"{plain}'s pods gone", lambda: not _pods(cluster, plain), PHASE_TIMEOUT, every=1)
+
+        name = "kwok-k8s-gang"
+        cluster.apply([_kwok_job(cluster, name, gpusPerNode=8, gangScheduling={"scheduler": "kubernetes"})])
+        status = _wait_condition(cluster, name, "Stalled", "Unschedulable")
+        assert "minCount (2)" in _condition(status, "Stalled")["message"] or "nvidia.com/gpu" in _condition(
+            status, "Stalled")["message"]
+        pods = _pods(cluster, name)
+        assert len(pods) == 2 and _bound(pods) == [], [p["spec"].get("nodeName") for p in pods]
+        assert all(p["spec"]["schedulingGroup"] == {"podGroupName": name} for p in pods)
+        group = cluster.get("podgroups.scheduling.k8s.io", name)
+        assert group["spec"]["schedulingPolicy"] == {"gang": {"minCount": 2}}
+        assert group["metadata"]["ownerReferences"][0]["name"] == name
+
+        cluster.kubectl("delete", "pod", "gpu-blocker", "--grace-period=0", "--force")
+        pods = _running_pods(cluster, name, 2)
+        assert {p["spec"]["nodeName"] for p in pods} == {"kwok-gpu-0", "kwok-gpu-1"}
+        for pod in pods:
+            _end_pod(cluster, pod, code=0)
+        _wait_phase(cluster, name, "Succeeded")
+        # The PodGroup goes with its job (the API server's PodGroupProtection finalizer is lifted).
+        cluster.kubectl("delete", "ddj", name, "--wait=true")
+        cluster.wait_until(f"{name}'s PodGroup gone", lambda: cluster.kubectl(
+            "get", "podgroups.scheduling.k8s.io", name, check=False).returncode != 0, PHASE_TIMEOUT, every=1)
+    finally:
+        cluster.kubectl("delete", "pod", "gpu-blocker", "--ignore-not-found", "--grace-period=0", "--force")
+
+
 def test_a_pod_security_rejection_is_reported(local):
     cluster = local
     with namespace_with_operator(cluster, "baseline", "ddetr-ps", RESTRICTED) as namespace:

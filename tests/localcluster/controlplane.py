@@ -37,7 +37,10 @@ KWOK_NODE_IP = "10.215.0.1"
 CONTROLLERS = ("job-controller", "garbage-collector-controller", "namespace-controller",
                "serviceaccount-controller", "ttl-after-finished-controller", "pod-garbage-collector-controller",
                "root-ca-certificate-publisher-controller", "resourcequota-controller", "disruption-controller",
-               "taint-eviction-controller")
+               "taint-eviction-controller", "podgroup-protection-controller")
+# Kubernetes' own gang scheduling (scheduling.k8s.io/v1beta1 Workload/PodGroup, the scheduler's
+# GangScheduling plugin, pods' spec.schedulingGroup) is beta in 1.37 but off by default.
+FEATURE_GATES = "--feature-gates=GenericWorkload=true"
 KWOK_NODE_LABEL = "type"
 KWOK_NODE_VALUE = "kwok"
 GPUS_PER_KWOK_NODE = 8
@@ -159,6 +162,7 @@ class LocalCluster:
                                               "OwnerReferencesPermissionEnforcement,ResourceQuota,LimitRanger,"
                                               "DefaultTolerationSeconds,Priority",
                 "--allow-privileged=true", "--profiling=false", "--v", "1",
+                FEATURE_GATES, "--runtime-config=scheduling.k8s.io/v1beta1=true",
                 # 127.0.0.1 cannot be the kubernetes Service's endpoint; nothing in-cluster needs it.
                 "--endpoint-reconciler-type", "none"])
             server = f"https://127.0.0.1:{api_port}"
@@ -167,7 +171,8 @@ class LocalCluster:
             self._write_kubeconfig(server, pki)
 
             kubeconfig = str(self.kubeconfig)
-            common = ["--kubeconfig", kubeconfig, "--bind-address", "127.0.0.1", "--leader-elect=false", "--v", "1"]
+            common = ["--kubeconfig", kubeconfig, "--bind-address", "127.0.0.1", "--leader-elect=false", "--v", "1",
+                      FEATURE_GATES]
             self._spawn("kube-controller-manager", [
                 b("kube-controller-manager"), *common, "--secure-port", str(free_port()),
                 "--controllers", ",".join(CONTROLLERS), "--root-ca-file", str(pki["ca_cert"]),

@@ -353,7 +353,8 @@ def _expected_rbac(crd: dict, pod_groups: bool = True, secrets: bool = False) ->
         ("networking.k8s.io", "networkpolicies"): {"get", "create"},  # spec.networkPolicy
     }
     if pod_groups:
-        expected.update({("scheduling.volcano.sh", "podgroups"): {"get", "create"},
+        expected.update({("scheduling.k8s.io", "podgroups"): {"get", "create"},
+                         ("scheduling.volcano.sh", "podgroups"): {"get", "create"},
                          ("scheduling.x-k8s.io", "podgroups"): {"get", "create"}})
     if secrets:
         expected[("", "secrets")] = {"get"}

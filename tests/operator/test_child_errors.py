@@ -73,7 +73,7 @@ def test_missing_podgroup_crd_is_permanent(make_job):
     job, decision = new_job_decision(make_job, gangScheduling={"scheduler": "volcano"})
     podgroup = next(a for a in decision.actions if isinstance(a, Create) and a.manifest["kind"] == "PodGroup")
     error = cluster_refusing(api_error(404, "NotFound", NO_PODGROUP_KIND)).apply(job, podgroup, Observed())
-    assert error.what == "create PodGroup demo" and error.permanent
+    assert error.what == "create PodGroup demo (scheduling.volcano.sh/v1beta1)" and error.permanent
     settled = settle(job, decision, error, NOW)
     assert settled.status["phase"] == "Failed" and NO_PODGROUP_KIND in settled.status["conditions"][-1]["message"]
 

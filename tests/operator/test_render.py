@@ -36,6 +36,7 @@ VARIANTS = {
         "encryptionKeySecret": {"name": "ckpt-key"}},
     "volcano-gang": {"gangScheduling": {"scheduler": "volcano", "minAvailable": 2}, "priorityClassName": "high"},
     "plugins-gang": {"gangScheduling": {"scheduler": "scheduler-plugins", "scheduleTimeoutSeconds": 60}},
+    "kubernetes-gang": {"gangScheduling": {"scheduler": "kubernetes"}, "priorityClassName": "high"},
 }
 
 
@@ -51,9 +52,14 @@ def all_manifests(job: dict) -> list[dict]:
 def test_every_rendered_manifest_is_a_valid_kubernetes_object(make_job, variant):
     for manifest in all_manifests(make_job(**VARIANTS[variant])):
         if manifest["kind"] == "PodGroup":
-            # PodGroups are the schedulers' CRDs, not in kubernetes-validate's schemas: check the shape.
-            assert manifest["spec"]["minMember"] >= 1
+            # Volcano's and scheduler-plugins' are CRDs, Kubernetes' own a beta API: none is in
+            # kubernetes-validate's schemas, so check the shape (the e2e tests create them for real).
+            assert (manifest["spec"].get("minMember") or manifest["spec"]["schedulingPolicy"]["gang"]["minCount"]) >= 1
             continue
+        template = manifest.get("spec", {}).get("template", {}).get("spec", {})
+        if template.pop("schedulingGroup", None) is not None:
+            # A 1.37 beta field, newer than kubernetes-validate's schemas (the e2e tests create it for real).
+            assert variant == "kubernetes-gang"
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
@@ -144,6 +150,18 @@ def test_gang_scheduling_wires_pods_to_the_podgroup(make_job):
     assert podgroup["apiVersion"] == "scheduling.x-k8s.io/v1alpha1" and podgroup["spec"]["minMember"] == 2
 
 
+def test_kubernetes_gang_scheduling_uses_a_standalone_podgroup_and_the_default_scheduler(make_job):
+    job = make_job(nodes=3, gangScheduling={"scheduler": "kubernetes"}, priorityClassName="high")
+    template = render.render_worker_job(job, 0)["spec"]["template"]
+    assert template["spec"]["schedulingGroup"] == {"podGroupName": "demo"}
+    assert "schedulerName" not in template["spec"]  # kube-scheduler's GangScheduling plugin
+    assert not any(key.startswith("scheduling.") for key in template["metadata"]["labels"])
+    podgroup = render.render_podgroup(job)
+    assert podgroup["apiVersion"] == "scheduling.k8s.io/v1beta1"
+    assert podgroup["spec"] == {"schedulingPolicy": {"gang": {"minCount": 3}}, "priorityClassName": "high"}
+    assert podgroup["metadata"]["ownerReferences"][0]["kind"] == "DeformableDetrJob"
+
+
 @pytest.fixture
 def fake_torchrun(tmp_path):
     """A `deformable-detr` on PATH that prints its rendezvous settings and arguments, one a line."""
@@ -227,7 +245,7 @@ def meets_restricted_pod_security(pod_spec: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("variant", ["train-2-nodes", "evaluate", "volcano-gang"])
+@pytest.mark.parametrize("variant", ["train-2-nodes", "evaluate", "volcano-gang", "kubernetes-gang"])
 def test_trainer_pods_meet_the_restricted_pod_security_level_by_default(make_job, variant):
     pod_spec = render.render_worker_job(make_job(**VARIANTS[variant]), 0)["spec"]["template"]["spec"]
     assert meets_restricted_pod_security(pod_spec) == []

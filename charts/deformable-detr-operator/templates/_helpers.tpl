@@ -156,7 +156,7 @@ matchExpressions:
   resources: ["networkpolicies"]
   verbs: ["get", "create"]
 {{- if .podGroups }}
-- apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
+- apiGroups: ["scheduling.k8s.io", "scheduling.volcano.sh", "scheduling.x-k8s.io"]
   resources: ["podgroups"]
   verbs: ["get", "create"]
 {{- end -}}
