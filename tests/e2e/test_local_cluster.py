@@ -137,23 +137,6 @@ def test_retryable_exit_code_restarts_the_gang_as_a_new_attempt(local):
     assert status["restarts"] == 1
 
 
-def test_disruption_restarts_the_gang(local):
-    cluster, name = local, "kwok-disrupted"
-    cluster.apply([_kwok_job(cluster, name, runPolicy={"backoffLimit": 0})])
-    first = _running_pods(cluster, name, 2, attempt=0)
-    _end_pod(cluster, first[1], disruption="PreemptionByScheduler")
-    # Preemptions do not use up the backoff limit (0 here): the gang comes back.
-    second = _running_pods(cluster, name, 2, attempt=1)
-    status = job_status(cluster, name)
-    assert status["phase"] in ("Pending", "Running", "Restarting")
-    assert status["disruptions"] == 1 and status["restarts"] == 0  # counted apart from the backoff budget
-    assert status["lastFailure"]["reason"] == "PreemptionByScheduler"
-    assert status["lastFailure"]["pod"] == first[1]["metadata"]["name"]
-    for pod in second:
-        _end_pod(cluster, pod, code=0)
-    _wait_phase(cluster, name, "Succeeded")
-
-
 @pytest.mark.parametrize("change, refusal", [
     ({"nodes": "two"}, "spec.nodes"),                      # wrong type
     ({"nodes": 0}, "spec.nodes"),                          # out of range

@@ -65,7 +65,11 @@ def test_a_disruption_is_counted_apart_and_the_next_gang_waits_for_the_old(local
                     if "terminated" in s.get("state", {})]
         assert all(f <= created for f in finished), (pod["metadata"]["name"], finished, created)
     status = job_status(cluster, name)
+    # Preemptions do not use up the backoff limit (0 here): the gang came back, counted apart.
+    assert status["phase"] in ("Pending", "Running", "Restarting")
     assert status["restarts"] == 0 and status["disruptions"] == 1 and status["attempt"] == 1
+    assert status["lastFailure"]["reason"] == "PreemptionByScheduler"
+    assert status["lastFailure"]["pod"] == first[0]["metadata"]["name"]
     assert status["attempts"][0]["outcome"] == "Disrupted"
     header, row = cluster.kubectl("get", "ddj", name).splitlines()[:2]
     start = header.index("DISRUPTIONS")  # (an empty cell, mAP here, leaves no word: read by position)

@@ -1,4 +1,4 @@
-"""Fixtures shared by the trainer tests that need a real S3 endpoint (moto's server on 127.0.0.1)."""
+"""Fixtures shared by the trainer tests: a real S3 endpoint (moto's server on 127.0.0.1), the project's log messages."""
 from __future__ import annotations
 
 import logging
@@ -62,6 +62,22 @@ def perturbed_checkpoint(tmp_path_factory):
         save_object({"model": model.state_dict(), "epoch": 0}, path)
         return model.eval(), path
     return _make
+
+
+@pytest.fixture
+def logged():
+    """Messages of the project's logger (it does not propagate to caplog)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    logger = logging.getLogger("deformable_detr")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)

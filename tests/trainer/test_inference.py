@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 
@@ -44,22 +43,6 @@ def classmap(tmp_path) -> str:
     path = tmp_path / "classmap.txt"
     path.write_text("\n".join(CLASSES) + "\n")
     return str(path)
-
-
-@pytest.fixture
-def warnings_logged():
-    """Warning messages of the project's logger (which does not propagate to pytest's caplog)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("deformable_detr")
-    logger.addHandler(handler)
-    yield messages
-    logger.removeHandler(handler)
 
 
 def tiny_spec(results_dir, checkpoint: str, image_dirs, classmap: str, **inference) -> dict:
@@ -133,18 +116,18 @@ def test_threshold_keeps_only_confident_detections(checkpoint, image_folder, cla
 
 
 def test_unreadable_image_is_reported_and_skipped(checkpoint, image_folder, classmap, write_spec, results_dir,
-                                                 warnings_logged):
+                                                 logged):
     broken = os.path.join(image_folder, "broken.jpg")
     with open(broken, "wb") as fh:
         fh.write(b"this is not a jpeg")
     assert _infer(write_spec, tiny_spec(results_dir, checkpoint, [image_folder], classmap)) == 0
     assert "broken" not in _stems(results_dir / "inference" / "labels")
     assert len(_stems(results_dir / "inference" / "labels")) == 4
-    assert any(broken in message for message in warnings_logged)
+    assert any(broken in message for message in logged)
 
 
 def test_image_that_fails_to_decode_later_is_reported_and_skipped(checkpoint, image_folder, classmap,
-                                                                  warnings_logged):
+                                                                  logged):
     """A file that passed the up-front check but cannot be read when its batch is loaded."""
     from deformable_detr.data import InferenceImages
     from deformable_detr.tasks.inference import _collate, _readable_batches, _ReportUndecodable
@@ -158,7 +141,7 @@ def test_image_that_fails_to_decode_later_is_reported_and_skipped(checkpoint, im
     batches = list(_readable_batches(loader, failed))
     assert [len(targets) for _, _, targets in batches] == [1, 2]
     assert [item["path"] for item in failed] == [gone]
-    assert any(gone in message for message in warnings_logged)
+    assert any(gone in message for message in logged)
 
 
 def test_class_id_outside_the_classmap_is_a_clear_error(checkpoint, image_folder, tmp_path, write_spec,

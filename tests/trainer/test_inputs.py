@@ -3,7 +3,6 @@ with the exit code, and nothing already written is lost."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 
@@ -34,22 +33,6 @@ def checkpoint(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("ckpt") / "model.pth")
     save_object({"model": model.state_dict(), "epoch": 3, "spec": spec_to_dict(spec)}, path)
     return path
-
-
-@pytest.fixture
-def logged():
-    """Messages of the project's logger (it does not propagate to caplog)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.INFO)
-    logger = logging.getLogger("deformable_detr")
-    logger.addHandler(handler)
-    yield messages
-    logger.removeHandler(handler)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

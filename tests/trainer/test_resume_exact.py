@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from deformable_detr.data.samplers import ResumableSampler, sample_seed
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
 from deformable_detr.runtime.training_log import read_log, read_status
 from test_resume import _assert_same_training_state
-from test_train import step_losses, tiny_train_spec, train_cli
+from test_train import sigterm_after_steps, step_losses, tiny_train_spec, train_cli
 
 
 @pytest.fixture(autouse=True)
@@ -74,20 +73,8 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(uninterrupt
     spec = _spec(tiny_coco, tmp_path / "r")
     folder = tmp_path / "r" / "train"
 
-    def send_sigterm_after_two_steps() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if (folder / "train_log.jsonl").exists() and len(step_losses(folder)) >= 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.02)
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        threading.Thread(target=send_sigterm_after_two_steps, daemon=True).start()
+    with sigterm_after_steps(folder, 2):
         assert train_cli(write_spec, spec) == 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     stopped = load_checkpoint(read_status(str(folder))["last_checkpoint"])
     assert stopped["epoch_finished"] is False and 2 <= stopped["batches_done"] < 4 and stopped["epoch"] == 0
     assert train_cli(write_spec, spec) == 0

@@ -1,6 +1,7 @@
 """`deformable-detr train` in one process on the tiny COCO set: outputs, precision, fine-tuning, SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -45,6 +46,30 @@ def train_cli(write_spec, spec: dict, *extra: str, name: str = "spec.yaml") -> i
 
 def step_losses(folder) -> list[float]:
     return [r["loss"] for r in read_log(str(folder)) if r["kind"] == "step"]
+
+
+@contextlib.contextmanager
+def sigterm_after_steps(folder, steps: int, timeout: float = 240):
+    """SIGTERM to this process once `folder`'s log shows `steps` training steps (the kernel delivers
+    it to the main thread, as in a pod); yields an Event set when it was sent."""
+    sent = threading.Event()
+
+    def send() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (folder / "train_log.jsonl").exists() and len(step_losses(folder)) >= steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+                sent.set()
+                return
+            time.sleep(0.02)
+
+    # Should the signal ever land after training returns, this handler (not the default) catches it.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        threading.Thread(target=send, daemon=True).start()
+        yield sent
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -188,30 +213,13 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_continues(tiny_coco,
     spec = tiny_train_spec(tiny_coco, tmp_path / "r", batch_size=2, num_epochs=1)
     spec["dataset"]["val_data_sources"] = []
     folder = tmp_path / "r" / "train"
-    sent = threading.Event()
-
-    def send_sigterm_after_first_step() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if (folder / "train_log.jsonl").exists() and step_losses(folder):
-                os.kill(os.getpid(), signal.SIGTERM)  # the kernel delivers it to the main thread, as in a pod
-                sent.set()
-                return
-            time.sleep(0.05)
-
-    # Should the signal ever land after training returns, this handler (not the default) catches it.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        threading.Thread(target=send_sigterm_after_first_step, daemon=True).start()
+    with sigterm_after_steps(folder, 1) as sent:
         assert train_cli(write_spec, spec) == 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert sent.is_set()
     status = read_status(str(folder))
     assert status["state"] == "stopped"
     stopped = load_checkpoint(status["last_checkpoint"])
     assert stopped["epoch_finished"] is False and 1 <= stopped["batches_done"] < 4
-    done = stopped["batches_done"]
     # The rerun (auto_resume) trains only the batches the stopped run had not reached.
     assert train_cli(write_spec, spec) == 0
     steps = [r for r in read_log(str(folder)) if r["kind"] == "step"]
