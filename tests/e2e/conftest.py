@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -20,18 +19,10 @@ sys.path.insert(0, str(REPO / "tests" / "localcluster"))
 
 import e2e_manifests as m  # noqa: E402
 from kube_target import CHART, Cluster, LocalTarget  # noqa: E402
+from toolbox import find_tool  # noqa: E402
 
-TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
 RELEASE = "ddetr"
 OPERATOR_SA = "ddetr-operator"  # the chart's fullnameOverride in these tests: its ServiceAccount's name
-
-
-def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidate = TOOLS_BIN / name
-    return str(candidate) if candidate.exists() else None
 
 
 def _external_cluster_problem(kubeconfig: str) -> str | None:
@@ -39,10 +30,10 @@ def _external_cluster_problem(kubeconfig: str) -> str | None:
     if missing:
         return f"KUBECONFIG names {', '.join(missing)}, which does not exist"
     for tool in ("kubectl", "helm"):
-        if _tool(tool) is None:
+        if find_tool(tool) is None:
             return f"no {tool} binary (scripts/test-deps.d/helm.sh installs one)"
     try:
-        probe = subprocess.run([_tool("kubectl"), "get", "--raw", "/readyz", "--request-timeout=10s"],
+        probe = subprocess.run([find_tool("kubectl"), "get", "--raw", "/readyz", "--request-timeout=10s"],
                                capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
         return "the cluster KUBECONFIG names did not answer within 20 s"
@@ -64,7 +55,7 @@ def control_plane(tmp_path_factory):
     from controlplane import LocalCluster, control_plane_bin
     if os.geteuid() != 0:
         pytest.skip("the local control plane's pod runner needs root (network namespaces); or set KUBECONFIG")
-    if _tool("helm") is None:
+    if find_tool("helm") is None:
         pytest.skip("no helm binary (scripts/test-deps.d/helm.sh installs one)")
     bin_dir, reason = control_plane_bin()
     if bin_dir is None:
@@ -97,9 +88,9 @@ def cluster(control_plane):
         problem = _external_cluster_problem(os.environ["KUBECONFIG"])
         if problem:
             pytest.skip(problem)
-        target = Cluster(namespace, _tool("kubectl"), _tool("helm"), os.environ["KUBECONFIG"])
+        target = Cluster(namespace, find_tool("kubectl"), find_tool("helm"), os.environ["KUBECONFIG"])
     else:
-        target = LocalTarget(namespace, control_plane, _tool("helm"))
+        target = LocalTarget(namespace, control_plane, find_tool("helm"))
     target.kubectl("create", "namespace", namespace, namespaced=False)
     target.wait_until("the namespace's default ServiceAccount",
                       lambda: target.kubectl("get", "sa", "default", check=False).returncode == 0, 60, every=0.5)

@@ -4,7 +4,6 @@ probes, least-privilege RBAC that still covers what the operator creates, schema
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes_validate import utils as kube_validate
+from toolbox import TOOLS_BIN, find_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "deformable-detr-operator"
 KUBE_VERSION = "1.30.0"
-TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
 
 # Values that switch on every optional part and take every non-default branch.
 NON_DEFAULT_VALUES = {
@@ -44,15 +43,7 @@ NON_DEFAULT_VALUES = {
 }
 
 
-def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidate = TOOLS_BIN / name
-    return str(candidate) if candidate.exists() else None
-
-
-HELM = _tool("helm")
+HELM = find_tool("helm")
 needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (scripts/test-deps.d/helm.sh installs one)")
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
+from toolbox import find_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"trainer": REPO / "Dockerfile.trainer", "operator": REPO / "Dockerfile.operator"}
-TOOLS_BIN = Path(os.environ.get("DDETR_TOOLS_DIR", Path.home() / ".cache" / "ddetr-tools")) / "bin"
 USUAL_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # +PTX: newer GPUs JIT the kernel at load time
 
 
@@ -186,7 +186,7 @@ def test_operator_image_runs_the_operator_non_root_on_the_charts_ports():
     assert local == [["pip", "install", "--no-deps", "./trainer", "./operator"]]
 
 
-HADOLINT = shutil.which("hadolint") or (str(TOOLS_BIN / "hadolint") if (TOOLS_BIN / "hadolint").exists() else None)
+HADOLINT = find_tool("hadolint")
 
 
 @pytest.mark.skipif(HADOLINT is None, reason="no hadolint (scripts/test-deps.d/helm.sh installs it from PyPI)")
