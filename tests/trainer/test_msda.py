@@ -66,6 +66,9 @@ RANDOM_CASES = [  # (level shapes, batch, heads, channels, queries, points)
     ([(7, 5), (4, 3), (1, 1)], 2, 2, 3, 4, 3),
     ([(5, 9), (3, 5)], 1, 3, 4, 5, 2),
     ([(6, 6), (3, 3), (2, 2), (1, 2)], 2, 1, 5, 3, 4),
+    # Channel counts the CPU kernel compiles as constants (8, 16, 32, 64): their own code paths.
+    ([(5, 6), (3, 2)], 1, 2, 8, 4, 2),
+    ([(4, 7), (2, 3), (1, 1)], 2, 1, 16, 3, 3),
 ]
 
 
@@ -166,6 +169,26 @@ def test_kernel_accepts_non_contiguous_and_mixed_dtype_inputs(cpu_kernel):
     out = kernel_output(cpu_kernel, strided_value, spatial_shapes, level_start_index, locations.double(), weights)
     expected = reference_output(value, spatial_shapes, level_start_index, locations, weights)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_toolchain
+@pytest.mark.parametrize("channels", [3, 32])
+def test_far_away_locations_sample_zero_like_the_reference(cpu_kernel, channels):
+    """Locations far outside the map (which an integer conversion would overflow) and exactly on
+    the edges: the same output and gradients as the reference, and nothing read out of bounds."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        [(5, 4), (2, 3)], 1, 2, channels, 6, 3, torch.float64, seed=9)
+    locations = locations.clone()
+    locations[:, 0] = 1e12
+    locations[:, 1] = -1e12
+    locations[:, 2, :, :, :, 0] = 0.0
+    locations[:, 3, :, :, :, 1] = 1.0
+    inputs = [value, spatial_shapes, level_start_index, locations, weights]
+    ours = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a), inputs)
+    theirs = outputs_and_grads(reference_output, inputs)
+    assert ours[0][:, :2].abs().max().item() == 0
+    for name, a, b in zip(["output", "grad value", "grad locations", "grad weights"], ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @needs_toolchain

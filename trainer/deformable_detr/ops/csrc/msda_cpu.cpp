@@ -1,12 +1,21 @@
 // Fused CPU kernel of multi-scale deformable attention (forward and backward).
 //
 // Each sample is read straight from `value` and accumulated into the output row, so no
-// per-level sampled tensor is ever materialised. Work is split with at::parallel_for
-// (OpenMP in PyTorch builds): the forward over (batch, query, head) rows, the backward over
-// (batch, head) pairs, whose slices of grad_value are disjoint, so the scatter needs no atomics;
-// with more threads than pairs, also over slices of the queries, each slice scattering into its
-// own grad_value buffer (summed at the end).
-// The channel loops are vectorised; on x86-64 an AVX2+FMA copy is picked at run time.
+// per-level sampled tensor is ever materialised. Per row (one batch, query, head) the four
+// corners of every sample (pixel index, clamped into the map, and attention x bilinear weight,
+// zero for a corner outside it) are computed first in one branch-free loop over the row's
+// samples, which compilers vectorise; the gather then reads four `value` rows of `channels`
+// contiguous values per sample and accumulates them in registers (the common channel counts
+// are compile-time constants, so those loops unroll completely).
+//
+// Work is split into blocks that threads take from a shared counter (dynamic scheduling): on a
+// machine shared with other work, a thread that loses its core for a while no longer holds up
+// the call with a fixed share. The forward's blocks are rows (batch, query, head); the
+// backward's are (batch, head) pairs, whose slices of grad_value are disjoint, so the scatter
+// needs no atomics; with more threads than pairs, also slices of the queries, each slice
+// scattering into its own grad_value buffer (summed at the end). Which thread runs a block
+// never changes the result.
+// On x86-64 an AVX2+FMA copy of the loops is picked at run time (one build for every machine).
 #include "msda.h"
 #include "msda_common.h"
 
@@ -15,6 +24,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace {
@@ -47,38 +59,195 @@ struct Args {
 
 #define MSDA_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// Forward of rows [begin, end), a row being one (batch, query, head).
+// The levels of one call expanded to one entry per sample of a row (sample i = level * points +
+// point), so that the corner computation is one loop over a row's samples without a level loop.
+template <typename acc_t>
+struct SampleTable {
+  std::vector<acc_t> height, width;        // the sample's level size
+  std::vector<int32_t> height_i, width_i;  // the same, as integers
+  std::vector<int32_t> start;              // first pixel of the sample's level in value
+  SampleTable(const Dims& d, const int64_t* shapes, const int64_t* starts) {
+    const int64_t count = d.levels * d.points;
+    height.resize(count), width.resize(count), height_i.resize(count), width_i.resize(count), start.resize(count);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t l = i / d.points;
+      height_i[i] = static_cast<int32_t>(shapes[2 * l]);
+      width_i[i] = static_cast<int32_t>(shapes[2 * l + 1]);
+      height[i] = static_cast<acc_t>(height_i[i]);
+      width[i] = static_cast<acc_t>(width_i[i]);
+      start[i] = static_cast<int32_t>(starts[l]);
+    }
+  }
+};
+
+// The four corners of each sample of one row, corner k = (row, col) of (low, low), (low, high),
+// (high, low), (high, high): the pixel to read (clamped into the map, so every read stays in
+// bounds), whether the corner lies in the map, its bilinear weight and that times the
+// attention weight (both zero for a corner outside the map), and the fractional offsets.
+template <typename acc_t>
+struct Corners {
+  std::vector<int32_t> pixel[4];
+  std::vector<int32_t> valid[4];  // int32, not bool: the same width as float lanes (vectorises)
+  std::vector<acc_t> bilinear[4];
+  std::vector<acc_t> weight[4];
+  std::vector<acc_t> frac_h, frac_w;
+  std::vector<int32_t> inside;  // the sample touches the map at all (else it is zero)
+  explicit Corners(int64_t count) {
+    for (int k = 0; k < 4; ++k) {
+      pixel[k].resize(count), valid[k].resize(count), bilinear[k].resize(count), weight[k].resize(count);
+    }
+    frac_h.resize(count), frac_w.resize(count), inside.resize(count);
+  }
+};
+
+// The convention of msda_common.h's bilinear_corners (h_im = y * H - 0.5, w_im = x * W - 0.5; a
+// sample counts when -1 < h_im < H and -1 < w_im < W; corners outside the map weigh zero),
+// computed without branches for all samples of a row.
+template <typename acc_t>
+MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, const acc_t* __restrict loc,
+                                    const acc_t* __restrict attn, Corners<acc_t>& c) {
+  const acc_t* __restrict height = t.height.data();
+  const acc_t* __restrict width = t.width.data();
+  const int32_t* __restrict height_i = t.height_i.data();
+  const int32_t* __restrict width_i = t.width_i.data();
+  const int32_t* __restrict start = t.start.data();
+  int32_t *__restrict p0 = c.pixel[0].data(), *__restrict p1 = c.pixel[1].data();
+  int32_t *__restrict p2 = c.pixel[2].data(), *__restrict p3 = c.pixel[3].data();
+  int32_t *__restrict ok0 = c.valid[0].data(), *__restrict ok1 = c.valid[1].data();
+  int32_t *__restrict ok2 = c.valid[2].data(), *__restrict ok3 = c.valid[3].data();
+  acc_t *__restrict b0 = c.bilinear[0].data(), *__restrict b1 = c.bilinear[1].data();
+  acc_t *__restrict b2 = c.bilinear[2].data(), *__restrict b3 = c.bilinear[3].data();
+  acc_t *__restrict w0 = c.weight[0].data(), *__restrict w1 = c.weight[1].data();
+  acc_t *__restrict w2 = c.weight[2].data(), *__restrict w3 = c.weight[3].data();
+  acc_t *__restrict frac_h = c.frac_h.data(), *__restrict frac_w = c.frac_w.data();
+  int32_t* __restrict inside = c.inside.data();
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t h_im = loc[2 * i + 1] * height[i] - acc_t(0.5);
+    const acc_t w_im = loc[2 * i] * width[i] - acc_t(0.5);
+    // Bitwise & of 0/1 ints, not &&: short-circuit branches stop the vectorisation.
+    const int32_t in = int32_t(h_im > acc_t(-1)) & int32_t(w_im > acc_t(-1)) & int32_t(h_im < height[i]) &
+                       int32_t(w_im < width[i]);
+    // Clamped into [-1, size] before the integer conversion, which far-away locations would
+    // overflow (NaN goes to -1); the clamp changes nothing for a sample inside the map. Written
+    // as selects, not std::fmin/fmax: those are library calls that stop the vectorisation.
+    const acc_t h_above = h_im > acc_t(-1) ? h_im : acc_t(-1);
+    const acc_t w_above = w_im > acc_t(-1) ? w_im : acc_t(-1);
+    const acc_t h = h_above < height[i] ? h_above : height[i];
+    const acc_t w = w_above < width[i] ? w_above : width[i];
+    const acc_t h_floor = std::floor(h), w_floor = std::floor(w);
+    const int32_t h_low = static_cast<int32_t>(h_floor), w_low = static_cast<int32_t>(w_floor);
+    const acc_t fh = h - h_floor, fw = w - w_floor;
+    const acc_t rh = acc_t(1) - fh, rw = acc_t(1) - fw;
+    const int32_t low_row = in & int32_t(h_low >= 0), high_row = in & int32_t(h_low + 1 < height_i[i]);
+    const int32_t low_col = int32_t(w_low >= 0), high_col = int32_t(w_low + 1 < width_i[i]);
+    const int32_t row_low = (h_low > 0 ? h_low : 0) * width_i[i];
+    const int32_t row_high = (h_low + 1 < height_i[i] ? h_low + 1 : height_i[i] - 1) * width_i[i];
+    const int32_t col_low = w_low > 0 ? w_low : 0;
+    const int32_t col_high = w_low + 1 < width_i[i] ? w_low + 1 : width_i[i] - 1;
+    p0[i] = start[i] + row_low + col_low;
+    p1[i] = start[i] + row_low + col_high;
+    p2[i] = start[i] + row_high + col_low;
+    p3[i] = start[i] + row_high + col_high;
+    const int32_t v0 = low_row & low_col, v1 = low_row & high_col, v2 = high_row & low_col, v3 = high_row & high_col;
+    ok0[i] = v0, ok1[i] = v1, ok2[i] = v2, ok3[i] = v3;
+    const acc_t bl0 = v0 != 0 ? rh * rw : acc_t(0), bl1 = v1 != 0 ? rh * fw : acc_t(0);
+    const acc_t bl2 = v2 != 0 ? fh * rw : acc_t(0), bl3 = v3 != 0 ? fh * fw : acc_t(0);
+    b0[i] = bl0, b1[i] = bl1, b2[i] = bl2, b3[i] = bl3;
+    const acc_t a = attn[i];
+    w0[i] = v0 != 0 ? a * bl0 : acc_t(0);
+    w1[i] = v1 != 0 ? a * bl1 : acc_t(0);
+    w2[i] = v2 != 0 ? a * bl2 : acc_t(0);
+    w3[i] = v3 != 0 ? a * bl3 : acc_t(0);
+    frac_h[i] = fh;
+    frac_w[i] = fw;
+    inside[i] = in;
+  }
+}
+
+// Channels known at compile time (kChannels > 0) keep the accumulator in registers and unroll the
+// channel loops; 0 takes d.channels at run time.
+template <int kChannels>
+MSDA_ALWAYS_INLINE int64_t channel_count(const Dims& d) {
+  return kChannels > 0 ? kChannels : d.channels;
+}
+
+// Asks for the cache lines of the `count` values at `p` (a corner's channels) ahead of their use.
+template <typename T>
+MSDA_ALWAYS_INLINE void prefetch_span(const T* p, int64_t count, bool for_write = false) {
+  const char* begin = reinterpret_cast<const char*>(p);
+  const char* last = begin + count * static_cast<int64_t>(sizeof(T)) - 1;
+  for (const char* line = begin; line < last; line += 64) {
+    if (for_write) __builtin_prefetch(line, 1); else __builtin_prefetch(line);
+  }
+  if (for_write) __builtin_prefetch(last, 1); else __builtin_prefetch(last);
+}
+
+// Prefetches the corners of one row: the gather is bound by the latency of these scattered
+// reads, and asking for the next row's lines while this row's are summed overlaps the two.
+template <typename scalar_t, typename acc_t>
+MSDA_ALWAYS_INLINE void prefetch_corners(const Corners<acc_t>& c, int64_t samples, const scalar_t* base,
+                                         int64_t pixel_stride, int64_t channels) {
+  for (int64_t i = 0; i < samples; ++i) {
+    for (int k = 0; k < 4; ++k) prefetch_span(base + c.pixel[k][i] * pixel_stride, channels);
+  }
+}
+
+// The first value of a row's (batch, head) in `value`. (Helpers below are functions, not lambdas:
+// a lambda would not inherit the AVX2 target of the function it is written in.)
 template <typename scalar_t>
-MSDA_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& args, int64_t begin, int64_t end) {
+MSDA_ALWAYS_INLINE const scalar_t* row_value(const Args<scalar_t>& args, int64_t channels, int64_t row) {
+  const Dims& d = args.d;
+  const int64_t n = row / (d.queries * d.heads), m = row % d.heads;
+  return args.value + (n * d.spatial * d.heads + m) * channels;
+}
+
+// Computes a row's corners and prefetches the values they read.
+template <typename scalar_t>
+MSDA_ALWAYS_INLINE void prepare_row(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
+                                    int64_t channels, int64_t row, Corners<at::opmath_type<scalar_t>>& c) {
+  const int64_t samples = args.d.levels * args.d.points;
+  row_corners(table, samples, args.locations + row * samples * 2, args.weights + row * samples, c);
+  prefetch_corners(c, samples, row_value(args, channels, row), args.d.heads * channels, channels);
+}
+
+// Forward of rows [begin, end), a row being one (batch, query, head). `corners` and `ahead` are
+// this thread's scratch: the corners of the current row and of the next one.
+template <typename scalar_t, int kChannels>
+MSDA_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
+                                     Corners<at::opmath_type<scalar_t>>* corners, Corners<at::opmath_type<scalar_t>>* ahead,
+                                     int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = args.d;
-  const scalar_t* value = args.value;
-  const int64_t *shapes = args.shapes, *starts = args.starts;
-  const int64_t pixel_stride = d.heads * d.channels;  // distance between two pixels of one head
-  std::vector<acc_t> acc(d.channels);
+  const int64_t channels = channel_count<kChannels>(d);
+  const int64_t samples = d.levels * d.points;
+  const int64_t pixel_stride = d.heads * channels;  // distance between two pixels of one head
+  acc_t fixed_acc[kChannels > 0 ? kChannels : 1];
+  std::vector<acc_t> dynamic_acc(kChannels > 0 ? 0 : channels);
+  acc_t* __restrict acc = kChannels > 0 ? fixed_acc : dynamic_acc.data();
+  if (begin < end) prepare_row(args, table, channels, begin, *corners);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / (d.queries * d.heads);
-    const int64_t m = row % d.heads;
-    std::fill(acc.begin(), acc.end(), acc_t(0));
-    const acc_t* loc = args.locations + row * d.levels * d.points * 2;
-    const acc_t* attn = args.weights + row * d.levels * d.points;
-    for (int64_t l = 0; l < d.levels; ++l) {
-      const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
-      const scalar_t* level_value = value + ((n * d.spatial + starts[l]) * d.heads + m) * d.channels;
-      for (int64_t p = 0; p < d.points; ++p, loc += 2, ++attn) {
-        const auto b = msda::bilinear_corners<acc_t>(loc[0], loc[1], height, width);
-        if (!b.inside) continue;
-        for (int corner = 0; corner < 4; ++corner) {
-          if (b.pixel[corner] < 0) continue;
-          const acc_t w = *attn * b.weight[corner];
-          const scalar_t* v = level_value + b.pixel[corner] * pixel_stride;
+    if (row + 1 < end) prepare_row(args, table, channels, row + 1, *ahead);
+    const Corners<acc_t>& c = *corners;
+    const scalar_t* __restrict base = row_value(args, channels, row);
+    for (int64_t ch = 0; ch < channels; ++ch) acc[ch] = acc_t(0);
+    for (int64_t i = 0; i < samples; ++i) {
+      if (!c.inside[i]) continue;
+      const scalar_t* __restrict v0 = base + c.pixel[0][i] * pixel_stride;
+      const scalar_t* __restrict v1 = base + c.pixel[1][i] * pixel_stride;
+      const scalar_t* __restrict v2 = base + c.pixel[2][i] * pixel_stride;
+      const scalar_t* __restrict v3 = base + c.pixel[3][i] * pixel_stride;
+      const acc_t w0 = c.weight[0][i], w1 = c.weight[1][i];
+      const acc_t w2 = c.weight[2][i], w3 = c.weight[3][i];
 #pragma omp simd
-          for (int64_t c = 0; c < d.channels; ++c) acc[c] += w * static_cast<acc_t>(v[c]);
-        }
+      for (int64_t ch = 0; ch < channels; ++ch) {
+        acc[ch] += (w0 * static_cast<acc_t>(v0[ch]) + w1 * static_cast<acc_t>(v1[ch])) +
+                   (w2 * static_cast<acc_t>(v2[ch]) + w3 * static_cast<acc_t>(v3[ch]));
       }
     }
-    scalar_t* out = args.output + row * d.channels;
-    for (int64_t c = 0; c < d.channels; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+    scalar_t* __restrict out = args.output + row * channels;
+    for (int64_t ch = 0; ch < channels; ++ch) out[ch] = static_cast<scalar_t>(acc[ch]);
+    std::swap(corners, ahead);
   }
 }
 
@@ -86,77 +255,162 @@ MSDA_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& args, int64_t begin, 
 // its queries; different pairs write disjoint slices of grad_value, and the query slices of one
 // pair write their own copy of it (chunk 0: grad_value itself, chunk c: extra_grad_value[c - 1]),
 // summed afterwards, so the scatter needs no atomics.
-template <typename scalar_t>
-MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, int64_t chunks,
+template <typename scalar_t, int kChannels>
+MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
+                                       Corners<at::opmath_type<scalar_t>>& corners, int64_t chunks,
                                        at::opmath_type<scalar_t>* extra_grad_value, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = args.d;
-  const scalar_t* value = args.value;
-  const int64_t *shapes = args.shapes, *starts = args.starts;
-  const int64_t pixel_stride = d.heads * d.channels;
-  const int64_t value_numel = d.batch * d.spatial * d.heads * d.channels;
+  const int64_t channels = channel_count<kChannels>(d);
+  const int64_t samples = d.levels * d.points;
+  const int64_t pixel_stride = d.heads * channels;
+  const int64_t value_numel = d.batch * d.spatial * d.heads * channels;
   const int64_t per_chunk = (d.queries + chunks - 1) / chunks;
+  acc_t fixed_grad[kChannels > 0 ? kChannels : 1];
+  std::vector<acc_t> dynamic_grad(kChannels > 0 ? 0 : channels);
+  acc_t* __restrict g = kChannels > 0 ? fixed_grad : dynamic_grad.data();
   for (int64_t task = begin; task < end; ++task) {
     const int64_t pair = task / chunks, chunk = task % chunks;
     const int64_t n = pair / d.heads, m = pair % d.heads;
     acc_t* grad_value = chunk == 0 ? args.grad_value : extra_grad_value + (chunk - 1) * value_numel;
+    const int64_t base_offset = (n * d.spatial * d.heads + m) * channels;
+    const scalar_t* __restrict base = args.value + base_offset;
+    acc_t* __restrict grad_base = grad_value + base_offset;
     const int64_t q_end = std::min(d.queries, (chunk + 1) * per_chunk);
     for (int64_t q = chunk * per_chunk; q < q_end; ++q) {
       const int64_t row = (n * d.queries + q) * d.heads + m;
-      const scalar_t* grad_out = args.grad_output + row * d.channels;
-      const acc_t* loc = args.locations + row * d.levels * d.points * 2;
-      const acc_t* attn = args.weights + row * d.levels * d.points;
-      acc_t* grad_loc = args.grad_locations + row * d.levels * d.points * 2;
-      acc_t* grad_attn = args.grad_weights + row * d.levels * d.points;
-      for (int64_t l = 0; l < d.levels; ++l) {
-        const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
-        const int64_t level_offset = ((n * d.spatial + starts[l]) * d.heads + m) * d.channels;
-        for (int64_t p = 0; p < d.points; ++p, loc += 2, ++attn, grad_loc += 2, ++grad_attn) {
-          const auto b = msda::bilinear_corners<acc_t>(loc[0], loc[1], height, width);
-          if (!b.inside) continue;
-          const auto slopes = msda::corner_slopes(b);
-          const acc_t a = *attn;
-          acc_t g_attn = 0, g_frac_w = 0, g_frac_h = 0;
-          for (int corner = 0; corner < 4; ++corner) {
-            if (b.pixel[corner] < 0) continue;
-            const int64_t offset = level_offset + b.pixel[corner] * pixel_stride;
-            const scalar_t* v = value + offset;
-            acc_t* gv = grad_value + offset;
-            const acc_t scale = a * b.weight[corner];
-            acc_t g_dot_v = 0;  // sum over channels of grad_output * corner value
-#pragma omp simd reduction(+ : g_dot_v)
-            for (int64_t c = 0; c < d.channels; ++c) {
-              const acc_t g = static_cast<acc_t>(grad_out[c]);
-              g_dot_v += g * static_cast<acc_t>(v[c]);
-              gv[c] += scale * g;
-            }
-            g_attn += b.weight[corner] * g_dot_v;
-            g_frac_w += slopes.dfrac_w[corner] * g_dot_v;
-            g_frac_h += slopes.dfrac_h[corner] * g_dot_v;
+      const scalar_t* __restrict grad_out = args.grad_output + row * channels;
+      for (int64_t c = 0; c < channels; ++c) g[c] = static_cast<acc_t>(grad_out[c]);
+      const acc_t* __restrict attn = args.weights + row * samples;
+      acc_t* __restrict grad_loc = args.grad_locations + row * samples * 2;
+      acc_t* __restrict grad_attn = args.grad_weights + row * samples;
+      row_corners(table, samples, args.locations + row * samples * 2, attn, corners);
+      for (int64_t i = 0; i < samples; ++i) {
+        if (!corners.inside[i]) continue;  // its location and weight gradients stay zero
+        acc_t g_dot_v[4];                  // per corner: sum over channels of grad_output * value
+        for (int k = 0; k < 4; ++k) {
+          const int64_t offset = corners.pixel[k][i] * pixel_stride;
+          const scalar_t* __restrict v = base + offset;
+          acc_t* __restrict gv = grad_base + offset;
+          const acc_t scale = corners.weight[k][i];  // zero for a corner outside the map
+          acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < channels; ++c) {
+            dot += g[c] * static_cast<acc_t>(v[c]);
+            gv[c] += scale * g[c];
           }
-          *grad_attn = g_attn;
-          grad_loc[0] = a * g_frac_w * static_cast<acc_t>(width);
-          grad_loc[1] = a * g_frac_h * static_cast<acc_t>(height);
+          g_dot_v[k] = dot;
         }
+        const acc_t fh = corners.frac_h[i], fw = corners.frac_w[i];
+        const acc_t rh = acc_t(1) - fh, rw = acc_t(1) - fw;
+        const acc_t dfrac_w[4] = {-rh, rh, -fh, fh};  // d(sample)/d(frac_w) per corner value
+        const acc_t dfrac_h[4] = {-rw, -fw, rw, fw};
+        acc_t g_attn = 0, g_frac_w = 0, g_frac_h = 0;
+        for (int k = 0; k < 4; ++k) {
+          if (!corners.valid[k][i]) continue;  // read a clamped pixel: contributes nothing
+          g_attn += corners.bilinear[k][i] * g_dot_v[k];
+          g_frac_w += dfrac_w[k] * g_dot_v[k];
+          g_frac_h += dfrac_h[k] * g_dot_v[k];
+        }
+        const acc_t a = attn[i];
+        grad_attn[i] = g_attn;
+        grad_loc[2 * i] = a * g_frac_w * table.width[i];
+        grad_loc[2 * i + 1] = a * g_frac_h * table.height[i];
       }
     }
   }
 }
 
-// The same loops compiled for AVX2+FMA (8 floats per instruction instead of SSE's 4), chosen
-// at run time, so one build serves every x86-64 machine.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MSDA_HAVE_AVX2_PATH 1
+// Runs body(begin, end) over [0, total) in blocks of `block` that the threads take from a shared
+// counter, so a thread slowed down by other work on its core takes fewer blocks. `body` also gets
+// the index of the worker, for per-thread scratch.
+template <typename Body>
+void parallel_blocks(int64_t total, int64_t block, const Body& body) {
+  if (total <= 0) return;
+  const int64_t blocks = (total + block - 1) / block;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), blocks);
+  if (workers <= 1 || at::in_parallel_region()) {
+    body(int64_t(0), int64_t(0), total);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    for (int64_t worker = first; worker < last; ++worker) {
+      for (int64_t b = next.fetch_add(1, std::memory_order_relaxed); b < blocks;
+           b = next.fetch_add(1, std::memory_order_relaxed)) {
+        body(worker, b * block, std::min(total, (b + 1) * block));
+      }
+    }
+  });
+}
+
+// Runs the statement with kChannels set to the channel count when it is a common one (compiled
+// as a constant), else 0. A plain statement, not a lambda: a lambda would not inherit the AVX2
+// target of the function it is written in.
+#define MSDA_DISPATCH_CHANNELS(channels, ...)  \
+  switch (channels) {                          \
+    case 8: {                                  \
+      constexpr int kChannels = 8;             \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    case 16: {                                 \
+      constexpr int kChannels = 16;            \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    case 32: {                                 \
+      constexpr int kChannels = 32;            \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    case 64: {                                 \
+      constexpr int kChannels = 64;            \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    default: {                                 \
+      constexpr int kChannels = 0;             \
+      __VA_ARGS__;                             \
+    }                                          \
+  }
+
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void forward_rows_avx2(const Args<scalar_t>& args, int64_t begin, int64_t end) {
-  forward_rows<scalar_t>(args, begin, end);
+void forward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
+                   Corners<at::opmath_type<scalar_t>>* corners, Corners<at::opmath_type<scalar_t>>* ahead, int64_t begin,
+                   int64_t end) {
+  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_rows<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
 }
 
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void backward_tasks_avx2(const Args<scalar_t>& args, int64_t chunks,
-                                                              at::opmath_type<scalar_t>* extra, int64_t begin,
-                                                              int64_t end) {
-  backward_tasks<scalar_t>(args, chunks, extra, begin, end);
+void backward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
+                    Corners<at::opmath_type<scalar_t>>& corners, int64_t chunks, at::opmath_type<scalar_t>* extra,
+                    int64_t begin, int64_t end) {
+  MSDA_DISPATCH_CHANNELS(args.d.channels,
+                         backward_tasks<scalar_t, kChannels>(args, table, corners, chunks, extra, begin, end));
+}
+
+// The same loops compiled for AVX2+FMA (8 floats per instruction instead of SSE's 4, and a
+// vectorised floor), chosen at run time, so one build serves every x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MSDA_HAVE_AVX2_PATH 1
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void forward_range_avx2(const Args<scalar_t>& args,
+                                                             const SampleTable<at::opmath_type<scalar_t>>& table,
+                                                             Corners<at::opmath_type<scalar_t>>* corners,
+                                                             Corners<at::opmath_type<scalar_t>>* ahead,
+                                                             int64_t begin, int64_t end) {
+  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_rows<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void backward_range_avx2(const Args<scalar_t>& args,
+                                                              const SampleTable<at::opmath_type<scalar_t>>& table,
+                                                              Corners<at::opmath_type<scalar_t>>& corners,
+                                                              int64_t chunks, at::opmath_type<scalar_t>* extra,
+                                                              int64_t begin, int64_t end) {
+  MSDA_DISPATCH_CHANNELS(args.d.channels,
+                         backward_tasks<scalar_t, kChannels>(args, table, corners, chunks, extra, begin, end));
 }
 
 bool cpu_has_avx2() {
@@ -165,14 +419,24 @@ bool cpu_has_avx2() {
 }
 #endif
 
+// Rows per block of the forward: a few hundred rows amortise taking a block, and the encoder's
+// hundreds of thousands of rows still make thousands of blocks to balance.
+constexpr int64_t kForwardBlock = 256;
+
 template <typename scalar_t>
 void forward_kernel(const Args<scalar_t>& args) {
-  at::parallel_for(0, args.d.batch * args.d.queries * args.d.heads, 16, [&](int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const SampleTable<acc_t> table(args.d, args.shapes, args.starts);
+  const int64_t samples = args.d.levels * args.d.points;
+  std::vector<Corners<acc_t>> scratch(2 * std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
+  parallel_blocks(args.d.batch * args.d.queries * args.d.heads, kForwardBlock,
+                  [&](int64_t worker, int64_t begin, int64_t end) {
+                    Corners<acc_t>* corners = &scratch[2 * worker];
 #ifdef MSDA_HAVE_AVX2_PATH
-    if (cpu_has_avx2()) return forward_rows_avx2<scalar_t>(args, begin, end);
+                    if (cpu_has_avx2()) return forward_range_avx2<scalar_t>(args, table, corners, corners + 1, begin, end);
 #endif
-    forward_rows<scalar_t>(args, begin, end);
-  });
+                    forward_range<scalar_t>(args, table, corners, corners + 1, begin, end);
+                  });
 }
 
 // Query slices per (batch, head) pair: enough tasks for every thread when there are fewer pairs
@@ -186,11 +450,16 @@ int64_t backward_chunks(const Dims& d) {
 
 template <typename scalar_t>
 void backward_kernel(const Args<scalar_t>& args, int64_t chunks, at::opmath_type<scalar_t>* extra) {
-  at::parallel_for(0, args.d.batch * args.d.heads * chunks, 1, [&](int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const SampleTable<acc_t> table(args.d, args.shapes, args.starts);
+  const int64_t samples = args.d.levels * args.d.points;
+  std::vector<Corners<acc_t>> scratch(std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
+  parallel_blocks(args.d.batch * args.d.heads * chunks, 1, [&](int64_t worker, int64_t begin, int64_t end) {
+    Corners<acc_t>& corners = scratch[worker];
 #ifdef MSDA_HAVE_AVX2_PATH
-    if (cpu_has_avx2()) return backward_tasks_avx2<scalar_t>(args, chunks, extra, begin, end);
+    if (cpu_has_avx2()) return backward_range_avx2<scalar_t>(args, table, corners, chunks, extra, begin, end);
 #endif
-    backward_tasks<scalar_t>(args, chunks, extra, begin, end);
+    backward_range<scalar_t>(args, table, corners, chunks, extra, begin, end);
   });
 }
 
@@ -201,6 +470,7 @@ at::Tensor msda_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_s
                             const at::Tensor& attention_weights) {
   msda_check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Dims d = dims_of(value, sampling_locations);
+  TORCH_CHECK(d.spatial < (int64_t(1) << 31), "value has ", d.spatial, " positions; at most 2^31 - 1 are supported");
   auto output = at::empty({d.batch, d.queries, d.heads * d.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -221,6 +491,7 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value, const at::Ten
   TORCH_CHECK(grad_output.is_contiguous() && grad_output.scalar_type() == value.scalar_type(),
               "grad_output must be contiguous with the dtype of value");
   const Dims d = dims_of(value, sampling_locations);
+  TORCH_CHECK(d.spatial < (int64_t(1) << 31), "value has ", d.spatial, " positions; at most 2^31 - 1 are supported");
   auto grad_value = at::zeros(value.sizes(), value.options().dtype(sampling_locations.scalar_type()));
   auto grad_locations = at::zeros_like(sampling_locations);
   auto grad_weights = at::zeros_like(attention_weights);
