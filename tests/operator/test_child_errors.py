@@ -188,7 +188,7 @@ def test_passes_for_one_job_never_overlap_and_triggers_fold_into_one_more(make_j
     running, overlaps, passes = set(), [], []
     release = threading.Event()
 
-    def fake_pass(cluster, namespace, name, options):
+    def fake_pass(cluster, namespace, name, options, cached=None):
         if (namespace, name) in running:
             overlaps.append(name)
         running.add((namespace, name))
