@@ -35,6 +35,21 @@ def resnet_network(name: str, dilation: bool = False) -> resnet.ResNet:
                          replace_stride_with_dilation=[False, False, dilation])
 
 
+class ChannelsLastMaxPool2d(nn.MaxPool2d):
+    """The ResNet stem's max pooling, run in channels-last layout on CPU: PyTorch's CPU kernel for
+    contiguous (NCHW) maps is not vectorised across channels and took 2.3 ms of a 128 px training
+    step on 2 cores, the channels-last one 0.13 ms (1.1 ms with the two layout copies). Same values,
+    same module (no parameters), so checkpoints and export are unaffected; traced and non-CPU
+    inputs take the plain path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+                or torch.compiler.is_compiling():
+            return super().forward(x)
+        pooled = super().forward(x.contiguous(memory_format=torch.channels_last))
+        return pooled.contiguous()
+
+
 def _resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
@@ -62,6 +77,10 @@ class ResNetBackbone(_BackboneBase):
             # As the original: the stem and layer1 stay frozen even when the backbone trains.
             if not train_backbone or not any(f"layer{i}" in name for i in (2, 3, 4)):
                 parameter.requires_grad_(False)
+        if type(network.maxpool) is nn.MaxPool2d:
+            pool = network.maxpool
+            network.maxpool = ChannelsLastMaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                                    pool.return_indices, pool.ceil_mode)
         return_layers = {f"layer{i + 1}": str(i) for i in stage_indices}
         stages = [network.layer1, network.layer2, network.layer3, network.layer4]
         self.body = IntermediateLayerGetter(network, return_layers=return_layers)

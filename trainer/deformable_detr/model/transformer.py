@@ -18,6 +18,22 @@ def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(count)])
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout (the same module: no parameters, nothing in checkpoints) whose mask, on CPU in
+    training, is drawn as `uniform >= p` with torch.rand_like instead of PyTorch's bernoulli_,
+    which its CPU kernel draws about 2.5x slower (1.6 ms against 0.6 ms for the 2 x 340 x 256
+    activations of a 128 px step's encoder feed-forward). The same distribution (each value kept
+    with probability 1 - p and scaled by 1 / (1 - p)); another random stream. Elsewhere (GPU,
+    evaluation, p = 0, tracing) it is nn.Dropout's own path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or x.device.type != "cpu" \
+                or not x.is_floating_point() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return super().forward(x)
+        scaled_mask = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * scaled_mask
+
+
 def _with_pos(tensor: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
     return tensor if pos is None else tensor + pos
 
@@ -27,12 +43,12 @@ class DeformableTransformerEncoderLayer(nn.Module):
                  n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
@@ -84,15 +100,15 @@ class DeformableTransformerDecoderLayer(nn.Module):
                  n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
+        self.dropout4 = Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask=None):
