@@ -7,14 +7,20 @@ and the same batch; each figure is min/median/max over interleaved repeats after
 min/median/max of the per-round ratios. Quote the median with its spread. Ours runs twice: with the PyTorch reference attention (the
 same algorithm as transformers' pure-PyTorch path) and with whatever `deformable_detr.ops`
 picks by default (a compiled CPU kernel when one builds here).
+Breakdown: after the timed rounds, more training steps of ours (default attention) and of
+transformers' run under torch.profiler, one step per profile, the two models in turns; the JSON records, per model, where a step's operator time
+goes (self CPU time per step by kind of operator: convolutions, matrix products, deformable
+attention, dropout's random numbers, pooling, the rest) and the top operators, median (min-max)
+over profiled steps taken in turns.
 Prints a table and writes bench/results/model_step.json.
 
-    OMP_NUM_THREADS=2 python3 bench/model_step.py [--image-size 128] [--batch 2] [--repeats 9] [--output F]
+    OMP_NUM_THREADS=2 python3 bench/model_step.py [--image-size 128] [--batch 2] [--repeats 15] [--output F]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -108,12 +114,70 @@ def with_impl(step, impl: str | None):
     return action
 
 
+# Kinds of operators in the breakdown, by the profiler's operator names (first match wins).
+KINDS = [
+    ("convolution", ("convolution",)),
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product", "aten::linear")),
+    ("deformable attention sampling", ("MSDeformAttn", "grid_sampler")),
+    ("dropout random numbers", ("bernoulli", "aten::uniform_", "aten::rand")),
+    ("pooling", ("pool",)),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, needles in KINDS:
+        if any(needle in name for needle in needles):
+            return kind
+    return "element-wise, copies and the rest"
+
+
+def profile_once(step) -> dict[str, tuple[float, int]]:
+    """{operator: (self CPU ms, calls)} of one step under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+
+
+def profile_breakdown(steps: dict, rounds: int = 5, top: int = 12) -> dict:
+    """Per model, self CPU ms of a training step by kind of operator and for the top operators:
+    median over `rounds` profiled steps, the models taking turns (as in the timing) so that load
+    from other work hits both alike; min-max beside each median."""
+    for step in steps.values():
+        step()
+    samples: dict[str, list] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            samples[name].append(profile_once(step))
+    result = {}
+    for name, runs in samples.items():
+        kinds: dict[str, list[float]] = {}
+        for run in runs:
+            per_kind: dict[str, float] = {}
+            for op, (ms, _) in run.items():
+                per_kind[kind_of(op)] = per_kind.get(kind_of(op), 0.0) + ms
+            for kind, ms in per_kind.items():
+                kinds.setdefault(kind, []).append(ms)
+        totals = [sum(ms for ms, _ in run.values()) for run in runs]
+        ops = sorted({op for run in runs for op in run},
+                     key=lambda op: -statistics.median([run.get(op, (0.0, 0))[0] for run in runs]))
+        result[name] = {
+            "rounds": rounds, "self_cpu_ms_per_step": spread(totals),
+            "by_kind_ms_per_step": dict(sorted(((k, spread(v + [0.0] * (rounds - len(v)))) for k, v in kinds.items()),
+                                               key=lambda kv: -kv[1]["median"])),
+            "top_ops": [{"op": op, "ms_per_step": spread([run.get(op, (0.0, 0))[0] for run in runs]),
+                         "calls_per_step": runs[0].get(op, (0.0, 0))[1]} for op in ops[:top]]}
+    return result
+
+
 def main(argv=None) -> int:
     load_at_start = os.getloadavg()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown")
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -132,6 +196,10 @@ def main(argv=None) -> int:
                      "seconds": {k: spread(v) for k, v in times.items()},
                      "speedup_reference": ratio_spread(times["transformers"], times["ours_reference"]),
                      "speedup_default": ratio_spread(times["transformers"], times["ours_default"])})
+    breakdown = None
+    if not args.no_profile:
+        our_train, hf_train = steps["train"]
+        breakdown = profile_breakdown({"ours_" + default_impl: our_train, "transformers": hf_train})
     info = machine(load_at_start)
     print(f"{info['cpu_model']}, {info['torch_threads']} threads, load at start {info['load_at_start_1_5_15min']}; "
           f"median (min-max) of {args.repeats} interleaved rounds")
@@ -142,9 +210,20 @@ def main(argv=None) -> int:
         print(f"{r['work']:<10} {fmt(sec['ours_reference'], 1, 3):>20} {fmt(sec['ours_default'], 1, 3):>20} "
               f"{fmt(sec['transformers'], 1, 3):>20} {fmt(r['speedup_reference']):>18} {fmt(r['speedup_default']):>18}")
     print("x = transformers time / ours, per round (above 1: ours is faster)")
+    if breakdown:
+        print("training step under torch.profiler, self CPU ms per step by kind of operator:")
+        names = list(breakdown)
+        kinds = list(dict.fromkeys(k for b in breakdown.values() for k in b["by_kind_ms_per_step"]))
+        print(f"  {'kind':<36}" + "".join(f"{n:>22}" for n in names))
+        for kind in kinds + ["total"]:
+            values = [b["self_cpu_ms_per_step"] if kind == "total" else
+                      b["by_kind_ms_per_step"].get(kind, {"median": 0.0, "min": 0.0, "max": 0.0})
+                      for b in breakdown.values()]
+            print(f"  {kind:<36}" + "".join(f"{fmt(v, 1, 1):>22}" for v in values))
     write_json(args.output, {"machine": info, "config": {"hidden": HIDDEN, "heads": HEADS, "queries": QUERIES,
                                                          "layers": LAYERS, "ffn": FFN,
-                                                         "backbone": "resnet_18 (frozen)"}, "rows": rows})
+                                                         "backbone": "resnet_18 (frozen)"}, "rows": rows,
+                             "train_step_breakdown": breakdown})
     print(f"wrote {args.output}")
     return 0
 
