@@ -14,11 +14,11 @@ gradients) divided by its median time, as a fraction of the device's copy bandwi
 kernels gather 4 corners per sample, so they re-read value and a fraction well below 1 is
 expected; it says how far from memory-bound a kernel is.
 
-`--scaling` also times the CPU kernel with 1, 2, ... all cores (torch.set_num_threads).
+The CPU kernel is also timed with 1, 2, ... all cores (torch.set_num_threads; `--no-scaling` skips it).
 `--tiny` uses a small image (for a dry run / a test). Prints a table and writes JSON
 (default bench/results/msda.json).
 
-    OMP_NUM_THREADS=2 python3 bench/msda.py [--repeats 7] [--device cpu|cuda|all] [--scaling] [--tiny]
+    OMP_NUM_THREADS=2 python3 bench/msda.py [--repeats 7] [--device cpu|cuda|all] [--no-scaling] [--tiny]
 """
 from __future__ import annotations
 
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per figure, after one warm-up")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--scaling", action="store_true", help="also time the CPU kernel on 1..all cores")
+    parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the CPU kernel on 1..all cores (default: on; --no-scaling skips it)")
     parser.add_argument("--tiny", action="store_true", help=f"a {TINY_IMAGE[0]}x{TINY_IMAGE[1]} image (quick check)")
     parser.add_argument("--output", default=RESULTS, help="JSON file to write")
     args = parser.parse_args(argv)
