@@ -59,7 +59,10 @@ def theirs():
     config = DeformableDetrConfig(
         backbone_config=backbone, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
         encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
-        num_queries=QUERIES, num_labels=CLASSES, dropout=0.1, with_box_refine=True, auxiliary_loss=True,
+        # The original Deformable DETR's dropouts, as ours has them: after the FFN's activation and in the
+        # decoder's self-attention too (transformers' defaults leave those two at 0, a lighter model).
+        num_queries=QUERIES, num_labels=CLASSES, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
+        with_box_refine=True, auxiliary_loss=True,
         disable_custom_kernels=True, tie_word_embeddings=False)
     return DeformableDetrForObjectDetection(config)
 

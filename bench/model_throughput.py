@@ -68,7 +68,10 @@ def theirs(size: dict, checkpointing: bool):
         backbone_config=backbone, d_model=size["hidden"], encoder_layers=size["layers"],
         decoder_layers=size["layers"], encoder_attention_heads=size["heads"], decoder_attention_heads=size["heads"],
         encoder_ffn_dim=size["ffn"], decoder_ffn_dim=size["ffn"], num_queries=size["queries"], num_labels=CLASSES,
-        dropout=0.1, with_box_refine=True, auxiliary_loss=True, disable_custom_kernels=True,
+        # The original Deformable DETR's dropouts, as ours has them: after the FFN's activation and in the
+        # decoder's self-attention too (transformers' defaults leave those two at 0, a lighter model).
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, with_box_refine=True, auxiliary_loss=True,
+        disable_custom_kernels=True,
         tie_word_embeddings=False)
     model = DeformableDetrForObjectDetection(config)
     for name, parameter in model.named_parameters():
