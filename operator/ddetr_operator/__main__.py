@@ -5,7 +5,9 @@ DDETR_WATCH_NAMESPACES (comma-separated; empty = all namespaces), DDETR_LIVENESS
 DDETR_OPERATOR_METRICS_PORT, DDETR_RECONCILE_INTERVAL, DDETR_ALLOWED_HOST_PATHS
 (comma-separated prefixes; empty = no hostPath volumes), DDETR_READ_SECRETS (true/false),
 DDETR_LEADER_ELECTION_NAMESPACE (where the leader Lease lives; empty = no leader election: run
-one replica), DDETR_LEADER_ELECTION_ID (this replica's identity; default hostname-pid).
+one replica), DDETR_LEADER_ELECTION_ID (this replica's identity; default hostname-pid),
+DDETR_FULL_PASS_SECONDS (the longest a job goes without a full pass; 0 = every pass is one),
+DDETR_SECRET_CACHE_SECONDS (how long S3 keys read from a job's Secret are reused).
 """
 from __future__ import annotations
 
@@ -39,6 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reconcile-interval", type=float,
                         default=float(os.environ.get("DDETR_RECONCILE_INTERVAL", "10")),
                         help="seconds between resync passes of each unfinished job (events trigger passes at once)")
+    parser.add_argument("--full-pass-every", type=float, metavar="SECONDS",
+                        default=float(os.environ.get("DDETR_FULL_PASS_SECONDS", handlers.DEFAULT_FULL_PASS_EVERY)),
+                        help="the longest a running job goes without a full pass (a fresh GET and LISTs); the "
+                             "passes between decide from the watched children and cost no request unless they "
+                             "act; 0: every pass is a full one")
+    parser.add_argument("--secret-cache-seconds", type=float, metavar="SECONDS",
+                        default=float(os.environ.get("DDETR_SECRET_CACHE_SECONDS", handlers.SECRET_TTL)),
+                        help="reuse the S3 keys read from a job's Secret this long (a rotated Secret is seen "
+                             "that much later)")
     parser.add_argument("--allowed-host-path", action="append", dest="allowed_host_paths", metavar="PREFIX",
                         help="accept hostPath volumes under this path (repeatable); default: none")
     parser.add_argument("--read-secrets", action=argparse.BooleanOptionalAction,
@@ -56,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.namespaces = [n.strip() for n in (args.namespaces or env_namespaces)]
     env_paths = _split(os.environ.get("DDETR_ALLOWED_HOST_PATHS", ""))
     args.allowed_host_paths = [p.strip() for p in (args.allowed_host_paths or env_paths) if p.strip()]
+    for option in ("full_pass_every", "secret_cache_seconds"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')}: {getattr(args, option)} is not accepted; 0 or more seconds")
     for path in args.allowed_host_paths:
         if not path.startswith("/"):
             parser.error(f"--allowed-host-path: {path!r} is not an absolute path")
@@ -69,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     options = handlers.Options(interval=args.reconcile_interval, read_secrets=args.read_secrets,
                                policy=Policy(allowed_host_paths=tuple(args.allowed_host_paths)),
                                leader_namespace=args.leader_election_namespace or None,
-                               leader_identity=args.leader_election_id)
+                               leader_identity=args.leader_election_id, full_pass_every=args.full_pass_every,
+                               secret_ttl=args.secret_cache_seconds)
     registry = handlers.register(kopf.OperatorRegistry(), options=options)
     # standalone: no kopf peering (no KopfPeering CRD); several replicas coordinate through our own
     # Lease instead (leader.py), which keeps every replica watching, ready to take over.

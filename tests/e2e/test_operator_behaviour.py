@@ -117,7 +117,10 @@ def test_kubernetes_gang_scheduling_binds_the_whole_gang_or_nothing(local):
         plain = "kwok-no-gang"
         cluster.apply([_kwok_job(cluster, plain, gpusPerNode=8)])
         _wait_condition(cluster, plain, "Stalled", "Unschedulable")
-        assert len(_bound(_pods(cluster, plain))) == 1
+        # (the scheduler may report the second rank unschedulable before it has bound the first)
+        cluster.wait_until(f"one rank of {plain} bound", lambda: len(_bound(_pods(cluster, plain))) == 1,
+                           PHASE_TIMEOUT, every=1)
+        assert len(_bound(_pods(cluster, plain))) == 1  # and no more
         cluster.kubectl("delete", "ddj", plain, "--wait=true")
         cluster.wait_until(f"{plain}'s pods gone", lambda: not _pods(cluster, plain), PHASE_TIMEOUT, every=1)
 

@@ -23,8 +23,8 @@ NON_DEFAULT_VALUES = {
     "fullnameOverride": "ddetr",
     "image": {"repository": "registry.example.com/ml/ddetr-operator", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
-    "operator": {"verbose": True, "reconcileIntervalSeconds": 5, "healthPort": 8181, "metricsPort": 9191,
-                 "extraEnv": [{"name": "EXTRA", "value": "1"}]},
+    "operator": {"verbose": True, "reconcileIntervalSeconds": 5, "fullPassSeconds": 60, "healthPort": 8181,
+                 "metricsPort": 9191, "extraEnv": [{"name": "EXTRA", "value": "1"}]},
     "watch": {"namespaces": ["team-a", "team-b"]},
     "rbac": {"create": True, "podGroups": False, "readSecretsClusterWide": True},
     "trainer": {"allowedHostPaths": ["/mnt/datasets", "/data"]},
@@ -418,6 +418,7 @@ def test_operator_accepts_the_charts_arguments(tmp_path, values):
     assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
     assert args.namespaces == chart_values["watch"]["namespaces"]
     assert args.reconcile_interval == chart_values["operator"]["reconcileIntervalSeconds"]
+    assert args.full_pass_every == chart_values["operator"]["fullPassSeconds"]
     assert args.allowed_host_paths == chart_values["trainer"]["allowedHostPaths"]
     assert args.read_secrets is bool(chart_values["watch"]["namespaces"] or chart_values["rbac"]["readSecretsClusterWide"])
 

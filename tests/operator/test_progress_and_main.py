@@ -96,6 +96,20 @@ def test_host_path_allow_list_and_secret_reads_from_arguments_or_environment(mon
         parse_args(["--allowed-host-path", "relative/path"])
 
 
+def test_pass_cost_settings_from_arguments_or_environment(monkeypatch, capsys):
+    monkeypatch.delenv("DDETR_FULL_PASS_SECONDS", raising=False)
+    monkeypatch.delenv("DDETR_SECRET_CACHE_SECONDS", raising=False)
+    args = parse_args([])
+    assert (args.full_pass_every, args.secret_cache_seconds) == (300.0, 300.0)
+    monkeypatch.setenv("DDETR_FULL_PASS_SECONDS", "0")  # every pass a full one, as before the watch cache
+    monkeypatch.setenv("DDETR_SECRET_CACHE_SECONDS", "30")
+    assert (parse_args([]).full_pass_every, parse_args([]).secret_cache_seconds) == (0.0, 30.0)
+    assert parse_args(["--full-pass-every", "120"]).full_pass_every == 120.0
+    with pytest.raises(SystemExit):
+        parse_args(["--full-pass-every", "-1"])
+    assert "--full-pass-every: -1.0 is not accepted; 0 or more seconds" in capsys.readouterr().err
+
+
 def test_operator_imports_no_torch():
     # The operator image carries the trainer's schema but not its training stack.
     code = "import sys, ddetr_operator.__main__, ddetr_operator.handlers; sys.exit('torch' in sys.modules)"

@@ -81,6 +81,7 @@ app.kubernetes.io/component: operator
 - {{ printf "--liveness=http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) }}
 - {{ printf "--metrics-port=%d" (int .Values.operator.metricsPort) }}
 - {{ printf "--reconcile-interval=%v" .Values.operator.reconcileIntervalSeconds }}
+- {{ printf "--full-pass-every=%v" .Values.operator.fullPassSeconds }}
 {{- range (include "ddetr.watchNamespaces" . | fromJsonArray) }}
 - {{ printf "--namespace=%s" . }}
 {{- end }}
