@@ -4,6 +4,7 @@ their logs, disruptions are counted apart, readable reasons for gangs that canno
 the start-up deadline, the NetworkPolicy and pod template, and every example accepted."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import json
@@ -13,7 +14,9 @@ import signal
 import pytest
 import yaml
 
+import e2e_manifests as m
 from conftest import REPO, events_of, install_chart, job_status
+from controlplane import kwok_node
 from test_local_cluster import (PHASE_TIMEOUT, RESTRICTED, _children, _end_pod, _kwok_job, _new_namespace, _pods,
                                 _running_pods, _wait_phase, local, namespace_with_operator)  # noqa: F401 - `local` is the module fixture
 
@@ -97,57 +100,79 @@ def _bound(pods: list[dict]) -> list[str]:
     return sorted(p["metadata"]["name"] for p in pods if p["spec"].get("nodeName"))
 
 
+GANG_POOL = {"ddetr.dev/test-pool": "gang"}  # two KWOK nodes of their own: other tests' pods hold GPUs elsewhere
+GANG_POOL_TAINT = {"key": "ddetr.dev/test-pool", "value": "gang", "effect": "NoSchedule"}
+
+
+@contextlib.contextmanager
+def _gang_pool(cluster, count: int = 2):
+    names = [f"kwok-gang-{i}" for i in range(count)]
+    for name in names:
+        node = kwok_node(name)
+        node["metadata"]["labels"].update(GANG_POOL)
+        cluster.apply([node], namespace=None)
+        # (replaces the API server's not-ready taint, which no node-lifecycle controller lifts here)
+        cluster.kubectl("patch", "node", name, "--type=merge", "-p",
+                        json.dumps({"spec": {"taints": [GANG_POOL_TAINT]}}), namespaced=False)
+    try:
+        yield names
+    finally:
+        cluster.kubectl("delete", "node", *names, "--ignore-not-found", "--wait=false", namespaced=False)
+
+
 def test_kubernetes_gang_scheduling_binds_the_whole_gang_or_nothing(local):
     """Kubernetes' own gang scheduling (scheduling.k8s.io/v1beta1 PodGroup, the scheduler's
     GangScheduling plugin), against the same job without it in the same cluster: with one GPU of
-    the 16 taken, a 2 x 8-GPU gang cannot fit; without a gang one rank binds and holds 8 GPUs for
-    a rendezvous that never comes, with it no rank binds until both fit."""
+    a two-node pool's 16 taken, a 2 x 8-GPU gang cannot fit; without a gang one rank binds and holds
+    8 GPUs for a rendezvous that never comes, with it no rank binds until both fit."""
     cluster = local
     served = cluster.kubectl("api-resources", "--api-group=scheduling.k8s.io", "-o", "name", namespaced=False)
     assert "podgroups.scheduling.k8s.io" in served.split(), served
-    blocker = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-blocker"},
-               "spec": {"nodeName": "kwok-gpu-0", "containers": [{
-                   "name": "c", "image": "example.invalid/blocker",
-                   "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
-    cluster.apply([blocker])
-    try:
-        cluster.wait_until("the blocker running", lambda: cluster.get("pod", "gpu-blocker")["status"].get(
-            "phase") == "Running", PHASE_TIMEOUT, every=1)
-        # The reference: no gang scheduling, one rank binds.
-        plain = "kwok-no-gang"
-        cluster.apply([_kwok_job(cluster, plain, gpusPerNode=8)])
-        _wait_condition(cluster, plain, "Stalled", "Unschedulable")
-        # (the scheduler may report the second rank unschedulable before it has bound the first)
-        cluster.wait_until(f"one rank of {plain} bound", lambda: len(_bound(_pods(cluster, plain))) == 1,
-                           PHASE_TIMEOUT, every=1)
-        assert len(_bound(_pods(cluster, plain))) == 1  # and no more
-        cluster.kubectl("delete", "ddj", plain, "--wait=true")
-        cluster.wait_until(f"{plain}'s pods gone", lambda: not _pods(cluster, plain), PHASE_TIMEOUT, every=1)
+    placement = {"nodeSelector": {**m.KWOK_NODE_SELECTOR, **GANG_POOL},
+                 "tolerations": [{**GANG_POOL_TAINT, "operator": "Equal"}], "gpusPerNode": 8}
+    with _gang_pool(cluster) as (first_node, _):
+        blocker = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-blocker"},
+                   "spec": {"nodeName": first_node, "tolerations": [{**GANG_POOL_TAINT, "operator": "Equal"}],
+                            "containers": [{"name": "c", "image": "example.invalid/blocker",
+                                            "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+        cluster.apply([blocker])
+        try:
+            cluster.wait_until("the blocker running", lambda: cluster.get("pod", "gpu-blocker")["status"].get(
+                "phase") == "Running", PHASE_TIMEOUT, every=1)
+            # The reference: no gang scheduling, one rank binds.
+            plain = "kwok-no-gang"
+            cluster.apply([_kwok_job(cluster, plain, **placement)])
+            _wait_condition(cluster, plain, "Stalled", "Unschedulable")
+            # (the scheduler may report the second rank unschedulable before it has bound the first)
+            cluster.wait_until(f"one rank of {plain} bound", lambda: len(_bound(_pods(cluster, plain))) == 1,
+                               PHASE_TIMEOUT, every=1)
+            cluster.kubectl("delete", "ddj", plain, "--wait=true")
+            cluster.wait_until(f"{plain}'s pods gone", lambda: not _pods(cluster, plain), PHASE_TIMEOUT, every=1)
 
-        name = "kwok-k8s-gang"
-        cluster.apply([_kwok_job(cluster, name, gpusPerNode=8, gangScheduling={"scheduler": "kubernetes"})])
-        status = _wait_condition(cluster, name, "Stalled", "Unschedulable")
-        assert "minCount (2)" in _condition(status, "Stalled")["message"] or "nvidia.com/gpu" in _condition(
-            status, "Stalled")["message"]
-        pods = _pods(cluster, name)
-        assert len(pods) == 2 and _bound(pods) == [], [p["spec"].get("nodeName") for p in pods]
-        assert all(p["spec"]["schedulingGroup"] == {"podGroupName": name} for p in pods)
-        group = cluster.get("podgroups.scheduling.k8s.io", name)
-        assert group["spec"]["schedulingPolicy"] == {"gang": {"minCount": 2}}
-        assert group["metadata"]["ownerReferences"][0]["name"] == name
+            name = "kwok-k8s-gang"
+            cluster.apply([_kwok_job(cluster, name, gangScheduling={"scheduler": "kubernetes"}, **placement)])
+            status = _wait_condition(cluster, name, "Stalled", "Unschedulable")
+            message = _condition(status, "Stalled")["message"]
+            assert "minCount (2)" in message or "nvidia.com/gpu" in message, message
+            pods = _pods(cluster, name)
+            assert len(pods) == 2 and _bound(pods) == [], [p["spec"].get("nodeName") for p in pods]
+            assert all(p["spec"]["schedulingGroup"] == {"podGroupName": name} for p in pods)
+            group = cluster.get("podgroups.scheduling.k8s.io", name)
+            assert group["spec"]["schedulingPolicy"] == {"gang": {"minCount": 2}}
+            assert group["metadata"]["ownerReferences"][0]["name"] == name
 
-        cluster.kubectl("delete", "pod", "gpu-blocker", "--grace-period=0", "--force")
-        pods = _running_pods(cluster, name, 2)
-        assert {p["spec"]["nodeName"] for p in pods} == {"kwok-gpu-0", "kwok-gpu-1"}
-        for pod in pods:
-            _end_pod(cluster, pod, code=0)
-        _wait_phase(cluster, name, "Succeeded")
-        # The PodGroup goes with its job (the API server's PodGroupProtection finalizer is lifted).
-        cluster.kubectl("delete", "ddj", name, "--wait=true")
-        cluster.wait_until(f"{name}'s PodGroup gone", lambda: cluster.kubectl(
-            "get", "podgroups.scheduling.k8s.io", name, check=False).returncode != 0, PHASE_TIMEOUT, every=1)
-    finally:
-        cluster.kubectl("delete", "pod", "gpu-blocker", "--ignore-not-found", "--grace-period=0", "--force")
+            cluster.kubectl("delete", "pod", "gpu-blocker", "--grace-period=0", "--force")
+            pods = _running_pods(cluster, name, 2)
+            assert {p["spec"]["nodeName"] for p in pods} == {"kwok-gang-0", "kwok-gang-1"}
+            for pod in pods:
+                _end_pod(cluster, pod, code=0)
+            _wait_phase(cluster, name, "Succeeded")
+            # The PodGroup goes with its job (the API server's PodGroupProtection finalizer is lifted).
+            cluster.kubectl("delete", "ddj", name, "--wait=true")
+            cluster.wait_until(f"{name}'s PodGroup gone", lambda: cluster.kubectl(
+                "get", "podgroups.scheduling.k8s.io", name, check=False).returncode != 0, PHASE_TIMEOUT, every=1)
+        finally:
+            cluster.kubectl("delete", "pod", "gpu-blocker", "--ignore-not-found", "--grace-period=0", "--force")
 
 
 def test_a_pod_security_rejection_is_reported(local):
