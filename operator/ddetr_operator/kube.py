@@ -428,7 +428,7 @@ class Cluster:
     def _created(self, job: Mapping[str, Any], action: Create) -> None:
         """A support child is there now: passes from the cache need not look for it again."""
         field = SUPPORT_KINDS.get(action.manifest.get("kind"))
-        if field is not None and hasattr(self, "_support"):  # (a Cluster made without __init__ in tests)
+        if field is not None:
             with self._lock:
                 support = self._support.get(job_key(job))
                 if support is not None:

@@ -44,7 +44,7 @@ class RefusingApi:
 
 
 def cluster_refusing(error: ApiException | None) -> Cluster:
-    cluster = Cluster.__new__(Cluster)
+    cluster = Cluster(api_client=None)  # the real state, then the refusing APIs
     cluster.core = cluster.batch = cluster.custom = RefusingApi(error)
     return cluster
 

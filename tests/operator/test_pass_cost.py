@@ -80,8 +80,7 @@ class FakeApi:
 
 
 def fake_cluster(api: FakeApi, secret_ttl: float = 300.0) -> Cluster:
-    cluster = Cluster.__new__(Cluster)
-    Cluster.__init__(cluster, api_client=None, secret_ttl=secret_ttl)  # the real state, then the fake APIs
+    cluster = Cluster(api_client=None, secret_ttl=secret_ttl)  # the real state, then the fake APIs
     cluster.core = cluster.batch = cluster.custom = cluster.networking = api
     return cluster
 
