@@ -313,8 +313,9 @@ def main() -> int:
               f"{run['rss_mib']:>8} {r['finished']['requests_per_s']:>14}")
     growth = growth_lines(results)
     print("\n".join(growth))
+    from ddetr_operator import handlers
     record = {"benchmark": "operator_scale", "interval_s": ARGS.interval, "window_s": ARGS.window,
-              "full_pass_every_s": ARGS.full_pass_every, "operator_default_full_pass_every_s": default_full_pass_every(),
+              "full_pass_every_s": ARGS.full_pass_every, "operator_default_full_pass_every_s": handlers.DEFAULT_FULL_PASS_EVERY,
               "cores": os.cpu_count(), "load_at_start": os.getloadavg()[0], "results": results,
               "reference": "mode poll: the same operator with every pass a full one (full_pass_every 0, secret_ttl 0), "
                            "as it was before watching its children",
@@ -323,11 +324,6 @@ def main() -> int:
     Path(ARGS.output).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {ARGS.output}")
     return 0
-
-
-def default_full_pass_every() -> float:
-    from ddetr_operator import handlers
-    return handlers.Options().full_pass_every
 
 
 def growth_lines(results: list[dict]) -> list[str]:
