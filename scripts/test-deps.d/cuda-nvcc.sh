@@ -5,7 +5,8 @@
 # (bin/nvcc, nvvm/, include/, lib/ + lib64/), together with the headers and libcudart that the
 # torch wheel already installed (nvidia-cuda-runtime). deformable_detr.ops.kernels.find_cuda_home()
 # looks there after CUDA_HOME, /usr/local/cuda and nvcc on PATH.
-# Idempotent and never fatal: without it the CUDA build test skips with the reason.
+# Idempotent; exits 1 naming the piece it could not get (a torch without CUDA is no failure: the
+# CUDA build test then says so).
 set -uo pipefail
 
 python=${PYTHON:-python3}
@@ -34,7 +35,7 @@ PY
 )
 if [ -z "$runtime" ]; then
   echo "cuda-nvcc.sh: the torch wheel's CUDA runtime headers (nvidia-cuda-runtime) are not installed" >&2
-  exit 0
+  exit 1
 fi
 
 series="${cuda_version}.*"
@@ -42,14 +43,14 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if ! PIP_ROOT_USER_ACTION=ignore "$python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$work/wheels" \
     "nvidia-cuda-nvcc==$series" "nvidia-nvvm==$series" "nvidia-cuda-crt==$series" "nvidia-cuda-cccl==$series"; then
-  echo "cuda-nvcc.sh: pip could not install nvcc $series from PyPI; the CUDA build test will skip" >&2
-  exit 0
+  echo "cuda-nvcc.sh: pip could not install nvcc $series from PyPI" >&2
+  exit 1
 fi
 built=$(find "$work/wheels/nvidia" -maxdepth 3 -path '*/bin/nvcc' -printf '%h\n' | head -n 1)
-[ -n "$built" ] || { echo "cuda-nvcc.sh: no bin/nvcc in the nvcc wheel" >&2; exit 0; }
+[ -n "$built" ] || { echo "cuda-nvcc.sh: no bin/nvcc in the nvcc wheel" >&2; exit 1; }
 top=$(dirname "$built")
 # The runtime's headers and libraries next to nvcc's: one folder is the toolkit.
-cp -rn "$runtime/include/." "$top/include/" && cp -rn "$runtime/lib/." "$top/lib/" || exit 0
+cp -rn "$runtime/include/." "$top/include/" && cp -rn "$runtime/lib/." "$top/lib/" || { echo "cuda-nvcc.sh: copying the CUDA runtime into $top failed" >&2; exit 1; }
 # Linkers look for libcudart.so; the wheel only has the versioned name.
 (cd "$top/lib" && for lib in libcudart.so.*; do [ -e libcudart.so ] || ln -s "$lib" libcudart.so; done)
 ln -sfn lib "$top/lib64"

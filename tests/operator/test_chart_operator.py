@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -104,8 +103,8 @@ async def test_operator_started_as_the_chart_starts_it_serves_probes_metrics_and
     container = _deployment_container(tmp_path, {
         "operator": {"healthPort": health_port, "metricsPort": metrics_port, "reconcileIntervalSeconds": 0.5},
         "watch": {"namespaces": [NAMESPACE]}})
-    entrypoint = shutil.which("ddetr-operator")
-    command = [entrypoint] if entrypoint else [sys.executable, "-m", "ddetr_operator"]
+    # The console script pip installed beside the interpreter running the tests, as the image runs it.
+    command = [os.path.join(os.path.dirname(sys.executable), "ddetr-operator")]
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e},
            "KUBECONFIG": str(_kubeconfig(tmp_path, str(kmock.url))), "HOME": str(tmp_path)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
