@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from importlib.metadata import version
 
 import kopf
 
@@ -31,6 +32,7 @@ def _flag(text: str) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ddetr-operator", description="DeformableDetrJob operator")
+    parser.add_argument("--version", action="version", version=f"ddetr-operator {version('ddetr-operator')}")
     env_namespaces = _split(os.environ.get("DDETR_WATCH_NAMESPACES", ""))
     parser.add_argument("--namespace", "-n", action="append", dest="namespaces",
                         help="namespace to watch (repeatable); default: all namespaces")

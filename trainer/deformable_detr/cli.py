@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from . import __version__
 from .config.defaults import default_spec_text, known_tasks
 from .config.loader import SpecError, dump_spec, load_spec
 from .errors import UsageError
@@ -45,6 +46,7 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR: TAO's tasks, open.")
+    parser.add_argument("--version", action="version", version=f"deformable-detr {__version__}")
     sub = parser.add_subparsers(dest="task", metavar="task", required=True)
     for task, help_text in SPEC_TASKS.items():
         _add_spec_args(sub.add_parser(task, help=help_text, description=help_text))
