@@ -5,15 +5,18 @@ applies the actions and patches the status. Running the same pass twice (an oper
 restart mid-reconcile) creates nothing twice: child names are deterministic and
 "already exists" counts as success.
 
-Exit codes decide restarts as in Kubeflow's ExitCode policy: 1-127 (the CLI's 2 for a
-bad spec or data included) are permanent; 128-255 (signals: OOM-kill, preemption,
-SIGTERM after a checkpoint = 143) and pods lost without an exit code are retryable.
+Exit codes decide restarts as in Kubeflow's ExitCode policy (deformable_detr.exit_codes):
+1-127 (the CLI's 2 for a bad spec or data included) are permanent; 128-255 (signals:
+OOM-kill, preemption, SIGTERM after a checkpoint) and pods lost without an exit code are
+retryable.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 from typing import Any, Mapping, Sequence
+
+from deformable_detr import exit_codes
 
 from . import LABEL_ATTEMPT
 from .render import (CONTAINER, KUEUE_QUEUE_LABEL, render_configmap, render_network_policy, render_podgroup,
@@ -128,9 +131,7 @@ def parse_time(text: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def is_retryable_exit(code: int) -> bool:
-    """Signals and 128-255 are retryable; 1-127 (2 = usage/spec/data error) are permanent."""
-    return code >= 128 or code < 0
+is_retryable_exit = exit_codes.is_retryable
 
 
 def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:

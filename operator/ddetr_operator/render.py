@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from deformable_detr import exit_codes
 from deformable_detr.config.loader import spec_to_dict
 from deformable_detr.config.schema import ExperimentConfig
 
@@ -27,8 +28,8 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MASTER_WAIT_SECONDS = 300
 KEY_ENV = "DDETR_ENCRYPTION_KEY"
-# Exit code of the wait below when pod 0 never answers: >= 128, so the gang is retried.
-MASTER_UNRESOLVABLE_EXIT = 200
+# Exit code of the wait below when pod 0 never answers: retryable, so the gang is retried.
+MASTER_UNRESOLVABLE_EXIT = exit_codes.MASTER_UNRESOLVABLE.code
 # Time between SIGTERM and SIGKILL: torchrun forwards SIGTERM, rank 0 finishes its step, writes
 # a checkpoint and uploads it to S3 (hundreds of MB, tens of seconds); Kubernetes' 30 s is too short.
 DEFAULT_TERMINATION_GRACE_SECONDS = 180

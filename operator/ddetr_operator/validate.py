@@ -17,12 +17,13 @@ from typing import Any, Mapping, Sequence
 from deformable_detr.config import loader
 from deformable_detr.config.schema import ExperimentConfig
 from deformable_detr.errors import UsageError
+from deformable_detr.tasks import TASKS as TASK_TABLE
 
 # Pod hostnames are "<name>-a<attempt>-<index>" and must fit a 63-character DNS label.
 MAX_NAME_LENGTH = 40
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-TASKS = ["train", "evaluate", "inference", "export", "convert", "gen_trt_engine"]
+TASKS = list(TASK_TABLE)
 CLEAN_POD_POLICIES = ["None", "Running", "All"]
 # "kubernetes": the cluster's own scheduler with the GenericWorkload feature (scheduling.k8s.io/v1beta1 PodGroup).
 GANG_SCHEDULERS = ["kubernetes", "volcano", "scheduler-plugins"]

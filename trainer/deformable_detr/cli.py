@@ -15,22 +15,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
-from .config.defaults import default_spec_text, known_tasks
+from . import __version__, exit_codes
+from .config.defaults import default_spec_text
 from .config.loader import SpecError, dump_spec, load_spec
+from .config.schema import ExperimentConfig
 from .errors import UsageError
+from .tasks import TASKS
 
-SPEC_TASKS = {
-    "convert": "KITTI label folders -> sharded COCO JSON",
-    "train": "train a Deformable DETR model",
-    "evaluate": "COCO mAP of a checkpoint on dataset.test_data_sources",
-    "inference": "KITTI labels and annotated images for dataset.infer_data_sources",
-    "export": "export a checkpoint to ONNX",
-    "gen_trt_engine": "build a TensorRT engine from an ONNX file (needs tensorrt and a GPU)",
-}
 
-# Tasks whose `num_gpus` the --gpus flag sets.
-_GPU_SECTIONS = {"train", "evaluate", "inference"}
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -48,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR: TAO's tasks, open.")
     parser.add_argument("--version", action="version", version=f"deformable-detr {__version__}")
     sub = parser.add_subparsers(dest="task", metavar="task", required=True)
-    for task, help_text in SPEC_TASKS.items():
-        _add_spec_args(sub.add_parser(task, help=help_text, description=help_text))
+    for task in TASKS.values():
+        _add_spec_args(sub.add_parser(task.name, help=task.help, description=task.help))
     p = sub.add_parser("default-spec", help="print a complete, commented spec with every default")
     p.add_argument("for_task", nargs="?", metavar="task",
-                   help=f"only the sections this task reads: {', '.join(known_tasks())}")
+                   help=f"only the sections this task reads: {', '.join(TASKS)}")
     p = sub.add_parser("make-example-data", help="generate the seeded example dataset (COCO and KITTI)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-train", type=int, default=2000, help="training images")
@@ -65,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _task_overrides(args: argparse.Namespace) -> list[str]:
     extra = []
     if args.gpus is not None:
-        section = args.task if args.task in _GPU_SECTIONS else None
-        if section is None:
+        # The flag sets `num_gpus` of the task's own section, where it has one.
+        if not hasattr(getattr(ExperimentConfig(), args.task), "num_gpus"):
             raise SpecError(f"--gpus: the {args.task} task runs on one device; drop the flag")
-        extra.append(f"{section}.num_gpus={args.gpus}")
+        extra.append(f"{args.task}.num_gpus={args.gpus}")
     if args.num_nodes is not None:
         if args.task != "train":
             raise SpecError(f"--num_nodes: only the train task runs on several nodes, not {args.task}")
@@ -171,8 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.task == "default-spec":
-            if args.for_task is not None and args.for_task not in known_tasks():
-                raise UsageError(f"{args.for_task!r} is not a task; accepted: {', '.join(known_tasks())}")
+            if args.for_task is not None and args.for_task not in TASKS:
+                raise UsageError(f"{args.for_task!r} is not a task; accepted: {', '.join(TASKS)}")
             sys.stdout.write(default_spec_text(args.for_task))
             return 0
         if args.task == "make-example-data":
@@ -197,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         print(f"deformable-detr {args.task}: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED.code
 
 
 def entrypoint() -> None:

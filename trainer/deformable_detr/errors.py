@@ -1,10 +1,11 @@
 """Errors a user can cause. The CLI prints their message in one line and exits 2."""
+from . import exit_codes
 
 
 class UsageError(Exception):
     """Bad input: a spec value, a missing or corrupt file, a dataset that cannot be used."""
 
-    exit_code = 2
+    exit_code = exit_codes.BAD_INPUT.code
 
 
 def relative_to_cwd(path: str) -> str:

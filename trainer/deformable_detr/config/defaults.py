@@ -5,17 +5,9 @@ import dataclasses
 
 import yaml
 
+from ..tasks import TASKS
 from .schema import ExperimentConfig
 
-# Sections each task reads, besides the top-level keys.
-TASK_SECTIONS = {
-    "train": ["model", "dataset", "train", "evaluate"],
-    "evaluate": ["model", "dataset", "evaluate"],
-    "inference": ["model", "dataset", "inference"],
-    "export": ["model", "dataset", "export"],
-    "gen_trt_engine": ["gen_trt_engine"],
-    "convert": ["convert"],
-}
 
 _EXAMPLES = {
     "train_data_sources": ["- image_dir: /data/train/images", "  json_file: /data/train/annotations.json"],
@@ -63,7 +55,7 @@ def _emit(obj, indent: int, lines: list[str]) -> None:
 
 def default_spec_text(task: str | None = None) -> str:
     spec = ExperimentConfig()
-    wanted = TASK_SECTIONS.get(task) if task else None
+    wanted = TASKS[task].sections if task in TASKS else None
     lines = [f"# Deformable DETR experiment spec{' for ' + task if task else ''}: every field with its default.",
              "# Override any field on the command line: section.field=value", ""]
     for f in dataclasses.fields(spec):
@@ -79,9 +71,5 @@ def default_spec_text(task: str | None = None) -> str:
             lines.append(f"# {_comment(f)}")
             lines.append(f"{f.name}: {_scalar(value)}")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def known_tasks() -> list[str]:
-    return list(TASK_SECTIONS)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import exit_codes
 from ..errors import UsageError
 from .logging import get_logger
 from .signals import EXIT_SIGTERM
@@ -29,10 +30,7 @@ log = get_logger("distributed")
 # Seconds a collective may wait for a peer before the run fails (DDETR_DIST_TIMEOUT_S overrides).
 DEFAULT_TIMEOUT_S = 900
 
-# Exit code of a worker that lost contact with its peers (a worker killed, a node lost, a collective
-# timed out): the operator retries 128-255 and gives up on 1-127. 200 is above every signal death
-# (129-192), so it never reads as one.
-EXIT_PEER_LOST = 200
+EXIT_PEER_LOST = exit_codes.PEER_LOST.code
 
 # Where the launcher asks its workers to record their exit codes (torchrun itself exits 1 on any failure).
 EXIT_CODE_DIR_ENV = "DDETR_EXIT_CODE_DIR"
@@ -217,10 +215,10 @@ def exit_code_for(err: BaseException) -> int:
     if isinstance(err, UsageError):
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
-        return 130
+        return exit_codes.INTERRUPTED.code
     if is_communication_failure(err):
         return EXIT_PEER_LOST
-    return 1
+    return exit_codes.BUG.code
 
 
 def record_exit_code(code: int) -> None:
@@ -257,16 +255,14 @@ def launcher_exit_code(torchrun_code: int, terminated: bool, worker_codes: Itera
     if terminated:
         return EXIT_SIGTERM
     codes = list(worker_codes)
-    permanent = [c for c in codes if 0 < c < 128]
+    permanent = [c for c in codes if c > 0 and not exit_codes.is_retryable(c)]
     if permanent:
         return permanent[0]
-    from .files import EXIT_DISK_FULL
-    from .storage import EXIT_STORAGE_UNAVAILABLE
-
     # The rank that met the cause (a full disk, storage down) says more than its peers' lost-peer codes.
-    for retryable in (EXIT_DISK_FULL, EXIT_STORAGE_UNAVAILABLE, EXIT_PEER_LOST, EXIT_SIGTERM, 130):
-        if retryable in codes:
-            return retryable
+    for retryable in (exit_codes.DISK_FULL, exit_codes.STORAGE_UNAVAILABLE, exit_codes.PEER_LOST,
+                      exit_codes.TERMINATED, exit_codes.INTERRUPTED):
+        if retryable.code in codes:
+            return retryable.code
     if not codes:
         # Every worker that exits on its own records its code; none did, so they were killed by a
         # signal (the OOM killer's SIGKILL, a segfault): report it as a container runtime would

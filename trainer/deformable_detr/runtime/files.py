@@ -14,11 +14,10 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
+from .. import exit_codes
 from ..errors import UsageError
 
-# Exit code of a task stopped by a full disk: retryable (>= 128) for the operator, since nothing
-# already written is lost and a restarted pod may get a fresh disk; bounded by its backoff limit.
-EXIT_DISK_FULL = 202
+EXIT_DISK_FULL = exit_codes.DISK_FULL.code
 _FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 

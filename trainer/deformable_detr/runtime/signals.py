@@ -7,14 +7,13 @@ import threading
 from types import FrameType
 from typing import Optional
 
+from .. import exit_codes
 from .logging import get_logger
 
 log = get_logger("signals")
 
-# Exit code of a run stopped by SIGTERM after saving its checkpoint (128 + SIGTERM, as a signal death reads).
-EXIT_SIGTERM = 143
-# ... and by Ctrl-C (128 + SIGINT).
-EXIT_SIGINT = 130
+EXIT_SIGTERM = exit_codes.TERMINATED.code
+EXIT_SIGINT = exit_codes.INTERRUPTED.code
 
 
 class StopRequest:

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable, Optional, TypeVar
 
+from .. import exit_codes
 from ..errors import UsageError
 from .files import atomic_path
 from .logging import get_logger
@@ -41,9 +42,7 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                    "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "429", "503"}
 
-# Exit code of a task stopped by storage that may come back (endpoint down, timeouts, 5xx,
-# throttling): >= 128, so the operator retries it; permanent storage errors keep exit code 2.
-EXIT_STORAGE_UNAVAILABLE = 201
+EXIT_STORAGE_UNAVAILABLE = exit_codes.STORAGE_UNAVAILABLE.code
 
 
 class StorageError(UsageError):

@@ -1,0 +1,31 @@
+"""The task table: every task's name, what it does and the spec sections it reads.
+
+The one home of the task list: the CLI's subcommands, `default-spec`, the operator's `spec.task`
+(its CRD enum and default) and the docs read it. Each task's code is `deformable_detr.tasks.<name>`
+with `run(spec) -> int`; importing this package imports none of them (the operator has no torch).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    help: str
+    sections: tuple[str, ...]  # spec sections it reads, besides the top-level keys
+
+
+TASKS = {task.name: task for task in (
+    Task("convert", "KITTI label folders -> sharded COCO JSON", ("convert",)),
+    Task("train", "train a Deformable DETR model", ("model", "dataset", "train", "evaluate")),
+    Task("evaluate", "COCO mAP of a checkpoint on dataset.test_data_sources", ("model", "dataset", "evaluate")),
+    Task("inference", "KITTI labels and annotated images for dataset.infer_data_sources",
+         ("model", "dataset", "inference")),
+    Task("export", "export a checkpoint to ONNX", ("model", "dataset", "export")),
+    Task("gen_trt_engine", "build a TensorRT engine from an ONNX file (needs tensorrt and a GPU)",
+         ("gen_trt_engine",)),
+)}
+
+# What a DeformableDetrJob runs when its spec names no task.
+DEFAULT_TASK = "train"

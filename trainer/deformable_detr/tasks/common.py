@@ -9,6 +9,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from .. import exit_codes
 from ..config.loader import dump_spec
 from ..config.schema import ExperimentConfig
 from ..errors import UsageError
@@ -22,7 +23,7 @@ log = get_logger("tasks")
 class FeatureUnavailable(UsageError):
     """Something this machine cannot do (a TensorRT engine without tensorrt or a GPU): exit code 3."""
 
-    exit_code = 3
+    exit_code = exit_codes.UNAVAILABLE_FEATURE.code
 
 
 def require_tensorrt(field: str) -> None:
