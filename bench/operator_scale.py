@@ -153,8 +153,7 @@ PODS_PER_KWOK_NODE = 110  # the capacity localcluster's kwok_node gives
 def ensure_kwok_nodes(pods: int) -> list[str]:
     """Enough KWOK nodes for `pods` more pods (plus one spare): the ones the bench adds, by name."""
     import yaml
-    sys.path.insert(0, str(REPO / "tests" / "localcluster"))
-    from controlplane import KWOK_NODE_LABEL, KWOK_NODE_VALUE, clear_not_ready_taint, kwok_node
+    from ddetr_localcluster.controlplane import KWOK_NODE_LABEL, KWOK_NODE_VALUE, clear_not_ready_taint, kwok_node
     nodes = json.loads(kubectl("get", "nodes", "-l", f"{KWOK_NODE_LABEL}={KWOK_NODE_VALUE}", "-o", "json"))["items"]
     have = sum(int((node.get("status") or {}).get("allocatable", {}).get("pods", PODS_PER_KWOK_NODE))
                for node in nodes)

@@ -12,6 +12,9 @@ extra=""
 if [ -f operator/pyproject.toml ]; then
   "$PY" -m pip install --quiet --disable-pip-version-check -e "./operator${extra}"
 fi
+if [ "${1:-}" = "test" ]; then  # the local Kubernetes the e2e tests start (localcluster/)
+  "$PY" -m pip install --quiet --disable-pip-version-check -e ./localcluster
+fi
 if [ "${1:-}" = "test" ] && [ -d scripts/test-deps.d ]; then
   # Extra system tools the tests use (Prometheus, helm, the control plane...). Each script is idempotent
   # and fails naming the tool it could not provide: the suite never skips for something set-up owes it.

@@ -26,7 +26,7 @@ case "${1:-}" in
     fi
     bin=$(bash "$root/scripts/build-control-plane.sh" | tail -n 1)
     rm -rf "$state" && mkdir -p "$state"
-    nohup "$PY" "$root/tests/localcluster/main.py" serve --state "$state" --bin "$bin" \
+    nohup env PYTHONPATH="$root/localcluster${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m ddetr_localcluster serve --state "$state" --bin "$bin" \
       >"$state/cluster.log" 2>&1 &
     echo $! >"$state/pid"
     echo "local cluster: starting (log: $state/cluster.log)..." >&2

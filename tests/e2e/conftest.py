@@ -1,6 +1,6 @@
 """Fixtures of the cluster suite. With KUBECONFIG set, the suite runs against that cluster
 (e.g. kind with the real images). Without it, the suite starts the local control plane
-(tests/localcluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK
+(localcluster/ddetr_localcluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK
 and the pod runner, built from Go modules) for the session, and skips with the reason
 where that cannot be had (no Go, no module proxy, not root)."""
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "localcluster"))
 
 import e2e_manifests as m  # noqa: E402
 from kube_target import CHART, Cluster, LocalTarget  # noqa: E402
@@ -52,7 +51,7 @@ def control_plane(tmp_path_factory):
     if os.environ.get("KUBECONFIG"):
         yield None
         return
-    from controlplane import LocalCluster, control_plane_bin
+    from ddetr_localcluster.controlplane import LocalCluster, control_plane_bin
     if os.geteuid() != 0:
         pytest.skip("the local control plane's pod runner needs root (network namespaces); or set KUBECONFIG")
     if find_tool("helm") is None:

@@ -2,7 +2,7 @@
 
 - `Cluster`: any cluster KUBECONFIG names (e.g. kind with the real images): the chart's
   operator runs as its Deployment, S3 is an in-cluster moto Deployment, helpers run as Jobs.
-- `LocalTarget`: the local control plane (tests/localcluster), started by the suite when
+- `LocalTarget`: the local control plane (localcluster/ddetr_localcluster), started by the suite when
   no KUBECONFIG is given: the operator runs here as a host process authenticated as the
   chart's ServiceAccount (a TokenRequest token), S3 is moto on the pod runner's bridge
   address (reachable from the host and from every pod), helpers run as local Python, and
@@ -154,7 +154,7 @@ class OperatorProcess:
                "DDETR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{_free_port()}/healthz",
                "DDETR_RECONCILE_INTERVAL": "2", **self.extra_env}
         handle = open(self.log, "ab")
-        from controlplane import _die_with_parent  # tests/localcluster: a killed suite leaves no operator
+        from ddetr_localcluster.controlplane import _die_with_parent  # a killed suite leaves no operator
         self.process = subprocess.Popen([sys.executable, "-m", "ddetr_operator"], stdout=handle,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent)

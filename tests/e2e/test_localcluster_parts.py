@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "localcluster"))
 
-import pod_runner  # noqa: E402
+from ddetr_localcluster import pod_runner  # noqa: E402
 
 
 def test_dollar_paren_expansion_follows_kubernetes():
@@ -66,7 +65,7 @@ def test_gen_replaces_reproduces_the_committed_block():
 
 
 def test_kwok_stages_cover_running_exit_disruption_and_delete():
-    stages = list(yaml.safe_load_all((REPO / "tests" / "localcluster" / "kwok-stages.yaml").read_text()))
+    stages = list(yaml.safe_load_all((REPO / "localcluster" / "ddetr_localcluster" / "kwok-stages.yaml").read_text()))
     names = {s["metadata"]["name"] for s in stages}
     assert names == {"ddetr-node-initialize", "ddetr-pod-running", "ddetr-pod-exit", "ddetr-pod-disruption",
                      "ddetr-pod-delete"}

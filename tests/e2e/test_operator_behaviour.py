@@ -16,7 +16,7 @@ import yaml
 
 import e2e_manifests as m
 from conftest import REPO, events_of, install_chart, job_status
-from controlplane import kwok_node
+from ddetr_localcluster.controlplane import kwok_node
 from test_local_cluster import (PHASE_TIMEOUT, RESTRICTED, _children, _end_pod, _kwok_job, _new_namespace, _pods,
                                 _running_pods, _wait_phase, local, namespace_with_operator)  # noqa: F401 - `local` is the module fixture
 

@@ -1,7 +1,7 @@
 """Start and stop a real Kubernetes control plane on 127.0.0.1 from the binaries that
 scripts/build-control-plane.sh builds: etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and KWOK (fake GPU nodes), plus the pod runner that runs the pods bound to
-its own node as local processes (tests/localcluster/pod_runner.py).
+its own node as local processes (pod_runner.py).
 
 Nothing is installed into the cluster: no CRD, no chart. Every component logs to a file
 under `<state>/logs`, which the pytest fixture shows for a failed test.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from pki import write_pki
+from .pki import write_pki
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -192,7 +192,7 @@ class LocalCluster:
                 self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(kwok_node(f"kwok-gpu-{index}")))
                 clear_not_ready_taint(self.kubectl, f"kwok-gpu-{index}")
             if self.pod_runner:
-                self._spawn("pod-runner", [self.pod_runner_python, str(HERE / "pod_runner.py"),
+                self._spawn("pod-runner", [self.pod_runner_python, "-m", "ddetr_localcluster.pod_runner",
                                            "--kubeconfig", kubeconfig, "--state", str(self.state / "pods")],
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
                 self._wait("the pod runner's node", lambda: self._node_ready("ddetr-runner"), 60)

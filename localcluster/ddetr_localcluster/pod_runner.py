@@ -13,7 +13,7 @@ What is simulated or ignored: images (the command runs from this machine's PATH)
 securityContext (processes run as the runner's user), resource limits, probes, init
 containers, and `kubectl logs` (each container's log is under --state).
 
-    python3 tests/localcluster/pod_runner.py --kubeconfig K --state DIR
+    python3 -m ddetr_localcluster.pod_runner --kubeconfig K --state DIR
 """
 from __future__ import annotations
 

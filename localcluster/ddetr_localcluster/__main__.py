@@ -1,7 +1,7 @@
 """`scripts/local-cluster.sh up|down|status`: the tests' local control plane, for people
 developing the operator and for ad-hoc checks.
 
-    python3 tests/localcluster/main.py serve --state DIR --bin BIN   # foreground, until SIGTERM
+    python3 -m ddetr_localcluster serve --state DIR --bin BIN   # foreground, until SIGTERM
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from controlplane import LocalCluster  # noqa: E402
+from .controlplane import LocalCluster
 
 
 def main(argv: list[str] | None = None) -> int:
