@@ -7,7 +7,7 @@ import torch
 from deformable_detr.config import spec_from_dict
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
 from deformable_detr.runtime.optim import build_scheduler, monitors_a_value
-from deformable_detr.runtime.training_log import read_log
+from train_records import read_log
 from test_resume import _assert_same_training_state
 from test_train import tiny_train_spec, train_cli
 

@@ -18,7 +18,7 @@ from deformable_detr.runtime.encryption import KeyMismatch
 from deformable_detr.runtime.files import EXIT_DISK_FULL, DiskFull, atomic_path, write_text_atomic
 from deformable_detr.runtime.progress import RateWindow, progress_line
 from deformable_detr.runtime.storage import EXIT_STORAGE_UNAVAILABLE, StorageError
-from deformable_detr.runtime.training_log import read_log, read_status
+from train_records import read_log, read_status
 from test_train import tiny_train_spec, train_cli
 
 

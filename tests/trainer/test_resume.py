@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
-from deformable_detr.runtime.training_log import read_log
+from train_records import read_log
 from test_train import tiny_train_spec, train_cli
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from deformable_detr.data.samplers import ResumableSampler, sample_seed
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
-from deformable_detr.runtime.training_log import read_log, read_status
+from train_records import read_log, read_status
 from test_resume import _assert_same_training_state
 from test_train import sigterm_after_steps, step_losses, tiny_train_spec, train_cli
 

@@ -83,14 +83,14 @@ def test_sync_that_cannot_write_fails_clearly_at_close(tmp_path):
 
 
 def test_long_transfers_log_progress(caplog):
-    from deformable_detr.runtime.storage import _TransferProgress
+    from deformable_detr.runtime.progress import TransferProgress
 
     # Attached directly: once the CLI has set up logging, "deformable_detr" no longer propagates to root.
     logger = logging.getLogger("deformable_detr.storage")
     logger.addHandler(caplog.handler)
     caplog.set_level("INFO", logger="deformable_detr.storage")
     try:
-        shown = _TransferProgress("uploading s3://b/k", total=3_000_000, every_s=0.0)
+        shown = TransferProgress("uploading s3://b/k", logger, total=3_000_000, every_s=0.0)
         for _ in range(3):
             shown(1_000_000)
         shown.finish()
@@ -99,3 +99,18 @@ def test_long_transfers_log_progress(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("uploading s3://b/k: 1.0 of 3.0 MB")
     assert lines[-1].startswith("uploading s3://b/k: done, 3.0 MB in")
+
+
+def test_one_s3_client_per_access_is_reused_and_the_cache_is_bounded():
+    """Making a boto3 client costs tens of ms of CPU; the operator asks for one per job's credentials each pass."""
+    from deformable_detr.runtime.storage import MAX_CLIENTS, S3Access, _clients, client_for, split_uri
+
+    access = S3Access(endpoint="http://127.0.0.1:9", access_key_id="k", secret_access_key="s", max_attempts=1)
+    assert client_for(access) is client_for(S3Access(endpoint="http://127.0.0.1:9", access_key_id="k",
+                                                     secret_access_key="s", max_attempts=1))
+    assert client_for(access) is not client_for(S3Access(endpoint="http://127.0.0.1:9", access_key_id="other",
+                                                         secret_access_key="s", max_attempts=1))
+    for port in range(MAX_CLIENTS + 5):
+        client_for(S3Access(endpoint=f"http://127.0.0.1:{port + 1}"))
+    assert len(_clients) == MAX_CLIENTS
+    assert split_uri("s3://bucket/a/b") == ("bucket", "a/b")

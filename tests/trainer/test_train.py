@@ -15,7 +15,7 @@ import yaml
 from deformable_detr.cli import main
 from deformable_detr.errors import UsageError
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
-from deformable_detr.runtime.training_log import read_log, read_status
+from train_records import read_log, read_status
 from deformable_detr.tasks.train import _padded_batches
 
 TINY_MODEL = {"backbone": "resnet_18", "num_queries": 10, "num_feature_levels": 1, "return_interm_indices": [3],

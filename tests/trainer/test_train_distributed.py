@@ -20,7 +20,7 @@ import yaml
 
 from deformable_detr.runtime.distributed import EXIT_PEER_LOST
 from deformable_detr.runtime.checkpoint import LATEST_NAME, list_checkpoints, load_checkpoint
-from deformable_detr.runtime.training_log import read_log, read_status
+from train_records import read_log, read_status
 from test_train import tiny_train_spec
 
 # The PyTorch reference attention: workers never race to build the CPU kernel (a rank that loses

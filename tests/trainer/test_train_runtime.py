@@ -15,7 +15,8 @@ from deformable_detr.errors import UsageError
 from deformable_detr.runtime import checkpoint
 from deformable_detr.runtime.optim import build_optimizer, build_scheduler, param_groups
 from deformable_detr.runtime.signals import StopRequest
-from deformable_detr.runtime.training_log import TrainingLog, read_log, read_status
+from deformable_detr.runtime.training_log import TrainingLog
+from train_records import read_log, read_status
 
 
 class StandIn(nn.Module):

@@ -15,7 +15,6 @@ uploads it first (`recover_staging`), so a later checkpoint is never stranded.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import tempfile
@@ -27,7 +26,9 @@ from typing import Optional
 
 from . import storage
 from .logging import get_logger
+from .status_file import STATUS_NAME, parse_status, read_status
 from .storage import StorageError
+from .training_log import LOG_NAME
 
 log = get_logger("artifacts")
 
@@ -229,23 +230,19 @@ class ArtifactSync:
 
 def _remote_status_step(remote_uri: str) -> int:
     try:
-        return int(json.loads(storage.read_bytes(storage.join(remote_uri, "status.json"))).get("step") or 0)
+        status = parse_status(storage.read_bytes(storage.join(remote_uri, STATUS_NAME)))
     except storage.ArtifactNotFound:
         return -1
-    except (ValueError, TypeError, AttributeError):
-        return -1
+    return -1 if status is None else int(status.get("step") or 0)
 
 
 def _local_status_step(local_dir: str) -> int:
-    try:
-        with open(os.path.join(local_dir, "status.json"), encoding="utf-8") as fh:
-            return int(json.load(fh).get("step") or 0)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return -1
+    status = read_status(local_dir)
+    return -1 if status is None else int(status.get("step") or 0)
 
 
 def recover_staging(local_dir: str, remote_uri: str, attempts: int = 3, backoff_seconds: float = 2.0,
-                    log_names: tuple[str, ...] = ("train_log.jsonl", "status.json")) -> list[str]:
+                    log_names: tuple[str, ...] = (LOG_NAME, STATUS_NAME)) -> list[str]:
     """Upload what an earlier run left in its staging folder `local_dir`; the names uploaded.
 
     Checkpoints still there were never uploaded (uploaded ones leave the disk): each goes up,

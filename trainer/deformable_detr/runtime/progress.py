@@ -6,7 +6,9 @@ A log line says what it counts and how fast over the last `window_s` seconds, wi
 from __future__ import annotations
 
 import collections
+import logging
 import sys
+import threading
 import time
 from typing import Iterable, Iterator, Optional, TypeVar
 
@@ -82,3 +84,28 @@ def progress(items: Iterable[T], total: Optional[int] = None, desc: str = "", en
     elapsed = time.monotonic() - start
     log.info("%s: done, %d %s in %.1fs (%.2f %s/s)", desc, count - initial, unit, elapsed,
              (count - initial) / max(elapsed, 1e-9), unit)
+
+
+class TransferProgress:
+    """boto3 transfer callback: a log line every `every_s` seconds, so long transfers show progress."""
+
+    def __init__(self, what: str, logger: logging.Logger, total: Optional[int] = None, every_s: float = 10.0):
+        self.what, self.log, self.total, self.every_s = what, logger, total, every_s
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.reported = False
+        self._lock = threading.Lock()  # called from the transfer's worker threads
+
+    def __call__(self, amount: int) -> None:
+        with self._lock:
+            self.done += amount
+            now = time.monotonic()
+            if now - self.last < self.every_s:
+                return
+            self.last, self.reported = now, True
+        of = f" of {self.total / 1e6:.1f}" if self.total else ""
+        self.log.info("%s: %.1f%s MB (%.1f MB/s)", self.what, self.done / 1e6, of, self.done / 1e6 / (now - self.started))
+
+    def finish(self) -> None:
+        if self.reported:
+            self.log.info("%s: done, %.1f MB in %.1fs", self.what, self.done / 1e6, time.monotonic() - self.started)

@@ -1,17 +1,7 @@
-"""Reading and writing artifacts by path: local paths and `s3://bucket/key` URIs.
+"""Reading and writing artifacts by path, local or `s3://bucket/key`, and the one S3 client cache.
 
-S3 goes through boto3 with its usual credential chain (env, profile, pod/instance role).
-`S3_ENDPOINT_URL` or `AWS_ENDPOINT_URL` points it at an S3-compatible store (MinIO, Ceph);
-the region comes from `AWS_REGION` / `AWS_DEFAULT_REGION`. Each request is retried with
-exponential backoff by botocore (`AWS_MAX_ATTEMPTS`, default 5; `AWS_RETRY_MODE`, default
-`standard`). Large objects move as multipart transfers. Failures a user can fix (wrong
-credentials, a missing bucket, an unreachable endpoint) end in one `StorageError` line.
-Its exit code says whether waiting may help: 201 (retryable) for an unreachable endpoint,
-timeouts, 5xx and throttling; 2 (permanent) for rejected credentials, a missing bucket
-or object, a bad URI.
-
-Writes never leave a half-written artifact: local files are written to a temporary name
-and renamed; an S3 object only becomes visible once its (multipart) upload completes.
+Failures end in one `StorageError` line whose exit code says whether waiting may help (201) or
+not (2); writes never leave a half-written artifact. Settings and rules: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -19,13 +9,15 @@ import io
 import os
 import shutil
 import threading
-import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
 from .. import exit_codes
 from ..errors import UsageError
 from .files import atomic_path
 from .logging import get_logger
+from .progress import TransferProgress
 
 T = TypeVar("T")
 log = get_logger("storage")
@@ -83,8 +75,8 @@ def _check_scheme(path: str) -> None:
                            "accepted: a local path or s3://bucket/key")
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> (`bucket`, `a/b`)."""
+def split_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> (`bucket`, `a/b`); StorageError when there is no bucket."""
     bucket, _, key = uri[len(S3_SCHEME):].partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket in the S3 URI; accepted: s3://bucket/key")
@@ -93,9 +85,27 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- S3 client and errors
 
+_clients: "OrderedDict[tuple, object]" = OrderedDict()
 _client_lock = threading.Lock()
-_clients: dict[tuple, object] = {}
 _known_buckets: set[tuple[str, str]] = set()
+MAX_CLIENTS = 64  # the least recently used beyond this are dropped (the operator meets one per job's Secret)
+# What boto3's credential chain reads from the environment: a client made under other values is another client.
+_CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """Where and as whom to reach S3, and how patiently; None takes boto3's usual chain (env, profile, role)."""
+
+    endpoint: Optional[str] = None
+    region: Optional[str] = None
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    connect_timeout: float = 10
+    read_timeout: float = 120
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_mode: str = "standard"
 
 
 def endpoint_url() -> Optional[str]:
@@ -113,31 +123,42 @@ def _max_attempts() -> int:
     return value
 
 
-def s3_client():
-    """A boto3 S3 client for the current environment (cached; boto3 clients are thread-safe)."""
+def client_for(access: S3Access):
+    """A boto3 S3 client for `access`, cached: making one loads the service model (tens of ms of CPU).
+
+    Clients are thread-safe to call; making them is not (boto3's default session), hence a session
+    each and the lock. One per process: a forked child makes its own.
+    """
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError
 
-    env_names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
-    cache_key = (endpoint_url(), os.getpid()) + tuple(os.environ.get(name) for name in env_names)
+    cache_key = (access, os.getpid()) + tuple(os.environ.get(name) for name in _CHAIN_ENV)
     with _client_lock:
         client = _clients.get(cache_key)
-        if client is None:
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-            config = Config(retries={"max_attempts": _max_attempts(),
-                                     "mode": os.environ.get("AWS_RETRY_MODE", "standard")},
-                            connect_timeout=10, read_timeout=120)
-            # A session per client: boto3's default session is not safe to share across threads.
-            try:
-                client = boto3.session.Session().client("s3", endpoint_url=endpoint_url(), region_name=region,
-                                                        config=config)
-            except BotoCoreError as err:  # e.g. AWS_PROFILE names no profile, a malformed endpoint URL
-                raise StorageError(f"S3 client: {err}; check AWS_PROFILE, S3_ENDPOINT_URL/AWS_ENDPOINT_URL "
-                                   "and AWS_REGION") from None
-            _clients[cache_key] = client
+        if client is not None:
+            _clients.move_to_end(cache_key)
+            return client
+        config = Config(retries={"max_attempts": access.max_attempts, "mode": access.retry_mode},
+                        connect_timeout=access.connect_timeout, read_timeout=access.read_timeout)
+        try:
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=access.endpoint, region_name=access.region, config=config,
+                aws_access_key_id=access.access_key_id, aws_secret_access_key=access.secret_access_key)
+        except BotoCoreError as err:  # e.g. AWS_PROFILE names no profile, a malformed endpoint URL
+            raise StorageError(f"S3 client: {err}; check AWS_PROFILE, S3_ENDPOINT_URL/AWS_ENDPOINT_URL "
+                               "and AWS_REGION") from None
+        _clients[cache_key] = client
+        while len(_clients) > MAX_CLIENTS:
+            _clients.popitem(last=False)
         return client
+
+
+def s3_client():
+    """The S3 client of this process's environment: S3_ENDPOINT_URL/AWS_ENDPOINT_URL, AWS_REGION, AWS_MAX_ATTEMPTS."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    return client_for(S3Access(endpoint=endpoint_url(), region=region, max_attempts=_max_attempts(),
+                               retry_mode=os.environ.get("AWS_RETRY_MODE", "standard")))
 
 
 def _where(client) -> str:
@@ -168,7 +189,7 @@ def _translate(err: BaseException, uri: str, client) -> StorageError:
         info = client_error.response.get("Error", {})
         code = str(info.get("Code", ""))
         message = info.get("Message", "")
-        bucket = split_s3(uri)[0]
+        bucket = split_uri(uri)[0]
         if code == "NoSuchBucket":
             return StorageError(f"{uri}: bucket '{bucket}' does not exist at {_where(client)}; "
                                 "create it or fix the URI")
@@ -203,7 +224,7 @@ def _s3_call(uri: str, action: Callable[[object], T]) -> T:
 
 def _require_bucket(uri: str) -> None:
     """After a 404: say 'bucket does not exist' when it was the bucket, not the key, that is missing."""
-    bucket, _ = split_s3(uri)
+    bucket, _ = split_uri(uri)
     marker = (endpoint_url() or "", bucket)
     if marker in _known_buckets:
         return
@@ -224,31 +245,6 @@ def _transfer_config(part_size: Optional[int] = None):
     return TransferConfig(multipart_threshold=size, multipart_chunksize=size, max_concurrency=4)
 
 
-class _TransferProgress:
-    """boto3 transfer callback: a log line every `every_s` seconds, so long transfers show progress."""
-
-    def __init__(self, what: str, total: Optional[int] = None, every_s: float = 10.0):
-        self.what, self.total, self.every_s = what, total, every_s
-        self.done = 0
-        self.started = self.last = time.monotonic()
-        self.reported = False
-        self._lock = threading.Lock()  # called from the transfer's worker threads
-
-    def __call__(self, amount: int) -> None:
-        with self._lock:
-            self.done += amount
-            now = time.monotonic()
-            if now - self.last < self.every_s:
-                return
-            self.last, self.reported = now, True
-        of = f" of {self.total / 1e6:.1f}" if self.total else ""
-        log.info("%s: %.1f%s MB (%.1f MB/s)", self.what, self.done / 1e6, of, self.done / 1e6 / (now - self.started))
-
-    def finish(self) -> None:
-        if self.reported:
-            log.info("%s: done, %.1f MB in %.1fs", self.what, self.done / 1e6, time.monotonic() - self.started)
-
-
 # ---------------------------------------------------------------- public API
 
 
@@ -256,7 +252,7 @@ def write_bytes(path: str, data: bytes) -> None:
     """Write `data` to a local path (atomically) or an S3 object."""
     _check_scheme(path)
     if is_s3(path):
-        bucket, key = split_s3(path)
+        bucket, key = split_uri(path)
         _s3_call(path, lambda c: c.upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config()))
         return
     with atomic_path(path, size=len(data)) as tmp:
@@ -271,7 +267,7 @@ def write_text(path: str, text: str) -> None:
 def read_bytes(path: str) -> bytes:
     _check_scheme(path)
     if is_s3(path):
-        bucket, key = split_s3(path)
+        bucket, key = split_uri(path)
         buffer = io.BytesIO()
         try:
             _s3_call(path, lambda c: c.download_fileobj(bucket, key, buffer, Config=_transfer_config()))
@@ -291,7 +287,7 @@ def exists(path: str) -> bool:
     _check_scheme(path)
     if not is_s3(path):
         return os.path.exists(path)
-    bucket, key = split_s3(path)
+    bucket, key = split_uri(path)
     try:
         _s3_call(path, lambda c: c.head_object(Bucket=bucket, Key=key))
     except ArtifactNotFound:
@@ -307,7 +303,7 @@ def delete(path: str) -> None:
         if os.path.isfile(path):
             os.remove(path)
         return
-    bucket, key = split_s3(path)
+    bucket, key = split_uri(path)
     _s3_call(path, lambda c: c.delete_object(Bucket=bucket, Key=key))
 
 
@@ -327,7 +323,7 @@ def list_files(prefix: str) -> list[str]:
         for root, _dirs, names in os.walk(prefix):
             found.extend(os.path.join(root, name) for name in names if not _is_partial_local(name))
         return sorted(found)
-    bucket, key = split_s3(prefix)
+    bucket, key = split_uri(prefix)
     folder = key if not key or key.endswith("/") else key + "/"
 
     def _list(client) -> list[str]:
@@ -354,8 +350,8 @@ def download(uri: str, local_path: str) -> str:
             raise ArtifactNotFound(f"file not found: {uri}")
         _copy_local(uri, local_path)
         return local_path
-    bucket, key = split_s3(uri)
-    shown = _TransferProgress(f"downloading {uri}")
+    bucket, key = split_uri(uri)
+    shown = TransferProgress(f"downloading {uri}", log)
     with atomic_path(local_path) as tmp:
         try:
             _s3_call(uri, lambda c: c.download_file(bucket, key, tmp, Config=_transfer_config(), Callback=shown))
@@ -377,9 +373,9 @@ def upload_file(local_path: str, uri: str, part_size: Optional[int] = None) -> N
     if not is_s3(uri):
         _copy_local(local_path, uri)
         return
-    bucket, key = split_s3(uri)
+    bucket, key = split_uri(uri)
     config = _transfer_config(part_size)
-    shown = _TransferProgress(f"uploading {uri}", os.path.getsize(local_path))
+    shown = TransferProgress(f"uploading {uri}", log, os.path.getsize(local_path))
     _s3_call(uri, lambda c: c.upload_file(local_path, bucket, key, Config=config, Callback=shown))
     shown.finish()
 
@@ -393,8 +389,8 @@ def copy(source_uri: str, destination_uri: str) -> None:
     if not is_s3(source_uri):
         _copy_local(source_uri, destination_uri)
         return
-    src_bucket, src_key = split_s3(source_uri)
-    dst_bucket, dst_key = split_s3(destination_uri)
+    src_bucket, src_key = split_uri(source_uri)
+    dst_bucket, dst_key = split_uri(destination_uri)
     # The managed copy switches to multipart copy above the threshold (single CopyObject stops at 5 GB).
     _s3_call(destination_uri, lambda c: c.copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key,
                                                Config=_transfer_config()))

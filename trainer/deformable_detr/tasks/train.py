@@ -50,7 +50,8 @@ from ..runtime.progress import progress
 from ..runtime.signals import StopRequest
 from .common import check_resume, relaunch_in_workers
 from ..runtime.storage import StorageError
-from ..runtime.training_log import LOG_NAME, STATUS_NAME, TrainingLog
+from ..runtime.status_file import STATUS_NAME
+from ..runtime.training_log import LOG_NAME, TrainingLog
 
 log = get_logger("train")
 
