@@ -59,7 +59,7 @@ def test_single_data_source_mapping_is_accepted():
                                            "model.num_feature_levels is 3"),
     ({"train": {"precision": "fp8"}}, "train.precision: 'fp8' is not accepted; choose one of fp32, fp16, bf16"),
     ({"train": {"optim": {"optimizer": "Adam"}}}, "train.optim.optimizer: 'Adam' is not accepted"),
-    ({"train": {"distributed_strategy": "fsdp"}}, "train.distributed_strategy: 'fsdp' is not accepted"),
+    ({"train": {"distributed_strategy": "fsdp2"}}, "train.distributed_strategy: 'fsdp2' is not accepted"),
     ({"dataset": {"train_sampler": "random"}}, "dataset.train_sampler: 'random' is not accepted"),
     ({"dataset": {"dataset_type": "lmdb"}}, "dataset.dataset_type: 'lmdb' is not accepted"),
     ({"dataset": {"augmentation": {"fixed_random_crop": 100}}},

@@ -23,6 +23,9 @@ def _schema_for(tp, meta: dict, default: Any) -> dict:
     elif origin in (list, List):
         (item,) = typing.get_args(tp)
         out = {"type": "array", "items": _schema_for(item, {}, dataclasses.MISSING)}
+    elif origin in (dict, Dict) and typing.get_args(tp)[1] is Any:
+        # Free-form arguments for another tool: kept as written.
+        out = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     elif origin in (dict, Dict):
         out = {"type": "object", "additionalProperties": _schema_for(typing.get_args(tp)[1], {}, dataclasses.MISSING)}
     elif tp is bool:
@@ -38,7 +41,7 @@ def _schema_for(tp, meta: dict, default: Any) -> dict:
     if meta.get("help"):
         out["description"] = meta["help"]
     if "choices" in meta and not meta.get("case_insensitive"):
-        out["enum"] = list(meta["choices"])
+        out["enum"] = [*meta["choices"], *meta.get("value_aliases", {})]
     if "min" in meta:
         out["minimum"] = meta["min"]
     if "max" in meta:

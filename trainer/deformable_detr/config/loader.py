@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
+import re
+import secrets
 import types
 import typing
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ..errors import UsageError, relative_to_cwd
-from .schema import ExperimentConfig
+from .schema import ConvertConfig, ExperimentConfig
 
 
 class SpecError(UsageError):
@@ -36,6 +39,8 @@ def _type_name(tp) -> str:
         return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    if tp is Any:
+        return "any value"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -45,6 +50,8 @@ def _show(value) -> str:
 
 def _convert(value: Any, tp, path: str, meta: dict):
     """Check `value` against type `tp` and return it in canonical form."""
+    if tp is Any:  # free-form arguments passed through to another tool (TAO's quantize backends)
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None:
@@ -113,6 +120,7 @@ def _check_choice(value, path, meta):
     choices = meta.get("choices")
     if choices is None:
         return value
+    value = meta.get("value_aliases", {}).get(value, value)
     if meta.get("case_insensitive") and isinstance(value, str):
         for c in choices:
             if c.lower() == value.lower():
@@ -121,7 +129,8 @@ def _check_choice(value, path, meta):
         return value
     hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise SpecError(f"{path}: {value!r} is not accepted; choose one of {', '.join(map(str, choices))}{suggestion}")
+    accepted = [*map(str, choices), *(f"{alias} (= {name})" for alias, name in meta.get("value_aliases", {}).items())]
+    raise SpecError(f"{path}: {value!r} is not accepted; choose one of {', '.join(accepted)}{suggestion}")
 
 
 def build_dataclass(cls, raw: Any, path: str = ""):
@@ -291,16 +300,77 @@ def check_consistency(spec: ExperimentConfig) -> None:
                         "AutoReduce accepts 0.0 <= lr_decay < 1.0")
     if spec.export.batch_size == 0:
         raise SpecError("export.batch_size: 0 is not accepted; use -1 (dynamic) or a positive batch")
+    if spec.model.dld_model_dir_path:
+        raise SpecError(f"model.dld_model_dir_path: {spec.model.dld_model_dir_path!r}; models edited by TAO's "
+                        "DLD tool are not supported; accepted: null")
+    for task in ("train", "evaluate", "inference"):
+        ids = getattr(spec, task).gpu_ids
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise SpecError(f"{task}.gpu_ids: {ids}; accepted: distinct GPU indices >= 0")
+    if not re.fullmatch(r"cuda|cpu|trt|cuda:[0-9]+", spec.quantize.device):
+        raise SpecError(f"quantize.device: {spec.quantize.device!r} is not accepted; "
+                        "choose one of cuda, cpu, trt, cuda:N")
+    convert = spec.convert
+    if convert.partition_mode == "random" and convert.num_partitions != 2:
+        raise SpecError(f"convert.num_partitions: {convert.num_partitions} with partition_mode random; "
+                        "accepted: 2 (fold 0 validation, fold 1 training)")
+    if convert.partition_mode is None and convert.num_partitions != 1:
+        raise SpecError(f"convert.num_partitions: {convert.num_partitions} needs convert.partition_mode; "
+                        "accepted: random (2 partitions) or sequence")
     trt = spec.gen_trt_engine.tensorrt
     if not trt.min_batch_size <= trt.opt_batch_size <= trt.max_batch_size:
         raise SpecError("gen_trt_engine.tensorrt: need min_batch_size <= opt_batch_size <= max_batch_size, got "
                         f"{trt.min_batch_size}, {trt.opt_batch_size}, {trt.max_batch_size}")
 
 
+def lift_flat_convert(raw: dict) -> dict:
+    """TAO's convert spec is flat: `input_source`, `data_root`, ... at the top level, written into
+    `results_dir` itself. Those keys move into the `convert` section (and `results_dir` becomes
+    `convert.results_dir`, so the shards land where TAO puts them)."""
+    convert_fields = {f.name for f in dataclasses.fields(ConvertConfig)} - {"results_dir"}
+    flat = [key for key in raw if key in convert_fields]
+    if not flat:
+        return raw
+    raw = dict(raw)
+    section = raw.get("convert")
+    if section is None:
+        section = {}
+    elif not isinstance(section, dict):
+        raise SpecError(f"convert: got {_show(section)}; expected a mapping (or TAO's flat convert keys alone)")
+    section = dict(section)
+    for key in flat:
+        value = raw.pop(key)
+        if key in section and section[key] != value:
+            raise SpecError(f"{key}: {_show(value)} conflicts with convert.{key}: {_show(section[key])}; "
+                            "they are one field (TAO's flat convert spec and the convert section): give one")
+        section[key] = value
+    if raw.get("results_dir") is not None and section.get("results_dir") is None:
+        section["results_dir"] = raw["results_dir"]
+    raw["convert"] = section
+    return raw
+
+
 def spec_from_dict(raw: dict) -> ExperimentConfig:
-    spec = build_dataclass(ExperimentConfig, raw)
+    spec = build_dataclass(ExperimentConfig, lift_flat_convert(raw))
     check_consistency(spec)
     return spec
+
+
+def pick_seed(spec: ExperimentConfig, environ=os.environ) -> ExperimentConfig:
+    """`train.seed: -1` is TAO's "no fixed seed": one is picked here, so the effective spec records it.
+
+    Workers this process starts read that effective spec. Ranks started on their own (torchrun on
+    several nodes) must agree without talking: they derive it from what they share, the rendezvous.
+    """
+    if spec.train.seed != -1:
+        return spec
+    if int(environ.get("WORLD_SIZE", "1")) > 1:
+        shared = "|".join(environ.get(name, "") for name in (
+            "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "DDETR_JOB_NAME", "WORLD_SIZE"))
+        seed = int.from_bytes(hashlib.sha256(shared.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    else:
+        seed = secrets.randbelow(2 ** 31)
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=seed))
 
 
 def load_spec(path: Optional[str], overrides: Sequence[str] = (), results_dir: Optional[str] = None,
@@ -312,7 +382,7 @@ def load_spec(path: Optional[str], overrides: Sequence[str] = (), results_dir: O
         raw["results_dir"] = results_dir
     if key is not None:
         raw["encryption_key"] = key
-    return spec_from_dict(raw)
+    return pick_seed(spec_from_dict(raw))
 
 
 def dump_spec(spec: ExperimentConfig) -> str:

@@ -6,8 +6,14 @@ generated from them (see `jsonschema.py`).
 
 Every field carries metadata: `help` (shown in the commented default spec),
 optionally `choices`, `min`, `max`, `case_insensitive` (choices match in any
-case and are stored in the canonical spelling), and `aliases` (other names a spec may
-use for the same field, e.g. TAO's code name where its documentation names it otherwise).
+case and are stored in the canonical spelling), `aliases` (other names a spec may
+use for the same field, e.g. TAO's code name where its documentation names it otherwise) and
+`value_aliases` (another spelling of a value, stored as the value it names: TAO 6's `fsdp`).
+
+Sections and fields of TAO's schema that drive work this project does not do (the
+`quantize` task, `dataset.quant_calibration_data_sources`, `wandb` until training logs to
+it) are held here too, so TAO's spec files load and are checked; a task that would need
+them says so in one line.
 """
 from __future__ import annotations
 
@@ -16,11 +22,13 @@ from typing import Any, Dict, List, Optional
 
 
 def spec_field(default: Any = None, help: str = "", *, choices=None, min=None, max=None,
-               case_insensitive: bool = False, aliases=None, factory=None):
+               case_insensitive: bool = False, aliases=None, value_aliases=None, factory=None):
     """A dataclass field with the validation metadata the loader reads."""
     meta = {"help": help}
     if aliases:
         meta["aliases"] = list(aliases)
+    if value_aliases:
+        meta["value_aliases"] = dict(value_aliases)
     if choices is not None:
         meta["choices"] = list(choices)
     if min is not None:
@@ -39,6 +47,8 @@ def spec_field(default: Any = None, help: str = "", *, choices=None, min=None, m
 BACKBONES = [
     "resnet_18", "resnet_34", "resnet_50", "resnet_101",
     "gc_vit_xxtiny", "gc_vit_xtiny", "gc_vit_tiny", "gc_vit_small", "gc_vit_base",
+    # TAO 5.5/6.x's large variants: accepted in a spec; the model side builds the five above.
+    "gc_vit_large", "gc_vit_large_384",
 ]
 
 
@@ -48,6 +58,14 @@ class DataSource:
 
     image_dir: str = spec_field(None, "folder holding the images that json_file names")
     json_file: str = spec_field(None, "COCO-format annotation JSON")
+
+
+@dataclass
+class QuantCalibrationDataSource:
+    """TAO 6's images for quantization calibration (the quantize task, not part of this project)."""
+
+    image_dir: Optional[str] = spec_field(None, "folder of calibration images")
+    json_file: Optional[str] = spec_field(None, "COCO-format annotation JSON (optional)")
 
 
 @dataclass
@@ -88,6 +106,9 @@ class DatasetConfig:
     test_data_sources: Optional[DataSource] = spec_field(None, "evaluation source: {image_dir, json_file}")
     infer_data_sources: Optional[InferDataSource] = spec_field(
         None, "inference source: {image_dir: [folders], classmap: file}")
+    quant_calibration_data_sources: Optional[QuantCalibrationDataSource] = spec_field(
+        None, "TAO's quantize task's calibration images {image_dir, json_file}; loaded and checked only "
+        "(this project has no quantize task)")
     batch_size: int = spec_field(4, "images per GPU (per process) and step", min=1)
     workers: int = spec_field(8, "data-loader worker processes per GPU", min=0)
     pin_memory: bool = spec_field(True, "pin host memory for faster copies to the GPU")
@@ -103,6 +124,8 @@ class DatasetConfig:
 class ModelConfig:
     pretrained_backbone_path: Optional[str] = spec_field(
         None, "backbone state dict (torchvision or timm naming) to start from")
+    dld_model_dir_path: Optional[str] = spec_field(
+        None, "TAO 6: a model edited by TAO's DLD tool; not supported here (null only)")
     backbone: str = spec_field("resnet_50", "backbone network", choices=BACKBONES)
     num_queries: int = spec_field(300, "number of object queries", min=1)
     num_feature_levels: int = spec_field(4, "feature levels fed to the transformer", min=1, max=4)
@@ -160,11 +183,39 @@ class OptimConfig:
 
 
 @dataclass
+class CudnnConfig:
+    benchmark: bool = spec_field(False, "torch.backends.cudnn.benchmark: let cuDNN pick the fastest kernels")
+    deterministic: bool = spec_field(True, "torch.backends.cudnn.deterministic: deterministic cuDNN kernels only")
+
+
+@dataclass
+class WandbConfig:
+    """TAO's Weights & Biases settings (the top-level `wandb` section)."""
+
+    enable: bool = spec_field(True, "log training to Weights & Biases where it can log (as TAO: only when "
+                                    "logged in, WANDB_API_KEY set)")
+    project: str = spec_field("TAO Toolkit", "W&B project")
+    entity: Optional[str] = spec_field("", "W&B entity (team or user); empty = the default")
+    group: Optional[str] = spec_field("", "W&B run group")
+    tags: List[str] = spec_field(["training", "tao-toolkit"], "W&B run tags")
+    reinit: bool = spec_field(False, "allow several runs in one process")
+    sync_tensorboard: bool = spec_field(False, "sync TensorBoard logs to W&B")
+    save_code: bool = spec_field(False, "save the code with the run")
+    name: str = spec_field("TAO Toolkit training experiment", "W&B run name")
+    run_id: str = spec_field("", "W&B run id to resume; empty = a new run")
+
+
+@dataclass
 class TrainConfig:
     freeze: List[str] = spec_field([], "module-name prefixes to freeze, e.g. [backbone, input_proj]")
     num_gpus: int = spec_field(1, "processes (GPUs) per node", min=1)
+    gpu_ids: List[int] = spec_field(
+        [0], "GPU indices to train on; as TAO, num_gpus and gpu_ids are reconciled (the larger count wins, "
+        "ids 0..N-1 when their count differs)")
     num_nodes: int = spec_field(1, "nodes in the gang", min=1)
-    seed: int = spec_field(1234, "random seed (data order, initialisation, augmentation)", min=0)
+    seed: int = spec_field(1234, "random seed (data order, initialisation, augmentation); -1 = pick one at "
+                                 "random (recorded in the effective spec)", min=-1)
+    cudnn: CudnnConfig = spec_field(factory=CudnnConfig, help="cuDNN flags")
     resume_training_checkpoint_path: Optional[str] = spec_field(None, "checkpoint to resume training from exactly")
     auto_resume: bool = spec_field(True, "resume from the newest checkpoint in the results directory")
     pretrained_model_path: Optional[str] = spec_field(
@@ -174,22 +225,34 @@ class TrainConfig:
     is_dry_run: bool = spec_field(False, "build everything, run no step")
     results_dir: Optional[str] = spec_field(None, "output folder; default {results_dir}/train")
     num_epochs: int = spec_field(50, "training epochs", min=1)
-    checkpoint_interval: int = spec_field(1, "save a checkpoint every N epochs", min=1)
+    checkpoint_interval: int = spec_field(1, "save a checkpoint every N epochs (or steps)", min=1)
+    checkpoint_interval_unit: str = spec_field("epoch", "unit of checkpoint_interval", choices=["epoch", "step"])
     optim: OptimConfig = spec_field(factory=OptimConfig, help="optimizer and schedule")
     precision: str = spec_field("fp32", "numeric precision", choices=["fp32", "fp16", "bf16"],
                                 case_insensitive=True)
     distributed_strategy: str = spec_field(
-        "ddp", "ddp: DistributedDataParallel; ddp_sharded: optimizer state and gradients sharded",
-        choices=["ddp", "ddp_sharded"])
+        "ddp", "ddp: DistributedDataParallel; ddp_sharded (TAO 6: fsdp): parameters, gradients and optimizer "
+        "state sharded", choices=["ddp", "ddp_sharded"], value_aliases={"fsdp": "ddp_sharded"})
     activation_checkpoint: bool = spec_field(True, "recompute encoder/decoder layers in backward to save memory")
     metrics_port: int = spec_field(0, "Prometheus /metrics port on rank 0; 0 = off (DDETR_METRICS_PORT overrides)",
                                    min=0, max=65535)
     verbose: bool = spec_field(False, "more log output")
+    input_width: Optional[int] = spec_field(None, "TAO 6: input width (recorded; training sizes come from "
+                                                  "dataset.augmentation)", min=1)
+    input_height: Optional[int] = spec_field(None, "TAO 6: input height (as input_width)", min=1)
+
+
+_GPU_IDS_HELP = ("GPU indices to run on (CUDA_VISIBLE_DEVICES); as TAO, num_gpus and gpu_ids are reconciled "
+                 "(the larger count wins, ids 0..N-1 when their count differs)")
+_BATCH_HELP = "images per forward pass; -1 = dataset.batch_size"
 
 
 @dataclass
 class EvaluateConfig:
     num_gpus: int = spec_field(1, "processes that share the images", min=1)
+    gpu_ids: List[int] = spec_field([0], _GPU_IDS_HELP)
+    num_nodes: int = spec_field(1, "nodes (evaluation runs on one node: more is refused when it runs)", min=1)
+    batch_size: int = spec_field(-1, _BATCH_HELP, min=-1)
     results_dir: Optional[str] = spec_field(None, "output folder; default {results_dir}/evaluate")
     input_width: Optional[int] = spec_field(None, "TensorRT engine input width", min=1)
     input_height: Optional[int] = spec_field(None, "TensorRT engine input height", min=1)
@@ -202,6 +265,10 @@ class EvaluateConfig:
 @dataclass
 class InferenceConfig:
     num_gpus: int = spec_field(1, "processes that share the images", min=1)
+    gpu_ids: List[int] = spec_field([0], _GPU_IDS_HELP)
+    num_nodes: int = spec_field(1, "nodes (inference runs on one node: more is refused when it runs)", min=1)
+    batch_size: int = spec_field(-1, _BATCH_HELP, min=-1)
+    outline_width: int = spec_field(3, "line width in pixels of the boxes drawn on images_annotated", min=1)
     results_dir: Optional[str] = spec_field(None, "output folder; default {results_dir}/inference")
     checkpoint: Optional[str] = spec_field(None, "model checkpoint (.pth)")
     trt_engine: Optional[str] = spec_field(None, "TensorRT engine to run instead of a checkpoint")
@@ -230,6 +297,10 @@ class ExportConfig:
                                     min=16, max=20)
     batch_size: int = spec_field(-1, "batch dimension; -1 = dynamic", min=-1)
     verbose: bool = spec_field(False, "print the exported graph")
+    format: str = spec_field("onnx", "file format to write (TAO 6 also lists xdl, which this project does "
+                                     "not write)", choices=["onnx", "xdl"])
+    serialize_nvdsinfer: bool = spec_field(
+        False, "also write DeepStream's nvinfer config (nvdsinfer_config.yaml) and labels.txt beside the ONNX file")
 
 
 @dataclass
@@ -242,11 +313,14 @@ class CalibrationConfig:
 
 @dataclass
 class TensorRTConfig:
-    data_type: str = spec_field("fp32", "engine precision", choices=["fp32", "fp16"], case_insensitive=True)
+    data_type: str = spec_field("fp32", "engine precision (int8 calibrates with `calibration`)",
+                                choices=["fp32", "fp16", "int8"], case_insensitive=True)
     workspace_size: int = spec_field(1024, "builder workspace in MiB", min=1)
     min_batch_size: int = spec_field(1, "smallest batch of the optimisation profile", min=1)
     opt_batch_size: int = spec_field(1, "batch the profile optimises for", min=1)
     max_batch_size: int = spec_field(1, "largest batch of the optimisation profile", min=1)
+    layers_precision: List[str] = spec_field(
+        [], "per-layer precision, `layer_name:fp32|fp16|int8` (a name ending in * matches a prefix)")
     calibration: CalibrationConfig = spec_field(factory=CalibrationConfig, help="INT8 calibration (unused for fp32/fp16)")
 
 
@@ -256,6 +330,8 @@ class GenTrtEngineConfig:
     gpu_id: int = spec_field(0, "GPU that builds the engine", min=0)
     onnx_file: Optional[str] = spec_field(None, "ONNX file to build from")
     trt_engine: Optional[str] = spec_field(None, "engine file to write")
+    timing_cache: Optional[str] = spec_field(None, "TensorRT timing cache file: read if present, written after "
+                                                   "the build (speeds up later builds)")
     input_channel: int = spec_field(3, "input channels", choices=[3])
     input_width: int = spec_field(960, "input width", min=32)
     input_height: int = spec_field(544, "input height", min=32)
@@ -267,16 +343,63 @@ class GenTrtEngineConfig:
 
 @dataclass
 class ConvertConfig:
+    """TAO writes these at the top level of a convert spec; the loader moves them here."""
+
     input_source: Optional[str] = spec_field(None, ".txt file listing KITTI data-source folders, one a line")
+    data_root: Optional[str] = spec_field(
+        None, "folder the input_source lines are relative to (null: relative to the .txt file's folder); "
+        "the shards' file_name is relative to it: use it as image_dir")
     results_dir: Optional[str] = spec_field(None, "output folder; default {results_dir}/convert")
     # TAO's table has no default (None): its converter cannot run without the names. KITTI's usual
     # folder names as defaults let that layout convert as is; a spec naming them behaves as in TAO.
     image_dir_name: str = spec_field("images", "image folder name under each source (TAO: no default)")
     label_dir_name: str = spec_field("labels", "KITTI label folder name under each source (TAO: no default)")
     image_extension: str = spec_field(".jpg", "extension of the image files")
-    num_shards: int = spec_field(32, "COCO JSON shards per partition", min=1)
-    num_partitions: int = spec_field(1, "random partitions (folds) of each source", min=1)
+    num_shards: int = spec_field(32, "COCO JSON shards per partition (0: one shard)", min=0)
+    num_partitions: int = spec_field(1, "partitions (folds) of each source", min=1)
+    partition_mode: Optional[str] = spec_field(
+        None, "null: one partition; random: 2 partitions, fold 0 holds val_split percent of the images; "
+        "sequence: num_partitions partitions, whole sources (sequences) dealt out in turn",
+        choices=["random", "sequence"])
+    val_split: int = spec_field(0, "percent of the images in the validation fold (partition_mode random)",
+                                min=0, max=99)
     mapping_path: Optional[str] = spec_field(None, "JSON {target class: [source classes]}; null = TAO's default")
+
+
+@dataclass
+class QuantizerConfig:
+    """How one quantized tensor (weights or activations) is computed: TAO 6.26's quantize schema."""
+
+    dtype: str = spec_field("", "int8, fp8_e4m3fn, fp8_e5m2 or native")
+    observer_or_fake_quant: str = spec_field("", "observer (PTQ) or fake quantizer (QAT) name")
+    quant_axis: Optional[int] = spec_field(None, "per-channel axis; null = per tensor")
+    observer_or_fake_quant_kwargs: Dict[str, Any] = spec_field({}, "arguments of the observer")
+
+
+@dataclass
+class QuantizeLayerConfig:
+    module_name: str = spec_field("", "module name or pattern (fnmatch) to quantize")
+    weights: Optional[QuantizerConfig] = spec_field(None, "weight quantization; null = not quantized")
+    activations: Optional[QuantizerConfig] = spec_field(None, "activation quantization; null = not quantized")
+
+
+@dataclass
+class QuantizeConfig:
+    """TAO 6.26's `quantize` task settings: loaded and checked so TAO spec files load; this project
+    has no quantize task (running it says so)."""
+
+    backend: Optional[str] = spec_field("torchao", "quantization backend",
+                                        choices=["modelopt.pytorch", "torchao", "modelopt.onnx"])
+    mode: Optional[str] = spec_field("weight_only_ptq", "quantization mode", choices=["static_ptq", "weight_only_ptq"])
+    algorithm: Optional[str] = spec_field("minmax", "calibration algorithm (ModelOpt backends)",
+                                          choices=["minmax", "max", "entropy", "awq_clip", "awq_lite", "awq_full",
+                                                   "rtn_dq"])
+    layers: List[QuantizeLayerConfig] = spec_field([], "per-module quantization settings")
+    skip_names: List[str] = spec_field([], "module names or patterns left unquantized")
+    model_path: Optional[str] = spec_field("", "model to quantize")
+    results_dir: Optional[str] = spec_field("", "output folder")
+    backend_kwargs: Dict[str, Any] = spec_field({}, "backend arguments")
+    device: str = spec_field("cuda", "calibration device: cuda, cpu, trt or cuda:N")
 
 
 @dataclass
@@ -289,5 +412,10 @@ class ExperimentConfig:
     export: ExportConfig = spec_field(factory=ExportConfig, help="the export task")
     gen_trt_engine: GenTrtEngineConfig = spec_field(factory=GenTrtEngineConfig, help="the gen_trt_engine task")
     convert: ConvertConfig = spec_field(factory=ConvertConfig, help="the convert task (KITTI -> sharded COCO)")
+    quantize: QuantizeConfig = spec_field(factory=QuantizeConfig, help="TAO 6's quantize task: checked, not run "
+                                                                       "(this project has no quantize task)")
+    wandb: WandbConfig = spec_field(factory=WandbConfig, help="Weights & Biases logging of training")
+    model_name: Optional[str] = spec_field("deformable_detr", "the model the spec is for (TAO 6)",
+                                           choices=["deformable_detr"])
     results_dir: Optional[str] = spec_field(None, "root output folder; each task writes under {results_dir}/{task}")
     encryption_key: Optional[str] = spec_field(None, "key that encrypts written checkpoints and decrypts read ones")
