@@ -77,11 +77,15 @@ from typing import Any
 
 import kopf
 
+from deformable_detr.tasks import DEFAULT_TASK
+
 from . import GROUP, LABEL_JOB, PLURAL, VERSION, metrics
+from .api import run_policy_of
 from .kube import SECRET_TTL, Cluster, is_older, load_api_client, resource_version
 from .leader import DEFAULT_LEASE_NAME, LeaseElector, Timing
 from .progress import read_status_json, status_json_uri
-from .reconcile import TERMINAL, DeleteSelf, Observed, reconcile, settle, wants_pass
+from .decide import TERMINAL, DeleteSelf, Observed, reconcile, settle, wants_pass
+from .kube import resolved
 from .validate import JobSpecError, Policy, effective_experiment
 
 DEFAULT_RECONCILE_INTERVAL = 10.0
@@ -123,7 +127,6 @@ MAX_URIS = 10000
 
 def _progress_uri(job: dict) -> str | None:
     """Where rank 0 writes status.json; kept per spec generation (the effective spec costs ms)."""
-    spec = job.get("spec") or {}
     meta = job.get("metadata") or {}
     key = (meta.get("uid"), meta.get("generation"))
     cacheable = all(isinstance(part, (str, int)) for part in key)  # (KMock keeps neither)
@@ -132,9 +135,10 @@ def _progress_uri(job: dict) -> str | None:
             if key in _URIS:
                 return _URIS[key]
     uri = None
-    if (spec.get("task") or "train") == "train":
+    typed = resolved(job)
+    if typed is not None and typed.spec.task == DEFAULT_TASK:
         try:
-            uri = status_json_uri(effective_experiment(spec))
+            uri = status_json_uri(effective_experiment(typed.spec))
         except JobSpecError:
             uri = None
     uri = uri if uri and uri.startswith("s3://") else None
@@ -150,8 +154,8 @@ def _read_progress(cluster: Cluster, job: dict, read_secrets: bool) -> dict | No
     uri = _progress_uri(job)
     if uri is None:
         return None
-    spec = job.get("spec") or {}
-    access = cluster.s3_access(job["metadata"]["namespace"], spec.get("artifacts") or {}, read_secrets)
+    artifacts = resolved(job).spec.artifacts  # (a status.json URI on S3 comes from artifacts.uri)
+    access = cluster.s3_access(job["metadata"]["namespace"], artifacts, read_secrets)
     return read_status_json(uri, access)
 
 
@@ -209,7 +213,7 @@ def _full_pass(cluster: Cluster, namespace: str, name: str, options: Options, pr
         return PassResult("full")
     old_status = job.get("status") or {}
     phase = old_status.get("phase")
-    clean_all = ((job.get("spec") or {}).get("runPolicy") or {}).get("cleanPodPolicy") == "All"
+    clean_all = run_policy_of(job).clean_pod_policy == "All"
     # A finished job needs no look at its children, unless they are to be cleaned away.
     observed = cluster.observe(job) if phase not in TERMINAL or clean_all else Observed()
     if phase not in TERMINAL and observed.worker_jobs:

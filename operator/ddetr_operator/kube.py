@@ -29,9 +29,10 @@ from typing import Any, Mapping
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from . import API_VERSION, GROUP, KIND, LABEL_ATTEMPT, LABEL_JOB, PLURAL, VERSION
+from . import API_VERSION, GROUP, KIND, LABEL_ATTEMPT, LABEL_JOB, PLURAL, VERSION, api
+from .decide import (Action, ChildError, Create, DeleteSelf, DeleteWorkerJob, Event, Observed, SetSuspend, attempt_of,
+                     current_attempt)
 from .progress import S3Access
-from .reconcile import Action, ChildError, Create, DeleteSelf, DeleteWorkerJob, Event, Observed, SetSuspend
 from .render import PODGROUP_API, configmap_name, network_policy_name, podgroup_name, service_name, worker_job_name
 
 logger = logging.getLogger(__name__)
@@ -223,17 +224,24 @@ def job_key(job: Mapping[str, Any]) -> str:
     return meta.get("uid") or f"{meta['namespace']}/{meta['name']}"
 
 
+def resolved(job: Mapping[str, Any]) -> api.Job | None:
+    """The job with its spec resolved, or None when the spec is not accepted (its pass fails it)."""
+    try:
+        return api.resolve(job)
+    except api.JobSpecError:
+        return None
+
+
 def _short_of_pods(job: Mapping[str, Any], observed: Observed) -> str | None:
     """The current attempt's worker Job's name while it runs (not suspended) with fewer pods than
     the gang, else None: then only a LIST of its Warning events tells why (FailedCreate)."""
-    status = job.get("status") or {}
-    attempt = status.get("attempt", status.get("restarts", 0))
-    current = worker_job_name(job["metadata"]["name"], int(attempt or 0))
+    typed = resolved(job)
+    attempt = current_attempt(job.get("status") or {}, [*observed.worker_jobs, *observed.pods])
+    current = worker_job_name(job["metadata"]["name"], attempt)
     worker = next((j for j in observed.worker_jobs if j["metadata"]["name"] == current), None)
-    if worker is None or (worker.get("spec") or {}).get("suspend"):
+    if typed is None or worker is None or (worker.get("spec") or {}).get("suspend"):
         return None
-    pods = [p for p in observed.pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(attempt)]
-    if len(pods) >= (job.get("spec") or {}).get("nodes", 1):
+    if sum(1 for p in observed.pods if attempt_of(p) == attempt) >= typed.spec.nodes:
         return None
     return current
 
@@ -297,13 +305,14 @@ class Cluster:
         pods = self._listed(namespace, name, "pods",
                             self.core.list_namespaced_pod(namespace, label_selector=selector, **RAW))
         podgroup = False
-        gang = (job.get("spec") or {}).get("gangScheduling")
-        if gang:
-            group, version = PODGROUP_API[gang["scheduler"]].split("/")
+        typed = resolved(job)
+        gang = typed.spec.gang_scheduling if typed is not None else None
+        if gang is not None:
+            group, version = PODGROUP_API[gang.scheduler].split("/")
             podgroup = self._exists(self.custom.get_namespaced_custom_object, group, version, namespace,
                                     "podgroups", podgroup_name(name))
         network_policy = False
-        if (job.get("spec") or {}).get("networkPolicy"):
+        if typed is not None and typed.spec.network_policy:
             network_policy = self._exists(self.networking.read_namespaced_network_policy, network_policy_name(name),
                                           namespace)
         observed = Observed(
@@ -349,7 +358,7 @@ class Cluster:
                 return []
             raise
 
-    def s3_access(self, namespace: str, artifacts: Mapping[str, Any], read_secret: bool = True) -> S3Access:
+    def s3_access(self, namespace: str, artifacts: api.Artifacts | None, read_secret: bool = True) -> S3Access:
         """How to reach the job's S3 store: its endpoint and region, and the keys from its Secret.
 
         Without `read_secret` (the chart grants no Secret access, the default cluster-wide) or
@@ -357,16 +366,17 @@ class Cluster:
         (IRSA, AWS_* in its environment), or reads nothing and the status has no progress.
         The keys are kept for `secret_ttl` seconds (SECRET_MISS_TTL at most when there were none).
         """
-        secret_ref = artifacts.get("credentialsSecret")
+        if artifacts is None:  # results_dir on S3 from the experiment itself: the operator's own credentials
+            return S3Access()
+        secret_ref = artifacts.credentials_secret
         key_id = secret_key = None
-        if secret_ref and read_secret:
+        if secret_ref is not None and read_secret:
             key_id, secret_key = self._secret_keys(namespace, secret_ref)
-        return S3Access(artifacts.get("endpoint"), artifacts.get("region"), key_id, secret_key)
+        return S3Access(artifacts.endpoint, artifacts.region, key_id, secret_key)
 
-    def _secret_keys(self, namespace: str, secret_ref: Mapping[str, Any]) -> tuple[str | None, str | None]:
-        id_key = secret_ref.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID")
-        secret_key_key = secret_ref.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")
-        cache_key = (namespace, str(secret_ref.get("name")), str(id_key), str(secret_key_key))
+    def _secret_keys(self, namespace: str, secret_ref: api.CredentialsSecret) -> tuple[str | None, str | None]:
+        id_key, secret_key_key = secret_ref.access_key_id_key, secret_ref.secret_access_key_key
+        cache_key = (namespace, secret_ref.name, id_key, secret_key_key)
         now = time.monotonic()
         with self._lock:
             cached = self._secrets.get(cache_key)
@@ -381,16 +391,16 @@ class Cluster:
                     del self._secrets[stale]
         return key_id, secret_key
 
-    def _read_secret_keys(self, namespace: str, secret_ref: Mapping[str, Any], id_key: str,
+    def _read_secret_keys(self, namespace: str, secret_ref: api.CredentialsSecret, id_key: str,
                           secret_key_key: str) -> tuple[str | None, str | None]:
         try:
-            secret = json.loads(self.core.read_namespaced_secret(secret_ref["name"], namespace, **RAW).data)
+            secret = json.loads(self.core.read_namespaced_secret(secret_ref.name, namespace, **RAW).data)
         except ApiException as err:
             if err.status not in (401, 403, 404):
                 raise
             if err.status != 404:
                 logger.debug("may not read Secret %s/%s (%s): no progress from S3 with the job's credentials",
-                            namespace, secret_ref["name"], err.status)
+                            namespace, secret_ref.name, err.status)
             secret = {}  # not there (yet), or not ours to read: progress waits
         data = secret.get("data") or {}
         decode = lambda key: base64.b64decode(data[key]).decode() if key in data else None  # noqa: E731

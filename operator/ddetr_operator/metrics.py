@@ -5,7 +5,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .crd import PHASES
+from .api import PHASES
 
 registry = CollectorRegistry()
 JOBS = Gauge("ddetr_operator_jobs", "DeformableDetrJobs by phase", ["phase"], registry=registry)

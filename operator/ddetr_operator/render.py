@@ -1,25 +1,23 @@
-"""DeformableDetrJob -> child manifests (pure functions, no I/O).
+"""A resolved DeformableDetrJob (api.Job) -> child manifests (pure functions, no I/O).
 
-The gang is a batch/v1 Indexed Job, one pod per node, named after the attempt
-(`<job>-a<attempt>`). Why an Indexed Job rather than bare pods: every pod gets a stable
-hostname `<worker-job>-<index>` under the headless Service (so pod 0 is the torchrun
-master by DNS), its index arrives as the node rank, `suspend` stops and restarts the
-pods (the switch Kueue uses), and kubelet/Job-controller semantics need no re-inventing.
-The Job's own `backoffLimit` is 0: a restart always recreates the whole gang, under
-the operator's exit-code policy, as the next attempt.
+The gang is a batch/v1 Indexed Job, one pod per node, named `<job>-a<attempt>`, with backoffLimit 0:
+a restart recreates the whole gang as the next attempt (why an Indexed Job: docs/architecture.md).
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from deformable_detr import exit_codes
 from deformable_detr.config.loader import spec_to_dict
 from deformable_detr.config.schema import ExperimentConfig
+from deformable_detr.tasks import DEFAULT_TASK
 
 from . import API_VERSION, KIND, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE
+from .api import Job
+from .validate import OWNED_POD_FIELDS
 
 SPEC_DIR = "/etc/ddetr"
 SPEC_FILE = f"{SPEC_DIR}/spec.yaml"
@@ -30,9 +28,6 @@ MASTER_WAIT_SECONDS = 300
 KEY_ENV = "DDETR_ENCRYPTION_KEY"
 # Exit code of the wait below when pod 0 never answers: retryable, so the gang is retried.
 MASTER_UNRESOLVABLE_EXIT = exit_codes.MASTER_UNRESOLVABLE.code
-# Time between SIGTERM and SIGKILL: torchrun forwards SIGTERM, rank 0 finishes its step, writes
-# a checkpoint and uploads it to S3 (hundreds of MB, tens of seconds); Kubernetes' 30 s is too short.
-DEFAULT_TERMINATION_GRACE_SECONDS = 180
 
 # Workers other than rank 0 wait (bounded) until pod 0's torchrun port accepts a connection (its
 # name resolving is not enough: pod 0 may still be pulling its image or loading the dataset), instead
@@ -95,93 +90,90 @@ def master_address(job_name: str, namespace: str, attempt: int) -> str:
     return f"{worker_job_name(job_name, attempt)}-0.{service_name(job_name)}.{namespace}.svc"
 
 
-def owner_reference(job: Mapping[str, Any]) -> dict:
-    meta = job["metadata"]
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+def owner_reference(job: Job) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "uid": job.uid,
             "controller": True, "blockOwnerDeletion": True}
 
 
-def _metadata(job: Mapping[str, Any], name: str, role: str, extra_labels: Mapping[str, str] = ()) -> dict:
-    meta = job["metadata"]
-    return {"name": name, "namespace": meta["namespace"],
-            "labels": {LABEL_JOB: meta["name"], LABEL_ROLE: role, "app.kubernetes.io/name": "deformable-detr",
-                       "app.kubernetes.io/managed-by": "ddetr-operator", **dict(extra_labels)},
+def _metadata(job: Job, name: str, role: str, extra_labels: dict[str, str] | None = None) -> dict:
+    return {"name": name, "namespace": job.namespace,
+            "labels": {LABEL_JOB: job.name, LABEL_ROLE: role, "app.kubernetes.io/name": "deformable-detr",
+                       "app.kubernetes.io/managed-by": "ddetr-operator", **(extra_labels or {})},
             "ownerReferences": [owner_reference(job)]}
 
 
-def render_service(job: Mapping[str, Any]) -> dict:
+def _ports(job: Job, key: str) -> list[dict]:
+    """The torchrun port, and the metrics port unless it is 0 (off)."""
+    spec = job.spec
+    ports = [{"name": "torchrun", key: spec.master_port, "protocol": "TCP"}]
+    if spec.metrics_port:
+        ports.append({"name": "metrics", key: spec.metrics_port, "protocol": "TCP"})
+    return ports
+
+
+def render_service(job: Job) -> dict:
     """Headless Service: gives pod 0 a DNS name (published before it is ready, for rendezvous)."""
-    spec = job["spec"]
-    ports = [{"name": "torchrun", "port": spec.get("masterPort", 29500), "protocol": "TCP"}]
-    if spec.get("metricsPort", 9090):
-        ports.append({"name": "metrics", "port": spec.get("metricsPort", 9090), "protocol": "TCP"})
     return {"apiVersion": "v1", "kind": "Service",
-            "metadata": _metadata(job, service_name(job["metadata"]["name"]), "service"),
+            "metadata": _metadata(job, service_name(job.name), "service"),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
-                     "selector": {LABEL_JOB: job["metadata"]["name"], LABEL_ROLE: "worker"}, "ports": ports}}
+                     "selector": {LABEL_JOB: job.name, LABEL_ROLE: "worker"}, "ports": _ports(job, "port")}}
 
 
-def render_configmap(job: Mapping[str, Any], experiment: ExperimentConfig) -> dict:
+def render_configmap(job: Job, experiment: ExperimentConfig) -> dict:
     """The effective spec the pods read (validated, defaults filled in, results_dir from artifacts)."""
     text = yaml.safe_dump(spec_to_dict(experiment), sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _metadata(job, configmap_name(job["metadata"]["name"]), "spec"),
+            "metadata": _metadata(job, configmap_name(job.name), "spec"),
             "data": {"spec.yaml": text}}
 
 
-def render_network_policy(job: Mapping[str, Any]) -> dict | None:
+def render_network_policy(job: Job) -> dict | None:
     """spec.networkPolicy: the gang's pods accept traffic only from each other, on the torchrun and
     metrics ports (and metrics from anywhere in the namespace's allowed scrapers: any pod, same ports)."""
-    spec = job["spec"]
-    if not spec.get("networkPolicy"):
+    spec = job.spec
+    if not spec.network_policy:
         return None
-    name = job["metadata"]["name"]
-    gang = {"matchLabels": {LABEL_JOB: name, LABEL_ROLE: "worker"}}
-    ports = [{"protocol": "TCP", "port": spec.get("masterPort", 29500)}]
-    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": gang}], "ports": ports}]
-    if spec.get("metricsPort", 9090):
+    gang = {"matchLabels": {LABEL_JOB: job.name, LABEL_ROLE: "worker"}}
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": gang}],
+                                      "ports": [{"protocol": "TCP", "port": spec.master_port}]}]
+    if spec.metrics_port:
         # Prometheus lives in another namespace: the metrics port is open to the cluster, nothing else is.
-        ingress.append({"ports": [{"protocol": "TCP", "port": spec.get("metricsPort", 9090)}]})
+        ingress.append({"ports": [{"protocol": "TCP", "port": spec.metrics_port}]})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": _metadata(job, network_policy_name(name), "network-policy"),
+            "metadata": _metadata(job, network_policy_name(job.name), "network-policy"),
             "spec": {"podSelector": gang, "policyTypes": ["Ingress"], "ingress": ingress}}
 
 
-def render_podgroup(job: Mapping[str, Any]) -> dict | None:
-    gang = job["spec"].get("gangScheduling")
-    if not gang:
+def render_podgroup(job: Job) -> dict | None:
+    gang = job.spec.gang_scheduling
+    if gang is None:
         return None
-    scheduler = gang["scheduler"]
-    # The whole gang or nothing: torchrun cannot start with part of it (validate refuses another minAvailable).
-    nodes = job["spec"].get("nodes", 1)
-    if scheduler == "kubernetes":
+    # The whole gang or nothing: torchrun cannot start with part of it (api.JobSpec refuses another minAvailable).
+    nodes, priority = job.spec.nodes, job.spec.priority_class_name
+    if gang.scheduler == "kubernetes":
         # A standalone PodGroup (no Workload): the pods name it in spec.schedulingGroup.
         spec: dict[str, Any] = {"schedulingPolicy": {"gang": {"minCount": nodes}}}
-        if job["spec"].get("priorityClassName"):
-            spec["priorityClassName"] = job["spec"]["priorityClassName"]
-        return {"apiVersion": PODGROUP_API[scheduler], "kind": "PodGroup",
-                "metadata": _metadata(job, podgroup_name(job["metadata"]["name"]), "podgroup"), "spec": spec}
-    spec = {"minMember": nodes}
-    if scheduler == "volcano" and job["spec"].get("priorityClassName"):
-        spec["priorityClassName"] = job["spec"]["priorityClassName"]
-    if scheduler == "scheduler-plugins" and gang.get("scheduleTimeoutSeconds"):
-        spec["scheduleTimeoutSeconds"] = gang["scheduleTimeoutSeconds"]
-    return {"apiVersion": PODGROUP_API[scheduler], "kind": "PodGroup",
-            "metadata": _metadata(job, podgroup_name(job["metadata"]["name"]), "podgroup"), "spec": spec}
+    else:
+        spec = {"minMember": nodes}
+    if priority and gang.scheduler in ("kubernetes", "volcano"):
+        spec["priorityClassName"] = priority
+    if gang.scheduler == "scheduler-plugins" and gang.schedule_timeout_seconds:
+        spec["scheduleTimeoutSeconds"] = gang.schedule_timeout_seconds
+    return {"apiVersion": PODGROUP_API[gang.scheduler], "kind": "PodGroup",
+            "metadata": _metadata(job, podgroup_name(job.name), "podgroup"), "spec": spec}
 
 
-def _env(job: Mapping[str, Any], attempt: int) -> list[dict]:
-    meta, spec = job["metadata"], job["spec"]
-    gpus = spec.get("gpusPerNode", 1)
+def _env(job: Job, attempt: int) -> list[dict]:
+    spec = job.spec
     env = [
-        {"name": "PET_NNODES", "value": str(spec.get("nodes", 1))},
-        {"name": "PET_NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "PET_NNODES", "value": str(spec.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(spec.gpus_per_node, 1))},
         {"name": "PET_NODE_RANK",
          "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}},
-        {"name": "PET_MASTER_ADDR", "value": master_address(meta["name"], meta["namespace"], attempt)},
-        {"name": "PET_MASTER_PORT", "value": str(spec.get("masterPort", 29500))},
-        {"name": "DDETR_JOB_NAME", "value": meta["name"]},
-        {"name": "DDETR_METRICS_PORT", "value": str(spec.get("metricsPort", 9090))},
+        {"name": "PET_MASTER_ADDR", "value": master_address(job.name, job.namespace, attempt)},
+        {"name": "PET_MASTER_PORT", "value": str(spec.master_port)},
+        {"name": "DDETR_JOB_NAME", "value": job.name},
+        {"name": "DDETR_METRICS_PORT", "value": str(spec.metrics_port)},
         {"name": "DDETR_MASTER_WAIT_SECONDS", "value": str(MASTER_WAIT_SECONDS)},
         {"name": "DDETR_WAIT_FOR_MASTER", "value": WAIT_FOR_MASTER},
         {"name": "NCCL_DEBUG", "value": "WARN"},
@@ -189,33 +181,32 @@ def _env(job: Mapping[str, Any], attempt: int) -> list[dict]:
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    artifacts = spec.get("artifacts") or {}
-    if artifacts.get("endpoint"):
-        env += [{"name": "AWS_ENDPOINT_URL", "value": artifacts["endpoint"]},
-                {"name": "S3_ENDPOINT_URL", "value": artifacts["endpoint"]}]
-    if artifacts.get("region"):
-        env.append({"name": "AWS_DEFAULT_REGION", "value": artifacts["region"]})
-    secret = artifacts.get("credentialsSecret")
-    if secret:
-        for var, key_field in (("AWS_ACCESS_KEY_ID", "accessKeyIdKey"), ("AWS_SECRET_ACCESS_KEY", "secretAccessKeyKey")):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": secret["name"], "key": secret.get(key_field, var)}}})
-    key_ref = spec.get("encryptionKeySecret")
-    if key_ref:
-        env.append({"name": KEY_ENV, "valueFrom": {"secretKeyRef": {
-            "name": key_ref["name"], "key": key_ref.get("key", KEY_ENV)}}})
-    return env + list(spec.get("env") or [])
+    artifacts = spec.artifacts
+    if artifacts is not None and artifacts.endpoint:
+        env += [{"name": "AWS_ENDPOINT_URL", "value": artifacts.endpoint},
+                {"name": "S3_ENDPOINT_URL", "value": artifacts.endpoint}]
+    if artifacts is not None and artifacts.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": artifacts.region})
+    secret = artifacts.credentials_secret if artifacts is not None else None
+    if secret is not None:
+        for var, key in (("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
+                         ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    key_ref = spec.encryption_key_secret
+    if key_ref is not None:
+        env.append({"name": KEY_ENV, "valueFrom": {"secretKeyRef": {"name": key_ref.name, "key": key_ref.key}}})
+    return env + copy.deepcopy(list(spec.env or []))
 
 
-def _command(spec: Mapping[str, Any]) -> list[str]:
-    task = spec.get("task", "train")
-    with_key = bool(spec.get("encryptionKeySecret"))
-    if task != "train":
+def _command(job: Job) -> list[str]:
+    task = job.spec.task
+    with_key = job.spec.encryption_key_secret is not None
+    if task != DEFAULT_TASK:
         # Kubernetes expands $(VAR) in the command from the container's environment.
         return ["deformable-detr", task, "-e", SPEC_FILE] + (["-k", f"$({KEY_ENV})"] if with_key else [])
     # Through the CLI's own launcher (not torchrun directly): it starts torchrun with these settings and
-    # exits with the workers' own code (143 after SIGTERM, 200 when a peer was lost, 2 for a bad spec)
-    # instead of torchrun's blanket 1, so the restart policy can tell retryable from permanent.
+    # exits with the workers' own code (deformable_detr.exit_codes) instead of torchrun's blanket 1, so
+    # the restart policy can tell retryable from permanent.
     launch = ('export MASTER_ADDR="$PET_MASTER_ADDR" MASTER_PORT="$PET_MASTER_PORT" NODE_RANK="$PET_NODE_RANK"\n'
               f'exec deformable-detr train -e {SPEC_FILE} --num_nodes "$PET_NNODES" --gpus "$PET_NPROC_PER_NODE"'
               + (f' -k "${KEY_ENV}"' if with_key else ""))
@@ -223,85 +214,85 @@ def _command(spec: Mapping[str, Any]) -> list[str]:
     return ["/bin/sh", "-c", f"{wait}\n{launch}"]
 
 
-def _resources(spec: Mapping[str, Any]) -> dict:
+def _resources(job: Job) -> dict:
     resources: dict[str, Any] = {k: list(v or []) if k == "claims" else dict(v or {})
-                                 for k, v in (spec.get("resources") or {}).items()}
-    gpus = spec.get("gpusPerNode", 1)
-    if gpus:
-        resources.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+                                 for k, v in (job.spec.resources or {}).items()}
+    if job.spec.gpus_per_node:
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = job.spec.gpus_per_node
     return resources
 
 
-def _volumes(job: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
-    spec = job["spec"]
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.get("shmSize", "8Gi")}},
-               {"name": "spec", "configMap": {"name": configmap_name(job["metadata"]["name"])}}]
+def _volumes(job: Job) -> tuple[list[dict], list[dict]]:
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.spec.shm_size}},
+               {"name": "spec", "configMap": {"name": configmap_name(job.name)}}]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
-    for volume in spec.get("volumes") or []:
-        source = ({"persistentVolumeClaim": {"claimName": volume["persistentVolumeClaim"]["claimName"],
-                                             "readOnly": volume.get("readOnly", True)}}
-                  if "persistentVolumeClaim" in volume else {"hostPath": dict(volume["hostPath"])})
-        volumes.append({"name": volume["name"], **source})
-        mount = {"name": volume["name"], "mountPath": volume["mountPath"], "readOnly": volume.get("readOnly", True)}
-        if volume.get("subPath"):
-            mount["subPath"] = volume["subPath"]
+    for volume in job.spec.volumes or ():
+        if volume.persistent_volume_claim is not None:
+            source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": volume.persistent_volume_claim.claim_name,
+                                                                "readOnly": volume.read_only}}
+        else:
+            host_path = {"path": volume.host_path.path}
+            if volume.host_path.type_ is not None:
+                host_path["type"] = volume.host_path.type_
+            source = {"hostPath": host_path}
+        volumes.append({"name": volume.name, **source})
+        mount = {"name": volume.name, "mountPath": volume.mount_path, "readOnly": volume.read_only}
+        if volume.sub_path:
+            mount["subPath"] = volume.sub_path
         mounts.append(mount)
     return volumes, mounts
 
 
-def render_worker_job(job: Mapping[str, Any], attempt: int, suspend: bool = False) -> dict:
+def render_worker_job(job: Job, attempt: int, suspend: bool = False) -> dict:
     """The gang of one attempt: an Indexed Job with one pod per node."""
-    meta, spec = job["metadata"], job["spec"]
-    nodes = spec.get("nodes", 1)
-    name = worker_job_name(meta["name"], attempt)
+    spec = job.spec
+    name = worker_job_name(job.name, attempt)
     labels = {LABEL_ATTEMPT: str(attempt)}
-    queue = (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    queue = job.labels.get(KUEUE_QUEUE_LABEL)
     job_labels = {**labels, KUEUE_QUEUE_LABEL: queue} if queue else labels
-    pod_labels = {LABEL_JOB: meta["name"], LABEL_ROLE: "worker", **labels}
+    pod_labels = {LABEL_JOB: job.name, LABEL_ROLE: "worker", **labels}
     annotations = dict(NO_SIDECAR_ANNOTATIONS)
     pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never", "subdomain": service_name(meta["name"]),
+        "restartPolicy": "Never", "subdomain": service_name(job.name),
         # Trainers talk to S3 and to each other, never to the Kubernetes API: no token in the pod.
         "automountServiceAccountToken": False,
-        "securityContext": {**copy.deepcopy(DEFAULT_POD_SECURITY_CONTEXT), **dict(spec.get("podSecurityContext") or {})},
-        "terminationGracePeriodSeconds": spec.get("terminationGracePeriodSeconds",
-                                                  DEFAULT_TERMINATION_GRACE_SECONDS)}
-    gang = spec.get("gangScheduling")
-    if gang:
-        if gang["scheduler"] == "kubernetes":
-            pod_spec["schedulingGroup"] = {"podGroupName": podgroup_name(meta["name"])}  # default scheduler
-        elif gang["scheduler"] == "volcano":
-            annotations["scheduling.k8s.io/group-name"] = podgroup_name(meta["name"])
+        "securityContext": {**copy.deepcopy(DEFAULT_POD_SECURITY_CONTEXT), **copy.deepcopy(spec.pod_security_context or {})},
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds}
+    gang = spec.gang_scheduling
+    if gang is not None:
+        if gang.scheduler == "kubernetes":
+            pod_spec["schedulingGroup"] = {"podGroupName": podgroup_name(job.name)}  # default scheduler
+        elif gang.scheduler == "volcano":
+            annotations["scheduling.k8s.io/group-name"] = podgroup_name(job.name)
             pod_spec["schedulerName"] = DEFAULT_GANG_SCHEDULER_NAME["volcano"]
         else:
-            pod_labels["scheduling.x-k8s.io/pod-group"] = podgroup_name(meta["name"])
+            pod_labels["scheduling.x-k8s.io/pod-group"] = podgroup_name(job.name)
             pod_spec["schedulerName"] = DEFAULT_GANG_SCHEDULER_NAME["scheduler-plugins"]
-    for field in ("schedulerName", "priorityClassName", "serviceAccountName", "nodeSelector", "tolerations",
-                  "affinity", "imagePullSecrets"):
-        if spec.get(field):
-            pod_spec[field] = spec[field]
+    for field, value in (("schedulerName", spec.scheduler_name), ("priorityClassName", spec.priority_class_name),
+                         ("serviceAccountName", spec.service_account_name), ("nodeSelector", spec.node_selector),
+                         ("tolerations", spec.tolerations), ("affinity", spec.affinity),
+                         ("imagePullSecrets", [{"name": s.name} for s in spec.image_pull_secrets or ()])):
+        if value:
+            pod_spec[field] = copy.deepcopy(value)
     volumes, mounts = _volumes(job)
-    ports = [{"name": "torchrun", "containerPort": spec.get("masterPort", 29500), "protocol": "TCP"}]
-    if spec.get("metricsPort", 9090):
-        ports.append({"name": "metrics", "containerPort": spec.get("metricsPort", 9090), "protocol": "TCP"})
     container: dict[str, Any] = {
-        "name": CONTAINER, "image": spec["image"], "command": _command(spec), "env": _env(job, attempt),
-        "ports": ports, "volumeMounts": mounts, "resources": _resources(spec),
+        "name": CONTAINER, "image": spec.image, "command": _command(job), "env": _env(job, attempt),
+        "ports": _ports(job, "containerPort"), "volumeMounts": mounts, "resources": _resources(job),
         # On failure the last log lines become the termination message the operator reports.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {**copy.deepcopy(DEFAULT_CONTAINER_SECURITY_CONTEXT),
-                            **dict(spec.get("securityContext") or {})},
+                            **copy.deepcopy(spec.security_context or {})},
     }
-    if spec.get("imagePullPolicy"):
-        container["imagePullPolicy"] = spec["imagePullPolicy"]
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
     pod_spec.update(containers=[container], volumes=volumes)
     template_meta = {"labels": pod_labels, "annotations": annotations}
-    _apply_pod_template(spec.get("podTemplate") or {}, template_meta, pod_spec)
+    _apply_pod_template(job, template_meta, pod_spec)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _metadata(job, name, "workers", job_labels),
         "spec": {
-            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+            "completionMode": "Indexed", "completions": spec.nodes, "parallelism": spec.nodes,
             "backoffLimit": 0, "suspend": bool(suspend or queue),
             # A replacement pod only once the old one is fully gone (after a suspend/resume): never
             # two ranks with one index alive at once.
@@ -311,22 +302,21 @@ def render_worker_job(job: Mapping[str, Any], attempt: int, suspend: bool = Fals
     }
 
 
-# podTemplate.spec fields that the operator owns: overriding them would break the gang.
-OWNED_POD_FIELDS = ("containers", "restartPolicy", "subdomain", "volumes")
-
-
-def _apply_pod_template(template: Mapping[str, Any], meta: dict, pod_spec: dict) -> None:
+def _apply_pod_template(job: Job, meta: dict, pod_spec: dict) -> None:
     """spec.podTemplate: what the curated fields miss, merged over the rendered pod.
 
     metadata.labels/annotations are added (the operator's own labels win: it finds its pods by
     them); spec fields replace the rendered ones (hostNetwork, initContainers, dnsPolicy, ...),
-    except the operator-owned containers, restartPolicy, subdomain and volumes (spec.volumes, under the
-    hostPath allow-list), which validate refuses.
+    except the operator-owned containers, restartPolicy, subdomain and volumes, which validate refuses.
     """
-    template_meta = template.get("metadata") or {}
-    meta["labels"] = {**dict(template_meta.get("labels") or {}), **meta["labels"]}
-    meta["annotations"] = {**dict(template_meta.get("annotations") or {}), **meta["annotations"]}
-    for key, value in (template.get("spec") or {}).items():
+    template = job.spec.pod_template
+    if template is None:
+        return
+    template_meta = template.metadata
+    if template_meta is not None:
+        meta["labels"] = {**(template_meta.labels or {}), **meta["labels"]}
+        meta["annotations"] = {**(template_meta.annotations or {}), **meta["annotations"]}
+    for key, value in (template.spec or {}).items():
         if key not in OWNED_POD_FIELDS:
             pod_spec[key] = copy.deepcopy(value)
     if pod_spec.get("hostNetwork"):

@@ -41,6 +41,7 @@ def test_helper_manifests_are_valid_kubernetes(manifest):
 def test_training_jobs_pass_the_crd_schema_and_the_operator(epochs):
     validate = pytest.importorskip("ddetr_operator.validate", reason="the operator package is not installed")
     render = pytest.importorskip("ddetr_operator.render")
+    api = pytest.importorskip("ddetr_operator.api")
     job = m.training_job(NAMESPACE, f"e2e-{epochs}", num_epochs=epochs)
     jsonschema.validate(job, _crd_schema())
     # The suite's installs allow the dataset's hostPath (trainer.allowedHostPaths), as an admin would.
@@ -48,8 +49,8 @@ def test_training_jobs_pass_the_crd_schema_and_the_operator(epochs):
     experiment = validate.validate_job(job["metadata"]["name"], job["spec"], policy)
     assert experiment.results_dir == f"s3://{m.BUCKET}/e2e-{epochs}"
     job["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
-    worker_job = render.render_worker_job(job, attempt=0)
-    for child in (render.render_service(job), render.render_configmap(job, experiment), worker_job):
+    worker_job = render.render_worker_job(api.resolve(job), attempt=0)
+    for child in (render.render_service(api.resolve(job)), render.render_configmap(api.resolve(job), experiment), worker_job):
         kube_validate.validate(child, KUBE_VERSION, strict=True)
     pod = worker_job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == m.TRAINER_SERVICE_ACCOUNT

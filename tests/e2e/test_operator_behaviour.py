@@ -21,6 +21,7 @@ from test_local_cluster import (PHASE_TIMEOUT, RESTRICTED, _children, _end_pod, 
                                 _running_pods, _wait_phase, local, namespace_with_operator)  # noqa: F401 - `local` is the module fixture
 
 from ddetr_operator import render
+from ddetr_operator.api import resolve
 from ddetr_operator.validate import validate_job
 
 
@@ -219,8 +220,8 @@ def test_every_example_and_its_children_are_accepted_by_the_api_server(local, pa
             continue
         document["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
         experiment = validate_job(document["metadata"]["name"], document["spec"])
-        children = [render.render_service(document), render.render_configmap(document, experiment),
-                    render.render_worker_job(document, 0)]
+        children = [render.render_service(resolve(document)), render.render_configmap(resolve(document), experiment),
+                    render.render_worker_job(resolve(document), 0)]
         for child in children:
             child["metadata"].pop("ownerReferences")  # the owner does not exist (a dry run)
             cluster.kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(child))

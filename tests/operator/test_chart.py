@@ -308,6 +308,7 @@ def test_schema_rejects_bad_values(tmp_path, values, field):
 
 def _rendered_children() -> list[dict]:
     render = pytest.importorskip("ddetr_operator.render", reason="the operator package is not installed")
+    api = pytest.importorskip("ddetr_operator.api")
     from deformable_detr.config.loader import spec_from_dict
 
     job = {"apiVersion": "ddetr.dev/v1alpha1", "kind": "DeformableDetrJob",
@@ -315,8 +316,8 @@ def _rendered_children() -> list[dict]:
            "spec": {"image": "trainer:latest", "nodes": 2, "gpusPerNode": 0,
                     "gangScheduling": {"scheduler": "volcano"}, "experiment": {}}}
     experiment = spec_from_dict({})
-    children = [render.render_service(job), render.render_configmap(job, experiment),
-                render.render_worker_job(job, attempt=0), render.render_podgroup(job)]
+    children = [render.render_service(api.resolve(job)), render.render_configmap(api.resolve(job), experiment),
+                render.render_worker_job(api.resolve(job), attempt=0), render.render_podgroup(api.resolve(job))]
     return [child for child in children if child]
 
 

@@ -9,7 +9,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ddetr_operator import handlers
 from ddetr_operator.kube import Cluster, child_error
-from ddetr_operator.reconcile import (ChildError, Create, DeleteWorkerJob, Observed, SetSuspend, reconcile, settle,
+from ddetr_operator.decide import (ChildError, Create, DeleteWorkerJob, Observed, SetSuspend, reconcile, settle,
                                       wants_pass)
 
 from conftest import NOW

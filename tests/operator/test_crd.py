@@ -183,7 +183,7 @@ def _rules() -> dict[str, list[dict]]:
 
 
 def test_cel_rules_keep_the_spec_immutable_but_suspend_and_bound_the_name():
-    from ddetr_operator.validate import MAX_NAME_LENGTH
+    from ddetr_operator.api import MAX_NAME_LENGTH
 
     (name_rule,) = _rules()["root"]
     assert name_rule["rule"] == f"self.metadata.name.size() <= {MAX_NAME_LENGTH}"

@@ -162,7 +162,7 @@ def test_trainer_image_has_the_commands_the_operator_runs_in_it():
     render = pytest.importorskip("ddetr_operator.render", reason="the operator package is not installed")
     job = {"metadata": {"name": "demo", "namespace": "default", "uid": "1"},
            "spec": {"image": "trainer", "nodes": 2, "experiment": {}}}
-    command = render.render_worker_job(job, attempt=0)["spec"]["template"]["spec"]["containers"][0]["command"]
+    command = render.render_worker_job(api.resolve(job), attempt=0)["spec"]["template"]["spec"]["containers"][0]["command"]
     script = command[-1]
     assert command[0] == "/bin/sh"
     assert re.search(r"\bpython3 -c\b", script) and re.search(r"\bexec deformable-detr train\b", script)
@@ -197,6 +197,7 @@ def test_hadolint_passes():
 
 
 @pytest.mark.slow
+    api = pytest.importorskip("ddetr_operator.api")
 def test_operator_image_install_steps_give_an_operator_without_torch(tmp_path):
     """Replay Dockerfile.operator's COPY and pip steps into a fresh venv (no Docker here)."""
     (stage,) = _stages("operator")

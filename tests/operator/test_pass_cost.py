@@ -14,8 +14,9 @@ import time
 from kubernetes.client.exceptions import ApiException
 
 from ddetr_operator import handlers
+from ddetr_operator.api import Artifacts, CredentialsSecret, resolve
 from ddetr_operator.kube import ChildIndex, Cluster
-from ddetr_operator.reconcile import Observed
+from ddetr_operator.decide import Observed
 
 from operator_objects import pod, worker_job
 
@@ -225,7 +226,7 @@ def secret(key_id: str) -> dict:
 def test_the_secrets_keys_are_read_once_per_ttl(make_job, monkeypatch):
     api = FakeApi(make_job(), secret=secret("k1"))
     cluster = fake_cluster(api, secret_ttl=300)
-    artifacts = {"credentialsSecret": {"name": "s3"}, "endpoint": "http://s3"}
+    artifacts = Artifacts(uri="s3://runs/demo", credentials_secret=CredentialsSecret(name="s3"), endpoint="http://s3")
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     assert cluster.s3_access("ml", artifacts).access_key_id == "k1"
@@ -242,7 +243,7 @@ def test_the_secrets_keys_are_read_once_per_ttl(make_job, monkeypatch):
 def test_a_missing_secret_is_looked_for_again_sooner(make_job, monkeypatch):
     api = FakeApi(make_job(), secret=None)
     cluster = fake_cluster(api, secret_ttl=300)
-    artifacts = {"credentialsSecret": {"name": "s3"}}
+    artifacts = Artifacts(uri="s3://runs/demo", credentials_secret=CredentialsSecret(name="s3"))
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     assert cluster.s3_access("ml", artifacts).access_key_id is None
@@ -321,7 +322,7 @@ def test_observe_cached_uses_the_support_children_seen_or_created(make_job):
     cluster = fake_cluster(api)
     observed = cluster.observe(job)
     assert observed.service is False and observed.configmap is True
-    from ddetr_operator.reconcile import Create
+    from ddetr_operator.decide import Create
     from ddetr_operator.render import render_service
-    assert cluster.apply(job, Create(render_service(job)), Observed()) is None
+    assert cluster.apply(job, Create(render_service(resolve(job))), Observed()) is None
     assert cluster.observe_cached(job).service is True

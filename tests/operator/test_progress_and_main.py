@@ -8,15 +8,16 @@ import sys
 import pytest
 
 from ddetr_operator.__main__ import parse_args
+from ddetr_operator.api import resolve
 from ddetr_operator.metrics import JOBS, PhaseBook
 from ddetr_operator.progress import S3Access, read_status_json, status_json_uri
 from ddetr_operator.validate import effective_experiment
 
 
 def test_status_json_location_follows_the_results_layout(make_job):
-    assert status_json_uri(effective_experiment(make_job()["spec"])) == "s3://bucket/runs/demo/train/status.json"
+    assert status_json_uri(effective_experiment(resolve(make_job()).spec)) == "s3://bucket/runs/demo/train/status.json"
     own = make_job(experiment={"train": {"results_dir": "s3://other/place/"}})
-    assert status_json_uri(effective_experiment(own["spec"])) == "s3://other/place/status.json"
+    assert status_json_uri(effective_experiment(resolve(own).spec)) == "s3://other/place/status.json"
 
 
 def test_reads_status_json_with_the_jobs_credentials(moto_s3):

@@ -5,7 +5,7 @@ import datetime as dt
 
 import pytest
 
-from ddetr_operator.reconcile import (Create, DeleteSelf, DeleteWorkerJob, Observed, SetSuspend, first_failure,
+from ddetr_operator.decide import (Create, DeleteSelf, DeleteWorkerJob, Observed, SetSuspend, first_failure,
                                       is_retryable_exit, reconcile)
 from operator_objects import pod, worker_job
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from ddetr_operator import render
+from ddetr_operator.api import resolve
 from ddetr_operator.validate import Policy, validate_job
 from deformable_detr.config.loader import spec_from_dict
 
@@ -42,9 +43,9 @@ VARIANTS = {
 
 def all_manifests(job: dict) -> list[dict]:
     experiment = validate_job(job["metadata"]["name"], job["spec"], Policy(allowed_host_paths=("/mnt",)))
-    out = [render.render_service(job), render.render_configmap(job, experiment),
-           render.render_worker_job(job, 0), render.render_worker_job(job, 3, suspend=True)]
-    podgroup = render.render_podgroup(job)
+    out = [render.render_service(resolve(job)), render.render_configmap(resolve(job), experiment),
+           render.render_worker_job(resolve(job), 0), render.render_worker_job(resolve(job), 3, suspend=True)]
+    podgroup = render.render_podgroup(resolve(job))
     return out + ([podgroup] if podgroup else [])
 
 
@@ -73,7 +74,7 @@ def env_of(manifest: dict) -> dict:
 
 
 def test_worker_job_is_an_indexed_gang_with_torchrun_settings(make_job):
-    manifest = render.render_worker_job(make_job(), 1)
+    manifest = render.render_worker_job(resolve(make_job()), 1)
     spec = manifest["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 2, 2, 0)
     assert spec["template"]["spec"]["subdomain"] == "demo-workers"
@@ -101,14 +102,14 @@ def test_worker_job_is_an_indexed_gang_with_torchrun_settings(make_job):
 
 def test_pods_get_time_to_checkpoint_and_upload_after_sigterm(make_job):
     """Kubernetes' default 30 s grace is too short for rank 0 to write and upload a checkpoint."""
-    default = render.render_worker_job(make_job(), 0)["spec"]["template"]["spec"]
+    default = render.render_worker_job(resolve(make_job()), 0)["spec"]["template"]["spec"]
     assert default["terminationGracePeriodSeconds"] == 180
-    configured = render.render_worker_job(make_job(terminationGracePeriodSeconds=900), 0)
+    configured = render.render_worker_job(resolve(make_job(terminationGracePeriodSeconds=900)), 0)
     assert configured["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
 
 
 def test_headless_service_publishes_pods_before_they_are_ready(make_job):
-    service = render.render_service(make_job())
+    service = render.render_service(resolve(make_job()))
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"] == {"ddetr.dev/job-name": "demo", "ddetr.dev/role": "worker"}
@@ -116,47 +117,47 @@ def test_headless_service_publishes_pods_before_they_are_ready(make_job):
 
 def test_configmap_holds_the_effective_spec(make_job):
     job = make_job()
-    configmap = render.render_configmap(job, validate_job("demo", job["spec"]))
+    configmap = render.render_configmap(resolve(job), validate_job("demo", job["spec"]))
     spec = spec_from_dict(yaml.safe_load(configmap["data"]["spec.yaml"]))
     assert spec.results_dir == "s3://bucket/runs/demo"
     assert spec.train.num_epochs == 3 and spec.dataset.num_classes == 4
 
 
 def test_single_pod_tasks_run_the_cli(make_job):
-    manifest = render.render_worker_job(make_job(task="inference", nodes=1, gpusPerNode=0), 0)
+    manifest = render.render_worker_job(resolve(make_job(task="inference", nodes=1, gpusPerNode=0)), 0)
     assert container(manifest)["command"] == ["deformable-detr", "inference", "-e", "/etc/ddetr/spec.yaml"]
     assert "nvidia.com/gpu" not in container(manifest)["resources"].get("limits", {})
 
 
 def test_encryption_key_comes_from_a_secret(make_job, fake_torchrun):
     key_ref = {"name": "ckpt-key", "key": "key"}
-    train = render.render_worker_job(make_job(encryptionKeySecret=key_ref), 0)
+    train = render.render_worker_job(resolve(make_job(encryptionKeySecret=key_ref)), 0)
     assert env_of(train)["DDETR_ENCRYPTION_KEY"] == {"secretKeyRef": {"name": "ckpt-key", "key": "key"}}
     done = run_worker_command(train, fake_torchrun, PET_NODE_RANK="0", DDETR_ENCRYPTION_KEY="s3cr3t words")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == ["-k", "s3cr3t words"]  # one argument
-    evaluate = render.render_worker_job(make_job(task="evaluate", nodes=1, encryptionKeySecret=key_ref), 0)
+    evaluate = render.render_worker_job(resolve(make_job(task="evaluate", nodes=1, encryptionKeySecret=key_ref)), 0)
     assert container(evaluate)["command"][-2:] == ["-k", "$(DDETR_ENCRYPTION_KEY)"]
-    assert "secret" not in yaml.safe_dump(render.render_configmap(make_job(), validate_job("demo", make_job()["spec"])))
+    assert "secret" not in yaml.safe_dump(render.render_configmap(resolve(make_job()), validate_job("demo", make_job()["spec"])))
 
 
 def test_gang_scheduling_wires_pods_to_the_podgroup(make_job):
-    volcano = render.render_worker_job(make_job(gangScheduling={"scheduler": "volcano"}), 0)["spec"]["template"]
+    volcano = render.render_worker_job(resolve(make_job(gangScheduling={"scheduler": "volcano"})), 0)["spec"]["template"]
     assert volcano["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "demo"
     assert volcano["spec"]["schedulerName"] == "volcano"
-    plugins = render.render_worker_job(make_job(gangScheduling={"scheduler": "scheduler-plugins"}), 0)["spec"]["template"]
+    plugins = render.render_worker_job(resolve(make_job(gangScheduling={"scheduler": "scheduler-plugins"})), 0)["spec"]["template"]
     assert plugins["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "demo"
-    podgroup = render.render_podgroup(make_job(gangScheduling={"scheduler": "scheduler-plugins"}))
+    podgroup = render.render_podgroup(resolve(make_job(gangScheduling={"scheduler": "scheduler-plugins"})))
     assert podgroup["apiVersion"] == "scheduling.x-k8s.io/v1alpha1" and podgroup["spec"]["minMember"] == 2
 
 
 def test_kubernetes_gang_scheduling_uses_a_standalone_podgroup_and_the_default_scheduler(make_job):
     job = make_job(nodes=3, gangScheduling={"scheduler": "kubernetes"}, priorityClassName="high")
-    template = render.render_worker_job(job, 0)["spec"]["template"]
+    template = render.render_worker_job(resolve(job), 0)["spec"]["template"]
     assert template["spec"]["schedulingGroup"] == {"podGroupName": "demo"}
     assert "schedulerName" not in template["spec"]  # kube-scheduler's GangScheduling plugin
     assert not any(key.startswith("scheduling.") for key in template["metadata"]["labels"])
-    podgroup = render.render_podgroup(job)
+    podgroup = render.render_podgroup(resolve(job))
     assert podgroup["apiVersion"] == "scheduling.k8s.io/v1beta1"
     assert podgroup["spec"] == {"schedulingPolicy": {"gang": {"minCount": 3}}, "priorityClassName": "high"}
     assert podgroup["metadata"]["ownerReferences"][0]["kind"] == "DeformableDetrJob"
@@ -183,7 +184,7 @@ def run_worker_command(manifest: dict, bin_dir, **overrides: str) -> subprocess.
 
 
 def test_worker_waits_for_the_master_then_launches_the_gang(make_job, fake_torchrun):
-    manifest = render.render_worker_job(make_job(), 0)
+    manifest = render.render_worker_job(resolve(make_job()), 0)
     with socket.socket() as master:  # pod 0's torchrun port, listening
         master.bind(("127.0.0.1", 0))
         master.listen()
@@ -197,7 +198,7 @@ def test_worker_waits_for_the_master_then_launches_the_gang(make_job, fake_torch
 
 
 def test_worker_gives_up_on_an_unresolvable_master_with_a_retryable_code(make_job, fake_torchrun):
-    manifest = render.render_worker_job(make_job(), 0)
+    manifest = render.render_worker_job(resolve(make_job()), 0)
     done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="pod-0.does-not-exist.invalid",
                               DDETR_MASTER_WAIT_SECONDS="0")
     assert done.returncode == render.MASTER_UNRESOLVABLE_EXIT >= 128
@@ -209,7 +210,7 @@ def test_worker_waits_for_the_master_port_not_just_its_name(make_job, fake_torch
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = str(closed.getsockname()[1])  # bound, not listening: connections are refused
-        manifest = render.render_worker_job(make_job(), 0)
+        manifest = render.render_worker_job(resolve(make_job()), 0)
         started = time.monotonic()
         done = run_worker_command(manifest, fake_torchrun, PET_MASTER_ADDR="localhost", PET_MASTER_PORT=port,
                                   DDETR_MASTER_WAIT_SECONDS="3")
@@ -247,7 +248,7 @@ def meets_restricted_pod_security(pod_spec: dict) -> list[str]:
 
 @pytest.mark.parametrize("variant", ["train-2-nodes", "evaluate", "volcano-gang", "kubernetes-gang"])
 def test_trainer_pods_meet_the_restricted_pod_security_level_by_default(make_job, variant):
-    pod_spec = render.render_worker_job(make_job(**VARIANTS[variant]), 0)["spec"]["template"]["spec"]
+    pod_spec = render.render_worker_job(resolve(make_job(**VARIANTS[variant])), 0)["spec"]["template"]["spec"]
     assert meets_restricted_pod_security(pod_spec) == []
     assert pod_spec["securityContext"] == {
         "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
@@ -260,10 +261,10 @@ def test_trainer_pods_meet_the_restricted_pod_security_level_by_default(make_job
 def test_the_security_context_defaults_can_be_overridden_key_by_key(make_job):
     job = make_job(podSecurityContext={"runAsUser": 2000, "supplementalGroups": [3000]},
                    securityContext={"readOnlyRootFilesystem": True})
-    pod_spec = render.render_worker_job(job, 0)["spec"]["template"]["spec"]
+    pod_spec = render.render_worker_job(resolve(job), 0)["spec"]["template"]["spec"]
     assert pod_spec["securityContext"]["runAsUser"] == 2000 and pod_spec["securityContext"]["runAsGroup"] == 10001
     assert pod_spec["securityContext"]["supplementalGroups"] == [3000]
     context = pod_spec["containers"][0]["securityContext"]
     assert context["readOnlyRootFilesystem"] is True and context["capabilities"] == {"drop": ["ALL"]}
-    kubernetes_validate.validate(render.render_worker_job(job, 0), K8S_VERSION, strict=True)
+    kubernetes_validate.validate(render.render_worker_job(resolve(job), 0), K8S_VERSION, strict=True)
     assert meets_restricted_pod_security(pod_spec) == []

@@ -8,7 +8,8 @@ import datetime as dt
 import pytest
 
 from ddetr_operator import render
-from ddetr_operator.reconcile import (KEEP_FAILED_ATTEMPTS, Create, DeleteWorkerJob, Observed, SetSuspend, reconcile)
+from ddetr_operator.api import resolve
+from ddetr_operator.decide import (KEEP_FAILED_ATTEMPTS, Create, DeleteWorkerJob, Observed, SetSuspend, reconcile)
 from ddetr_operator.validate import JobSpecError, validate_job
 from operator_objects import pod, worker_job
 
@@ -183,7 +184,7 @@ def test_with_kueue_suspend_deletes_the_attempt_instead_of_flipping_the_switch(m
 
 
 def test_worker_job_replaces_pods_only_once_they_are_gone(make_job):
-    assert render.render_worker_job(make_job(), 0)["spec"]["podReplacementPolicy"] == "Failed"
+    assert render.render_worker_job(resolve(make_job()), 0)["spec"]["podReplacementPolicy"] == "Failed"
 
 
 def test_pod_template_adds_what_the_curated_fields_miss(make_job):
@@ -193,7 +194,7 @@ def test_pod_template_adds_what_the_curated_fields_miss(make_job):
         "spec": {"hostNetwork": True, "initContainers": [{"name": "warm", "image": "busybox"}]}},
         securityContext={"capabilities": {"add": ["IPC_LOCK"], "drop": ["ALL"]}})
     validate_job("demo", job["spec"])
-    manifest = render.render_worker_job(job, 0)
+    manifest = render.render_worker_job(resolve(job), 0)
     template = manifest["spec"]["template"]
     assert template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce"
     assert template["metadata"]["labels"]["team"] == "vision"
@@ -218,7 +219,7 @@ def test_network_policy_lets_the_gang_talk_on_its_ports_only(make_job):
     assert policy["spec"]["podSelector"] == gang and policy["spec"]["policyTypes"] == ["Ingress"]
     assert policy["spec"]["ingress"] == [{"from": [{"podSelector": gang}], "ports": [{"protocol": "TCP", "port": 29500}]},
                                          {"ports": [{"protocol": "TCP", "port": 9090}]}]
-    assert render.render_network_policy(make_job()) is None
+    assert render.render_network_policy(resolve(make_job())) is None
 
 
 def test_the_last_restarts_reason_stays_readable_once_the_new_gang_runs(make_job):

@@ -7,7 +7,8 @@ import itertools
 import pytest
 
 from ddetr_operator import render
-from ddetr_operator.reconcile import Observed, reconcile
+from ddetr_operator.api import resolve
+from ddetr_operator.decide import Observed, reconcile
 from ddetr_operator.validate import JobSpecError, Policy, host_path_allowed, validate_job
 
 from conftest import BASE_JOB, NOW
@@ -60,7 +61,7 @@ def test_odd_specs_fail_the_job_cleanly_never_the_pass(spec):
         assert decision.status["phase"] == "Failed" and decision.actions == []
         assert next(c for c in decision.status["conditions"] if c["type"] == "Failed")["reason"] == "InvalidSpec"
     else:  # accepted specs render
-        assert render.render_worker_job(job, 0)["kind"] == "Job"
+        assert render.render_worker_job(resolve(job), 0)["kind"] == "Job"
 
 
 @pytest.mark.parametrize("name", [None, 5, "", "A", "9lives", "x" * 41, "has.dot"])
@@ -82,9 +83,9 @@ def test_gang_min_available_must_be_the_whole_gang(make_job):
         validate_job("demo", job["spec"])
     job = make_job(nodes=4, gangScheduling={"scheduler": "volcano", "minAvailable": 4})
     validate_job("demo", job["spec"])
-    assert render.render_podgroup(job)["spec"]["minMember"] == 4
+    assert render.render_podgroup(resolve(job))["spec"]["minMember"] == 4
     job = make_job(nodes=3, gangScheduling={"scheduler": "scheduler-plugins"})
-    assert render.render_podgroup(job)["spec"]["minMember"] == 3
+    assert render.render_podgroup(resolve(job))["spec"]["minMember"] == 3
 
 
 def _with_host_path(make_job, path: str) -> dict:

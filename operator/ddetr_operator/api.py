@@ -1,0 +1,322 @@
+"""The DeformableDetrJob API: typed spec and status, the one source of the CRD schema (crd.py), its
+defaults, CEL rules and printer columns, the operator's checks of a spec and the renderer's inputs.
+
+`resolve(body)` reads a job as the operator uses it: spec checked and defaulted (`JobSpec`), never
+a `.get(field, default)` elsewhere. Adding a spec field is one `prop` here and its use in render.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from deformable_detr.config.jsonschema import experiment_schema
+from deformable_detr.tasks import DEFAULT_TASK, TASKS
+
+from . import corev1
+from .apischema import JobSpecError, Rule, fields, object_schema, parse, prop
+
+__all__ = ["JobSpecError", "JobSpec", "JobStatus", "Job", "resolve", "run_policy_of"]
+
+# Pod hostnames are "<name>-a<attempt>-<index>" and must fit a 63-character DNS label.
+MAX_NAME_LENGTH = 40
+NAME_RULE = Rule(f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+                 f"metadata.name: at most {MAX_NAME_LENGTH} characters (it names the pods, "
+                 "<name>-a<attempt>-<index>, which must fit a 63-character DNS label)",
+                 lambda name: len(name) <= MAX_NAME_LENGTH)
+CLEAN_POD_POLICIES = ["None", "Running", "All"]
+# "kubernetes": the cluster's own scheduler with the GenericWorkload feature (scheduling.k8s.io/v1beta1 PodGroup).
+GANG_SCHEDULERS = ["kubernetes", "volcano", "scheduler-plugins"]
+MAX_ATTEMPT_HISTORY = 10  # entries of status.attempts kept (the newest)
+PHASES = ["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+# Time between SIGTERM and SIGKILL: torchrun forwards SIGTERM, rank 0 finishes its step, writes
+# a checkpoint and uploads it to S3 (hundreds of MB, tens of seconds); Kubernetes' 30 s is too short,
+# and less than Kubernetes' own 30 s is refused.
+DEFAULT_TERMINATION_GRACE_SECONDS = 180
+MIN_TERMINATION_GRACE_SECONDS = 30
+# What may change in a job after it is created: the suspend switch (the user's and Kueue's), and the
+# TTL (as for a batch/v1 Job). Everything else shapes the gang: a new job, not an edit.
+MUTABLE_RUN_POLICY = ("suspend", "ttlSecondsAfterFinished")
+_QUANTITY_RE = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+_STRING_MAP = dict[str, str]
+_frozen = dataclasses.dataclass(frozen=True, kw_only=True)
+
+
+@_frozen
+class Named:
+    name: str = prop("Secret name", required=True)
+
+
+@_frozen
+class ClaimRef:
+    claim_name: str = prop("PVC name", required=True)
+
+
+@_frozen
+class HostPath:
+    path: str = prop("path on the node", required=True)
+    type_: str | None = prop("hostPath type check", default=None)
+
+
+@_frozen
+class Volume:
+    DESCRIPTION = "a dataset volume: exactly one of persistentVolumeClaim or hostPath"
+    RULES = (Rule("has(self.persistentVolumeClaim) != has(self.hostPath)",
+                  "give exactly one of persistentVolumeClaim or hostPath",
+                  lambda v: (v.persistent_volume_claim is None) != (v.host_path is None)),)
+    name: str = prop("volume name (DNS label)", required=True, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                     maxLength=63)
+    mount_path: str = prop("where the volume appears in the trainer container", required=True, pattern=r"^/")
+    read_only: bool = prop("mount read-only (datasets)", default=True)
+    sub_path: str | None = prop("mount only this sub-path of the volume", default=None)
+    persistent_volume_claim: ClaimRef | None = prop(default=None)
+    host_path: HostPath | None = prop(default=None)
+
+
+@_frozen
+class CredentialsSecret:
+    name: str = prop("Secret in the job's namespace", required=True)
+    access_key_id_key: str = prop("key holding the access key id", default="AWS_ACCESS_KEY_ID")
+    secret_access_key_key: str = prop("key holding the secret key", default="AWS_SECRET_ACCESS_KEY")
+
+
+@_frozen
+class Artifacts:
+    uri: str = prop("results root (s3://bucket/prefix); becomes the spec's results_dir", required=True,
+                    pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+    endpoint: str | None = prop("S3 endpoint URL for S3-compatible stores (MinIO, Ceph)", default=None)
+    region: str | None = prop("S3 region", default=None)
+    credentials_secret: CredentialsSecret | None = prop("credentials by reference; never put keys in the resource",
+                                                        default=None)
+
+
+@_frozen
+class EncryptionKeySecret:
+    name: str = prop("Secret in the job's namespace", required=True)
+    key: str = prop("key holding the checkpoint encryption key", default="DDETR_ENCRYPTION_KEY")
+
+
+@_frozen
+class RunPolicy:
+    backoff_limit: int = prop("gang restarts after retryable failures before Failed", minimum=0, default=3)
+    active_deadline_seconds: int | None = prop("fail the job when it runs longer than this", minimum=1, default=None)
+    ttl_seconds_after_finished: int | None = prop("delete the finished job (and its children) after this",
+                                                  minimum=0, default=None)
+    clean_pod_policy: str = prop("which pods to delete when the job finishes", enum=CLEAN_POD_POLICIES,
+                                 default="Running")
+    suspend: bool = prop("stop the gang but keep the job; unsuspending resumes from the checkpoint", default=False)
+    startup_deadline_seconds: int | None = prop(
+        "fail the job when an attempt's gang is not all running this long after its Job started (image pulls, "
+        "scheduling, missing Secrets)", minimum=1, default=None)
+
+
+@_frozen
+class PodTemplateMeta:
+    labels: _STRING_MAP | None = prop(default=None)
+    annotations: _STRING_MAP | None = prop(default=None)
+
+
+@_frozen
+class PodTemplate:
+    metadata: PodTemplateMeta | None = prop("added to the trainer pods (e.g. Multus network annotations)",
+                                            default=None)
+    spec: dict | None = prop("core/v1 PodSpec fields set on the trainer pods (hostNetwork, initContainers, "
+                             "dnsConfig, ...); containers, restartPolicy, subdomain and volumes are the operator's",
+                             schema=lambda: corev1.ANY_OBJECT, default=None)
+
+
+@_frozen
+class GangScheduling:
+    scheduler: str = prop("gang scheduler whose PodGroup to create: kubernetes (the cluster's own scheduler, "
+                          "scheduling.k8s.io/v1beta1, 1.37+ with the GenericWorkload feature gate), volcano or "
+                          "scheduler-plugins", required=True, enum=GANG_SCHEDULERS)
+    min_available: int | None = prop("pods that must be schedulable together: must equal nodes (a torchrun gang "
+                                     "starts only whole); leave it out", minimum=1, default=None)
+    schedule_timeout_seconds: int | None = prop("scheduler-plugins: give up co-scheduling after this", minimum=1,
+                                                default=None)
+
+
+def _affinity_schema() -> dict:
+    # Its three kinds declared (the rest of core/v1 Affinity is passed through): CEL compares objects
+    # without declared fields loosely, and the immutability rule should see a kind added or removed.
+    kinds = {kind: {**corev1.ANY_OBJECT, "description": f"core/v1 {kind[0].upper()}{kind[1:]}"}
+             for kind in ("nodeAffinity", "podAffinity", "podAntiAffinity")}
+    return {"type": "object", "properties": kinds}
+
+
+def _whole_gang(spec: "JobSpec") -> bool:
+    return spec.gang_scheduling is None or spec.gang_scheduling.min_available in (None, spec.nodes)
+
+
+@_frozen
+class JobSpec:
+    """`spec` of a DeformableDetrJob: the experiment plus how to run it on the cluster."""
+
+    RULES = (Rule("!has(self.gangScheduling) || !has(self.gangScheduling.minAvailable) || "
+                  "self.gangScheduling.minAvailable == self.nodes",
+                  "gangScheduling.minAvailable must equal nodes: a torchrun gang starts only whole (leave it out)",
+                  _whole_gang,
+                  # A torchrun gang rendezvouses only when every node is there: a PodGroup that lets fewer
+                  # pods start would hold GPUs for a gang that can never begin.
+                  lambda s: f"gangScheduling.minAvailable: {s.gang_scheduling.min_available} is not accepted; it "
+                            f"must equal spec.nodes ({s.nodes}): a torchrun gang starts only when all its pods run, "
+                            "so a partial gang would hold GPUs without ever starting (leave minAvailable out)"),)
+
+    # Required by the CRD; a job that reaches the operator without it (no CRD) runs the defaults.
+    experiment: dict = prop("the TAO deformable_detr spec, exactly as the deformable-detr CLI takes it",
+                            required=True, schema=experiment_schema, opaque=True, factory=dict)
+    task: str = prop("which task to run; train runs a multi-node gang, the others one pod", enum=list(TASKS),
+                     default=DEFAULT_TASK)
+    image: str = prop("trainer container image", required=True, minLength=1)
+    image_pull_policy: str | None = prop("image pull policy", enum=["Always", "IfNotPresent", "Never"], default=None)
+    image_pull_secrets: list[Named] | None = prop(default=None)
+    service_account_name: str | None = prop("service account of the trainer pods", default=None)
+    nodes: int = prop("nodes (pods) in the gang; evaluate/inference/export/convert use 1", minimum=1, default=1)
+    gpus_per_node: int = prop("GPUs per node = torchrun processes per node; 0 runs one CPU process", minimum=0,
+                              default=1)
+    master_port: int = prop("torchrun rendezvous port on pod 0", minimum=1024, maximum=65535, default=29500)
+    metrics_port: int = prop("rank 0's Prometheus /metrics port; 0 = off", minimum=0, maximum=65535, default=9090)
+    termination_grace_period_seconds: int = prop(
+        "seconds a trainer pod gets after SIGTERM (preemption, suspend, gang restart) to finish its step, write its "
+        "checkpoint and upload it before it is killed", minimum=MIN_TERMINATION_GRACE_SECONDS,
+        default=DEFAULT_TERMINATION_GRACE_SECONDS)
+    shm_size: str = prop("size of /dev/shm (memory-backed) for data-loader workers", pattern=_QUANTITY_RE,
+                         default="8Gi")
+    resources: dict | None = prop(schema=corev1.resources_schema, default=None)
+    env: list | None = prop(schema=corev1.env_schema, default=None)
+    node_selector: _STRING_MAP | None = prop(default=None)
+    tolerations: list | None = prop(schema=corev1.tolerations_schema, default=None)
+    affinity: dict | None = prop("core/v1 Affinity of the trainer pods", schema=_affinity_schema, default=None)
+    pod_security_context: dict | None = prop(schema=corev1.pod_security_context_schema, default=None)
+    security_context: dict | None = prop(schema=corev1.container_security_context_schema, default=None)
+    # maxItems bounds the CEL rule's cost estimate, as the API server requires.
+    volumes: list[Volume] | None = prop("dataset volumes (PVC or hostPath)", maxItems=64, default=None)
+    artifacts: Artifacts | None = prop("where checkpoints and results go", default=None)
+    encryption_key_secret: EncryptionKeySecret | None = prop(
+        "checkpoint encryption key by reference (passed as -k), instead of experiment.encryption_key in the "
+        "resource", default=None)
+    run_policy: RunPolicy = prop(factory=RunPolicy)
+    network_policy: bool | None = prop("create a NetworkPolicy: the gang's pods accept connections only from each "
+                                       "other on masterPort, and on metricsPort", default=None)
+    pod_template: PodTemplate | None = prop("what the curated fields miss, merged over the rendered pod template",
+                                            default=None)
+    scheduler_name: str | None = prop("scheduler of the trainer pods", default=None)
+    priority_class_name: str | None = prop("priority class of the trainer pods", default=None)
+    gang_scheduling: GangScheduling | None = prop("all-or-nothing scheduling through a PodGroup", default=None)
+
+
+# --- status ------------------------------------------------------------------------------
+
+@_frozen
+class Condition:
+    type_: str = prop("condition type", required=True)
+    status: str = prop("True, False or Unknown", required=True)
+    reason: str | None = prop("CamelCase reason", default=None)
+    message: str | None = prop("human-readable detail", default=None)
+    last_transition_time: str | None = prop("when status last changed", format="date-time", default=None)
+
+
+@_frozen
+class LastFailure:
+    attempt: int | None = prop("attempt that failed", default=None)
+    rank: int | None = prop("node rank (completion index) of the pod", default=None)
+    pod: str | None = prop("the pod that failed first", default=None)
+    exit_code: int | None = prop("the trainer container's exit code", default=None)
+    reason: str | None = prop("CamelCase reason", default=None)
+    message: str | None = prop("what the pod said (last log lines)", default=None)
+    time: str | None = prop("when the operator saw it", format="date-time", default=None)
+
+
+@_frozen
+class AttemptRecord:
+    attempt: int | None = prop("attempt number", default=None)
+    start_time: str | None = prop("created", format="date-time", default=None)
+    finish_time: str | None = prop("ended", format="date-time", default=None)
+    outcome: str | None = prop("Succeeded, Failed or Disrupted", default=None)
+    reason: str | None = prop("why it ended", default=None)
+    rank: int | None = prop("rank that failed", default=None)
+    exit_code: int | None = prop("its exit code", default=None)
+
+
+@_frozen
+class Progress:
+    """status.progress: rank 0's status.json (its fields by their snake_case names), read from S3."""
+
+    epoch: int | None = prop("epoch", default=None)
+    num_epochs: int | None = prop("total epochs", default=None)
+    step: int | None = prop("global step", default=None)
+    last_loss: float | None = prop("loss of the last step", default=None)
+    last_map: float | None = prop("mAP of the last validation", default=None)
+    last_checkpoint: str | None = prop("URI of the newest checkpoint", default=None)
+    state: str | None = prop("trainer state", default=None)
+    update_time: str | None = prop("when progress was read", format="date-time", default=None)
+
+
+@_frozen
+class JobStatus:
+    PRESERVE_UNKNOWN = True  # kopf keeps its own bookkeeping here
+    phase: str | None = prop("lifecycle phase", enum=PHASES, default=None)
+    conditions: list[Condition] | None = prop(default=None)
+    start_time: str | None = prop("when the first gang was created", format="date-time", default=None)
+    completion_time: str | None = prop("when the job reached Succeeded or Failed", format="date-time", default=None)
+    attempt: int | None = prop("the current attempt (worker Job <name>-a<attempt>)", default=None)
+    restarts: int | None = prop("gang restarts after failures so far (counted against backoffLimit)", default=None)
+    disruptions: int | None = prop("gang restarts after preemptions, evictions and node drains (not counted)",
+                                   default=None)
+    last_failure: LastFailure | None = prop("the failure that ended the last failed attempt", default=None)
+    attempts: list[AttemptRecord] | None = prop("the last attempts, oldest first", maxItems=MAX_ATTEMPT_HISTORY, default=None)
+    restart_time: str | None = prop("when the last restart began", format="date-time", default=None)
+    workers_ready: int | None = prop("worker pods running", default=None)
+    worker_job: str | None = prop("the current worker Job (one per attempt)", default=None)
+    epochs: str | None = prop("epoch/total, for the printer column", default=None)
+    progress: Progress | None = prop(default=None)
+
+
+# Status fields a pass writes (the rest of status is kopf's).
+STATUS_FIELDS = tuple(name for _, name, _ in fields(JobStatus))
+# status.json field -> (status.progress field, accepted JSON types); other types are dropped: one odd
+# field must never make the API server reject the whole status patch.
+PROGRESS_FIELDS = {f.name: (name, (int, float) if hint is float else (hint,))
+                   for f, name, hint in fields(Progress) if f.name != "update_time"}
+PRINTER_COLUMNS = [("Phase", ".status.phase"), ("Nodes", ".spec.nodes"), ("Epoch", ".status.epochs"),
+                   ("Loss", ".status.progress.lastLoss"), ("mAP", ".status.progress.lastMap"),
+                   ("Restarts", ".status.restarts"), ("Disruptions", ".status.disruptions"),
+                   ("Age", ".metadata.creationTimestamp")]
+
+
+def spec_schema() -> dict:
+    return object_schema(JobSpec)
+
+
+def status_schema() -> dict:
+    return object_schema(JobStatus)
+
+
+# --- a job as the operator reads it ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A DeformableDetrJob with its spec resolved: what render and decide read."""
+
+    name: str
+    namespace: str
+    uid: str | None
+    labels: Mapping[str, str]
+    spec: JobSpec
+
+
+def resolve(body: Mapping[str, Any]) -> Job:
+    """The job with its spec checked and defaulted; JobSpecError names the first field not accepted."""
+    meta = body.get("metadata") or {}
+    return Job(name=meta.get("name"), namespace=meta.get("namespace"), uid=meta.get("uid"),
+               labels=dict(meta.get("labels") or {}), spec=parse(JobSpec, body.get("spec"), "spec"))
+
+
+def run_policy_of(body: Mapping[str, Any]) -> RunPolicy:
+    """The job's run policy, even when the rest of its spec is not accepted (a failed job keeps its TTL
+    and cleanPodPolicy); the defaults when the run policy itself is not accepted."""
+    spec = body.get("spec")
+    raw = spec.get("runPolicy") if isinstance(spec, Mapping) else None
+    try:
+        return parse(RunPolicy, raw or {}, "spec.runPolicy")
+    except JobSpecError:
+        return RunPolicy()
