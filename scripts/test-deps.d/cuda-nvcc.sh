@@ -1,61 +1,6 @@
 #!/usr/bin/env bash
-# A CUDA toolkit for building the CUDA kernel on machines without one (no /usr/local/cuda):
-# nvcc, cicc (nvvm), the CUDA C runtime headers and CCCL from PyPI, at the CUDA version torch
-# was built for, assembled into ${DDETR_TOOLS_DIR:-~/.cache/ddetr-tools}/cuda-<major.minor>
-# (bin/nvcc, nvvm/, include/, lib/ + lib64/), together with the headers and libcudart that the
-# torch wheel already installed (nvidia-cuda-runtime). deformable_detr.ops.kernels.find_cuda_home()
-# looks there after CUDA_HOME, /usr/local/cuda and nvcc on PATH.
-# Idempotent; exits 1 naming the piece it could not get (a torch without CUDA is no failure: the
-# CUDA build test then says so).
+# The test set-up's CUDA compiler (for the kernel's compile test): CUDA's nvcc from PyPI, pinned by the
+# same lock the trainer image's build uses; scripts/cuda-home-from-pypi.sh says how.
 set -uo pipefail
-
-python=${PYTHON:-python3}
-tools_dir=${DDETR_TOOLS_DIR:-$HOME/.cache/ddetr-tools}
-
-cuda_version=$("$python" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null)
-if [ -z "$cuda_version" ]; then
-  echo "cuda-nvcc.sh: this torch has no CUDA; the CUDA build test will skip" >&2
-  exit 0
-fi
-home="$tools_dir/cuda-$cuda_version"
-if [ -x "$home/bin/nvcc" ] && [ -x "$home/nvvm/bin/cicc" ] && [ -f "$home/include/cuda_runtime_api.h" ] && \
-   [ -f "$home/READY" ]; then
-  exit 0
-fi
-
-# The torch wheel's CUDA runtime (headers + libcudart) lives in site-packages/nvidia/cu<major>.
-runtime=$("$python" - <<'PY' 2>/dev/null
-import pathlib, sys
-for entry in sys.path:
-    for folder in sorted(pathlib.Path(entry).glob("nvidia/cu*")):
-        if (folder / "include" / "cuda_runtime_api.h").exists():
-            print(folder)
-            raise SystemExit
-PY
-)
-if [ -z "$runtime" ]; then
-  echo "cuda-nvcc.sh: the torch wheel's CUDA runtime headers (nvidia-cuda-runtime) are not installed" >&2
-  exit 1
-fi
-
-series="${cuda_version}.*"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-if ! PIP_ROOT_USER_ACTION=ignore "$python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$work/wheels" \
-    "nvidia-cuda-nvcc==$series" "nvidia-nvvm==$series" "nvidia-cuda-crt==$series" "nvidia-cuda-cccl==$series"; then
-  echo "cuda-nvcc.sh: pip could not install nvcc $series from PyPI" >&2
-  exit 1
-fi
-built=$(find "$work/wheels/nvidia" -maxdepth 3 -path '*/bin/nvcc' -printf '%h\n' | head -n 1)
-[ -n "$built" ] || { echo "cuda-nvcc.sh: no bin/nvcc in the nvcc wheel" >&2; exit 1; }
-top=$(dirname "$built")
-# The runtime's headers and libraries next to nvcc's: one folder is the toolkit.
-cp -rn "$runtime/include/." "$top/include/" && cp -rn "$runtime/lib/." "$top/lib/" || { echo "cuda-nvcc.sh: copying the CUDA runtime into $top failed" >&2; exit 1; }
-# Linkers look for libcudart.so; the wheel only has the versioned name.
-(cd "$top/lib" && for lib in libcudart.so.*; do [ -e libcudart.so ] || ln -s "$lib" libcudart.so; done)
-ln -sfn lib "$top/lib64"
-echo "nvcc $series from PyPI + the CUDA runtime of $runtime" > "$top/READY"
-mkdir -p "$tools_dir"
-rm -rf "$home.partial" "$home"
-mv "$top" "$home.partial" && mv "$home.partial" "$home"
-exit 0
+here=$(cd "$(dirname "$0")/../.." && pwd)
+CUDA_WHEELS_LOCK=${CUDA_WHEELS_LOCK:-$here/locks/trainer-cuda-build.txt} exec bash "$here/scripts/cuda-home-from-pypi.sh"

@@ -1,0 +1,64 @@
+"""scripts/build-images.sh fails loudly: a Dockerfile that does not build, or a bad argument, ends the
+script non-zero with one line naming what failed, and tags nothing."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+import imagetools
+from imagetools import REPO
+
+pytestmark = pytest.mark.timeout(1800)
+
+CONTEXT = [".dockerignore", "Dockerfile.operator", "locks", "trainer/pyproject.toml", "trainer/README.md",
+           "trainer/deformable_detr", "operator/pyproject.toml", "operator/ddetr_operator"]
+
+
+@pytest.fixture
+def broken_context(tmp_path):
+    missing = imagetools.tools_missing()
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (scripts/test-deps.d/images.sh installs the image tools)")
+    context = tmp_path / "context"
+    for path in CONTEXT:
+        source, target = REPO / path, context / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(source, target)
+    dockerfile = context / "Dockerfile.operator"
+    text = dockerfile.read_text()
+    assert "RUN python3 -m venv /opt/venv" in text
+    # The first RUN of the build stage: it fails within seconds, on top of the cached base.
+    dockerfile.write_text(text.replace("RUN python3 -m venv /opt/venv", "RUN python3 -m no_such_module /opt/venv", 1))
+    return context
+
+
+def test_a_dockerfile_that_does_not_build_fails_the_script_naming_the_step(broken_context, tmp_path):
+    ref = "localhost/ddetr-test/broken-operator:1"
+    result = imagetools.build("operator", env={"DDETR_IMAGES_CONTEXT": str(broken_context),
+                                               "DDETR_IMAGES_DIR": str(tmp_path / "out"), "OPERATOR_IMAGE": ref},
+                              timeout=1500)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("build-images: error: operator: buildah could not build Dockerfile.operator:"), last
+    assert "no_such_module" in last, last
+    assert "OPERATOR_IMAGE=" not in result.stdout and not (tmp_path / "out" / "operator.tar").exists()
+    tagged = subprocess.run(["buildah", "inspect", "--type", "image", ref], capture_output=True,
+                            env=imagetools.storage_env())
+    assert tagged.returncode != 0, f"{ref} was tagged although its build failed"
+
+
+def test_a_bad_kernels_argument_fails_before_building(tmp_path):
+    result = imagetools.build("trainer", env={"KERNELS": "gpu", "DDETR_IMAGES_DIR": str(tmp_path)}, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "build-images: error: KERNELS=gpu: expected all or cpu"
+
+
+def test_an_unknown_image_name_fails(tmp_path):
+    result = imagetools.build("worker", env={"DDETR_IMAGES_DIR": str(tmp_path)}, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "build-images: error: no image named 'worker' (operator, trainer)"
