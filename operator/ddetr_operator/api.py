@@ -10,10 +10,11 @@ import dataclasses
 from typing import Any, Mapping
 
 from deformable_detr.config.jsonschema import experiment_schema
+from deformable_detr.runtime.status_file import STATUS_FIELDS as STATUS_FIELDS_OF_FILE
 from deformable_detr.tasks import DEFAULT_TASK, TASKS
 
 from . import corev1
-from .apischema import JobSpecError, Rule, fields, object_schema, parse, prop
+from .apischema import JobSpecError, Rule, fields, json_name, object_schema, parse, prop
 
 __all__ = ["JobSpecError", "JobSpec", "JobStatus", "Job", "resolve", "run_policy_of"]
 
@@ -237,18 +238,18 @@ class AttemptRecord:
     exit_code: int | None = prop("its exit code", default=None)
 
 
-@_frozen
-class Progress:
-    """status.progress: rank 0's status.json (its fields by their snake_case names), read from S3."""
+# The status.json fields shown in status.progress; their types and descriptions are status_file's
+# (the format's one home), their names camelCased.
+PROGRESS_SHOWN = ("epoch", "num_epochs", "step", "last_loss", "last_map", "last_checkpoint", "state")
 
-    epoch: int | None = prop("epoch", default=None)
-    num_epochs: int | None = prop("total epochs", default=None)
-    step: int | None = prop("global step", default=None)
-    last_loss: float | None = prop("loss of the last step", default=None)
-    last_map: float | None = prop("mAP of the last validation", default=None)
-    last_checkpoint: str | None = prop("URI of the newest checkpoint", default=None)
-    state: str | None = prop("trainer state", default=None)
-    update_time: str | None = prop("when progress was read", format="date-time", default=None)
+
+def _progress_schema() -> dict:
+    def one(types: tuple[type, ...], description: str) -> dict:
+        kind = "number" if float in types else {int: "integer", str: "string"}[types[0]]
+        return {"type": kind, "description": description}
+    properties = {json_name(name): one(*STATUS_FIELDS_OF_FILE[name]) for name in PROGRESS_SHOWN}
+    properties["updateTime"] = {"type": "string", "description": "when progress was read", "format": "date-time"}
+    return {"type": "object", "properties": properties}
 
 
 @_frozen
@@ -268,15 +269,14 @@ class JobStatus:
     workers_ready: int | None = prop("worker pods running", default=None)
     worker_job: str | None = prop("the current worker Job (one per attempt)", default=None)
     epochs: str | None = prop("epoch/total, for the printer column", default=None)
-    progress: Progress | None = prop(default=None)
+    progress: dict | None = prop(schema=_progress_schema, default=None)
 
 
 # Status fields a pass writes (the rest of status is kopf's).
 STATUS_FIELDS = tuple(name for _, name, _ in fields(JobStatus))
 # status.json field -> (status.progress field, accepted JSON types); other types are dropped: one odd
 # field must never make the API server reject the whole status patch.
-PROGRESS_FIELDS = {f.name: (name, (int, float) if hint is float else (hint,))
-                   for f, name, hint in fields(Progress) if f.name != "update_time"}
+PROGRESS_FIELDS = {name: (json_name(name), STATUS_FIELDS_OF_FILE[name][0]) for name in PROGRESS_SHOWN}
 PRINTER_COLUMNS = [("Phase", ".status.phase"), ("Nodes", ".spec.nodes"), ("Epoch", ".status.epochs"),
                    ("Loss", ".status.progress.lastLoss"), ("mAP", ".status.progress.lastMap"),
                    ("Restarts", ".status.restarts"), ("Disruptions", ".status.disruptions"),

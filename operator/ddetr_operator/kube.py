@@ -29,10 +29,12 @@ from typing import Any, Mapping
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from deformable_detr.runtime import storage
+
 from . import API_VERSION, GROUP, KIND, LABEL_ATTEMPT, LABEL_JOB, PLURAL, VERSION, api
 from .decide import (Action, ChildError, Create, DeleteSelf, DeleteWorkerJob, Event, Observed, SetSuspend, attempt_of,
                      current_attempt)
-from .progress import S3Access
+from .progress import s3_access
 from .render import PODGROUP_API, configmap_name, network_policy_name, podgroup_name, service_name, worker_job_name
 
 logger = logging.getLogger(__name__)
@@ -358,7 +360,7 @@ class Cluster:
                 return []
             raise
 
-    def s3_access(self, namespace: str, artifacts: api.Artifacts | None, read_secret: bool = True) -> S3Access:
+    def s3_access(self, namespace: str, artifacts: api.Artifacts | None, read_secret: bool = True) -> storage.S3Access:
         """How to reach the job's S3 store: its endpoint and region, and the keys from its Secret.
 
         Without `read_secret` (the chart grants no Secret access, the default cluster-wide) or
@@ -367,12 +369,12 @@ class Cluster:
         The keys are kept for `secret_ttl` seconds (SECRET_MISS_TTL at most when there were none).
         """
         if artifacts is None:  # results_dir on S3 from the experiment itself: the operator's own credentials
-            return S3Access()
+            return s3_access()
         secret_ref = artifacts.credentials_secret
         key_id = secret_key = None
         if secret_ref is not None and read_secret:
             key_id, secret_key = self._secret_keys(namespace, secret_ref)
-        return S3Access(artifacts.endpoint, artifacts.region, key_id, secret_key)
+        return s3_access(artifacts.endpoint, artifacts.region, key_id, secret_key)
 
     def _secret_keys(self, namespace: str, secret_ref: api.CredentialsSecret) -> tuple[str | None, str | None]:
         id_key, secret_key_key = secret_ref.access_key_id_key, secret_ref.secret_access_key_key

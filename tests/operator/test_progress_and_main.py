@@ -10,7 +10,7 @@ import pytest
 from ddetr_operator.__main__ import parse_args
 from ddetr_operator.api import resolve
 from ddetr_operator.metrics import JOBS, PhaseBook
-from ddetr_operator.progress import S3Access, read_status_json, status_json_uri
+from ddetr_operator.progress import read_status_json, s3_access, status_json_uri
 from ddetr_operator.validate import effective_experiment
 
 
@@ -24,13 +24,13 @@ def test_reads_status_json_with_the_jobs_credentials(moto_s3):
     endpoint, client = moto_s3
     status = {"epoch": 3, "num_epochs": 10, "step": 120, "last_loss": 2.5, "last_map": None, "state": "running"}
     client.put_object(Bucket="runs", Key="a/train/status.json", Body=json.dumps(status))
-    access = S3Access(endpoint=endpoint, region="us-east-1", access_key_id="k", secret_access_key="s")
+    access = s3_access(endpoint=endpoint, region="us-east-1", access_key_id="k", secret_access_key="s")
     assert read_status_json("s3://runs/a/train/status.json", access) == status
 
 
 def test_missing_or_unreadable_status_is_no_progress(moto_s3, tmp_path):
     endpoint, client = moto_s3
-    access = S3Access(endpoint=endpoint, access_key_id="k", secret_access_key="s")
+    access = s3_access(endpoint=endpoint, access_key_id="k", secret_access_key="s")
     assert read_status_json("s3://runs/not-yet/status.json", access) is None
     assert read_status_json("s3://no-such-bucket/x/status.json", access) is None
     client.put_object(Bucket="runs", Key="torn/status.json", Body=b"{\"epoch\": 1,")
@@ -43,20 +43,20 @@ def test_missing_or_unreadable_status_is_no_progress(moto_s3, tmp_path):
 
 def test_one_s3_client_per_endpoint_and_credentials_is_reused(moto_s3):
     """Making a boto3 client costs tens of ms of CPU: a pass must not make one each time."""
-    from ddetr_operator import progress
+    from deformable_detr.runtime import storage
     endpoint, _ = moto_s3
-    access = S3Access(endpoint=endpoint, access_key_id="k", secret_access_key="s")
-    assert progress._client(access) is progress._client(S3Access(endpoint=endpoint, access_key_id="k",
+    access = s3_access(endpoint=endpoint, access_key_id="k", secret_access_key="s")
+    assert storage.client_for(access) is storage.client_for(s3_access(endpoint=endpoint, access_key_id="k",
                                                                  secret_access_key="s"))
-    assert progress._client(access) is not progress._client(S3Access(endpoint=endpoint, access_key_id="other",
+    assert storage.client_for(access) is not storage.client_for(s3_access(endpoint=endpoint, access_key_id="other",
                                                                      secret_access_key="s"))
-    for i in range(progress.MAX_CLIENTS + 5):
-        progress._client(S3Access(endpoint=f"http://127.0.0.1:{i + 1}"))
-    assert len(progress._CLIENTS) == progress.MAX_CLIENTS
+    for i in range(storage.MAX_CLIENTS + 5):
+        storage.client_for(s3_access(endpoint=f"http://127.0.0.1:{i + 1}"))
+    assert len(storage._clients) == storage.MAX_CLIENTS
 
 
 def test_unreachable_store_is_no_progress():
-    access = S3Access(endpoint="http://127.0.0.1:9", access_key_id="k", secret_access_key="s")
+    access = s3_access(endpoint="http://127.0.0.1:9", access_key_id="k", secret_access_key="s")
     assert read_status_json("s3://runs/a/status.json", access) is None
 
 

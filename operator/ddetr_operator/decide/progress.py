@@ -1,7 +1,9 @@
-"""status.progress from rank 0's status.json (fields and types from api.Progress)."""
+"""status.progress from rank 0's status.json (read by status_file's parser; the fields shown: api.py)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+from deformable_detr.runtime.status_file import parse_status
 
 from ..api import PROGRESS_FIELDS
 from .model import State, timestamp
@@ -9,11 +11,9 @@ from .model import State, timestamp
 
 def progress_status(progress: Mapping[str, Any], previous: Mapping[str, Any] | None, now) -> dict:
     """status.progress from status.json; updateTime moves only when the progress does."""
-    out: dict[str, Any] = {}
-    for key, (name, types) in PROGRESS_FIELDS.items():
-        value = progress.get(key)
-        if isinstance(value, types) and not isinstance(value, bool):
-            out[name] = value
+    # Values of another type are dropped: one odd field must never make the API server reject the patch.
+    known = parse_status(progress) or {}
+    out: dict[str, Any] = {name: known[key] for key, (name, _) in PROGRESS_FIELDS.items() if key in known}
     previous = dict(previous or {})
     since = previous.pop("updateTime", None)
     out["updateTime"] = since if previous == out and since else timestamp(now)
