@@ -208,3 +208,23 @@ def test_two_processes_gather_the_same_detections(tiny_coco, tiny_weights, refer
         assert (mine["image_id"], mine["category_id"]) == (theirs["image_id"], theirs["category_id"])
         assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
     assert results["AP"] == pytest.approx(single_results["AP"], abs=1e-6)
+
+
+def test_taos_evaluate_fields_do_their_jobs(tiny_coco, tiny_weights, reference_run, write_spec, results_dir, logged,
+                                            monkeypatch, capsys):
+    """evaluate.batch_size (-1: dataset.batch_size) and gpu_ids; several nodes are refused in one line."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test: evaluate sets it
+    spec = tiny_spec(tiny_coco, results_dir, tiny_weights[1], batch_size=3, gpu_ids=[2], num_nodes=1)
+    assert _evaluate(write_spec, spec) == 0
+    assert any("images, 3 at a time" in message for message in logged)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    metrics, detections = _outputs(results_dir)
+    # The batch size changes how (float rounding of batched kernels), not what.
+    assert [(d["image_id"], d["category_id"]) for d in detections] == [
+        (d["image_id"], d["category_id"]) for d in reference_run[3]]
+    assert [v for d in detections for v in d["bbox"] + [d["score"]]] == pytest.approx(
+        [v for d in reference_run[3] for v in d["bbox"] + [d["score"]]], abs=1e-4)
+    spec["evaluate"].update(num_nodes=2, gpu_ids=[0])
+    assert _evaluate(write_spec, spec) == 2
+    assert _error_line(capsys.readouterr().err) == (
+        "deformable-detr evaluate: error: evaluate.num_nodes: 2; evaluate runs on one node; accepted: 1")

@@ -87,8 +87,9 @@ def test_labels_and_annotated_images_for_every_image(checkpoint, image_folder, c
         for line in lines:
             fields = line.split()
             assert len(fields) == 16 and fields[0] in CLASSES
+            assert all(len(v.split(".")[1]) == 3 for v in fields[4:8])  # TAO's 3 decimals, not clipped
             x1, y1, x2, y2 = (float(v) for v in fields[4:8])
-            assert 0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 64  # clipped to the original 64x64 image
+            assert x1 <= x2 and y1 <= y2
             assert 0.0 <= float(fields[15]) <= 1.0
         drawn = Image.open(out / "images_annotated" / f"{stem}.jpg").convert("RGB")
         original = Image.open(os.path.join(image_folder, f"{stem}.jpg")).convert("RGB")
@@ -202,3 +203,26 @@ def test_two_processes_share_the_images(checkpoint, image_folder, classmap, writ
     assert single.keys() == double.keys() and len(single) == 4
     for name, text in single.items():
         assert [line.split()[0] for line in text.splitlines()] == [line.split()[0] for line in double[name].splitlines()]
+
+
+def test_taos_inference_fields_do_their_jobs(checkpoint, image_folder, classmap, write_spec, results_dir, logged,
+                                             monkeypatch):
+    """inference.batch_size (-1: dataset.batch_size), outline_width and gpu_ids, from a TAO 6 spec."""
+    import deformable_detr.tasks.inference as inference_task
+
+    widths = []
+    draw = inference_task.draw_detections
+    monkeypatch.setattr(inference_task, "draw_detections",
+                        lambda image, detections, colors, width: widths.append(width) or draw(image, detections,
+                                                                                               colors, width))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test: inference sets it
+    spec = tiny_spec(results_dir, checkpoint, [image_folder], classmap, batch_size=3, outline_width=7,
+                     gpu_ids=[1], num_nodes=1)
+    assert _infer(write_spec, spec) == 0
+    assert any("images, 3 at a time" in message for message in logged)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    assert widths == [7] * len(_stems(image_folder))
+    spec["inference"].update(batch_size=-1, outline_width=1, gpu_ids=[0])
+    assert _infer(write_spec, spec) == 0
+    assert any("images, 2 at a time" in message for message in logged)  # dataset.batch_size
+    assert widths[-1] == 1

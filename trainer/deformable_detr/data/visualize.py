@@ -1,10 +1,11 @@
 """What inference writes for each image: a KITTI label file and a copy with the boxes drawn.
 
 KITTI lines follow TAO's 16-field form (class, truncation, occlusion, alpha, the 2D box
-in pixels of the original image, seven zeros for the 3D fields, and the score). A class name
-with spaces ("potted plant") is written with underscores ("potted_plant"), the form TAO's
-KITTI class names take, so every line keeps 16 fields and `convert` reads it back (it maps
-an underscore name to the spaced one of a mapping file).
+in pixels of the original image with 3 decimals and not clipped to it, as TAO writes it,
+seven zeros for the 3D fields, and the score). A class name with spaces ("potted plant") is
+written with underscores ("potted_plant"), the form TAO's KITTI class names take, so every
+line keeps 16 fields and `convert` reads it back (it maps an underscore name to the spaced
+one of a mapping file); TAO writes the space, which splits the name over two fields.
 """
 from __future__ import annotations
 
@@ -47,16 +48,16 @@ def kitti_class_name(name: str) -> str:
     return "_".join(name.split())
 
 
-def kitti_line(detection: Detection, width: int, height: int) -> str:
-    """TAO's KITTI label line for one detection, its box clipped to the image."""
-    x1, y1, x2, y2 = clip_box(detection.box, width, height)
-    return (f"{kitti_class_name(detection.class_name)} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} "
+def kitti_line(detection: Detection) -> str:
+    """TAO's KITTI label line for one detection: the box as predicted (3 decimals, not clipped)."""
+    x1, y1, x2, y2 = (float(v) for v in detection.box)
+    return (f"{kitti_class_name(detection.class_name)} 0.00 0 0.00 {x1:.3f} {y1:.3f} {x2:.3f} {y2:.3f} "
             f"0.00 0.00 0.00 0.00 0.00 0.00 0.00 {detection.score:.3f}")
 
 
-def write_kitti_labels(path: str, detections: Sequence[Detection], width: int, height: int) -> None:
+def write_kitti_labels(path: str, detections: Sequence[Detection]) -> None:
     """Write one KITTI label file (atomically); an image without detections gets an empty file."""
-    lines = [kitti_line(det, width, height) for det in detections]
+    lines = [kitti_line(det) for det in detections]
     write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -117,8 +118,9 @@ def place_tags(boxes: Sequence[Sequence[float]], sizes: Sequence[tuple[int, int]
 
 
 def draw_detections(image: Image.Image, detections: Sequence[Detection],
-                    colors: Mapping[str, tuple[int, int, int]]) -> Image.Image:
-    """A copy of `image` with each box outlined in its class colour and tagged `name score`.
+                    colors: Mapping[str, tuple[int, int, int]], outline_width: int = 3) -> Image.Image:
+    """A copy of `image` with each box outlined in its class colour (`outline_width` pixels wide:
+    inference.outline_width) and tagged `name score`.
 
     Every box is drawn first, then the tags on filled backgrounds (see `place_tags`), so no
     box line crosses a tag's text; the best-scoring detection's tag is placed first and
@@ -127,8 +129,7 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection],
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
-    # Scale strokes and text with the image so both stay visible on small and large images.
-    line_width = max(1, round(min(width, height) / 200))
+    # Scale the text with the image so it stays readable on small and large images.
     font_size = max(10, round(min(width, height) / 40))
     font = ImageFont.load_default(size=font_size)
     pad = max(1, font_size // 8)
@@ -136,7 +137,7 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection],
     boxes = [clip_box(detections[i].box, width - 1, height - 1) for i in order]
     for i, (x1, y1, x2, y2) in zip(order, boxes):
         draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=colors[detections[i].class_name],
-                       width=line_width)
+                       width=outline_width)
     labels = [f"{detections[i].class_name} {detections[i].score:.2f}" for i in order]
     extents = [draw.textbbox((0, 0), label, font=font) for label in labels]
     sizes = [(right - left + 2 * pad, bottom - top + 2 * pad) for left, top, right, bottom in extents]

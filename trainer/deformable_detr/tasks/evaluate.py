@@ -1,12 +1,15 @@
 """`deformable-detr evaluate`: COCO box metrics of a checkpoint on dataset.test_data_sources.
 
 Writes, in the task's results folder, `results.json` (the metrics and per-class AP) and
-`detections.json` (every kept detection, COCO results format). With evaluate.num_gpus > 1
-the images are sharded across torchrun workers and rank 0 gathers and scores them.
+`detections.json` (every kept detection, COCO results format). evaluate.batch_size images go
+through the model at once (-1: dataset.batch_size). evaluate.gpu_ids picks the GPUs; with
+several (evaluate.num_gpus) the images are sharded across torchrun workers and rank 0 gathers
+and scores them.
 With evaluate.trt_engine a TensorRT engine (export/trt.py) runs instead of the checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from ..config.schema import ExperimentConfig
@@ -15,6 +18,7 @@ from ..errors import UsageError
 from ..runtime import distributed
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
+from .devices import select_gpus
 from ..runtime.storage import write_text
 from .common import (load_engine_for_inference, load_model_for_inference, predict, relaunch_in_workers,
                      require_checkpoint, require_tensorrt)
@@ -47,6 +51,8 @@ def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
     checkpoint = None if engine else require_checkpoint(spec.evaluate.checkpoint, "evaluate.checkpoint")
     if spec.dataset.test_data_sources is None:
         raise UsageError("dataset.test_data_sources: not set; give {image_dir, json_file} of the images to score")
+    if spec.evaluate.batch_size > 0:
+        spec = dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, batch_size=spec.evaluate.batch_size))
     info = distributed.setup()
     try:
         if engine:  # every image resized to the engine's input size; no padding
@@ -62,6 +68,7 @@ def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
             model, postprocessor = load_model_for_inference(spec, checkpoint, spec.encryption_key, info.device)
             dataset = build_dataset(spec, "test")
             loader = build_dataloader(spec, "test", rank=info.rank, world_size=info.world_size, dataset=dataset)
+        log.info("evaluate: %d images, %d at a time", len(dataset), loader.batch_size)
         detections = predict(model, postprocessor, loader, info.device, spec.evaluate.conf_threshold,
                              show_progress=info.is_main)
         gathered = distributed.all_gather_objects(detections)
@@ -86,9 +93,11 @@ def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
 
 
 def run(spec: ExperimentConfig) -> int:
-    if spec.evaluate.trt_engine:
+    section = spec.evaluate
+    num_gpus = select_gpus("evaluate", section.num_gpus, section.gpu_ids, section.num_nodes)
+    if section.trt_engine:
         require_tensorrt("evaluate.trt_engine")
-    launched = relaunch_in_workers(spec, "evaluate", spec.evaluate.num_gpus)
+    launched = relaunch_in_workers(spec, "evaluate", num_gpus)
     if launched is not None:
         return launched
     return _evaluate_checkpoint(spec)

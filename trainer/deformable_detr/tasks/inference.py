@@ -2,10 +2,12 @@
 
 For each image, in the task's results folder: `labels/<stem>.txt` (TAO's 16-field KITTI
 lines, one per detection at or above inference.conf_threshold) and
-`images_annotated/<name>` (the original image with boxes, class names and scores drawn
-in inference.color_map's colours). With inference.is_internal the outputs go one folder
-deeper, under the name of each image's folder. Unreadable images are reported and
-skipped. With inference.num_gpus > 1 the images are sharded across torchrun workers.
+`images_annotated/<name>` (the original image with boxes, inference.outline_width pixels
+wide, class names and scores drawn in inference.color_map's colours). With
+inference.is_internal the outputs go one folder deeper, under the name of each image's
+folder. Unreadable images are reported and skipped. inference.batch_size images go through
+the model at once (-1: dataset.batch_size). inference.gpu_ids picks the GPUs; with several
+(inference.num_gpus) the images are sharded across torchrun workers.
 With inference.trt_engine a TensorRT engine (export/trt.py) runs instead of the checkpoint.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..errors import UsageError
 from ..runtime import distributed
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
+from .devices import select_gpus
 from .common import (load_engine_for_inference, load_model_for_inference, predict_batches, relaunch_in_workers,
                      require_checkpoint, require_tensorrt)
 
@@ -107,12 +110,11 @@ def named_detections(found: dict, class_names: Sequence[str], conf_threshold: fl
     return detections
 
 
-def _write_outputs(out: str, name: str, path: str, target: dict, detections: list[Detection],
-                   colors: dict) -> None:
-    height, width = (int(v) for v in target["orig_size"])
-    write_kitti_labels(f"{out}/{LABELS_DIR}/{name}.txt", detections, width, height)
+def _write_outputs(out: str, name: str, path: str, detections: list[Detection], colors: dict,
+                   outline_width: int) -> None:
+    write_kitti_labels(f"{out}/{LABELS_DIR}/{name}.txt", detections)
     with Image.open(path) as image:
-        drawn = draw_detections(image, detections, colors)
+        drawn = draw_detections(image, detections, colors, outline_width)
     extension = os.path.splitext(path)[1].lower() or ".png"
     save_image(drawn, f"{out}/{ANNOTATED_DIR}/{name}{extension}")
 
@@ -141,7 +143,9 @@ def _infer(spec: ExperimentConfig) -> int:
         else:
             model, postprocessor = load_model_for_inference(spec, checkpoint, spec.encryption_key, info.device)
         sampler = ShardedSequentialSampler(len(images), info.rank, info.world_size)
-        loader = DataLoader(_ReportUndecodable(images), batch_size=spec.dataset.batch_size, sampler=sampler,
+        batch_size = spec.inference.batch_size if spec.inference.batch_size > 0 else spec.dataset.batch_size
+        log.info("inference: %d images, %d at a time", len(images), batch_size)
+        loader = DataLoader(_ReportUndecodable(images), batch_size=batch_size, sampler=sampler,
                             num_workers=spec.dataset.workers,
                             collate_fn=functools.partial(_collate, pad_to=pad_to))
         out = task_results_dir(spec, "inference").rstrip("/")
@@ -151,7 +155,8 @@ def _infer(spec: ExperimentConfig) -> int:
         for target, found in predict_batches(model, postprocessor, batches, info.device, desc="inference",
                                              show_progress=info.is_main, total=len(loader)):
             detections = named_detections(found, class_names, spec.inference.conf_threshold, source.classmap)
-            _write_outputs(out, names[target["path"]], target["path"], target, detections, colors)
+            _write_outputs(out, names[target["path"]], target["path"], detections, colors,
+                           spec.inference.outline_width)
             written += 1
             boxes += len(detections)
         summary = distributed.all_gather_objects((written, boxes, [item["path"] for item in failed]))
@@ -168,9 +173,11 @@ def _infer(spec: ExperimentConfig) -> int:
 
 
 def run(spec: ExperimentConfig) -> int:
-    if spec.inference.trt_engine:
+    section = spec.inference
+    num_gpus = select_gpus("inference", section.num_gpus, section.gpu_ids, section.num_nodes)
+    if section.trt_engine:
         require_tensorrt("inference.trt_engine")
-    launched = relaunch_in_workers(spec, "inference", spec.inference.num_gpus)
+    launched = relaunch_in_workers(spec, "inference", num_gpus)
     if launched is not None:
         return launched
     return _infer(spec)
