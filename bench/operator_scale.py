@@ -59,7 +59,7 @@ def instrument() -> None:
     """Count every request of the operator's two HTTP clients, and time every reconcile pass."""
     import aiohttp
     import kubernetes.client.rest as rest
-    from ddetr_operator import handlers
+    from ddetr_operator import passes
 
     original_request = rest.RESTClientObject.request
 
@@ -75,7 +75,7 @@ def instrument() -> None:
         return await original_aiohttp(self, *args, **kwargs)
     aiohttp.ClientSession._request = counted_aiohttp
 
-    original_pass = handlers.reconcile_once
+    original_pass = passes.reconcile_once
 
     def timed(*args, **kwargs):
         started, kind = time.monotonic(), "error"
@@ -87,7 +87,7 @@ def instrument() -> None:
             end = time.monotonic()
             with COUNTER.lock:
                 COUNTER.passes.append((end, end - started, kind))
-    handlers.reconcile_once = timed
+    passes.reconcile_once = timed
 
 
 def rss_mib() -> float:
@@ -215,10 +215,10 @@ OPERATOR_NAMESPACES: list[str] = []
 
 
 def operator_options(mode: str):
-    from ddetr_operator import handlers
+    from ddetr_operator.options import Options
     if mode == "poll":  # the reference: the operator before the cache
-        return handlers.Options(interval=ARGS.interval, full_pass_every=0, secret_ttl=0)
-    return handlers.Options(interval=ARGS.interval, full_pass_every=ARGS.full_pass_every)
+        return Options(interval=ARGS.interval, full_pass_every=0, secret_ttl=0)
+    return Options(interval=ARGS.interval, full_pass_every=ARGS.full_pass_every)
 
 
 def start_operator(namespace: str, mode: str):
@@ -312,9 +312,9 @@ def main() -> int:
               f"{run['rss_mib']:>8} {r['finished']['requests_per_s']:>14}")
     growth = growth_lines(results)
     print("\n".join(growth))
-    from ddetr_operator import handlers
+    from ddetr_operator.options import DEFAULT_FULL_PASS_EVERY
     record = {"benchmark": "operator_scale", "interval_s": ARGS.interval, "window_s": ARGS.window,
-              "full_pass_every_s": ARGS.full_pass_every, "operator_default_full_pass_every_s": handlers.DEFAULT_FULL_PASS_EVERY,
+              "full_pass_every_s": ARGS.full_pass_every, "operator_default_full_pass_every_s": DEFAULT_FULL_PASS_EVERY,
               "cores": os.cpu_count(), "load_at_start": os.getloadavg()[0], "results": results,
               "reference": "mode poll: the same operator with every pass a full one (full_pass_every 0, secret_ttl 0), "
                            "as it was before watching its children",

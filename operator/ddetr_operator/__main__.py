@@ -19,6 +19,8 @@ from importlib.metadata import version
 import kopf
 
 from . import handlers
+from .credentials import SECRET_TTL
+from .options import DEFAULT_FULL_PASS_EVERY, Options
 from .validate import Policy
 
 
@@ -44,12 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=float(os.environ.get("DDETR_RECONCILE_INTERVAL", "10")),
                         help="seconds between resync passes of each unfinished job (events trigger passes at once)")
     parser.add_argument("--full-pass-every", type=float, metavar="SECONDS",
-                        default=float(os.environ.get("DDETR_FULL_PASS_SECONDS", handlers.DEFAULT_FULL_PASS_EVERY)),
+                        default=float(os.environ.get("DDETR_FULL_PASS_SECONDS", DEFAULT_FULL_PASS_EVERY)),
                         help="the longest a running job goes without a full pass (a fresh GET and LISTs); the "
                              "passes between decide from the watched children and cost no request unless they "
                              "act; 0: every pass is a full one")
     parser.add_argument("--secret-cache-seconds", type=float, metavar="SECONDS",
-                        default=float(os.environ.get("DDETR_SECRET_CACHE_SECONDS", handlers.SECRET_TTL)),
+                        default=float(os.environ.get("DDETR_SECRET_CACHE_SECONDS", SECRET_TTL)),
                         help="reuse the S3 keys read from a job's Secret this long (a rotated Secret is seen "
                              "that much later)")
     parser.add_argument("--allowed-host-path", action="append", dest="allowed_host_paths", metavar="PREFIX",
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = handlers.Options(interval=args.reconcile_interval, read_secrets=args.read_secrets,
+    options = Options(interval=args.reconcile_interval, read_secrets=args.read_secrets,
                                policy=Policy(allowed_host_paths=tuple(args.allowed_host_paths)),
                                leader_namespace=args.leader_election_namespace or None,
                                leader_identity=args.leader_election_id, full_pass_every=args.full_pass_every,

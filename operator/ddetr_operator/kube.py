@@ -1,29 +1,16 @@
-"""Talking to the Kubernetes API: observe a job's children, apply reconcile actions.
-
-Two ways to observe a job's children. `Cluster.observe` asks the API server (LISTs of the
-job's batch Jobs and Pods, GETs of its Service, ConfigMap, PodGroup, NetworkPolicy): what a
-pass that acts relies on. `Cluster.observe_cached` asks nobody: the Jobs and Pods come from
-`ChildIndex`, which the watch events of those kinds keep (handlers.py feeds it), and the
-support children from what the last fresh observation or create saw; it answers None when
-that is not enough to decide (no fresh look yet, or a gang short of pods, whose FailedCreate
-events only a LIST of events shows). The S3 keys read from a job's credentials Secret are
-kept for `secret_ttl` seconds (a Secret rotated is seen that much later).
-
-Every call tolerates the races a level-triggered operator meets: "already exists" on
-create and "not found" on delete count as done, so a repeated pass is harmless. Any
-other refusal of a child request comes back as a `ChildError` (the API server's own
-message), which `reconcile.settle` turns into status and an event: never a silent Pending.
+"""The Kubernetes client wrapper: observe a job's children (fresh, or from the watched index without a
+request), apply a pass's actions, patch status, post events. "Already exists" on create and "not
+found" on delete count as done, so a repeated pass is harmless; any other refusal of a child request
+comes back as a `ChildError` with the API server's message (decide.settle turns it into status).
 """
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import logging
 import os
 import socket
 import threading
-import time
 from typing import Any, Mapping
 
 import kubernetes
@@ -34,6 +21,8 @@ from deformable_detr.runtime import storage
 from . import API_VERSION, GROUP, KIND, LABEL_ATTEMPT, LABEL_JOB, PLURAL, VERSION, api
 from .decide import (Action, ChildError, Create, DeleteSelf, DeleteWorkerJob, Event, Observed, SetSuspend, attempt_of,
                      current_attempt)
+from .children import ChildIndex
+from .credentials import SECRET_TTL, SecretKeys
 from .progress import s3_access
 from .render import PODGROUP_API, configmap_name, network_policy_name, podgroup_name, service_name, worker_job_name
 
@@ -86,137 +75,6 @@ def _owned_by(obj: Mapping[str, Any], job_name: str) -> bool:
     return (obj["metadata"].get("labels") or {}).get(LABEL_JOB) == job_name
 
 
-def resource_version(obj: Mapping[str, Any] | None) -> int | None:
-    """The object's resourceVersion as a number, or None where it is not one.
-
-    etcd's revisions: Kubernetes documents them as comparable since 1.35 (KEP-5504). Where an
-    API server gives something else (KMock gives none), nothing is compared and the newest
-    arrival wins.
-    """
-    value = ((obj or {}).get("metadata") or {}).get("resourceVersion")
-    return int(value) if isinstance(value, str) and value.isdigit() else None
-
-
-def is_older(candidate: Mapping[str, Any], known: Mapping[str, Any] | None, or_same: bool = False) -> bool:
-    """Whether `candidate` is an older state of `known` than `known` itself (or the same one, with
-    or_same); False whenever the two cannot be compared."""
-    new, old = resource_version(candidate), resource_version(known)
-    if new is None or old is None:
-        return False
-    return new < old or (or_same and new == old)
-
-
-def _slim(obj: Mapping[str, Any]) -> dict:
-    """The object without managedFields (half a pod's size, and never read)."""
-    meta = obj.get("metadata") or {}
-    if "managedFields" not in meta:
-        return dict(obj)
-    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
-
-
-CHILD_KINDS = ("jobs", "pods")  # the plurals of the watched children: batch/v1 Jobs and Pods
-TOMBSTONE_SECONDS = 600.0  # how long a deleted child's uid keeps a LIST answered earlier from bringing it back
-
-
-class ChildIndex:
-    """Each DeformableDetrJob's batch/v1 Jobs and Pods, as the watch streams last showed them.
-
-    Keyed by (namespace, value of the ddetr.dev/job-name label). Fed by the watch events
-    (`record`, from the event loop) and by the LISTs of a fresh observation (`merge_list`, from
-    a pass's thread); read by passes (`children`). Objects are replaced, never edited, so a
-    reader holds a consistent object. A watch event older than what is known (a LIST answered
-    later than the event was sent) is dropped; a DELETED event removes the object and leaves a
-    tombstone so that a LIST answered before the deletion cannot bring it back. Objects a LIST
-    no longer shows are dropped (unless newer than the LIST): that clears what a watch that
-    re-listed after a gap never reported deleted.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owners: dict[tuple[str, str], dict[tuple[str, str], dict]] = {}
-        self._gone: dict[str, float] = {}  # uid -> when its DELETED event came
-        self._swept = time.monotonic()
-
-    @staticmethod
-    def owner_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
-        meta = obj.get("metadata") or {}
-        owner = (meta.get("labels") or {}).get(LABEL_JOB)
-        if not owner or not meta.get("namespace") or not meta.get("name"):
-            return None
-        return meta["namespace"], owner
-
-    def record(self, kind: str, event_type: str | None, obj: Mapping[str, Any]) -> tuple[str, str] | None:
-        """One watch event of a child (kind "jobs" or "pods"); returns its owner's key."""
-        owner = self.owner_of(obj)
-        if owner is None:
-            return None
-        meta = obj["metadata"]
-        key = (kind, meta["name"])
-        with self._lock:
-            children = self._owners.setdefault(owner, {})
-            current = children.get(key)
-            if event_type == "DELETED":
-                if current is not None and (current["metadata"].get("uid") in (None, meta.get("uid"))
-                                            or not meta.get("uid")):
-                    del children[key]
-                if meta.get("uid"):
-                    self._gone[meta["uid"]] = time.monotonic()
-                    self._sweep()
-                if not children:
-                    del self._owners[owner]
-            elif current is None or not is_older(obj, current):
-                children[key] = _slim(obj)
-        return owner
-
-    def merge_list(self, namespace: str, owner: str, kind: str, items: list[dict], list_version: str | None) -> None:
-        """What a LIST of one job's children of one kind answered (at resourceVersion list_version)."""
-        listed_at = int(list_version) if isinstance(list_version, str) and list_version.isdigit() else None
-        with self._lock:
-            children = self._owners.setdefault((namespace, owner), {})
-            listed = set()
-            for obj in items:
-                if obj["metadata"].get("uid") in self._gone:
-                    continue  # deleted since the LIST was answered
-                key = (kind, obj["metadata"]["name"])
-                listed.add(key)
-                if key not in children or not is_older(obj, children[key]):
-                    children[key] = _slim(obj)
-            for key, obj in list(children.items()):
-                if key[0] != kind or key in listed:
-                    continue
-                version = resource_version(obj)
-                if listed_at is None or version is None or version <= listed_at:
-                    del children[key]  # gone by the time of the LIST (a later event would be newer)
-            if not children:
-                del self._owners[(namespace, owner)]
-
-    def children(self, namespace: str, owner: str) -> tuple[list[dict], list[dict]]:
-        """(batch Jobs, Pods) of one job."""
-        with self._lock:
-            children = list((self._owners.get((namespace, owner)) or {}).items())
-        return ([obj for (kind, _), obj in children if kind == "jobs"],
-                [obj for (kind, _), obj in children if kind == "pods"])
-
-    def forget(self, namespace: str, owner: str) -> None:
-        with self._lock:
-            self._owners.pop((namespace, owner), None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(children) for children in self._owners.values())
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        if now - self._swept < 60:
-            return
-        self._swept = now
-        for uid, when in list(self._gone.items()):
-            if now - when > TOMBSTONE_SECONDS:
-                del self._gone[uid]
-
-
-SECRET_TTL = 300.0  # seconds the S3 keys read from a job's Secret are reused
-SECRET_MISS_TTL = 30.0  # ... and a Secret not there (yet), not readable, or without the keys
 SUPPORT_KINDS = {"Service": "service", "ConfigMap": "configmap", "PodGroup": "podgroup",
                  "NetworkPolicy": "network_policy"}
 
@@ -256,13 +114,11 @@ class Cluster:
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.networking = kubernetes.client.NetworkingV1Api(api_client)
         self.children = ChildIndex()
-        self.secret_ttl = secret_ttl
+        self.secret_keys = SecretKeys(lambda name, namespace: self._read_secret(name, namespace), secret_ttl)
         self._lock = threading.Lock()
         # job uid -> whether its Service, ConfigMap, PodGroup, NetworkPolicy were there at the last
         # fresh observation (or created since)
         self._support: dict[str, dict[str, bool]] = {}
-        # (namespace, Secret, key names) -> (until, access key id, secret key)
-        self._secrets: dict[tuple[str, str, str, str], tuple[float, str | None, str | None]] = {}
 
     def forget(self, job: Mapping[str, Any]) -> None:
         """The job is gone: drop what is kept about it."""
@@ -373,40 +229,19 @@ class Cluster:
         secret_ref = artifacts.credentials_secret
         key_id = secret_key = None
         if secret_ref is not None and read_secret:
-            key_id, secret_key = self._secret_keys(namespace, secret_ref)
+            key_id, secret_key = self.secret_keys.get(namespace, secret_ref)
         return s3_access(artifacts.endpoint, artifacts.region, key_id, secret_key)
 
-    def _secret_keys(self, namespace: str, secret_ref: api.CredentialsSecret) -> tuple[str | None, str | None]:
-        id_key, secret_key_key = secret_ref.access_key_id_key, secret_ref.secret_access_key_key
-        cache_key = (namespace, secret_ref.name, id_key, secret_key_key)
-        now = time.monotonic()
-        with self._lock:
-            cached = self._secrets.get(cache_key)
-        if cached is not None and now < cached[0]:
-            return cached[1], cached[2]
-        key_id, secret_key = self._read_secret_keys(namespace, secret_ref, id_key, secret_key_key)
-        ttl = self.secret_ttl if key_id and secret_key else min(self.secret_ttl, SECRET_MISS_TTL)
-        if ttl > 0:
-            with self._lock:
-                self._secrets[cache_key] = (now + ttl, key_id, secret_key)
-                for stale in [k for k, v in self._secrets.items() if v[0] <= now]:
-                    del self._secrets[stale]
-        return key_id, secret_key
-
-    def _read_secret_keys(self, namespace: str, secret_ref: api.CredentialsSecret, id_key: str,
-                          secret_key_key: str) -> tuple[str | None, str | None]:
+    def _read_secret(self, name: str, namespace: str) -> dict:
         try:
-            secret = json.loads(self.core.read_namespaced_secret(secret_ref.name, namespace, **RAW).data)
+            return json.loads(self.core.read_namespaced_secret(name, namespace, **RAW).data)
         except ApiException as err:
             if err.status not in (401, 403, 404):
                 raise
             if err.status != 404:
                 logger.debug("may not read Secret %s/%s (%s): no progress from S3 with the job's credentials",
-                            namespace, secret_ref.name, err.status)
-            secret = {}  # not there (yet), or not ours to read: progress waits
-        data = secret.get("data") or {}
-        decode = lambda key: base64.b64decode(data[key]).decode() if key in data else None  # noqa: E731
-        return decode(id_key), decode(secret_key_key)
+                             namespace, name, err.status)
+            return {}  # not there (yet), or not ours to read: progress waits
 
     def apply(self, job: Mapping[str, Any], action: Action, observed: Observed) -> ChildError | None:
         """Make one action's request; None when done, else the API server's refusal."""

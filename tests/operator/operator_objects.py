@@ -42,3 +42,9 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def idle_cluster():
+    """A Cluster built as the operator builds one, for tests whose passes never reach the API server."""
+    from ddetr_operator.kube import Cluster
+    return Cluster(api_client=None)

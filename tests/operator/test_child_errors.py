@@ -7,12 +7,14 @@ import json
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from ddetr_operator import handlers
+from ddetr_operator import passes as operator_passes
+from ddetr_operator.controller import Controller
 from ddetr_operator.kube import Cluster, child_error
 from ddetr_operator.decide import (ChildError, Create, DeleteWorkerJob, Observed, SetSuspend, reconcile, settle,
                                       wants_pass)
 
 from conftest import NOW
+from operator_objects import idle_cluster
 
 INVALID_TOLERATION = ('Job.batch "demo-a0" is invalid: spec.template.spec.tolerations[0].operator: Invalid value: '
                       '"Sometimes": a valid toleration operator must be \'Exists\' or \'Equal\'')
@@ -161,7 +163,7 @@ class FakeCluster:
 
 def test_the_handler_patches_the_refusal_into_status_and_posts_the_event(make_job):
     cluster = FakeCluster(make_job(), ChildError("create Job demo-a0", 422, "Invalid", INVALID_TOLERATION))
-    handlers.reconcile_once(cluster, "ml", "demo")
+    operator_passes.reconcile_once(cluster, "ml", "demo")
     assert [type(a).__name__ for a in cluster.applied] == ["Create"] * 3  # Service, ConfigMap, then the refused Job
     (status,) = cluster.patched
     assert status["phase"] == "Failed" and INVALID_TOLERATION in status["conditions"][-1]["message"]
@@ -196,10 +198,10 @@ def test_passes_for_one_job_never_overlap_and_triggers_fold_into_one_more(make_j
         release.wait(5)
         running.discard((namespace, name))
 
-    monkeypatch.setattr(handlers, "reconcile_once", fake_pass)
+    monkeypatch.setattr(operator_passes, "reconcile_once", fake_pass)
 
     async def scenario():
-        controller = handlers.Controller(cluster=None)
+        controller = Controller(cluster=idle_cluster())
         key = controller.remember(make_job())
         other = controller.remember({**make_job(), "metadata": {"name": "other", "namespace": "ml", "uid": "2"}})
         controller.trigger(key)

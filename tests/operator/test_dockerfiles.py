@@ -197,9 +197,10 @@ def test_trainer_image_has_the_commands_the_operator_runs_in_it():
     """render.py runs `/bin/sh -c '... python3 ... deformable-detr train ...'` in this image (the CLI then
     starts torchrun, `python -m torch.distributed.run`, itself)."""
     render = pytest.importorskip("ddetr_operator.render", reason="the operator package is not installed")
+    api = pytest.importorskip("ddetr_operator.api")
     job = {"metadata": {"name": "demo", "namespace": "default", "uid": "1"},
            "spec": {"image": "trainer", "nodes": 2, "experiment": {}}}
-    command = render.render_worker_job(job, attempt=0)["spec"]["template"]["spec"]["containers"][0]["command"]
+    command = render.render_worker_job(api.resolve(job), attempt=0)["spec"]["template"]["spec"]["containers"][0]["command"]
     script = command[-1]
     assert command[0] == "/bin/sh"
     assert re.search(r"\bpython3 -c\b", script) and re.search(r"\bexec deformable-detr train\b", script)

@@ -42,10 +42,12 @@ def test_the_holder_stops_acting_before_another_may_take_over():
 
 
 def test_a_replica_that_is_not_the_leader_runs_no_pass_but_remembers_jobs():
-    from ddetr_operator.handlers import Controller, Options
-    controller = Controller(cluster=None, options=Options(leader_namespace="ddetr-system"))
+    from ddetr_operator.controller import Controller
+    from ddetr_operator.options import Options
+    from operator_objects import idle_cluster
+    controller = Controller(cluster=idle_cluster(), options=Options(leader_namespace="ddetr-system"))
     assert controller.leading is False
     key = controller.remember({"metadata": {"namespace": "ml", "name": "demo"}, "status": {"phase": "Running"}})
     controller.trigger(key)  # would need an event loop (and a cluster) if it started a pass
     assert key in controller.jobs and not controller._running
-    assert Controller(cluster=None).leading is True  # no leader election: always acts
+    assert Controller(cluster=idle_cluster()).leading is True  # no leader election: always acts

@@ -1,7 +1,7 @@
 """What a pass costs in API requests: the child index the watch keeps, cached passes, the Secret cache.
 
 A fake API client (each call counted, answers from an in-memory cluster) stands in for the
-API server; the real `kube.Cluster` and `handlers.reconcile_once` run on it.
+API server; the real `kube.Cluster` and `passes.reconcile_once` run on it.
 """
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ import time
 
 from kubernetes.client.exceptions import ApiException
 
-from ddetr_operator import handlers
+from ddetr_operator import passes
 from ddetr_operator.api import Artifacts, CredentialsSecret, resolve
-from ddetr_operator.kube import ChildIndex, Cluster
+from ddetr_operator.children import ChildIndex
+from ddetr_operator.controller import Controller
 from ddetr_operator.decide import Observed
+from ddetr_operator.kube import Cluster
+from ddetr_operator.options import Options
 
-from operator_objects import pod, worker_job
+from operator_objects import idle_cluster, pod, worker_job
 
 
 def versioned(obj: dict, version: int, uid: str | None = None) -> dict:
@@ -100,7 +103,7 @@ def settled(make_job) -> tuple[dict, FakeApi, Cluster]:
     job = running_job(make_job)
     api = FakeApi(job, jobs=[versioned(worker_job("demo", 0), 10)], pods=[versioned(pod("demo", 0, 0, "Running"), 11)])
     cluster = fake_cluster(api)
-    result = handlers.reconcile_once(cluster, "ml", "demo")
+    result = passes.reconcile_once(cluster, "ml", "demo")
     assert result.kind == "full"
     api.calls.clear()
     return (result.body or api.job), api, cluster
@@ -153,7 +156,7 @@ def test_a_running_job_with_nothing_new_costs_no_request(make_job):
     for kind, obj in (("jobs", api.jobs[0]), ("pods", api.pods[0])):
         cluster.children.record(kind, "ADDED", obj)
     for _ in range(5):
-        result = handlers.reconcile_once(cluster, "ml", "demo", cached=job)
+        result = passes.reconcile_once(cluster, "ml", "demo", cached=job)
         assert result.kind == "cached"
     assert api.calls == []
 
@@ -165,7 +168,7 @@ def test_before_any_full_pass_or_with_a_gang_short_of_pods_the_pass_is_full(make
     assert cluster.observe_cached(job) is None  # nothing seen yet
     cluster.observe(job)
     assert cluster.observe_cached(job) is None  # the worker Job lacks its pod: only a LIST of events tells why
-    assert handlers.reconcile_once(cluster, "ml", "demo", cached=job).kind == "full"
+    assert passes.reconcile_once(cluster, "ml", "demo", cached=job).kind == "full"
     assert "list_namespaced_event" in api.calls
 
 
@@ -174,7 +177,7 @@ def test_a_child_event_that_changes_the_decision_makes_a_full_pass_from_fresh_re
     failed = versioned(pod("demo", 0, 0, "Failed", exit_code=137, reason="OOMKilled"), 12)
     cluster.children.record("pods", "MODIFIED", failed)  # the watch says the pod failed
     api.pods = [failed]  # (and so does the API server)
-    result = handlers.reconcile_once(cluster, "ml", "demo", cached=job)
+    result = passes.reconcile_once(cluster, "ml", "demo", cached=job)
     assert result.kind == "full"
     assert api.calls[:3] == ["get_namespaced_custom_object", "list_namespaced_job", "list_namespaced_pod"]
     (patch,) = api.patches[-1:]
@@ -188,10 +191,10 @@ def test_a_stale_body_never_counts_a_failure_twice(make_job):
     failed = versioned(pod("demo", 0, 0, "Failed", exit_code=137, reason="OOMKilled"), 12)
     cluster.children.record("pods", "MODIFIED", failed)
     api.pods = [failed]
-    handlers.reconcile_once(cluster, "ml", "demo", cached=job)
+    passes.reconcile_once(cluster, "ml", "demo", cached=job)
     patches = len(api.patches)
     # The next pass still holds the body from before the restart was recorded (its watch event lags).
-    result = handlers.reconcile_once(cluster, "ml", "demo", cached=job)
+    result = passes.reconcile_once(cluster, "ml", "demo", cached=job)
     assert result.kind == "full" and api.job["status"]["restarts"] == 1 and api.job["status"]["attempt"] == 1
     assert all(p.get("restarts", 1) == 1 for p in api.patches[patches:])
 
@@ -200,11 +203,11 @@ def test_a_progress_change_alone_is_one_patch_of_the_progress_fields(make_job, m
     job, api, cluster = settled(make_job)
     for kind, obj in (("jobs", api.jobs[0]), ("pods", api.pods[0])):
         cluster.children.record(kind, "ADDED", obj)
-    monkeypatch.setattr(handlers, "_read_progress", lambda *args: {"epoch": 1, "num_epochs": 3, "step": 9})
-    result = handlers.reconcile_once(cluster, "ml", "demo", cached=job)
+    monkeypatch.setattr(passes, "_read_progress", lambda *args: {"epoch": 1, "num_epochs": 3, "step": 9})
+    result = passes.reconcile_once(cluster, "ml", "demo", cached=job)
     assert result.kind == "progress" and api.calls == ["patch_namespaced_custom_object_status"]
     assert set(api.patches[-1]) == {"progress", "epochs"} and api.patches[-1]["epochs"] == "1/3"
-    assert handlers.reconcile_once(cluster, "ml", "demo", cached=result.body).kind == "cached"
+    assert passes.reconcile_once(cluster, "ml", "demo", cached=result.body).kind == "cached"
     assert len(api.calls) == 1
 
 
@@ -213,7 +216,7 @@ def test_finished_jobs_passes_are_full_ones(make_job):
     done = copy.deepcopy(job)
     done["status"]["phase"] = "Succeeded"
     api.job = done
-    assert handlers.reconcile_once(cluster, "ml", "demo", cached=done).kind == "full"
+    assert passes.reconcile_once(cluster, "ml", "demo", cached=done).kind == "full"
 
 
 # --- the Secret's keys ----------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def test_a_missing_secret_is_looked_for_again_sooner(make_job, monkeypatch):
     api.secret = secret("k1")
     clock[0] += 31
     assert cluster.s3_access("ml", artifacts).access_key_id == "k1"
-    assert fake_cluster(FakeApi(make_job()), secret_ttl=0)._secrets == {}  # ttl 0: read every time
+    assert fake_cluster(FakeApi(make_job()), secret_ttl=0).secret_keys._kept == {}  # ttl 0: read every time
 
 
 # --- the controller: which pass, which body -------------------------------------------------------
@@ -260,12 +263,12 @@ def test_the_first_pass_is_full_then_cached_until_full_pass_every(make_job, monk
 
     def fake_pass(cluster, namespace, name, options, cached=None):
         kinds.append("cached" if cached is not None else "full")
-        return handlers.PassResult("cached" if cached is not None else "full")
+        return passes.PassResult("cached" if cached is not None else "full")
 
-    monkeypatch.setattr(handlers, "reconcile_once", fake_pass)
+    monkeypatch.setattr(passes, "reconcile_once", fake_pass)
 
     async def scenario(options):
-        controller = handlers.Controller(cluster=None, options=options)
+        controller = Controller(cluster=idle_cluster(), options=options)
         key = controller.remember(running_job(make_job))
         for _ in range(3):
             controller.trigger(key)
@@ -274,15 +277,15 @@ def test_the_first_pass_is_full_then_cached_until_full_pass_every(make_job, monk
         controller.trigger(key)
         await controller.drain()
 
-    asyncio.run(scenario(handlers.Options()))
+    asyncio.run(scenario(Options()))
     assert kinds == ["full", "cached", "cached", "full"]
     kinds.clear()
-    asyncio.run(scenario(handlers.Options(full_pass_every=0)))  # the operator as it was: every pass full
+    asyncio.run(scenario(Options(full_pass_every=0)))  # the operator as it was: every pass full
     assert kinds == ["full"] * 4
 
 
 def test_the_table_keeps_the_newest_body_and_ignores_the_echo_of_its_own_write(make_job):
-    controller = handlers.Controller(cluster=None)
+    controller = Controller(cluster=idle_cluster())
     job = running_job(make_job)
     key = controller.remember(job)
     patched = versioned(job, 60, uid=job["metadata"]["uid"])
@@ -309,7 +312,7 @@ def test_the_table_keeps_the_newest_body_and_ignores_the_echo_of_its_own_write(m
 def test_forgetting_a_job_drops_its_children_and_support_children(make_job):
     job, api, cluster = settled(make_job)
     cluster.children.record("pods", "ADDED", api.pods[0])
-    controller = handlers.Controller(cluster=cluster)
+    controller = Controller(cluster=cluster)
     key = controller.remember(job)
     controller.forget(key)
     assert cluster.children.children("ml", "demo") == ([], []) and cluster.observe_cached(job) is None
