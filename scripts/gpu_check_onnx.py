@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from deformable_detr.config import load_spec
-from deformable_detr.tasks.common import load_model_for_inference
+from deformable_detr.tasks.loading import load_model_for_inference
 
 spec = load_spec(sys.argv[1], results_dir=sys.argv[2])
 model, _ = load_model_for_inference(spec, spec.export.checkpoint, spec.encryption_key, torch.device("cpu"))

@@ -35,7 +35,7 @@ WORKER = textwrap.dedent("""
 def test_single_process_helpers_are_local(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    info = distributed.setup(use_cuda=False)
+    info = distributed.setup()
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
     assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
     assert distributed.any_rank(False) is False

@@ -190,7 +190,7 @@ def test_checkpoint_of_another_architecture_with_the_same_shapes_is_refused(
 
 
 def test_resume_with_fewer_epochs_than_the_checkpoint_says_so():
-    from deformable_detr.tasks.common import check_resume
+    from deformable_detr.tasks.train.state import check_resume
 
     spec = spec_from_dict({"model": TINY_MODEL, "train": {"num_epochs": 2}})
     state = {"epoch": 4, "epoch_finished": True, "spec": spec_to_dict(spec)}  # 0-based: the 5th epoch

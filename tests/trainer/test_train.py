@@ -16,7 +16,7 @@ from deformable_detr.cli import main
 from deformable_detr.errors import UsageError
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
 from train_records import read_log, read_status
-from deformable_detr.tasks.train import _padded_batches
+from deformable_detr.tasks.train.batches import padded_batches
 
 TINY_MODEL = {"backbone": "resnet_18", "num_queries": 10, "num_feature_levels": 1, "return_interm_indices": [3],
               "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64,
@@ -184,7 +184,7 @@ def test_resume_into_another_model_names_the_field(trained, tiny_coco, tmp_path,
     assert train_cli(write_spec, spec) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("deformable-detr train: error: train.resume_training_checkpoint_path:")
-    assert "model.hidden_dim" in err  # the architecture check (tasks.common.check_resume) names the field
+    assert "model.hidden_dim" in err  # the architecture check (tasks.train.state.check_resume) names the field
 
 
 def test_encrypted_checkpoints_with_k_and_resume_with_the_key(tiny_coco, tmp_path, write_spec, capsys):
@@ -204,7 +204,7 @@ def test_encrypted_checkpoints_with_k_and_resume_with_the_key(tiny_coco, tmp_pat
 
 def test_padded_validation_batches_keep_every_rank_in_step():
     batches = [(torch.zeros(1), torch.zeros(1), [{"image_id": torch.tensor(5)}])] * 2
-    padded = list(_padded_batches(batches, 4))
+    padded = list(padded_batches(batches, 4))
     assert len(padded) == 4
     assert [int(b[2][0]["image_id"]) for b in padded] == [5, 5, -1, -1]
 
@@ -245,20 +245,19 @@ def _unreachable_s3(monkeypatch) -> str:
 
 
 def _trainer_with_a_failed_upload(tiny_coco, monkeypatch):
-    """A trainer whose results go to an S3 endpoint that is down, with one upload already given up on."""
+    """Rank 0's train outputs, with results on an S3 endpoint that is down and one upload already given up on."""
     from deformable_detr.config.loader import spec_from_dict
     from deformable_detr.runtime.artifacts import ArtifactSync
-    from deformable_detr.runtime.distributed import DistInfo
-    from deformable_detr.tasks.train import Trainer
+    from deformable_detr.tasks.train.outputs import TrainOutputs
 
     spec = spec_from_dict(tiny_train_spec(tiny_coco, _unreachable_s3(monkeypatch)))
-    trainer = Trainer(spec, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True))
-    trainer.sync = ArtifactSync(trainer.local_dir, trainer.results_dir, attempts=1, backoff_seconds=0.0)
-    with open(os.path.join(trainer.local_dir, "status.json"), "w") as fh:
+    outputs = TrainOutputs(spec, is_main=True)
+    outputs.sync = ArtifactSync(outputs.local_dir, outputs.results_dir, attempts=1, backoff_seconds=0.0)
+    with open(os.path.join(outputs.local_dir, "status.json"), "w") as fh:
         fh.write("{}")
-    trainer.sync.upload("status.json")
-    trainer.sync.wait()
-    return trainer
+    outputs.sync.upload("status.json")
+    outputs.sync.wait()
+    return outputs
 
 
 class _Records(logging.Handler):
@@ -271,15 +270,15 @@ class _Records(logging.Handler):
 
 
 def test_a_failed_upload_never_hides_the_error_that_failed_training(tiny_coco, monkeypatch):
-    from deformable_detr.tasks import train
+    from deformable_detr.tasks.train import outputs
 
     trainer = _trainer_with_a_failed_upload(tiny_coco, monkeypatch)
     records = _Records()  # the CLI's logging setup stops propagation: listen on the task's logger itself
-    train.log.addHandler(records)
+    outputs.log.addHandler(records)
     try:
-        trainer._finish("failed")  # no StorageError here: the training error is the one that propagates
+        trainer.finish("failed")  # no StorageError here: the training error is the one that propagates
     finally:
-        train.log.removeHandler(records)
+        outputs.log.removeHandler(records)
     failures = [m for m in records.messages if "uploading the results failed" in m]
     assert len(failures) == 1 and "status.json" in failures[0] and "\n" not in failures[0]
 
@@ -289,6 +288,6 @@ def test_a_failed_upload_fails_a_successful_run_in_one_line(tiny_coco, monkeypat
 
     trainer = _trainer_with_a_failed_upload(tiny_coco, monkeypatch)
     with pytest.raises(StorageError) as caught:
-        trainer._finish("completed")
+        trainer.finish("completed")
     assert "not uploaded to s3://unreachable/run/train" in str(caught.value)
     assert "\n" not in str(caught.value)

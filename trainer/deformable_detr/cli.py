@@ -1,28 +1,21 @@
 """`deformable-detr <task> -e spec.yaml [-r dir] [-k key] [--gpus N] [--num_nodes N] [section.field=value ...]`.
 
-TAO's calling convention. Each task lives in `deformable_detr.tasks.<task>` and has
-`run(spec) -> int`; the CLI loads and validates the spec, writes the effective spec
-into the task's results directory, and dispatches. When the task then refuses its input
-(a usage error, exit 2 or 3) before writing anything else, that record is taken back, so a
-run that did nothing leaves the folder as it was.
+TAO's calling convention: load and validate the spec, record it in the task's results folder
+(tasks/results_folder.py), and run `deformable_detr.tasks.<task>.run(spec) -> int`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import os
 import sys
 from typing import Optional, Sequence
 
 from . import __version__, exit_codes
 from .config.defaults import default_spec_text
-from .config.loader import SpecError, dump_spec, load_spec
+from .config.loader import SpecError, load_spec
 from .config.schema import ExperimentConfig
 from .errors import UsageError
 from .tasks import TASKS
-
-
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -68,86 +61,6 @@ def _task_overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + extra
 
 
-EFFECTIVE_SPEC = "experiment.yaml"
-
-
-@dataclasses.dataclass
-class _FolderBefore:
-    """A local results folder as it was before the effective spec was written into it."""
-
-    folder: str
-    created: list[str]            # folders that did not exist yet, innermost first
-    names: set[str]               # what the folder held
-    previous_spec: Optional[bytes]  # the experiment.yaml it held
-
-
-def write_effective_spec(spec, task: str) -> Optional[_FolderBefore]:
-    """Record the spec a run used, in its results folder (without the key); returns what to undo."""
-    from .runtime import storage
-    from .runtime.paths import task_results_dir
-
-    recorded = dataclasses.replace(spec, encryption_key=None)
-    text = dump_spec(recorded)
-    if spec.encryption_key:
-        text = "# encryption_key was set (not recorded)\n" + text
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    folder = task_results_dir(spec, task).rstrip("/")
-    before = None
-    if storage.is_remote(folder):
-        # An object store has no folders to take back; what it held is listed and kept instead.
-        path = f"{folder}/{EFFECTIVE_SPEC}"
-        previous = storage.read_bytes(path) if storage.exists(path) else None
-        before = _FolderBefore(folder, [], set(storage.list_files(folder)), previous)
-    else:
-        created, parent = [], os.path.abspath(folder)
-        while parent and not os.path.exists(parent):
-            created.append(parent)
-            parent = os.path.dirname(parent)
-        names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-        path = os.path.join(folder, EFFECTIVE_SPEC)
-        previous = open(path, "rb").read() if os.path.isfile(path) else None
-        before = _FolderBefore(folder, created, names, previous)
-    storage.write_text(f"{folder}/{EFFECTIVE_SPEC}", text)
-    return before
-
-
-def undo_effective_spec(before: Optional[_FolderBefore]) -> None:
-    """Put the folder back as it was, unless the task has written something else there."""
-    from .runtime import storage
-
-    if before is not None and storage.is_remote(before.folder):
-        from .runtime.training_log import LOG_NAME
-
-        path = f"{before.folder}/{EFFECTIVE_SPEC}"
-        # The training log records the refused attempt itself; anything else new means the task ran.
-        ignored = {path, f"{before.folder}/{LOG_NAME}"}
-        if set(storage.list_files(before.folder)) - ignored != before.names - ignored:
-            return
-        if before.previous_spec is not None:
-            storage.write_bytes(path, before.previous_spec)
-        else:
-            storage.delete(path)
-        return
-    if before is None or not os.path.isdir(before.folder):
-        return
-    if set(os.listdir(before.folder)) - {EFFECTIVE_SPEC} != before.names - {EFFECTIVE_SPEC}:
-        return
-    path = os.path.join(before.folder, EFFECTIVE_SPEC)
-    if before.previous_spec is not None:
-        from .runtime.storage import write_bytes
-
-        write_bytes(path, before.previous_spec)
-        return
-    if os.path.isfile(path):
-        os.remove(path)
-    for folder in before.created:
-        try:
-            os.rmdir(folder)
-        except OSError:
-            break
-
-
 def load_task(task: str):
     try:
         return importlib.import_module(f"deformable_detr.tasks.{task}")
@@ -178,12 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .runtime.paths import task_results_dir
         task_results_dir(spec, args.task)  # fails early, naming the field, when no results folder is set
         module = load_task(args.task)
-        before = write_effective_spec(spec, args.task)
-        try:
+        from .tasks.results_folder import effective_spec_recorded
+
+        with effective_spec_recorded(spec, args.task):
             return int(module.run(spec) or 0)
-        except UsageError:
-            undo_effective_spec(before)
-            raise
     except UsageError as err:
         print(f"deformable-detr {args.task}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -8,6 +8,18 @@ class UsageError(Exception):
     exit_code = exit_codes.BAD_INPUT.code
 
 
+class FeatureUnavailable(UsageError):
+    """Something this machine cannot do (a TensorRT engine without tensorrt or a GPU): exit code 3."""
+
+    exit_code = exit_codes.UNAVAILABLE_FEATURE.code
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for logs and records that must stay one line."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def relative_to_cwd(path: str) -> str:
     """' (relative to /the/working/folder)' for a relative path, '' for an absolute one or a URI.
 

@@ -303,10 +303,10 @@ def check_consistency(spec: ExperimentConfig) -> None:
     if spec.model.dld_model_dir_path:
         raise SpecError(f"model.dld_model_dir_path: {spec.model.dld_model_dir_path!r}; models edited by TAO's "
                         "DLD tool are not supported; accepted: null")
-    for task in ("train", "evaluate", "inference"):
-        ids = getattr(spec, task).gpu_ids
-        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
-            raise SpecError(f"{task}.gpu_ids: {ids}; accepted: distinct GPU indices >= 0")
+    for section in dataclasses.fields(spec):  # the sections with gpu_ids: train, evaluate, inference
+        ids = getattr(getattr(spec, section.name), "gpu_ids", None)
+        if ids is not None and (any(i < 0 for i in ids) or len(set(ids)) != len(ids)):
+            raise SpecError(f"{section.name}.gpu_ids: {ids}; accepted: distinct GPU indices >= 0")
     if not re.fullmatch(r"cuda|cpu|trt|cuda:[0-9]+", spec.quantize.device):
         raise SpecError(f"quantize.device: {spec.quantize.device!r} is not accepted; "
                         "choose one of cuda, cpu, trt, cuda:N")

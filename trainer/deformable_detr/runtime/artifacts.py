@@ -1,16 +1,8 @@
-"""Background upload of a run's local artifacts to its remote results folder (S3).
+"""Background upload of a run's local artifacts to its remote results folder (S3), and recovery of
+what an earlier run left in its staging folder.
 
-Training writes every artifact locally first and hands its relative path to
-`ArtifactSync`; one worker thread uploads them in order, so a slow or briefly
-unreachable bucket never stalls the training loop. `publish_checkpoint` moves the
-remote `latest` object only after the checkpoint itself is fully uploaded, so `latest`
-never names a partial or missing object. Failed uploads are retried a bounded number
-of times with exponential backoff; `close()` then raises one clear `StorageError`.
-
-The local folder of an s3:// results folder is a stable staging folder (`staging_dir`):
-`$DDETR_STAGING_DIR` (default `<tmp>/ddetr-train-staging`) / the results URI made into a
-folder name. What a run could not upload stays there, and the next run on that disk
-uploads it first (`recover_staging`), so a later checkpoint is never stranded.
+One worker thread uploads in order, so a slow bucket never stalls training; the remote latest moves
+only once its checkpoint is complete. The staging rules: docs/architecture.md, "Train outputs".
 """
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""Process-group setup and the few collectives the tasks use.
+"""Process-group setup, the few collectives the tasks use, and the torchrun relaunch with its exit codes.
 
-Inside torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) `setup()` joins the process group:
-NCCL when CUDA is available, gloo on CPU, with a timeout so that a dead peer ends the
-run with an error instead of a hang. Outside torchrun, `launch_if_needed` re-runs the
-same command under `python -m torch.distributed.run` when several processes are asked
-for. Every helper is a no-op in a single process, so tasks call them unconditionally.
+Every helper is a no-op in a single process, so tasks call them unconditionally; the settings
+(`DDETR_DIST_TIMEOUT_S`) and the exit-code rules are in docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -27,7 +24,9 @@ from .signals import EXIT_SIGTERM
 
 log = get_logger("distributed")
 
-# Seconds a collective may wait for a peer before the run fails (DDETR_DIST_TIMEOUT_S overrides).
+# Seconds a collective may wait for a peer before the run fails, so a dead peer ends the run instead
+# of hanging it; DDETR_DIST_TIMEOUT_S sets it (a checkpoint save of a large model may need longer).
+TIMEOUT_ENV = "DDETR_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 900
 
 EXIT_PEER_LOST = exit_codes.PEER_LOST.code
@@ -67,15 +66,20 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), before any process group exists."""
+    return _env_int("RANK", 0)
+
+
 def timeout_seconds() -> int:
-    return max(1, _env_int("DDETR_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    return max(1, _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
-def setup(use_cuda: Optional[bool] = None) -> DistInfo:
-    """Join the process group when launched by torchrun; describe this process either way."""
-    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+def setup() -> DistInfo:
+    """Join the process group when launched by torchrun (NCCL with CUDA, else gloo); describe this process."""
+    rank, world_size = launched_rank(), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
@@ -226,7 +230,7 @@ def record_exit_code(code: int) -> None:
     folder = os.environ.get(EXIT_CODE_DIR_ENV)
     if not folder:
         return
-    path = os.path.join(folder, f"rank{os.environ.get('RANK', '0')}")
+    path = os.path.join(folder, f"rank{os.environ.get('RANK', '0')}")  # as given: never fails while exiting
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         fh.write(str(code))
     os.replace(path + ".tmp", path)
@@ -269,6 +273,24 @@ def launcher_exit_code(torchrun_code: int, terminated: bool, worker_codes: Itera
         # (128 + 9), retryable, not as torchrun's blanket 1, which reads as permanent.
         return EXIT_KILLED
     return torchrun_code
+
+
+def relaunch_in_workers(spec, task: str, num_gpus: int, num_nodes: int = 1) -> Optional[int]:
+    """Run `task` of `spec` (an ExperimentConfig) in torchrun workers; None = work in this process.
+
+    The workers read the effective spec from a temporary file; the key goes on their command
+    line (as -k), never into a file.
+    """
+    if under_torchrun() or (num_gpus <= 1 and num_nodes <= 1):
+        return None
+    from ..config.loader import dump_spec
+
+    with tempfile.TemporaryDirectory(prefix=f"ddetr-{task}-") as folder:
+        spec_path = os.path.join(folder, "spec.yaml")
+        with open(spec_path, "w", encoding="utf-8") as fh:
+            fh.write(dump_spec(dataclasses.replace(spec, encryption_key=None)))
+        argv = [task, "-e", spec_path] + (["-k", spec.encryption_key] if spec.encryption_key else [])
+        return launch_if_needed(argv, num_gpus=num_gpus, num_nodes=num_nodes)
 
 
 def launch_if_needed(task_argv: Sequence[str], num_gpus: int, num_nodes: int = 1) -> Optional[int]:

@@ -20,8 +20,8 @@ from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from .devices import select_gpus
 from ..runtime.storage import write_text
-from .common import (load_engine_for_inference, load_model_for_inference, predict, relaunch_in_workers,
-                     require_checkpoint, require_tensorrt)
+from .loading import load_engine_for_inference, load_model_for_inference, require_checkpoint, require_tensorrt
+from .predict import predict
 
 log = get_logger("evaluate")
 
@@ -97,7 +97,7 @@ def run(spec: ExperimentConfig) -> int:
     num_gpus = select_gpus("evaluate", section.num_gpus, section.gpu_ids, section.num_nodes)
     if section.trt_engine:
         require_tensorrt("evaluate.trt_engine")
-    launched = relaunch_in_workers(spec, "evaluate", num_gpus)
+    launched = distributed.relaunch_in_workers(spec, "evaluate", num_gpus)
     if launched is not None:
         return launched
     return _evaluate_checkpoint(spec)

@@ -17,7 +17,7 @@ from ..export.onnx_export import PLUGIN_OP, check_opset, export_to_bytes
 from ..runtime import storage
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
-from .common import load_model_for_inference
+from .loading import load_model_for_inference
 
 log = get_logger("export")
 

@@ -11,12 +11,11 @@ import os
 import torch
 
 from ..config.schema import ExperimentConfig
-from ..errors import UsageError
+from ..errors import FeatureUnavailable, UsageError
 from ..export.trt import missing_requirements
 from ..runtime import storage
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
-from .common import FeatureUnavailable
 
 log = get_logger("gen_trt_engine")
 

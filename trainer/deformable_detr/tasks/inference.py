@@ -29,8 +29,8 @@ from ..runtime import distributed
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from .devices import select_gpus
-from .common import (load_engine_for_inference, load_model_for_inference, predict_batches, relaunch_in_workers,
-                     require_checkpoint, require_tensorrt)
+from .loading import load_engine_for_inference, load_model_for_inference, require_checkpoint, require_tensorrt
+from .predict import predict_batches
 
 log = get_logger("inference")
 
@@ -177,7 +177,7 @@ def run(spec: ExperimentConfig) -> int:
     num_gpus = select_gpus("inference", section.num_gpus, section.gpu_ids, section.num_nodes)
     if section.trt_engine:
         require_tensorrt("inference.trt_engine")
-    launched = relaunch_in_workers(spec, "inference", num_gpus)
+    launched = distributed.relaunch_in_workers(spec, "inference", num_gpus)
     if launched is not None:
         return launched
     return _infer(spec)

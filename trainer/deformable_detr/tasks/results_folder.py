@@ -1,0 +1,102 @@
+"""A task's results folder as the CLI opens it: the effective spec recorded there (never the key),
+taken back when the task refuses its input before writing anything else, so a refused run leaves
+the folder as it was."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Iterator, Optional
+
+from ..config.loader import dump_spec
+from ..config.schema import ExperimentConfig
+from ..errors import UsageError
+from ..runtime import storage
+from ..runtime.paths import task_results_dir
+
+EFFECTIVE_SPEC = "experiment.yaml"
+
+
+@dataclasses.dataclass
+class _FolderBefore:
+    """A results folder as it was before the effective spec was written into it."""
+
+    folder: str
+    created: list[str]              # local folders that did not exist yet, innermost first
+    names: set[str]                 # what the folder held
+    previous_spec: Optional[bytes]  # the experiment.yaml it held
+
+
+def _rank() -> int:
+    from ..runtime.distributed import launched_rank  # torch: imported only when a task runs
+
+    return launched_rank()
+
+
+def write_effective_spec(spec: ExperimentConfig, task: str) -> Optional[_FolderBefore]:
+    """Record the spec a run used (rank 0 only), in its results folder; returns what to undo."""
+    text = dump_spec(dataclasses.replace(spec, encryption_key=None))
+    if spec.encryption_key:
+        text = "# encryption_key was set (not recorded)\n" + text
+    if _rank() != 0:
+        return None
+    folder = task_results_dir(spec, task).rstrip("/")
+    if storage.is_remote(folder):
+        # An object store has no folders to take back; what it held is listed and kept instead.
+        path = f"{folder}/{EFFECTIVE_SPEC}"
+        previous = storage.read_bytes(path) if storage.exists(path) else None
+        before = _FolderBefore(folder, [], set(storage.list_files(folder)), previous)
+    else:
+        created, parent = [], os.path.abspath(folder)
+        while parent and not os.path.exists(parent):
+            created.append(parent)
+            parent = os.path.dirname(parent)
+        names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        path = os.path.join(folder, EFFECTIVE_SPEC)
+        previous = open(path, "rb").read() if os.path.isfile(path) else None
+        before = _FolderBefore(folder, created, names, previous)
+    storage.write_text(f"{folder}/{EFFECTIVE_SPEC}", text)
+    return before
+
+
+def undo_effective_spec(before: Optional[_FolderBefore]) -> None:
+    """Put the folder back as it was, unless the task has written something else there."""
+    if before is not None and storage.is_remote(before.folder):
+        from ..runtime.training_log import LOG_NAME
+
+        path = f"{before.folder}/{EFFECTIVE_SPEC}"
+        # The training log records the refused attempt itself; anything else new means the task ran.
+        ignored = {path, f"{before.folder}/{LOG_NAME}"}
+        if set(storage.list_files(before.folder)) - ignored != before.names - ignored:
+            return
+        if before.previous_spec is not None:
+            storage.write_bytes(path, before.previous_spec)
+        else:
+            storage.delete(path)
+        return
+    if before is None or not os.path.isdir(before.folder):
+        return
+    if set(os.listdir(before.folder)) - {EFFECTIVE_SPEC} != before.names - {EFFECTIVE_SPEC}:
+        return
+    path = os.path.join(before.folder, EFFECTIVE_SPEC)
+    if before.previous_spec is not None:
+        storage.write_bytes(path, before.previous_spec)
+        return
+    if os.path.isfile(path):
+        os.remove(path)
+    for folder in before.created:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def effective_spec_recorded(spec: ExperimentConfig, task: str) -> Iterator[None]:
+    """Record the effective spec for the task run inside; take it back when the task refuses its input."""
+    before = write_effective_spec(spec, task)
+    try:
+        yield
+    except UsageError:
+        undo_effective_spec(before)
+        raise

@@ -1,0 +1,296 @@
+"""The training loop of one worker: build model, data and optimizer, then epochs of steps with
+validation and checkpoints between them (docs/architecture.md, "Train outputs")."""
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ...config.schema import ExperimentConfig
+from ...errors import UsageError
+from ...runtime import checkpoint, distributed
+from ...runtime.logging import get_logger
+from ...runtime.optim import build_optimizer, build_scheduler, monitors_a_value
+from ...runtime.progress import progress
+from ...runtime.signals import StopRequest
+from .batches import float_outputs, to_device
+from .outputs import TrainOutputs
+from .state import Position, gather_checkpoint, restore_rng, resume, resume_path
+from .validation import Validation
+
+log = get_logger("train")
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("train.precision: bf16 needs a GPU with bfloat16 support (Ampere or newer); "
+                         "accepted here: fp32, fp16")
+
+
+def _shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """FSDP2 units: each encoder and decoder layer (the bulk of the weights); the rest stays in the root."""
+    transformer = getattr(model, "transformer", None)
+    units: list[torch.nn.Module] = []
+    for part in ("encoder", "decoder"):
+        layers = getattr(getattr(transformer, part, None), "layers", None)
+        units.extend(layers or [])
+    return units
+
+
+class Trainer:
+    """One worker's training: model, data, optimizer; rank 0's outputs go through `TrainOutputs`."""
+
+    def __init__(self, spec: ExperimentConfig, info: distributed.DistInfo) -> None:
+        self.spec, self.info, self.train_cfg = spec, info, spec.train
+        _check_precision(self.train_cfg.precision, info.device)
+        self.outputs = TrainOutputs(spec, info.is_main)
+        self.resumed_from: Optional[str] = None
+
+    # ------------------------------------------------------------------ build
+    def _build(self) -> None:
+        from ...data import build_dataloader, build_dataset
+        from ...model import build_model
+
+        spec, info = self.spec, self.info
+        optim = self.train_cfg.optim
+        if optim.lr_scheduler == "AutoReduce" and optim.lr_monitor == "val_loss" and not spec.dataset.val_data_sources:
+            raise UsageError("train.optim.lr_monitor: val_loss needs dataset.val_data_sources (AutoReduce watches "
+                             "the validation loss); give validation data or set train.optim.lr_monitor: train_loss")
+        # The same seed on every rank gives every rank the same initial weights (FSDP2 shards them as they are).
+        torch.manual_seed(self.train_cfg.seed)
+        model, self.criterion, postprocessor = build_model(spec)
+        self._load_pretrained(model)
+        self.model = distributed.wrap_model(model, self.train_cfg.distributed_strategy, info,
+                                            shard_units=_shard_units(model))
+        self.criterion.to(info.device)
+        self.optimizer = build_optimizer(self._bare_model, spec)
+        self.scheduler = build_scheduler(self.optimizer, self.train_cfg.optim)
+        fp16 = self.train_cfg.precision == "fp16"
+        if fp16 and self.sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(info.device.type)
+        else:
+            self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
+        self.train_loader = build_dataloader(spec, "train", rank=info.rank, world_size=info.world_size)
+        if len(self.train_loader) == 0:
+            raise UsageError("dataset.train_data_sources: no training batch for this process; "
+                             "use more images or fewer processes")
+        self.validation = None
+        if spec.dataset.val_data_sources:
+            dataset = build_dataset(spec, "val")
+            loader = build_dataloader(spec, "val", rank=info.rank, world_size=info.world_size, dataset=dataset)
+            self.validation = Validation(spec, info, self.criterion, postprocessor, dataset, loader)
+        # Per-rank randomness from here on (dropout, augmentation in the main process).
+        _seed_everything(self.train_cfg.seed + info.rank)
+
+    @property
+    def _bare_model(self) -> torch.nn.Module:
+        # State dicts go through the module itself: torch.distributed.checkpoint maps the names of
+        # modules shared under two paths (bbox_embed) wrongly under a DDP wrapper.
+        return distributed.unwrap_model(self.model)
+
+    @property
+    def sharded(self) -> bool:
+        return self.info.distributed and self.train_cfg.distributed_strategy == "ddp_sharded"
+
+    def _load_pretrained(self, model: torch.nn.Module) -> None:
+        path = self.train_cfg.pretrained_model_path
+        if not path or resume_path(self.spec, self.outputs.results_dir) is not None:
+            return
+        from ...model.checkpoint_compat import load_model_state
+        from ...runtime.checkpoint_io import load_object
+
+        try:
+            load_model_state(model, load_object(path, self.spec.encryption_key), allow_num_classes_change=True)
+        except UsageError as err:
+            raise UsageError(f"train.pretrained_model_path: {err}") from None
+        log.info("fine-tuning from %s", path)
+
+    # ------------------------------------------------------------ checkpoint
+    def _save(self, position: Position, epoch_finished: bool) -> Optional[str]:
+        """Every rank gathers; rank 0 writes. Returns the checkpoint's name in the results folder on rank 0."""
+        state = gather_checkpoint(self.spec, self._bare_model, self.optimizer, self.scheduler, self.scaler,
+                                  position, epoch_finished, self.info)
+        if state is None:
+            return None
+        # With remote results the sync moves the remote latest once the upload is complete; a local
+        # latest in the staging folder would only keep a checkpoint's bytes on the pod's disk.
+        path = checkpoint.save_checkpoint(state, self.outputs.local_dir, key=self.spec.encryption_key,
+                                          update_latest=not self.outputs.remote)
+        return self.outputs.checkpoint_saved(path)
+
+    # ------------------------------------------------------------------- step
+    def _train_step(self, images, masks, targets) -> dict[str, torch.Tensor]:
+        device, precision = self.info.device, self.train_cfg.precision
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        targets = to_device(targets, device)
+        dtype = AUTOCAST_DTYPES.get(precision)
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = self.model(images, masks)
+        losses = self.criterion(float_outputs(outputs), targets)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.train_cfg.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.train_cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {name: value.detach() for name, value in losses.items()}
+
+    def _reduce_step(self, losses: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, float], bool]:
+        """Loss terms averaged over ranks and whether any rank must stop, in one collective."""
+        names = sorted(losses)
+        values = torch.stack([losses[n].float().cpu() for n in names] + [torch.tensor(float(stop))])
+        mean = distributed.all_reduce_mean(values)
+        return {n: float(v) for n, v in zip(names, mean[:-1])}, bool(mean[-1] > 0)
+
+    # ------------------------------------------------------------------ epoch
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any]]:
+        """This epoch's batches from batch `skip` on, with their index in the epoch."""
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(epoch)
+        total = len(self.train_loader)
+        # Batches a stopped run already trained on are left out at the sampler: never read nor
+        # augmented, so nothing draws from the random streams the checkpoint restored.
+        sampler.skip(skip * self.train_loader.batch_size)
+        batches: Iterable = enumerate(self.train_loader, start=skip)
+        yield from progress(batches, total=total, initial=skip, unit="it",
+                            desc=f"epoch {epoch} of 0..{self.train_cfg.num_epochs - 1}", enabled=self.info.is_main)
+
+    def _train_epoch(self, position: Position, stop: StopRequest) -> bool:
+        """Train one epoch from `position`; False when a SIGTERM stopped it early."""
+        self.model.train()
+        self.criterion.train()
+        epoch = position.epoch
+        waited_since = time.perf_counter()
+        for index, (images, masks, targets) in self._batches(epoch, position.batches_done):
+            started = time.perf_counter()
+            data_wait = started - waited_since
+            losses = self._train_step(images, masks, targets)
+            reduced, stop_now = self._reduce_step(losses, stop.requested)
+            position.step += 1
+            position.batches_done = index + 1
+            total = sum(reduced.values())
+            position.loss_sum += total
+            position.loss_steps += 1
+            if not math.isfinite(total):
+                raise FloatingPointError(f"training loss is {total} at epoch {epoch} (0-based), step {position.step}; "
+                                         "lower train.optim.lr or use train.precision fp32")
+            step_seconds = time.perf_counter() - waited_since
+            self.outputs.step(position, reduced, self.optimizer.param_groups[0]["lr"],
+                              len(targets) * self.info.world_size, step_seconds, data_wait,
+                              _peak_memory_mb(self.info.device))
+            waited_since = time.perf_counter()
+            if stop_now:
+                return False
+        return True
+
+    def _validate(self, position: Position) -> Optional[float]:
+        """Validation's loss (the same on every rank) when AutoReduce watches it, else None."""
+        if self.validation is None:
+            return None
+        with_loss = monitors_a_value(self.scheduler) and self.train_cfg.optim.lr_monitor == "val_loss"
+        metrics, val_loss = self.validation.run(self.model, self.sharded, with_loss)
+        if metrics is not None:
+            self.outputs.validation(position, metrics)
+            log.info("epoch %d: validation mAP %.4f (mAP50 %.4f)%s", position.epoch, metrics["mAP"],
+                     metrics["mAP50"], "" if val_loss is None else f", loss {val_loss:.4f}")
+        return val_loss
+
+    def _step_on_plateau(self, position: Position, val_loss: Optional[float]) -> None:
+        """AutoReduce: step with the monitored value; val_loss exists on validation epochs only."""
+        name = self.train_cfg.optim.lr_monitor
+        value = position.train_loss if name == "train_loss" else val_loss
+        if value is None:
+            return
+        before = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(value)
+        after = self.optimizer.param_groups[0]["lr"]
+        if after < before and self.info.is_main:
+            log.info("epoch %d: %s %.4f has not improved for %d checks: lr %g -> %g", position.epoch, name,
+                     value, self.train_cfg.optim.patience + 1, before, after)
+
+    def _log_epoch(self, position: Position) -> None:
+        # A cheap guard that DDP replicas have not drifted apart (FSDP2 holds shards, not replicas).
+        checksum = None
+        if not self.sharded:
+            with torch.no_grad():
+                checksum = float(sum(p.detach().double().sum() for p in self.model.parameters()).item())
+        checksums = distributed.all_gather_objects(checksum)
+        if not self.info.is_main:
+            return
+        if not self.sharded and len(set(checksums)) > 1:
+            log.warning("weights differ between ranks after epoch %d: %s", position.epoch, checksums)
+        self.outputs.epoch_done(position, self.optimizer.param_groups[0]["lr"], checksums)
+
+    # -------------------------------------------------------------------- fit
+    def fit(self) -> int:
+        try:
+            self.outputs.prepare()
+            # Every rank looks for its resume checkpoint only once rank 0 has uploaded what was staged.
+            distributed.barrier()
+            code, state = self._fit()
+        except BaseException as err:
+            self.outputs.finish("failed", err)
+            raise
+        self.outputs.finish(state)
+        return code
+
+    def _fit(self) -> tuple[int, str]:
+        self._build()
+        position, rng, self.resumed_from = resume(self.spec, self.outputs.results_dir, self._bare_model,
+                                                  self.optimizer, self.scheduler, self.scaler)
+        num_epochs = self.train_cfg.num_epochs
+        self.outputs.open(self.resumed_from)
+        self.outputs.start(position, self.resumed_from, self.info.world_size)
+        if self.train_cfg.is_dry_run:
+            log.info("dry run: model, data and optimizer built; no step taken")
+            return 0, "completed"
+        restore_rng(rng, self.info)
+        with StopRequest() as stop:
+            while position.epoch < num_epochs:
+                self.outputs.epoch_started(position.epoch)
+                if not self._train_epoch(position, stop):
+                    self._save(position, epoch_finished=False)
+                    log.warning("stopped by %s at epoch %d (0-based), batch %d, step %d", stop.signal_name,
+                                position.epoch, position.batches_done, position.step)
+                    return stop.exit_code, "stopped"
+                on_plateau = monitors_a_value(self.scheduler)
+                if not on_plateau:
+                    self.scheduler.step()
+                done = position.epoch + 1
+                val_loss = None
+                if done % self.train_cfg.validation_interval == 0 or done == num_epochs:
+                    # Validation draws random numbers too; training must not depend on when it ran.
+                    rng_before = checkpoint.capture_rng_state()
+                    val_loss = self._validate(position)
+                    checkpoint.restore_rng_state(rng_before)
+                if on_plateau:  # after validation, before the checkpoint that holds the schedule's state
+                    self._step_on_plateau(position, val_loss)
+                if done % self.train_cfg.checkpoint_interval == 0 or done == num_epochs:
+                    self._save(position, epoch_finished=True)
+                self._log_epoch(position)
+                position = Position(epoch=done, batches_done=0, step=position.step)
+        return 0, "completed"

@@ -1,0 +1,184 @@
+"""Rank 0's outputs in the train results folder: staging and upload, train_log.jsonl, status.json,
+metrics, and how a run that fails leaves the folder (docs/architecture.md, "Train outputs")."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+from ...config.schema import ExperimentConfig
+from ...errors import UsageError, one_line
+from ...runtime import checkpoint, distributed, storage
+from ...runtime.artifacts import ArtifactSync, recover_staging, staging_dir
+from ...runtime.files import remove_partial_writes
+from ...runtime.logging import get_logger
+from ...runtime.paths import task_results_dir
+from ...runtime.status_file import STATUS_NAME
+from ...runtime.storage import StorageError
+from ...runtime.training_log import LOG_NAME, TrainingLog
+from .state import Position
+
+log = get_logger("train")
+
+
+def _open_metrics(spec: ExperimentConfig):
+    """Rank 0's Prometheus exporter (runtime.metrics), or None when the port is 0."""
+    from ...runtime.metrics import TrainMetrics, metrics_port
+
+    port = metrics_port(spec)
+    if not port:
+        return None
+    metrics = TrainMetrics(port)  # job label from DDETR_JOB_NAME
+    metrics.start()
+    return metrics
+
+
+class TrainOutputs:
+    """The train results folder of one run; on ranks other than 0 every report is a no-op."""
+
+    def __init__(self, spec: ExperimentConfig, is_main: bool) -> None:
+        self.spec, self.is_main = spec, is_main
+        self.results_dir = task_results_dir(spec, "train").rstrip("/")
+        self.remote = storage.is_remote(self.results_dir)
+        # Remote results: everything is written into a local staging folder, then uploaded. Its path is
+        # stable (artifacts.staging_dir), so what a run could not upload is found by the next one.
+        self.local_dir = staging_dir(self.results_dir) if self.remote else self.results_dir
+        if self.remote:
+            os.makedirs(self.local_dir, exist_ok=True)
+        # Checkpoints leave the staging disk once uploaded: a pod's disk holds only those in flight.
+        self.sync = ArtifactSync(self.local_dir, self.results_dir if self.remote else None,
+                                 remove_uploaded_checkpoints=True)
+        self.training_log: Optional[TrainingLog] = None
+        self.metrics = None
+
+    def prepare(self) -> None:
+        """Rank 0, first: remove partial writes a killed run left; upload what an earlier run could not."""
+        if not self.is_main:
+            return
+        if self.remote:
+            recover_staging(self.local_dir, self.results_dir)
+            return
+        removed = remove_partial_writes(self.local_dir)
+        if removed:
+            log.warning("removed %d partial file(s) a stopped run left in %s: %s", len(removed), self.local_dir,
+                        ", ".join(sorted(removed)))
+
+    def open(self, resumed_from: Optional[str]) -> None:
+        """Rank 0, once the model, data and starting point are known: the run now owns status.json and
+        the log. A resumed run continues them (a restarted pod downloads them); a fresh one starts anew."""
+        if not self.is_main:
+            return
+        os.makedirs(self.local_dir, exist_ok=True)
+        for name in (LOG_NAME, STATUS_NAME):
+            local = os.path.join(self.local_dir, name)
+            if resumed_from is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(local)
+            elif self.remote and storage.exists(f"{self.results_dir}/{name}"):
+                storage.download(f"{self.results_dir}/{name}", local)
+        self.training_log = TrainingLog(self.local_dir, self.spec.train.num_epochs)
+        self.metrics = _open_metrics(self.spec)
+
+    def start(self, position: Position, resumed_from: Optional[str], world_size: int) -> None:
+        if self.training_log is None:
+            return
+        train = self.spec.train
+        self.training_log.update_status(epoch=position.epoch, epoch_index=position.epoch, step=position.step,
+                                        state="running")
+        # One per launch: a fresh run (resumed_from null) starts a fresh log.
+        self.training_log.append("start", epoch=position.epoch, step=position.step,
+                                 batches_done=position.batches_done, resumed_from=resumed_from,
+                                 world_size=world_size, precision=train.precision,
+                                 strategy=train.distributed_strategy)
+
+    def epoch_started(self, epoch: int) -> None:
+        if self.metrics is not None:
+            self.metrics.set_epoch(epoch, self.spec.train.num_epochs)
+        if self.training_log is not None:
+            self.training_log.status.epoch_index = epoch
+
+    def step(self, position: Position, losses: dict[str, float], lr: float, images: int, step_seconds: float,
+             data_wait: float, memory_mb: float) -> None:
+        if self.training_log is None:
+            return
+        self.training_log.log_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
+                                   images_per_s=images / max(step_seconds, 1e-9), step_seconds=step_seconds,
+                                   data_wait_seconds=data_wait, memory_mb=memory_mb)
+        if self.metrics is not None:
+            self.metrics.observe_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
+                                      images=images, step_seconds=step_seconds, data_wait_seconds=data_wait)
+
+    def validation(self, position: Position, metrics: dict) -> None:
+        self.training_log.log_validation(epoch=position.epoch, step=position.step, metrics=metrics)
+        if self.metrics is not None:
+            self.metrics.observe_validation({k: v for k, v in metrics.items() if k != "per_class_AP"})
+
+    def checkpoint_saved(self, path: str) -> str:
+        """Queue the checkpoint rank 0 wrote at `path` for upload and report it; its name in the results folder."""
+        self.sync.publish_checkpoint(os.path.basename(path), latest_name=checkpoint.LATEST_NAME)
+        shown = f"{self.results_dir}/{os.path.basename(path)}"
+        self.training_log.update_status(last_checkpoint=shown)
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint(shown)
+        log.info("checkpoint: %s", shown)
+        return shown
+
+    def epoch_done(self, position: Position, lr: float, checksums: list) -> None:
+        self.training_log.append("epoch", epoch=position.epoch, step=position.step, lr=lr,
+                                 train_loss=position.train_loss, weight_checksums=checksums)
+        self.training_log.update_status(epoch=position.epoch + 1, epoch_index=position.epoch, step=position.step)
+        self.upload_logs()
+
+    def upload_logs(self) -> None:
+        if self.is_main:
+            self.sync.upload(LOG_NAME)
+            self.sync.upload(STATUS_NAME)
+
+    def record_failed_attempt(self, err: BaseException) -> None:
+        """A run that failed before it started training leaves status.json (and the cli experiment.yaml)
+        as the last run left them: the attempt is a record at the end of train_log.jsonl instead."""
+        if not self.is_main or self.remote:
+            return
+        path = os.path.join(self.local_dir, LOG_NAME)
+        if not os.path.isfile(path):
+            return
+        record = {"kind": "failed_attempt", "time": round(time.time(), 3), "error": one_line(err),
+                  "exit_code": distributed.exit_code_for(err)}
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as write_error:
+            log.error("could not record the failed attempt in %s: %s", path, write_error)
+
+    def finish(self, state: str, error: Optional[BaseException] = None) -> None:
+        """Record the run's final state, close the log and metrics, and wait for the uploads."""
+        if self.training_log is not None:
+            try:
+                self.training_log.update_status(state=state)
+            except (UsageError, OSError) as err:  # a full disk: the training error is the one to surface
+                if state != "failed":
+                    raise
+                log.error("also, status.json could not be updated: %s", one_line(err))
+            self.training_log.close()
+            self.upload_logs()
+        elif error is not None:
+            self.record_failed_attempt(error)
+        if self.metrics is not None:
+            self.metrics.close()
+        try:
+            self.sync.close()  # raises when an upload failed for good: the staging copy is then kept
+        except StorageError as err:
+            kept = StorageError(f"{err}; kept in {self.local_dir}, which the next run with this results folder "
+                                "uploads first", retryable=err.retryable)
+            if state != "failed":
+                raise kept from None
+            # Training already failed: its error is the one to surface; the upload failure is logged.
+            log.error("also, uploading the results failed: %s", kept)
+            return
+        # Everything is uploaded: the staging copy can go (rank 0's: a peer on its node must not take
+        # it away while rank 0 still uploads from it).
+        if self.is_main and self.remote and state != "failed":
+            shutil.rmtree(self.local_dir, ignore_errors=True)
