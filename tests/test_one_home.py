@@ -69,3 +69,76 @@ def test_task_names_have_one_home():
     for name in TASKS:
         module = ROOT / "trainer" / "deformable_detr" / "tasks" / name
         assert module.with_suffix(".py").exists() or (module / "__init__.py").exists(), name
+
+
+# --- the operator's API: every default of a DeformableDetrJob is written in api.py only ----------------
+
+OPERATOR = ROOT / "operator" / "ddetr_operator"
+API_HOME = OPERATOR / "api.py"
+
+
+def _spec_defaults() -> dict[str, object]:
+    """JSON name -> default of every spec field (nested ones too) that has one, from api.py's types."""
+    import dataclasses
+
+    from ddetr_operator import api
+    from ddetr_operator.apischema import fields
+
+    out: dict[str, object] = {}
+    todo = [api.JobSpec]
+    while todo:
+        cls = todo.pop()
+        for field, name, hint in fields(cls):
+            if dataclasses.is_dataclass(hint):
+                todo.append(hint)
+            elif field.default is not dataclasses.MISSING and field.default is not None:
+                out[name] = field.default
+    return out
+
+
+def _operator_files():
+    return [path for path in sorted(OPERATOR.rglob("*.py")) if path != API_HOME]
+
+
+def test_operator_spec_defaults_have_one_home():
+    """No operator module reads a defaulted spec field with a default of its own (`.get("masterPort", 29500)`)
+    nor spells a distinctive default (29500, 9090, the grace period, the shm size, the default task) again."""
+    from ddetr_operator import api
+
+    defaults = _spec_defaults()
+    assert {"masterPort": 29500, "metricsPort": 9090, "backoffLimit": 3, "task": DEFAULT_TASK,
+            "terminationGracePeriodSeconds": api.DEFAULT_TERMINATION_GRACE_SECONDS}.items() <= defaults.items()
+    distinctive = {defaults[name] for name in ("masterPort", "metricsPort", "terminationGracePeriodSeconds",
+                                               "shmSize", "task")}
+    found = []
+    for path in _operator_files():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("get", "setdefault") \
+                    and len(node.args) == 2 and isinstance(node.args[0], ast.Constant) \
+                    and node.args[0].value in defaults and node.args[0].value != "key":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:80]}")
+            elif isinstance(node, ast.Constant) and type(node.value) in (int, str) and node.value in distinctive:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not found, "spec defaults written outside operator/ddetr_operator/api.py:\n" + "\n".join(found)
+
+
+def test_the_crd_and_the_operators_checks_read_the_same_bounds():
+    """terminationGracePeriodSeconds once drifted (minimum 30 in the CRD, 0 in validate.py): both are api.py's now."""
+    import copy
+
+    import pytest
+
+    from ddetr_operator import api
+    from ddetr_operator.crd import build_crd
+    from ddetr_operator.validate import JobSpecError, validate_job
+
+    spec_schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    grace = spec_schema["properties"]["terminationGracePeriodSeconds"]
+    assert grace["minimum"] == api.MIN_TERMINATION_GRACE_SECONDS and grace["default"] == api.DEFAULT_TERMINATION_GRACE_SECONDS
+    spec = {"image": "trainer", "artifacts": {"uri": "s3://bucket/x"}, "experiment": {}}
+    for name, node in spec_schema["properties"].items():
+        if node.get("type") == "integer" and "minimum" in node:
+            validate_job("demo", {**copy.deepcopy(spec), name: node["minimum"]})
+            with pytest.raises(JobSpecError, match=f"^spec.{name}: .* out of range"):
+                validate_job("demo", {**copy.deepcopy(spec), name: node["minimum"] - 1})
