@@ -1,7 +1,7 @@
 """A resolved DeformableDetrJob (api.Job) -> child manifests (pure functions, no I/O).
 
 The gang is a batch/v1 Indexed Job, one pod per node, named `<job>-a<attempt>`, with backoffLimit 0:
-a restart recreates the whole gang as the next attempt (why an Indexed Job: docs/architecture.md).
+a restart recreates the whole gang as the next attempt (why an Indexed Job: operator/README.md, "How a job runs").
 """
 from __future__ import annotations
 
