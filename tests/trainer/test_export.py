@@ -109,3 +109,58 @@ def test_gen_trt_engine_without_tensorrt_or_gpu_says_so(write_spec, results_dir,
     assert main(["gen_trt_engine", "-e", spec, "-r", str(results_dir)]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deformable-detr gen_trt_engine: error:") and "tensorrt" in err[0]
+
+
+def test_serialize_nvdsinfer_writes_deepstreams_config_and_labels_beside_the_onnx(trained, write_spec,
+                                                                                 results_dir, tmp_path):
+    import json
+
+    import yaml
+
+    _model, checkpoint = trained
+    val = tmp_path / "val.json"  # ids 1 and 3 named: 0 is the background, 2 no category names
+    val.write_text(json.dumps({"images": [], "annotations": [],
+                               "categories": [{"id": 3, "name": "truck"}, {"id": 1, "name": "car"}]}))
+    onnx_file = results_dir / "deploy" / "model.onnx"
+    spec = write_spec({"model": MODEL, "dataset": {"num_classes": 3, "val_data_sources": [
+        {"image_dir": str(tmp_path), "json_file": str(val)}]}, "export": {
+        "checkpoint": checkpoint, "onnx_file": str(onnx_file), "input_height": HEIGHT, "input_width": WIDTH,
+        "serialize_nvdsinfer": True, "format": "onnx"}})
+    assert main(["export", "-e", spec, "-r", str(results_dir)]) == 0
+    folder = onnx_file.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["labels.txt", "model.onnx", "nvdsinfer_config.yaml"]
+    assert (folder / "labels.txt").read_text() == "background\ncar\nunknown\ntruck\n"
+    config = yaml.safe_load((folder / "nvdsinfer_config.yaml").read_text())
+    assert config["class-attrs-all"] == {"pre-cluster-threshold": 0.5, "topk": 20}
+    prop = config["property"]
+    # TAO's values for its default mean and std, and the file's own names and sizes.
+    assert prop["net-scale-factor"] == pytest.approx(0.0173520735728, abs=1e-12)
+    assert prop["offsets"] == "123.675;116.28;103.53"
+    assert prop["infer-dims"] == f"3;{HEIGHT};{WIDTH}"
+    assert (prop["onnx-file"], prop["labelfile-path"], prop["num-detected-classes"]) == ("model.onnx", "labels.txt", 4)
+    assert prop["output-blob-names"] == "pred_logits;pred_boxes"
+    assert (prop["network-type"], prop["cluster-mode"], prop["model-color-format"]) == (0, 4, 0)
+    assert prop["parse-bbox-func-name"] == "NvDsInferParseCustomDDETRTAO"
+
+
+def test_serialize_nvdsinfer_takes_the_classmap_without_val_sources(tmp_path):
+    from deformable_detr.config import spec_from_dict
+    from deformable_detr.export.nvdsinfer import export_class_names
+
+    classmap = tmp_path / "classmap.txt"
+    classmap.write_text("car\nperson group\n")
+    spec = spec_from_dict({"dataset": {"infer_data_sources": {"image_dir": [str(tmp_path)],
+                                                              "classmap": str(classmap)}}})
+    assert export_class_names(spec) == ["background", "car", "person group"]
+    from deformable_detr.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^export.serialize_nvdsinfer: the DeepStream labels file needs the "):
+        export_class_names(spec_from_dict({}))
+
+
+def test_a_format_other_than_onnx_is_one_clear_line(trained, write_spec, results_dir, capsys):
+    _model, checkpoint = trained
+    assert export(write_spec, results_dir, checkpoint, str(results_dir / "m.onnx"), format="xdl") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "deformable-detr export: error: export.format: xdl is not written by deformable-detr; accepted: onnx")
+    assert not (results_dir / "m.onnx").exists()

@@ -2,8 +2,10 @@
 
 Every field of TAO's `export` table: checkpoint, onnx_file, on_cpu, input_channel,
 input_width, input_height, opset_version, batch_size (-1 = dynamic), verbose, gpu_id,
-results_dir. The file is checked with `onnx.checker` (full check) before it replaces any
-existing file of that name.
+results_dir, and TAO 6's format (onnx; xdl is refused in one line) and serialize_nvdsinfer
+(DeepStream's nvinfer config and labels file beside the ONNX file, export/nvdsinfer.py).
+The file is checked with `onnx.checker` (full check) before it replaces any existing file of
+that name.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def run(spec: ExperimentConfig) -> int:
     if not export.checkpoint:
         raise UsageError("export.checkpoint: not set; give the model checkpoint (.pth) to export, "
                          "e.g. export.checkpoint=model.pth")
+    if export.format != "onnx":
+        raise UsageError(f"export.format: {export.format} is not written by deformable-detr; accepted: onnx")
     check_opset(export.opset_version)
     if export.batch_size == 0:
         raise UsageError("export.batch_size: 0; accepted: -1 (dynamic) or a positive batch size")
@@ -59,4 +63,8 @@ def run(spec: ExperimentConfig) -> int:
                            plugin=not export.on_cpu, verbose=export.verbose)
     storage.write_bytes(target, data)
     log.info("wrote %s (%.1f MB)", target, len(data) / 1e6)
+    if export.serialize_nvdsinfer:
+        from ..export.nvdsinfer import write_deepstream_files
+
+        log.info("wrote the DeepStream nvinfer config and labels: %s", ", ".join(write_deepstream_files(spec, target)))
     return 0
