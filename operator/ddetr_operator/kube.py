@@ -70,11 +70,6 @@ def child_error(what: str, status: int | None, reason: str | None, body: Any) ->
                       message=str(message or "no message"))
 
 
-def _owned_by(obj: Mapping[str, Any], job_name: str) -> bool:
-    # Filter on the client too: the label selector is a request, not a guarantee (KMock ignores it).
-    return (obj["metadata"].get("labels") or {}).get(LABEL_JOB) == job_name
-
-
 SUPPORT_KINDS = {"Service": "service", "ConfigMap": "configmap", "PodGroup": "podgroup",
                  "NetworkPolicy": "network_policy"}
 
@@ -150,7 +145,7 @@ class Cluster:
 
     def _listed(self, namespace: str, name: str, kind: str, response: Any) -> list[dict]:
         data = json.loads(response.data)
-        items = [i for i in data.get("items") or [] if _owned_by(i, name)]
+        items = data.get("items") or []
         self.children.merge_list(namespace, name, kind, items, (data.get("metadata") or {}).get("resourceVersion"))
         return items
 

@@ -6,8 +6,8 @@ status, events, restarts and, at the end, deletion.
 
 What KMock cannot show (covered by the pure tests or left to tests/e2e on a cluster):
 no garbage collection (children stay after their owner is deleted), no resourceVersion
-bumps, no schema validation or defaulting of the CRD, no label-selector filtering (the
-operator filters on labels itself), and no real Job controller or kubelet.
+bumps, no schema validation or defaulting of the CRD (label selectors on lists: the Emulator
+below applies them), and no real Job controller or kubelet.
 """
 from __future__ import annotations
 
@@ -32,10 +32,35 @@ from operator_objects import free_port
 
 
 
+def _selected(labels: dict, selector: str) -> bool:
+    """Equality-based label selectors (`k=v`, `k!=v`, `k`, `!k`), as the API server applies them."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            ok = labels.get(key) != value
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            ok = labels.get(key) == value
+        else:
+            ok = (term[1:] not in labels) if term.startswith("!") else term in labels
+        if not ok:
+            return False
+    return True
+
+
 class Emulator(kmock.KubernetesEmulator):
-    """KMock plus `metadata.generateName`, which kopf's events use and the emulator lacks."""
+    """KMock plus `metadata.generateName`, which kopf's events use, and label selectors on lists,
+    which the emulator lacks."""
 
     _generated = 0
+
+    async def _serve_list(self, request):
+        listed = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector:
+            listed = {**listed, "items": [item for item in listed["items"]
+                                          if _selected((item.get("metadata") or {}).get("labels") or {}, selector)]}
+        return listed
 
     async def _handle(self, request):
         data = request.data if isinstance(request.data, dict) else None
