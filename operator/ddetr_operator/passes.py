@@ -34,13 +34,11 @@ MAX_URIS = 10000
 
 def _progress_uri(job: dict) -> str | None:
     """Where rank 0 writes status.json; kept per spec generation (the effective spec costs ms)."""
-    meta = job.get("metadata") or {}
+    meta = job["metadata"]
     key = (meta.get("uid"), meta.get("generation"))
-    cacheable = all(isinstance(part, (str, int)) for part in key)  # (KMock keeps neither)
-    if cacheable:
-        with _URIS_LOCK:
-            if key in _URIS:
-                return _URIS[key]
+    with _URIS_LOCK:
+        if key in _URIS:
+            return _URIS[key]
     uri = None
     typed = resolved(job)
     if typed is not None and typed.spec.task == DEFAULT_TASK:
@@ -49,11 +47,10 @@ def _progress_uri(job: dict) -> str | None:
         except JobSpecError:
             uri = None
     uri = uri if uri and uri.startswith("s3://") else None
-    if cacheable:
-        with _URIS_LOCK:
-            if len(_URIS) >= MAX_URIS:
-                _URIS.clear()
-            _URIS[key] = uri
+    with _URIS_LOCK:
+        if len(_URIS) >= MAX_URIS:
+            _URIS.clear()
+        _URIS[key] = uri
     return uri
 
 

@@ -23,6 +23,20 @@ BASE_JOB = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_uri_cache():
+    """Each test its own status.json URI cache: tests reuse job uids (and KMock keeps no generation),
+    which an API server never does."""
+    try:
+        from ddetr_operator import passes
+    except ImportError:  # the tests that need no operator package (Dockerfiles, chart lint) still run
+        yield
+        return
+    passes._URIS.clear()
+    yield
+    passes._URIS.clear()
+
+
 @pytest.fixture
 def make_job():
     """A DeformableDetrJob body; keyword arguments update `spec` (nested dicts replace)."""
