@@ -9,6 +9,7 @@ operator keeps accepting what it accepted before the schema was typed (local res
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Callable, Mapping
@@ -56,10 +57,11 @@ def _unwrap(hint: Any) -> Any:
     return hint
 
 
-def fields(cls: type) -> list[tuple[dataclasses.Field, str, Any]]:
-    """(field, JSON name, type without Optional) of a declared class."""
+@functools.cache
+def fields(cls: type) -> tuple[tuple[dataclasses.Field, str, Any], ...]:
+    """(field, JSON name, type without Optional) of a declared class (resolved once: every pass parses)."""
     hints = typing.get_type_hints(cls)
-    return [(f, json_name(f.name), _unwrap(hints[f.name])) for f in dataclasses.fields(cls)]
+    return tuple((f, json_name(f.name), _unwrap(hints[f.name])) for f in dataclasses.fields(cls))
 
 
 def field_schema(f: dataclasses.Field, hint: Any) -> dict:

@@ -43,7 +43,7 @@ class Controller:
             return True
         if is_older(body, known):
             return False
-        # (The same resourceVersion is the same object on an API server; KMock never bumps it.)
+        # The same resourceVersion is the same object; where there is none to compare, the content decides.
         return not (resource_version(body) == resource_version(known) and body == known)
 
     def keep(self, key: tuple[str, str], body: dict | None) -> None:
