@@ -1,6 +1,6 @@
 """kopf registration: the watch events, start-up, clean-up, log-in and the liveness probe, each handed to
 the controller. Only kopf.on.event: no timers, daemons or on.delete, so kopf adds no finalizer (why:
-docs/architecture.md, "The operator")."""
+docs/architecture.md, "Operator")."""
 from __future__ import annotations
 
 import asyncio

@@ -12,7 +12,7 @@ from deformable_detr.tasks import DEFAULT_TASK
 
 from . import metrics
 from .api import run_policy_of
-from .decide import TERMINAL, DeleteSelf, Observed, reconcile, settle
+from .decide import CHILD_CREATE_FAILED, TERMINAL, DeleteSelf, Observed, reconcile, settle
 from .kube import Cluster, resolved
 from .options import Options
 from .progress import read_status_json, status_json_uri
@@ -55,11 +55,10 @@ def _progress_uri(job: dict) -> str | None:
 
 
 def _read_progress(cluster: Cluster, job: dict, read_secrets: bool) -> dict | None:
-    uri = _progress_uri(job)
-    if uri is None:
+    uri, typed = _progress_uri(job), resolved(job)
+    if uri is None or typed is None:
         return None
-    artifacts = resolved(job).spec.artifacts  # (a status.json URI on S3 comes from artifacts.uri)
-    access = cluster.s3_access(job["metadata"]["namespace"], artifacts, read_secrets)
+    access = cluster.s3_access(job["metadata"]["namespace"], typed.spec.artifacts, read_secrets)
     return read_status_json(uri, access)
 
 
@@ -141,7 +140,7 @@ def _full_pass(cluster: Cluster, namespace: str, name: str, options: Options, pr
         metrics.RESTARTS.labels(namespace=namespace).inc()
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
     for event in decision.events:
-        if event.reason != "ChildCreateFailed":
+        if event.reason != CHILD_CREATE_FAILED:
             metrics.TRANSITIONS.labels(phase=decision.status.get("phase")).inc()
         cluster.post_event(job, event, at)
     return PassResult("full", body)
