@@ -115,7 +115,7 @@ matchExpressions:
 {{- end -}}
 
 {{/* Exactly what the operator calls in the namespaces it serves (operator/ddetr_operator/kube.py and
-     handlers.py, and kopf's own calls), nothing more:
+     leader.py, and kopf's own calls), nothing more:
      - its jobs: kopf lists and watches them; kube.py gets one fresh per pass, deletes it after
        ttlSecondsAfterFinished; patch is kopf's removal of the finalizer older operator versions left;
        status: merge-patched each pass; finalizers: `update` lets it create children with
