@@ -42,7 +42,7 @@ for name in "${wanted[@]}"; do
   case "$name" in operator|trainer) ;; *) fail "no image named '$name' (operator, trainer)" ;; esac
 done
 for tool in buildah python3 sha256sum; do
-  command -v "$tool" >/dev/null || fail "$tool is not installed (bash scripts/test-deps.d/images.sh installs the image tools)"
+  command -v "$tool" >/dev/null || fail "$tool is not installed (bash scripts/test-deps.d/zz-images.sh installs the image tools)"
 done
 mkdir -p "$out"
 

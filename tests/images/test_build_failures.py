@@ -17,10 +17,11 @@ CONTEXT = [".dockerignore", "Dockerfile.operator", "locks", "trainer/pyproject.t
 
 
 @pytest.fixture
-def broken_context(tmp_path):
+def context_copy(tmp_path):
+    """A copy of the files the operator image is built from."""
     missing = imagetools.tools_missing()
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (scripts/test-deps.d/images.sh installs the image tools)")
+        pytest.skip(f"{', '.join(missing)} not installed (scripts/test-deps.d/zz-images.sh installs the image tools)")
     context = tmp_path / "context"
     for path in CONTEXT:
         source, target = REPO / path, context / path
@@ -29,6 +30,12 @@ def broken_context(tmp_path):
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy(source, target)
+    return context
+
+
+@pytest.fixture
+def broken_context(context_copy):
+    context = context_copy
     dockerfile = context / "Dockerfile.operator"
     text = dockerfile.read_text()
     assert "RUN python3 -m venv /opt/venv" in text
@@ -62,3 +69,36 @@ def test_an_unknown_image_name_fails(tmp_path):
     result = imagetools.build("worker", env={"DDETR_IMAGES_DIR": str(tmp_path)}, timeout=60)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "build-images: error: no image named 'worker' (operator, trainer)"
+
+
+def _cache_use(log: str) -> dict[str, bool]:
+    """For each RUN step buildah ran, whether it came from the layer cache."""
+    lines = log.splitlines()
+    steps = {}
+    for index, line in enumerate(lines):
+        if "STEP " in line and ": RUN " in line:
+            after = next((later for later in lines[index + 1:] if later.startswith("-->") or "STEP " in later), "")
+            steps[line.split(": RUN ", 1)[1]] = "Using cache" in after
+    return steps
+
+
+def test_a_source_edit_rebuilds_only_the_layers_after_the_source_copy(context_copy, tmp_path):
+    """The operator image (small: cheap to rebuild) from a context whose operator source differs from
+    the repository's by one line: the locked dependencies come from the layer cache, the package
+    install runs again."""
+    context = context_copy
+    main = context / "operator" / "ddetr_operator" / "__main__.py"
+    main.write_text(main.read_text() + "\n# edited by tests/images/test_build_failures.py\n")
+    ref = "localhost/ddetr-test/edited-operator:1"
+    result = imagetools.build("operator", env={"DDETR_IMAGES_CONTEXT": str(context),
+                                               "DDETR_IMAGES_DIR": str(tmp_path / "out"), "OPERATOR_IMAGE": ref},
+                              timeout=1500)
+    try:
+        assert result.returncode == 0, result.stderr[-3000:]
+        steps = _cache_use(result.stderr)
+        locked = [cached for step, cached in steps.items() if "--require-hashes -r /tmp/locks/operator.txt" in step]
+        package = [cached for step, cached in steps.items() if "./trainer ./operator" in step]
+        assert locked == [True], f"the locked dependencies were installed again: {steps}"
+        assert package == [False], f"the edited package was not reinstalled: {steps}"
+    finally:
+        subprocess.run(["buildah", "rmi", ref], capture_output=True, env=imagetools.storage_env())
