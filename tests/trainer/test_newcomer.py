@@ -105,7 +105,7 @@ def test_example_trains_on_the_shards_convert_writes():
                for source in sources for shard in range(spec.convert.num_shards)]
     matched = [path for path in written if fnmatch.fnmatch(path, train.json_file)]
     assert matched == written[:spec.convert.num_shards]  # all the training shards, none of val's
-    assert train.image_dir == "example_data/kitti/train/images"
+    assert train.image_dir == "example_data/kitti"  # the shards name files as train/images/<file>, as TAO's
 
 
 def test_readme_states_the_example_defaults():

@@ -2,7 +2,12 @@
 
 A KITTI label line has 15 whitespace-separated columns: class, truncation, occlusion,
 alpha, the 2D box x1 y1 x2 y2 in pixels, then 3D dimensions, location and rotation
-(unused here); an optional 16th column is a score.
+(unused here); an optional 16th column is a score (TAO's converter refuses it; inference
+writes it).
+
+As TAO's converter (which reads a label file with numpy's genfromtxt) a box column whose
+values in one file are all integers gives integers, otherwise floats; image sizes are
+those after EXIF orientation; images are taken in the order the folder lists them.
 """
 from __future__ import annotations
 
@@ -27,9 +32,23 @@ DEFAULT_MAPPING: dict[str, str] = {
 KITTI_COLUMNS = (15, 16)
 
 
+# The categories TAO writes with its default mapping (PeopleNet's classes), supercategory first.
+DEFAULT_CATEGORIES = [{"supercategory": "person", "id": 1, "name": "person"},
+                      {"supercategory": "face", "id": 2, "name": "face"},
+                      {"supercategory": "bag", "id": 3, "name": "bag"}]
+
+
 def category_ids_for(target_names: Iterable[str]) -> dict[str, int]:
     """Ids 1..N over the target names in reverse alphabetical order, as TAO assigns them."""
     return {name: k + 1 for k, name in enumerate(sorted(set(target_names), reverse=True))}
+
+
+def categories_for(mapping_path: Optional[str], category_ids: dict[str, int]) -> list[dict]:
+    """The `categories` TAO writes: its fixed list (with supercategory) for the default mapping,
+    {id, name} in id order for a mapping file."""
+    if not mapping_path:
+        return [dict(c) for c in DEFAULT_CATEGORIES]
+    return [{"id": cid, "name": name} for name, cid in sorted(category_ids.items(), key=lambda kv: kv[1])]
 
 
 def read_mapping(path: Optional[str]) -> dict[str, str]:
@@ -83,9 +102,17 @@ class KittiSource:
     invalid_boxes: int = 0                               # non-positive width or height
 
 
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_label_file(path: str, mapping: dict[str, str], source: KittiSource) -> list[tuple]:
     """The mapped boxes of one label file; unmapped classes and empty boxes are counted on `source`."""
-    boxes = []
+    rows = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line_number, line in enumerate(fh, start=1):
             if not line.strip():
@@ -94,31 +121,45 @@ def parse_label_file(path: str, mapping: dict[str, str], source: KittiSource) ->
             if len(columns) not in KITTI_COLUMNS:
                 raise UsageError(f"{path}:{line_number}: a KITTI label line has 15 columns (16 with a score), "
                                  f"got {len(columns)}")
-            name = columns[0].lower()
-            # Class names with spaces ("Person Group") are written with one; accept an underscore too.
-            target = mapping.get(name) or mapping.get(name.replace("_", " "))
-            if target is None:
-                source.unmapped[name] += 1
-                continue
             try:
-                x1, y1, x2, y2 = (float(v) for v in columns[4:8])
+                [float(v) for v in columns[4:8]]
             except ValueError:
                 raise UsageError(f"{path}:{line_number}: columns 5-8 must be the box x1 y1 x2 y2 in pixels, "
                                  f"got {' '.join(columns[4:8])}") from None
-            if x2 <= x1 or y2 <= y1:
-                source.invalid_boxes += 1
-                continue
-            boxes.append((target, x1, y1, x2, y2))
+            rows.append(columns)
+    # As genfromtxt: a column of integers only reads as integers, any other as floats.
+    integer = [all(_is_int(row[k]) for row in rows) for k in range(4, 8)]
+    boxes = []
+    for columns in rows:
+        name = columns[0].lower()
+        # Class names with spaces ("Person Group") are written with one; accept an underscore too.
+        target = mapping.get(name) or mapping.get(name.replace("_", " "))
+        if target is None:
+            source.unmapped[name] += 1
+            continue
+        x1, y1, x2, y2 = (int(v) if is_int else float(v) for v, is_int in zip(columns[4:8], integer))
+        if x2 <= x1 or y2 <= y1:
+            source.invalid_boxes += 1
+            continue
+        boxes.append((target, x1, y1, x2, y2))
     return boxes
 
 
+# EXIF orientations that turn the picture a quarter: width and height swap.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
 def image_size(path: str) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding the pixels."""
+    """(height, width) after EXIF orientation (as TAO's converter and data loaders see the image),
+    from the header, without decoding the pixels."""
     try:
         with Image.open(path) as image:
             width, height = image.size
+            orientation = image.getexif().get(0x0112)
     except (OSError, Image.DecompressionBombError) as err:
         raise UsageError(f"{path}: cannot read image ({err})") from None
+    if orientation in _QUARTER_TURNS:
+        width, height = height, width
     return height, width
 
 
@@ -129,7 +170,8 @@ def list_source_images(folder: str, image_dir_name: str, image_extension: str) -
     if not os.path.isdir(image_dir):
         raise UsageError(f"convert.image_dir_name: no folder {image_dir}")
     ext = image_extension if image_extension.startswith(".") else f".{image_extension}"
-    names = sorted(name for name in os.listdir(image_dir) if name.lower().endswith(ext.lower()))
+    # The folder's own order, as TAO takes it: the seeded shuffles then give TAO's partitions and shards.
+    names = [name for name in os.listdir(image_dir) if name.endswith(ext)]
     if not names:
         raise UsageError(f"convert.image_extension: no {ext} image in {image_dir}")
     return names

@@ -1,41 +1,77 @@
-"""Splitting a converted source into partitions (folds) and shards of COCO JSON, as TAO names them."""
+"""Partitions (folds), shards and ids of a converted source, as TAO's KITTI converter makes them.
+
+Per source, TAO seeds Python's `random` with 42, then draws in this order: in random mode each
+partition is shuffled once while partitioning, then every partition is shuffled (again), then
+a short last shard is filled up with `random.sample` of its partition. Shards are
+ceil(n / num_shards) images long. Empty partitions write no file, and the remaining ones are
+numbered in order (with val_split 0, the training images are fold 000). Image and annotation
+ids count from where the previous source (or an earlier run into the same folder, read back
+from stats.txt) stopped, across partitions and shards.
+"""
 from __future__ import annotations
 
-import numpy as np
+import math
+import random
+from typing import Sequence
 
-from .kitti import KittiSource
-
-PARTITION_SEED = 42  # partitions split images at random, the same way every run
+PARTITION_SEED = 42
 
 
 def shard_file_name(source: str, partition: int, num_partitions: int, shard: int, num_shards: int) -> str:
-    """`{source}-fold-{p}-of-{P}-shard-{s:05d}-of-{S:05d}.json`; the fold part only with several partitions."""
-    fold = f"-fold-{partition}-of-{num_partitions}" if num_partitions > 1 else ""
-    return f"{source}{fold}-shard-{shard:05d}-of-{num_shards:05d}.json"
+    """`{source}[-fold-{p:03d}-of-{P:03d}]-shard-{s:05d}-of-{S:05d}.json`; the fold part only with several
+    partitions, the shard part only with num_shards > 0 (TAO then writes the name without `.json`;
+    it is kept here)."""
+    name = source
+    if num_partitions not in (0, 1):
+        name += f"-fold-{partition:03d}-of-{num_partitions:03d}"
+    if num_shards != 0:
+        name += f"-shard-{shard:05d}-of-{num_shards:05d}"
+    return name + ".json"
 
 
-def split_indices(count: int, num_partitions: int, num_shards: int,
-                  seed: int = PARTITION_SEED) -> list[list[np.ndarray]]:
-    """[partition][shard] -> image indices. Partitions are a seeded random split; within each, shards
-    are consecutive runs whose sizes differ by at most one image."""
-    if num_partitions > 1:
-        order = np.random.default_rng(seed).permutation(count)
-        partitions = [np.sort(part) for part in np.array_split(order, num_partitions)]
+def shard_partition(partition: list, num_shards: int, rng: random.Random) -> list[list]:
+    """TAO's shards of one partition: consecutive runs of ceil(n / num_shards) entries, a short
+    one filled with entries drawn from the partition (`rng.sample`)."""
+    num_shards = max(num_shards, 1)
+    size = math.ceil(len(partition) / num_shards)
+    shards = []
+    for index in range(num_shards):
+        begin, end = index * size, (index + 1) * size
+        shard = partition[begin:end]
+        if end > len(partition):
+            shard = partition[begin:] + rng.sample(partition, end - len(partition))
+        shards.append(shard)
+    return shards
+
+
+def shard_partitions(partitions: Sequence[list], num_shards: int, rng: random.Random,
+                     renumber: bool = True) -> list[tuple[int, list[list]]]:
+    """(fold number in the file names, its shards) for the partitions that have entries. TAO numbers
+    those in order (`renumber`); sequence mode, which TAO lacks, keeps each partition's own number."""
+    written = [(index, p) for index, p in enumerate(partitions) if p]
+    return [(fold if renumber else index, shard_partition(list(p), num_shards, rng))
+            for fold, (index, p) in enumerate(written)]
+
+
+def partition_frames(frames: list, num_partitions: int, partition_mode: str | None, val_split: int,
+                     rng: random.Random, sequence_index: int = 0) -> list[list]:
+    """TAO's partitions of one source's frames (in the order the folder lists them), shuffled.
+
+    null: one partition. random: two, fold 0 the first int(val_split% of n) frames, fold 1 the
+    rest, each shuffled. sequence: the whole source goes to partition `sequence_index %
+    num_partitions` (sources dealt out in turn; TAO documents this mode but its code refuses it).
+    """
+    partitions: list[list] = [[] for _ in range(num_partitions)]
+    if partition_mode == "random":
+        num_val = int(val_split / 100.0 * len(frames))
+        partitions[0].extend(frames[:num_val])
+        partitions[1].extend(frames[num_val:])
+        for part in partitions:
+            rng.shuffle(part)
+    elif partition_mode == "sequence":
+        partitions[sequence_index % num_partitions].extend(frames)
     else:
-        partitions = [np.arange(count)]
-    return [np.array_split(part, num_shards) for part in partitions]
-
-
-def shard_coco(source: KittiSource, indices: np.ndarray, category_ids: dict[str, int]) -> dict:
-    """A COCO dict for the images at `indices` (image id = index + 1, so ids are unique in the source)."""
-    images, annotations = [], []
-    for index in indices.tolist():
-        entry = source.images[index]
-        images.append({"id": index + 1, "file_name": entry.file_name, "height": entry.height, "width": entry.width})
-        for name, x1, y1, x2, y2 in entry.boxes:
-            w, h = x2 - x1, y2 - y1
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
-                                "category_id": category_ids[name], "bbox": [x1, y1, w, h],
-                                "area": w * h, "iscrowd": 0})
-    categories = [{"id": cid, "name": name} for name, cid in sorted(category_ids.items(), key=lambda kv: kv[1])]
-    return {"images": images, "annotations": annotations, "categories": categories}
+        partitions[0].extend(frames)
+    for part in partitions:
+        rng.shuffle(part)
+    return partitions

@@ -1,15 +1,21 @@
-"""The convert task: KITTI label folders -> sharded COCO JSON, per data source (TAO's layout).
+"""The convert task: KITTI label folders -> sharded COCO JSON, per data source, as TAO's converter writes it.
 
-For each folder listed in `convert.input_source` it writes
-`{results_dir}/{source}/{source}[-fold-{p}-of-{P}]-shard-{s:05d}-of-{S:05d}.json`
-and a summary of images, boxes and classes per shard to stdout and `stats.txt`.
-Each shard lists images by file name relative to `{source}/{image_dir_name}`: use
-that folder as `image_dir` and a glob of the shards as `json_file`.
+For each folder listed in `convert.input_source` (lines relative to `convert.data_root`, or
+without it to the .txt file's folder) it writes
+`{results_dir}/{source}/{source}[-fold-{p:03d}-of-{P:03d}]-shard-{s:05d}-of-{S:05d}.json`
+(data/shards.py: TAO's partitions, seeded shuffles and filled last shard). Image and
+annotation ids count from 0 across sources, partitions and shards, and on from the counters
+an earlier run left in `{results_dir}/stats.txt` (one `source,next image id,next annotation
+id` line per source, TAO's format). `file_name` is `{source}/{image_dir_name}/{file}`,
+relative to the data root: use that folder as `image_dir` and a glob of the shards as
+`json_file`. A summary of images, boxes and classes per shard goes to stdout.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 from collections import Counter
 
 from ..config.schema import ConvertConfig, ExperimentConfig
@@ -18,14 +24,20 @@ from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from ..runtime.progress import progress
 from ..runtime.storage import write_text
-from ..data.kitti import KittiSource, category_ids_for, list_source_images, read_image_entry, read_mapping
-from ..data.shards import shard_coco, shard_file_name, split_indices
+from ..data.kitti import (KittiSource, categories_for, category_ids_for, list_source_images, read_image_entry,
+                          read_mapping)
+from ..data.shards import PARTITION_SEED, partition_frames, shard_file_name, shard_partitions
+from ..runtime import storage
 
 log = get_logger("convert")
 
 
-def read_input_source(path: str | None) -> list[str]:
-    """Folders listed one a line; relative lines are relative to the .txt file's folder."""
+STATS_FILE = "stats.txt"
+
+
+def read_input_source(path: str | None, data_root: str | None = None) -> list[str]:
+    """Folders listed one a line; relative lines are relative to `data_root` (TAO's), else to the
+    .txt file's folder."""
     if not path:
         raise UsageError("convert.input_source: not set; expected a .txt file listing KITTI data-source folders")
     try:
@@ -36,7 +48,9 @@ def read_input_source(path: str | None) -> list[str]:
     except IsADirectoryError:
         raise UsageError(f"convert.input_source: {path} is a folder, expected a file (.txt listing "
                          "KITTI data-source folders)") from None
-    base = os.path.dirname(os.path.abspath(path))
+    base = data_root if data_root else os.path.dirname(os.path.abspath(path))
+    if data_root and not os.path.isdir(data_root):
+        raise UsageError(f"convert.data_root: folder not found: {data_root}" + relative_to_cwd(data_root))
     folders = []
     for line_number, line in enumerate(lines, start=1):
         if not line or line.startswith("#"):
@@ -74,26 +88,82 @@ def stats_table(rows: list[dict], class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def read_counters(out_dir: str) -> tuple[int, int]:
+    """(next image id, next annotation id): the last line of an earlier run's stats.txt, else (0, 0)."""
+    path = f"{out_dir.rstrip('/')}/{STATS_FILE}"
+    if not storage.exists(path):
+        return 0, 0
+    lines = [line for line in storage.read_bytes(path).decode("utf-8").splitlines() if line.strip()]
+    try:
+        _name, image_id, ann_id = lines[-1].rsplit(",", 2)
+        return int(image_id), int(ann_id)
+    except (IndexError, ValueError):
+        raise UsageError(f"{path}: expected lines `source,next image id,next annotation id` (TAO's counters), "
+                         f"got {lines[-1] if lines else 'an empty file'!r}; remove it to number from 0") from None
+
+
+def check_fillable(source: str, partitions: list[list], num_shards: int) -> None:
+    """TAO fills a short last shard with a sample of its partition, which cannot be larger than the
+    partition: it crashes there; this says which field to change."""
+    shards = max(num_shards, 1)
+    for fold, part in enumerate(partitions):
+        if part and shards * math.ceil(len(part) / shards) - len(part) > len(part):
+            raise UsageError(f"convert.num_shards: {num_shards} shards of the {len(part)} image(s) of {source}'s "
+                             f"partition {fold} would repeat more images than it has to fill the last shards; "
+                             f"accepted: at most {len(part)} for this source")
+
+
+def shard_coco(source: KittiSource, indices: list[int], categories: list[dict], category_ids: dict[str, int],
+               image_dir_name: str, first_image_id: int, first_ann_id: int) -> dict:
+    """TAO's COCO dict of one shard: ids from `first_image_id` / `first_ann_id` on, one image entry (and
+    id) per listed index, repeats included."""
+    images, annotations = [], []
+    for offset, index in enumerate(indices):
+        entry = source.images[index]
+        image_id = first_image_id + offset
+        images.append({"id": image_id, "file_name": f"{source.name}/{image_dir_name}/{entry.file_name}",
+                       "height": entry.height, "width": entry.width})
+        for name, x1, y1, x2, y2 in entry.boxes:
+            bbox = [x1, y1, x2 - x1, y2 - y1]
+            annotations.append({"image_id": image_id, "category_id": category_ids[name],
+                                "id": first_ann_id + len(annotations), "bbox": bbox,
+                                "area": bbox[2] * bbox[3], "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
 def run(spec: ExperimentConfig) -> int:
     config = spec.convert
-    out_dir = task_results_dir(spec, "convert")
-    folders = read_input_source(config.input_source)
+    out_dir = task_results_dir(spec, "convert").rstrip("/")
+    folders = read_input_source(config.input_source, config.data_root)
     mapping = read_mapping(config.mapping_path)
     category_ids = category_ids_for(mapping.values())
+    categories = categories_for(config.mapping_path, category_ids)
     class_names = sorted(category_ids, key=category_ids.get)
+    image_id, ann_id = read_counters(out_dir)
+    stats_path = f"{out_dir}/{STATS_FILE}"
+    stats = storage.read_bytes(stats_path).decode("utf-8") if storage.exists(stats_path) else ""
     rows: list[dict] = []
     notes: list[str] = []
-    for folder in folders:
+    for sequence_index, folder in enumerate(folders):
         source = read_source(folder, config, mapping)
-        parts = split_indices(len(source.images), config.num_partitions, config.num_shards)
-        for p, shards in enumerate(parts):
+        rng = random.Random(PARTITION_SEED)  # TAO seeds Python's random with 42 for each source
+        partitions = partition_frames(list(range(len(source.images))), config.num_partitions,
+                                      config.partition_mode, config.val_split, rng, sequence_index)
+        check_fillable(source.name, partitions, config.num_shards)
+        sharded = shard_partitions(partitions, config.num_shards, rng,
+                                   renumber=config.partition_mode != "sequence")
+        for fold, shards in sharded:
             for s, indices in enumerate(shards):
-                name = shard_file_name(source.name, p, config.num_partitions, s, config.num_shards)
-                coco = shard_coco(source, indices, category_ids)
-                write_text(f"{out_dir.rstrip('/')}/{source.name}/{name}", json.dumps(coco))
-                counts = Counter(name_ for i in indices.tolist() for name_, *_ in source.images[i].boxes)
+                name = shard_file_name(source.name, fold, config.num_partitions, s, config.num_shards)
+                coco = shard_coco(source, indices, categories, category_ids, config.image_dir_name, image_id, ann_id)
+                write_text(f"{out_dir}/{source.name}/{name}", json.dumps(coco))
+                image_id += len(coco["images"])
+                ann_id += len(coco["annotations"])
+                counts = Counter(name_ for i in indices for name_, *_ in source.images[i].boxes)
                 rows.append({"shard": f"{source.name}/{name}", "images": len(indices),
                              "boxes": len(coco["annotations"]), "classes": counts})
+        stats += f"{source.name},{image_id},{ann_id}\n"
+        write_text(f"{out_dir}/{STATS_FILE}", stats)
         if source.unmapped:
             skipped = ", ".join(f"{n}: {c}" for n, c in sorted(source.unmapped.items()))
             notes.append(f"{source.name}: skipped boxes of unmapped classes ({skipped})")
@@ -104,7 +174,7 @@ def run(spec: ExperimentConfig) -> int:
     ids = ", ".join(f"{name}={category_ids[name]}" for name in class_names)
     text = "\n".join([stats_table(rows + [total], class_names), "", f"category ids: {ids}",
                       f"num_classes: {len(class_names) + 1}", *notes]) + "\n"
-    write_text(f"{out_dir.rstrip('/')}/stats.txt", text)
     print(text, end="")
-    print(f"wrote {len(rows)} shard(s) and stats.txt under {out_dir}")
+    print(f"wrote {len(rows)} shard(s) and {STATS_FILE} (next image id {image_id}, next annotation id {ann_id}) "
+          f"under {out_dir}")
     return 0
