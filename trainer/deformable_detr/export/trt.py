@@ -1,4 +1,5 @@
-"""Run a TensorRT engine built by `gen_trt_engine` as evaluate/inference run the PyTorch model.
+"""Run a TensorRT engine built by `gen_trt_engine` as evaluate/inference run the PyTorch model, and the
+builder settings gen_trt_engine applies (`configure_builder`, at the end).
 
 `TrtDetector(images, masks)` returns {"pred_logits", "pred_boxes"} like the model, so the
 tasks' postprocessor and output code are shared. The engine sees whole, unpadded images:
@@ -14,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -230,3 +231,167 @@ def without_fixed_padding(spec: ExperimentConfig) -> ExperimentConfig:
     aug = dataclasses.replace(spec.dataset.augmentation, fixed_padding=False)
     return dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, augmentation=aug))
 
+
+
+# ----------------------------------------------------------------------------- building an engine
+#
+# gen_trt_engine's builder settings, as TAO Deploy applies them. The functions take the tensorrt
+# module (`trt`) as an argument so that what they ask of TensorRT can be checked without it.
+
+LAYER_PRECISIONS = ("fp32", "fp16", "int8", "int32")
+LAYERS_PRECISION_FIELD = "gen_trt_engine.tensorrt.layers_precision"
+
+
+def parse_layers_precision(entries: Sequence[str]) -> dict[str, str]:
+    """`{layer name: precision}` from TAO's `name:precision` entries (the last `:` splits; `*` names
+    every layer not named otherwise)."""
+    precisions: dict[str, str] = {}
+    for index, entry in enumerate(entries):
+        name, sep, precision = entry.rpartition(":")
+        if not sep or not name or precision.lower() not in LAYER_PRECISIONS:
+            raise UsageError(f"{LAYERS_PRECISION_FIELD}[{index}]: {entry!r}; accepted: layer_name:precision with "
+                             f"precision one of {', '.join(LAYER_PRECISIONS)} (layer_name * = every other layer)")
+        precisions[name] = precision.lower()
+    return precisions
+
+
+def _trt_type(trt: Any, precision: str) -> Any:
+    return {"fp32": trt.float32, "fp16": trt.float16, "int8": trt.int8, "int32": trt.int32}[precision]
+
+
+def _keeps_own_type(trt: Any, layer: Any) -> bool:
+    """Layers the `*` default leaves alone: integer or boolean ones, constants, shape computations."""
+    if layer.precision in (trt.int32, trt.bool) or layer.type == trt.LayerType.CONSTANT:
+        return True
+    if layer.num_inputs >= 1:
+        first = layer.get_input(0)
+        if first is not None and (getattr(first, "is_shape_tensor", False) or (
+                first.dtype == trt.int32 and layer.num_outputs >= 1 and layer.get_output(0).dtype == trt.int32)):
+            return True
+    return False
+
+
+def apply_layer_precisions(trt: Any, network: Any, precisions: dict[str, str]) -> list[str]:
+    """Set each named layer's precision (and `*`'s on the others it suits); returns the layers set.
+    A name that matches no layer of the network is an error naming it."""
+    default = precisions.get("*")
+    names = {network.get_layer(i).name for i in range(network.num_layers)}
+    unknown = sorted(set(precisions) - names - {"*"})
+    if unknown:
+        raise UsageError(f"{LAYERS_PRECISION_FIELD}: no layer named {', '.join(map(repr, unknown))} in the ONNX "
+                         "network (names are the ONNX node names, e.g. /backbone/conv1/Conv)")
+    changed = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        precision = precisions.get(layer.name)
+        if precision is None and (default is None or _keeps_own_type(trt, layer)):
+            continue
+        layer.precision = _trt_type(trt, precision or default)
+        changed.append(layer.name)
+    return changed
+
+
+def int8_calibration_problem(section: Any) -> Optional[str]:
+    """Why an INT8 build cannot calibrate (None when it can): it needs an existing cache or images."""
+    calibration = section.tensorrt.calibration
+    if calibration.cal_cache_file and storage.exists(calibration.cal_cache_file):
+        return None
+    if not calibration.cal_image_dir:
+        return ("gen_trt_engine.tensorrt.calibration.cal_image_dir: not set, and no cal_cache_file to read; "
+                "an INT8 engine needs calibration images (or the cache of an earlier calibration)")
+    if not calibration.cal_cache_file:
+        return ("gen_trt_engine.tensorrt.calibration.cal_cache_file: not set; give the file the INT8 "
+                "calibration is written to (and read from next time)")
+    return None
+
+
+def calibration_images(folders: Sequence[str], limit: int) -> list[str]:
+    from ..data.inference import list_images
+
+    return list_images(list(folders))[:limit]
+
+
+def make_calibrator(trt: Any, section: Any, aug: AugmentationConfig, device: torch.device | str = "cuda") -> Any:
+    """TensorRT's entropy calibrator over `cal_batches` batches of `cal_batch_size` images of
+    cal_image_dir (resized to the engine's input size and normalised as inference does); the cache
+    is read from / written to cal_cache_file."""
+    from torchvision import tv_tensors
+
+    from ..data.images import load_image
+
+    calibration = section.tensorrt.calibration
+    batch, batches = calibration.cal_batch_size, calibration.cal_batches
+    height, width = section.input_height, section.input_width
+    transform = engine_transform(aug, height, width)
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            super().__init__()
+            self.paths = calibration_images(calibration.cal_image_dir, batch * batches) \
+                if calibration.cal_image_dir else []
+            self.next = 0
+            self.current: Optional[torch.Tensor] = None
+
+        def get_batch_size(self) -> int:
+            return batch
+
+        def get_batch(self, names):  # noqa: ARG002 - TensorRT's signature
+            if self.next + batch > len(self.paths):
+                return None
+            images = []
+            for path in self.paths[self.next:self.next + batch]:
+                image = load_image(path)
+                no_boxes = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY",
+                                                              canvas_size=tuple(image.shape[-2:])),
+                            "labels": torch.zeros(0, dtype=torch.int64)}
+                image, _ = transform(image, no_boxes)
+                images.append(image.as_subclass(torch.Tensor))
+            self.next += batch
+            self.current = torch.stack(images).to(device, torch.float32).contiguous()
+            return [int(self.current.data_ptr())]
+
+        def read_calibration_cache(self):
+            path = calibration.cal_cache_file
+            return storage.read_bytes(path) if path and storage.exists(path) else None
+
+        def write_calibration_cache(self, cache) -> None:
+            storage.write_bytes(calibration.cal_cache_file, bytes(cache))
+
+    return Calibrator()
+
+
+def configure_builder(trt: Any, builder: Any, network: Any, config: Any, section: Any,
+                      aug: Optional[AugmentationConfig] = None) -> Optional[Any]:
+    """Apply gen_trt_engine's settings to a builder config: workspace, precision (FP16 / INT8 with a
+    calibrator), per-layer precisions, timing cache. Returns the timing cache to save after the build
+    (`save_timing_cache`), or None."""
+    tensorrt = section.tensorrt
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, tensorrt.workspace_size << 20)
+    precisions = parse_layers_precision(tensorrt.layers_precision)
+    used = {tensorrt.data_type, *precisions.values()}
+    if "fp16" in used:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if "int8" in used:
+        problem = int8_calibration_problem(section)
+        if problem:
+            raise UsageError(problem)
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = make_calibrator(trt, section, aug or AugmentationConfig())
+    if precisions:
+        changed = apply_layer_precisions(trt, network, precisions)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        log.info("%s: precision set on %d layer(s)", LAYERS_PRECISION_FIELD, len(changed))
+    if not section.timing_cache:
+        return None
+    cache = config.create_timing_cache(b"")
+    if storage.exists(section.timing_cache):
+        log.info("gen_trt_engine.timing_cache: reading %s", section.timing_cache)
+        cache.combine(config.create_timing_cache(storage.read_bytes(section.timing_cache)), False)
+    config.set_timing_cache(cache, False)
+    return cache
+
+
+def save_timing_cache(config: Any, path: Optional[str]) -> None:
+    """Write the builder config's timing cache (what this build measured, with what it read) to `path`."""
+    if path:
+        storage.write_bytes(path, bytes(config.get_timing_cache().serialize()))

@@ -1,4 +1,9 @@
-"""`deformable-detr gen_trt_engine`: a TensorRT engine (fp32/fp16) from an exported ONNX file.
+"""`deformable-detr gen_trt_engine`: a TensorRT engine (fp32/fp16/int8) from an exported ONNX file.
+
+TAO's builder settings (export/trt.py `configure_builder`): tensorrt.data_type, INT8 calibrated
+from tensorrt.calibration (cal_image_dir, cal_batches x cal_batch_size images; cal_cache_file
+read when it exists, written after calibrating), tensorrt.layers_precision (`layer:precision`,
+`*` for the other layers), timing_cache (read when it exists, written after the build).
 
 Needs the `tensorrt` package (`pip install './trainer[tensorrt]'`) and a CUDA GPU; without
 them it says so in one line, exits 3 and writes nothing. The deformable-attention nodes resolve to
@@ -12,7 +17,8 @@ import torch
 
 from ..config.schema import ExperimentConfig
 from ..errors import FeatureUnavailable, UsageError
-from ..export.trt import missing_requirements
+from ..export.trt import (configure_builder, int8_calibration_problem, missing_requirements,
+                          parse_layers_precision, save_timing_cache)
 from ..runtime import storage
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
@@ -53,9 +59,7 @@ def build_engine(spec: ExperimentConfig, onnx_bytes: bytes) -> bytes:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UsageError(f"gen_trt_engine.onnx_file: {section.onnx_file} cannot be parsed by TensorRT: {errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, section.tensorrt.workspace_size << 20)
-    if section.tensorrt.data_type == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    configure_builder(trt, builder, network, config, section, spec.dataset.augmentation)
     image = network.get_input(0)
     batch = image.shape[0]
     profile = builder.create_optimization_profile()
@@ -66,6 +70,7 @@ def build_engine(spec: ExperimentConfig, onnx_bytes: bytes) -> bytes:
     if engine is None:
         raise UsageError(f"gen_trt_engine: TensorRT could not build an engine from {section.onnx_file} "
                          "(run with gen_trt_engine.verbose=true for its log)")
+    save_timing_cache(config, section.timing_cache)
     return bytes(engine)
 
 
@@ -75,6 +80,12 @@ def run(spec: ExperimentConfig) -> int:
         raise UsageError("gen_trt_engine.onnx_file: not set; give the ONNX file written by the export task")
     if not storage.exists(section.onnx_file):
         raise UsageError(f"gen_trt_engine.onnx_file: {section.onnx_file} does not exist")
+    # Settings TensorRT is not needed to check: refused first, in one line.
+    precisions = parse_layers_precision(section.tensorrt.layers_precision)
+    if "int8" in {section.tensorrt.data_type, *precisions.values()}:
+        problem = int8_calibration_problem(section)
+        if problem:
+            raise UsageError(problem)
     missing = missing_requirements()
     if missing:
         raise FeatureUnavailable(f"a TensorRT engine cannot be built here: {'; '.join(missing)}")
