@@ -204,6 +204,12 @@ def test_sizes_are_after_exif_orientation(tmp_path):
     assert code == 0
     (image,) = load(out / "a" / "a-shard-00000-of-00001.json")["images"]
     assert (image["width"], image["height"]) == (30, 40)
+    # The loaders read the image as shown too, so the shard trains as it is.
+    spec = spec_from_dict({"dataset": {
+        "train_data_sources": [{"image_dir": str(tmp_path), "json_file": str(out / "a" / "*.json")}],
+        "num_classes": 4, "workers": 0, "augmentation": {"test_random_resize": 32, "fixed_padding": False}}})
+    _pixels, target = build_dataset(spec, "train")[0]
+    assert target["orig_size"].tolist() == [40, 30]
 
 
 def test_a_short_partition_that_cannot_be_filled_is_one_clear_line(tmp_path, capsys):

@@ -130,7 +130,7 @@ def _one_image_source(tmp_path, pixels_wh, listed_wh) -> dict:
 
 
 @pytest.mark.parametrize("pixels, listed, hint", [((1, 1), (128, 128), ""),
-                                                  ((40, 30), (30, 40), "EXIF-rotated size")])
+                                                  ((40, 30), (30, 40), "size as stored, before EXIF orientation")])
 def test_listed_size_must_match_the_pixels(tmp_path, pixels, listed, hint):
     from deformable_detr.data import build_dataset
     from deformable_detr.data.images import ImageSizeMismatch
@@ -156,19 +156,22 @@ def test_size_mismatch_in_a_training_run_is_one_line(tmp_path, write_spec, capsy
         one_line_error(err, "train")
 
 
-def test_exif_orientation_is_ignored_everywhere(tmp_path):
-    """Pixels are read as stored: a JPEG tagged 'rotate 90' keeps its stored width and height."""
+def test_exif_orientation_is_applied_everywhere(tmp_path):
+    """Images are read as shown, as TAO reads them: a JPEG tagged 'rotate 90' is 30 wide, 40 high."""
     from deformable_detr.data.images import load_image
     from deformable_detr.data.kitti import image_size
 
     path = str(tmp_path / "rotated.jpg")
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
-    Image.new("RGB", (40, 30), (10, 200, 10)).save(path, exif=exif.tobytes())
-    assert tuple(load_image(path).shape[-2:]) == (30, 40)
-    assert image_size(path) == (40, 30)  # convert records the size as shown, after EXIF orientation (TAO's)
-    with Image.open(path) as image:  # what inference draws on
-        assert image.size == (40, 30)
+    stored = Image.new("RGB", (40, 30), (10, 200, 10))
+    stored.paste((250, 10, 10), (0, 0, 12, 12))  # red in the stored top-left corner: shown top-right
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    assert tuple(load_image(path).shape[-2:]) == (40, 30)
+    assert image_size(path) == (40, 30)  # convert records the size as shown, as the loaders read it
+    shown = load_image(path)
+    assert shown[0, 4, 25] > 200 and shown[1, 4, 25] < 60      # top-right: the red corner
+    assert shown[0, 35, 4] < 60 and shown[1, 35, 4] > 150       # bottom-left: green
 
 
 # ------------------------------------------------------------- checkpoints

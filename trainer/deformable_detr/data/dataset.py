@@ -36,7 +36,7 @@ class CocoDetection(Dataset):
 
     `require_boxes` ("train" or "score") refuses a split with no usable box at all: training
     on it teaches nothing and scoring against it gives AP -1. Each image's JSON width and
-    height must match its pixels as stored (EXIF orientation is not applied, see images.py).
+    height must match its pixels as shown (after EXIF orientation, as TAO reads them; see images.py).
     """
 
     def __init__(self, sources: Sequence[DataSource], num_classes: int, transform: Transform,
@@ -119,8 +119,8 @@ def _check_size(path: str, decoded_hw, height: int, width: int) -> None:
     """The JSON's height/width (0 = not given) against the decoded pixels; one line naming the image."""
     actual_h, actual_w = int(decoded_hw[0]), int(decoded_hw[1])
     if (height and height != actual_h) or (width and width != actual_w):
-        hint = (" (swapped: the JSON lists the EXIF-rotated size; boxes must be in the stored pixel "
-                "orientation, which is what is read)" if (height, width) == (actual_w, actual_h) else "")
+        hint = (" (swapped: the JSON lists the size as stored, before EXIF orientation; images are read "
+                "as shown, after it, as TAO reads them)" if (height, width) == (actual_w, actual_h) else "")
         raise ImageSizeMismatch(f"{path}: the annotation file lists width {width}, height {height}, but the "
                                 f"image is {actual_w}x{actual_h}{hint}; fix the JSON's width/height (and its "
                                 "boxes, if they were made for another image)")

@@ -1,13 +1,14 @@
 """Decoding image files, with one clear error for a file that cannot be read.
 
-EXIF orientation is not applied, anywhere: images are read as their pixels are stored, as
-TAO, torchvision's CocoDetection and pycocotools do, so a COCO/KITTI file's boxes, width and
-height refer to the stored pixels; drawn images and inference labels use the same frame.
+EXIF orientation is applied, everywhere, as TAO does it (PIL's exif_transpose in its data
+loaders, inference drawing and KITTI converter): an image is read as it is shown, so a COCO/KITTI
+file's boxes, width and height refer to the shown frame (what `convert` records); drawn images
+and inference labels use the same frame.
 """
 from __future__ import annotations
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 
@@ -41,12 +42,13 @@ def load_image(path: str) -> tv_tensors.Image:
     except (RuntimeError, OSError) as err:
         raise UnreadableImageError(f"{path}: cannot read image file ({err})") from None
     try:
-        return tv_tensors.Image(decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=False))
+        return tv_tensors.Image(decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True))
     except RuntimeError:
         pass
     try:  # formats torchvision's decoders lack (BMP, TIFF, ...)
-        with Image.open(path) as pil:
-            array = torch.frombuffer(bytearray(pil.convert("RGB").tobytes()), dtype=torch.uint8)
+        with Image.open(path) as stored:
+            pil = ImageOps.exif_transpose(stored).convert("RGB")
+            array = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8)
             return tv_tensors.Image(array.view(pil.height, pil.width, 3).permute(2, 0, 1).contiguous())
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImageError(f"{path}: cannot decode image ({err})") from None

@@ -17,7 +17,7 @@ import os
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from ..config.schema import ExperimentConfig
@@ -113,8 +113,8 @@ def named_detections(found: dict, class_names: Sequence[str], conf_threshold: fl
 def _write_outputs(out: str, name: str, path: str, detections: list[Detection], colors: dict,
                    outline_width: int) -> None:
     write_kitti_labels(f"{out}/{LABELS_DIR}/{name}.txt", detections)
-    with Image.open(path) as image:
-        drawn = draw_detections(image, detections, colors, outline_width)
+    with Image.open(path) as stored:  # drawn as shown (EXIF orientation applied), the frame the boxes are in
+        drawn = draw_detections(ImageOps.exif_transpose(stored), detections, colors, outline_width)
     extension = os.path.splitext(path)[1].lower() or ".png"
     save_image(drawn, f"{out}/{ANNOTATED_DIR}/{name}{extension}")
 
