@@ -291,3 +291,20 @@ def test_a_failed_upload_fails_a_successful_run_in_one_line(tiny_coco, monkeypat
         trainer.finish("completed")
     assert "not uploaded to s3://unreachable/run/train" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_checkpoint_interval_unit_step_and_cudnn_flags(tiny_coco, tmp_path, write_spec, monkeypatch):
+    """TAO 6's train.checkpoint_interval_unit: step saves every N steps (and at the end); train.cudnn sets
+    torch's flags."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)   # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    spec = tiny_train_spec(tiny_coco, tmp_path / "results", checkpoint_interval=3, checkpoint_interval_unit="step",
+                           cudnn={"benchmark": True, "deterministic": False})
+    assert train_cli(write_spec, spec) == 0
+    folder = tmp_path / "results" / "train"
+    # 2 epochs of 2 steps: step 3 (mid epoch 1) and the end; no epoch-end checkpoint of epoch 0.
+    assert sorted(n for n in os.listdir(folder) if n.startswith("model_")) == [
+        "model_epoch_001_step_00003.pth", "model_epoch_001_step_00004.pth"]
+    mid = load_checkpoint(str(folder / "model_epoch_001_step_00003.pth"))
+    assert (mid["epoch"], mid["step"], mid["epoch_finished"]) == (1, 3, False)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)

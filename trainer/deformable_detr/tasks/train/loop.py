@@ -62,6 +62,9 @@ class Trainer:
     def __init__(self, spec: ExperimentConfig, info: distributed.DistInfo) -> None:
         self.spec, self.info, self.train_cfg = spec, info, spec.train
         _check_precision(self.train_cfg.precision, info.device)
+        # train.cudnn: TAO sets torch's flags from the spec (benchmark off, deterministic on by default).
+        torch.backends.cudnn.benchmark = self.train_cfg.cudnn.benchmark
+        torch.backends.cudnn.deterministic = self.train_cfg.cudnn.deterministic
         self.outputs = TrainOutputs(spec, info.is_main)
         self.resumed_from: Optional[str] = None
 
@@ -205,6 +208,9 @@ class Trainer:
             waited_since = time.perf_counter()
             if stop_now:
                 return False
+            if self.train_cfg.checkpoint_interval_unit == "step" and \
+                    position.step % self.train_cfg.checkpoint_interval == 0:
+                self._save(position, epoch_finished=False)  # the epoch's schedule step and validation still to come
         return True
 
     def _validate(self, position: Position) -> Optional[float]:
@@ -289,7 +295,8 @@ class Trainer:
                     checkpoint.restore_rng_state(rng_before)
                 if on_plateau:  # after validation, before the checkpoint that holds the schedule's state
                     self._step_on_plateau(position, val_loss)
-                if done % self.train_cfg.checkpoint_interval == 0 or done == num_epochs:
+                by_epoch = self.train_cfg.checkpoint_interval_unit == "epoch"
+                if (by_epoch and done % self.train_cfg.checkpoint_interval == 0) or done == num_epochs:
                     self._save(position, epoch_finished=True)
                 self._log_epoch(position)
                 position = Position(epoch=done, batches_done=0, step=position.step)
