@@ -64,10 +64,12 @@ def test_a_missing_interpreter_is_one_line(tmp_path):
 def test_command_resolution_with_a_real_venv_that_is_not_activated(tmp_path, poisoned_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    # The new venv sees the packages of the interpreter running the tests (itself a venv or not), as a .pth
-    # file does, instead of --system-site-packages, which would see only the base interpreter's.
+    # The new venv sees the packages of the interpreter running the tests (itself a venv or not, editable
+    # installs included): a .pth line that adds those folders as site folders, so their own .pth files run too.
+    # --system-site-packages would see only the base interpreter's.
     (site_packages,) = venv.glob("lib/python*/site-packages")
-    (site_packages / "tests-parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    dirs = ", ".join(repr(d) for d in site.getsitepackages())
+    (site_packages / "tests-parent.pth").write_text(f"import site; list(map(site.addsitedir, ({dirs},)))\n")
     script = f'source {SCRIPTS}/python-env.sh && "$PY" -c "import sys; print(sys.prefix)" && ddetr default-spec train'
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PATH": poisoned_path, "PYTHON": "venv/bin/python"})

@@ -17,7 +17,6 @@ class Task:
 
 
 TASKS = {task.name: task for task in (
-    Task("convert", "KITTI label folders -> sharded COCO JSON", ("convert",)),
     Task("train", "train a Deformable DETR model", ("model", "dataset", "train", "evaluate")),
     Task("evaluate", "COCO mAP of a checkpoint on dataset.test_data_sources", ("model", "dataset", "evaluate")),
     Task("inference", "KITTI labels and annotated images for dataset.infer_data_sources",
@@ -25,6 +24,7 @@ TASKS = {task.name: task for task in (
     Task("export", "export a checkpoint to ONNX", ("model", "dataset", "export")),
     Task("gen_trt_engine", "build a TensorRT engine from an ONNX file (needs tensorrt and a GPU)",
          ("gen_trt_engine",)),
+    Task("convert", "KITTI label folders -> sharded COCO JSON", ("convert",)),
 )}
 
 # What a DeformableDetrJob runs when its spec names no task.
