@@ -308,3 +308,10 @@ def test_checkpoint_interval_unit_step_and_cudnn_flags(tiny_coco, tmp_path, writ
     mid = load_checkpoint(str(folder / "model_epoch_001_step_00003.pth"))
     assert (mid["epoch"], mid["step"], mid["epoch_finished"]) == (1, 3, False)
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+
+
+def test_train_gpu_ids_choose_the_visible_gpus(tiny_coco, tmp_path, write_spec, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test: train sets it
+    spec = tiny_train_spec(tiny_coco, tmp_path / "results", gpu_ids=[1], is_dry_run=True)
+    assert train_cli(write_spec, spec) == 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"

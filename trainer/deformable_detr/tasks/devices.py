@@ -1,4 +1,4 @@
-"""Which GPUs evaluate and inference run on: `{task}.gpu_ids` with `{task}.num_gpus`, as TAO reads them.
+"""Which GPUs a task runs on: `{task}.gpu_ids` with `{task}.num_gpus` (train: on each node), as TAO reads them.
 
 TAO reconciles the two (the larger count wins; when the number of ids then differs from it, the
 ids become 0..N-1) and makes the chosen GPUs the only visible ones (CUDA_VISIBLE_DEVICES), so

@@ -11,6 +11,7 @@ from ...runtime import distributed
 from ...runtime.files import disk_full_error, is_disk_full
 from ...runtime.logging import get_logger
 from ...runtime.paths import task_results_dir
+from ..devices import select_gpus
 from .loop import Trainer
 
 log = get_logger("train")
@@ -19,7 +20,9 @@ __all__ = ["Trainer", "run"]
 
 
 def run(spec: ExperimentConfig) -> int:
-    launched = distributed.relaunch_in_workers(spec, "train", spec.train.num_gpus, spec.train.num_nodes)
+    # train.gpu_ids: this node's GPUs, reconciled with train.num_gpus as TAO does (tasks/devices.py).
+    num_gpus = select_gpus("train", spec.train.num_gpus, spec.train.gpu_ids)
+    launched = distributed.relaunch_in_workers(spec, "train", num_gpus, spec.train.num_nodes)
     if launched is not None:
         return launched
     try:
