@@ -14,6 +14,12 @@ class FeatureUnavailable(UsageError):
     exit_code = exit_codes.UNAVAILABLE_FEATURE.code
 
 
+class Diverged(UsageError):
+    """Training's loss or weights became NaN or infinite: exit code 4, permanent (a restart repeats it)."""
+
+    exit_code = exit_codes.DIVERGED.code
+
+
 def one_line(err: BaseException) -> str:
     """`Type: first line of the message`, for logs and records that must stay one line."""
     text = str(err).strip()

@@ -24,6 +24,8 @@ OK = ExitCode(0, "Done", "the task finished")
 BUG = ExitCode(1, "Bug", "an unexpected error (a traceback): a bug to report")
 BAD_INPUT = ExitCode(2, "BadInput", "bad input: a spec value, a missing or corrupt file; one line names it")
 UNAVAILABLE_FEATURE = ExitCode(3, "FeatureUnavailable", "a feature this machine cannot run (TensorRT without a GPU)")
+DIVERGED = ExitCode(4, "Diverged", "training's loss or weights became NaN or infinite; a restart would repeat it "
+                    "(lower train.optim.lr); nothing newer than the last finite checkpoint was saved")
 INTERRUPTED = ExitCode(130, "Interrupted", "stopped by Ctrl-C after saving a checkpoint")
 TERMINATED = ExitCode(143, "Terminated", "stopped by SIGTERM after saving a checkpoint")
 PEER_LOST = ExitCode(200, "PeerLost", "lost contact with a peer (a worker killed, a node lost, a collective timed out)")
@@ -31,7 +33,7 @@ STORAGE_UNAVAILABLE = ExitCode(201, "StorageUnavailable", "storage that may come
 DISK_FULL = ExitCode(202, "DiskFull", "no space or quota left to write a file; nothing written is lost")
 MASTER_UNRESOLVABLE = ExitCode(203, "MasterUnresolvable", "the worker pod never resolved or reached rank 0's address")
 
-ALL = (OK, BUG, BAD_INPUT, UNAVAILABLE_FEATURE, INTERRUPTED, TERMINATED, PEER_LOST, STORAGE_UNAVAILABLE, DISK_FULL,
+ALL = (OK, BUG, BAD_INPUT, UNAVAILABLE_FEATURE, DIVERGED, INTERRUPTED, TERMINATED, PEER_LOST, STORAGE_UNAVAILABLE, DISK_FULL,
        MASTER_UNRESOLVABLE)
 BY_CODE = {entry.code: entry for entry in ALL}
 

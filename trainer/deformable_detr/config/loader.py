@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -86,6 +87,7 @@ def _convert(value: Any, tp, path: str, meta: dict):
         return _check_range(value, path, meta)
     if tp is float:
         # YAML 1.1 reads `2e-4` (no dot) as a string; accept any string Python reads as a number.
+        given = value
         if isinstance(value, str):
             try:
                 value = float(value)
@@ -93,7 +95,13 @@ def _convert(value: Any, tp, path: str, meta: dict):
                 raise SpecError(f"{path}: got {_show(value)}; expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{path}: got {_show(value)}; expected a number")
-        return _check_range(float(value), path, meta)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):  # nan, inf: every later use of the number would be undefined
+            raise SpecError(f"{path}: {given} is not a finite number; accepted: a finite number")
+        return _check_range(number, path, meta)
     if tp is str:
         if not isinstance(value, str):
             raise SpecError(f"{path}: got {_show(value)}; expected a string")

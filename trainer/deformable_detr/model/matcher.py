@@ -43,6 +43,8 @@ class HungarianMatcher(nn.Module):
         cost_bbox = torch.cdist(boxes, target_boxes, p=1)
         cost_giou = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = cost.view(batch, num_queries, -1).cpu()
+        # A diverged model's NaN/inf outputs still get a matching, so the loss (NaN) says so and
+        # training stops with the step and its loss terms rather than scipy's error.
+        cost = torch.nan_to_num(cost.view(batch, num_queries, -1).cpu(), nan=1e8, posinf=1e8, neginf=-1e8)
         indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]

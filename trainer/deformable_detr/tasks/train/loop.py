@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ...config.schema import ExperimentConfig
-from ...errors import UsageError
+from ...errors import Diverged, UsageError
 from ...runtime import checkpoint, distributed
 from ...runtime.logging import get_logger
 from ...runtime.optim import build_optimizer, build_scheduler, monitors_a_value
@@ -67,6 +67,8 @@ class Trainer:
         torch.backends.cudnn.deterministic = self.train_cfg.cudnn.deterministic
         self.outputs = TrainOutputs(spec, info.is_main)
         self.resumed_from: Optional[str] = None
+        self.saved_at_step: Optional[int] = None  # the step of the newest checkpoint (finite weights)
+        self.last_losses: dict[str, float] = {}
 
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
@@ -131,8 +133,14 @@ class Trainer:
     # ------------------------------------------------------------ checkpoint
     def _save(self, position: Position, epoch_finished: bool) -> Optional[str]:
         """Every rank gathers; rank 0 writes. Returns the checkpoint's name in the results folder on rank 0."""
+        if not self._weights_finite():  # a finite loss can still leave non-finite weights after its update
+            terms = ", ".join(f"{name} {value:.4g}" for name, value in self.last_losses.items())
+            raise Diverged(f"training diverged at epoch {position.epoch} (0-based), step {position.step}: the "
+                           f"weights are no longer finite (last loss terms: {terms}); {self._saved_note()}; "
+                           "lower train.optim.lr (or use train.precision fp32)")
         state = gather_checkpoint(self.spec, self._bare_model, self.optimizer, self.scheduler, self.scaler,
                                   position, epoch_finished, self.info)
+        self.saved_at_step = position.step
         if state is None:
             return None
         # With remote results the sync moves the remote latest once the upload is complete; a local
@@ -140,6 +148,18 @@ class Trainer:
         path = checkpoint.save_checkpoint(state, self.outputs.local_dir, key=self.spec.encryption_key,
                                           update_latest=not self.outputs.remote)
         return self.outputs.checkpoint_saved(path)
+
+    def _weights_finite(self) -> bool:
+        """Whether every rank's weights (its shard under FSDP2) are finite; a collective."""
+        with torch.no_grad():
+            bad = any(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                      for p in self._bare_model.parameters())
+        return float(distributed.all_reduce_mean(torch.tensor([float(bad)]))[0]) == 0.0
+
+    def _saved_note(self) -> str:
+        if self.saved_at_step is None:
+            return "this run saved no checkpoint"
+        return f"the newest checkpoint is from step {self.saved_at_step}, nothing later was saved"
 
     # ------------------------------------------------------------------- step
     def _train_step(self, images, masks, targets) -> dict[str, torch.Tensor]:
@@ -198,9 +218,11 @@ class Trainer:
             total = sum(reduced.values())
             position.loss_sum += total
             position.loss_steps += 1
-            if not math.isfinite(total):
-                raise FloatingPointError(f"training loss is {total} at epoch {epoch} (0-based), step {position.step}; "
-                                         "lower train.optim.lr or use train.precision fp32")
+            if not math.isfinite(total):  # every rank sees the same reduced terms, so all stop here together
+                terms = ", ".join(f"{name} {value:.4g}" for name, value in reduced.items())
+                raise Diverged(f"training diverged at epoch {epoch} (0-based), step {position.step}: loss {total} "
+                               f"({terms}); {self._saved_note()}; lower train.optim.lr (or use train.precision fp32)")
+            self.last_losses = reduced
             step_seconds = time.perf_counter() - waited_since
             self.outputs.step(position, reduced, self.optimizer.param_groups[0]["lr"],
                               len(targets) * self.info.world_size, step_seconds, data_wait,
@@ -269,6 +291,8 @@ class Trainer:
         position, rng, self.resumed_from = resume(self.spec, self.outputs.results_dir, self._bare_model,
                                                   self.optimizer, self.scheduler, self.scaler)
         num_epochs = self.train_cfg.num_epochs
+        if self.resumed_from is not None:
+            self.saved_at_step = position.step
         self.outputs.open(self.resumed_from)
         self.outputs.start(position, self.resumed_from, self.info.world_size)
         if self.train_cfg.is_dry_run:
