@@ -89,9 +89,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spec = load_spec(args.spec, _task_overrides(args), results_dir=args.results_dir, key=args.key)
         setup_logging(verbose=spec.train.verbose)
         from .runtime.paths import task_results_dir
-        task_results_dir(spec, args.task)  # fails early, naming the field, when no results folder is set
+        from .tasks.results_folder import check_writable, effective_spec_recorded, results_dir_field
+
+        # Fails early, naming the field, when no results folder is set or it cannot be written.
+        check_writable(task_results_dir(spec, args.task), results_dir_field(spec, args.task))
         module = load_task(args.task)
-        from .tasks.results_folder import effective_spec_recorded
 
         with effective_spec_recorded(spec, args.task):
             return int(module.run(spec) or 0)

@@ -20,6 +20,7 @@ from ..runtime import storage
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from .loading import load_model_for_inference
+from .results_folder import check_writable, results_dir_field
 
 log = get_logger("export")
 
@@ -52,6 +53,9 @@ def run(spec: ExperimentConfig) -> int:
     if export.batch_size == 0:
         raise UsageError("export.batch_size: 0; accepted: -1 (dynamic) or a positive batch size")
     target = onnx_path(spec)
+    # Before the minutes of loading and tracing: a place the ONNX file cannot be written is one line now.
+    field = "export.onnx_file" if export.onnx_file else results_dir_field(spec, "export")
+    check_writable(os.path.dirname(target) or ".", field)
 
     model, _postprocessor = load_model_for_inference(spec, export.checkpoint, spec.encryption_key, _device(spec))
     mode = "plain ONNX ops" if export.on_cpu else f"{PLUGIN_OP} nodes"

@@ -1,11 +1,13 @@
-"""A task's results folder as the CLI opens it: the effective spec recorded there (never the key),
-taken back when the task refuses its input before writing anything else, so a refused run leaves
-the folder as it was."""
+"""A task's results folder as the CLI opens it: checked writable before any work (`check_writable`),
+the effective spec recorded there (never the key), taken back when the task refuses its input before
+writing anything else, so a refused run leaves the folder as it was."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
+import tempfile
 from typing import Iterator, Optional
 
 from ..config.loader import dump_spec
@@ -25,6 +27,41 @@ class _FolderBefore:
     created: list[str]              # local folders that did not exist yet, innermost first
     names: set[str]                 # what the folder held
     previous_spec: Optional[bytes]  # the experiment.yaml it held
+
+
+_WHY = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def results_dir_field(spec: ExperimentConfig, task: str) -> str:
+    """The spec field that names the task's results folder: `{task}.results_dir` if set, else `results_dir` (-r)."""
+    return f"{task}.results_dir" if getattr(getattr(spec, task, None), "results_dir", None) else "results_dir"
+
+
+def check_writable(folder: str, field: str) -> None:
+    """Refuse, in one line naming `field` and the path, a local folder this process cannot write into
+    (a file in its place or on its path, a read-only mount, no permission); nothing is left behind.
+
+    The folder itself need not exist yet: its nearest existing parent is where it would be created.
+    An `s3://` prefix is not probed here (a write there is the check; its errors are one line already).
+    """
+    if storage.is_remote(folder):
+        return
+    path = os.path.abspath(folder)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    accepted = "accepted: a folder this process can write"
+    if not os.path.isdir(existing):
+        what = "is a file, not a folder" if existing == path else "is a file, so the folder cannot be made in it"
+        raise UsageError(f"{field}: {folder} cannot be written: {existing} {what}; {accepted}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ddetr-write-check.", dir=existing)
+    except OSError as err:
+        if err.errno not in _WHY:
+            raise  # a full disk and the like: their own errors and exit codes
+        raise UsageError(f"{field}: {folder} cannot be written: {existing}: {_WHY[err.errno]}; {accepted}") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _rank() -> int:
