@@ -45,6 +45,12 @@ for tool in buildah python3 sha256sum; do
   command -v "$tool" >/dev/null || fail "$tool is not installed (bash scripts/test-deps.d/zz-images.sh installs the image tools)"
 done
 mkdir -p "$out"
+# One build at a time per output folder (two test runs on one machine share the archives).
+exec 9>"$out/.lock"
+if ! flock --nonblock 9; then
+  say "another build-images.sh is writing to $out; waiting for it"
+  flock 9
+fi
 
 driver=$(bash "$repo/scripts/images/storage-driver.sh") || fail "no usable buildah storage driver (scripts/images/storage-driver.sh)"
 export STORAGE_DRIVER=$driver
