@@ -89,13 +89,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spec = load_spec(args.spec, _task_overrides(args), results_dir=args.results_dir, key=args.key)
         setup_logging(verbose=spec.train.verbose)
         from .runtime.paths import task_results_dir
-        from .tasks.results_folder import check_writable, effective_spec_recorded, results_dir_field
+        from .tasks.results_folder import check_writable, effective_spec_recorded, one_writer, results_dir_field
 
         # Fails early, naming the field, when no results folder is set or it cannot be written.
         check_writable(task_results_dir(spec, args.task), results_dir_field(spec, args.task))
         module = load_task(args.task)
 
-        with effective_spec_recorded(spec, args.task):
+        with one_writer(spec, args.task), effective_spec_recorded(spec, args.task):
             return int(module.run(spec) or 0)
     except UsageError as err:
         print(f"deformable-detr {args.task}: error: {err}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """A task's results folder as the CLI opens it: checked writable before any work (`check_writable`),
-the effective spec recorded there (never the key), taken back when the task refuses its input before
+held by one writer (`one_writer`), the effective spec recorded there (never the key), taken back when the task refuses its input before
 writing anything else, so a refused run leaves the folder as it was."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..config.schema import ExperimentConfig
 from ..errors import UsageError
 from ..runtime import storage
 from ..runtime.paths import task_results_dir
+from ..runtime.writer_lock import LOCK_NAME
 
 EFFECTIVE_SPEC = "experiment.yaml"
 
@@ -103,7 +104,7 @@ def undo_effective_spec(before: Optional[_FolderBefore]) -> None:
 
         path = f"{before.folder}/{EFFECTIVE_SPEC}"
         # The training log records the refused attempt itself; anything else new means the task ran.
-        ignored = {path, f"{before.folder}/{LOG_NAME}"}
+        ignored = {path, f"{before.folder}/{LOG_NAME}", f"{before.folder}/{LOCK_NAME}"}
         if set(storage.list_files(before.folder)) - ignored != before.names - ignored:
             return
         if before.previous_spec is not None:
@@ -113,7 +114,8 @@ def undo_effective_spec(before: Optional[_FolderBefore]) -> None:
         return
     if before is None or not os.path.isdir(before.folder):
         return
-    if set(os.listdir(before.folder)) - {EFFECTIVE_SPEC} != before.names - {EFFECTIVE_SPEC}:
+    ignored = {EFFECTIVE_SPEC, LOCK_NAME}
+    if set(os.listdir(before.folder)) - ignored != before.names - ignored:
         return
     path = os.path.join(before.folder, EFFECTIVE_SPEC)
     if before.previous_spec is not None:
@@ -126,6 +128,20 @@ def undo_effective_spec(before: Optional[_FolderBefore]) -> None:
             os.rmdir(folder)
         except OSError:
             break
+
+
+@contextlib.contextmanager
+def one_writer(spec: ExperimentConfig, task: str) -> Iterator[None]:
+    """Hold the results folder's writer lock (runtime/writer_lock.py) for the task run inside; a folder
+    another run is writing is refused in one line naming that run. One lock per run: its rank 0 (or the
+    launcher that starts its workers) takes it."""
+    from ..runtime.writer_lock import WriterLock, takes_the_lock
+
+    if not takes_the_lock():
+        yield
+        return
+    with WriterLock(task_results_dir(spec, task), task, results_dir_field(spec, task)):
+        yield
 
 
 @contextlib.contextmanager
