@@ -12,7 +12,8 @@ naming the holder (exit 2). A holder that died leaves a stale lock, which the ne
 - a record of another pod of the same job (`DDETR_JOB_NAME`) is an earlier attempt, which the operator
   restarts only once every pod of it is gone: stale;
 - otherwise (another host, an S3 prefix, a file system whose flock does not reach across hosts) a
-  record whose heartbeat is older than `stale_seconds()` (`DDETR_LOCK_STALE_S`, default 120) is stale.
+  record whose heartbeat is older than `stale_seconds()` (`DDETR_LOCK_STALE_S`, default 120) is stale
+  (the heartbeat is the holder's clock: hosts' clocks must agree to well within that limit).
 
 On S3 the lock object is created with a conditional put (`If-None-Match: *`) and taken over or
 refreshed with `If-Match` on the ETag read, so two runs cannot both win. A store that ignores
