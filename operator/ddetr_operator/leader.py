@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from .decide.model import parse_time
+
 logger = logging.getLogger(__name__)
 RAW = {"_preload_content": False}
 DEFAULT_LEASE_NAME = "ddetr-operator-leader"
@@ -37,17 +39,11 @@ def _micro_time(now: dt.datetime) -> str:
     return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def next_holder(lease: Mapping[str, Any] | None, me: str, now: dt.datetime, timing: Timing) -> dict | None:
     """The Lease spec to write for `me` to hold it, or None when another holder's Lease is still live."""
     spec = dict((lease or {}).get("spec") or {})
     holder = spec.get("holderIdentity")
-    renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
+    renewed = parse_time(spec.get("renewTime")) or parse_time(spec.get("acquireTime"))
     duration = spec.get("leaseDurationSeconds") or timing.duration
     live = holder and renewed is not None and now < renewed + dt.timedelta(seconds=duration)
     if holder and holder != me and live:
