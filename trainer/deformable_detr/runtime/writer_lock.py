@@ -6,7 +6,8 @@ the holder refreshes every `heartbeat_seconds()`. A second run finds it and is r
 naming the holder (exit 2). A holder that died leaves a stale lock, which the next run takes over:
 
 - local folder: the holder also keeps an OS lock (flock) on the file for its whole run, which the
-  kernel releases when the process dies, so on the same host a dead holder is noticed at once;
+  kernel releases when the process dies (its forked children drop their copy of the descriptor), so on
+  the same host a dead holder is noticed at once;
 - a record of this host whose process is gone (pid not alive, or alive but started at another time:
   a restarted container reuses pids) is stale;
 - a record of another pod of the same job (`DDETR_JOB_NAME`) is an earlier attempt, which the operator
@@ -48,6 +49,23 @@ STALE_ENV = "DDETR_LOCK_STALE_S"
 DEFAULT_STALE_S = 120.0
 HELD_ENV = "DDETR_WRITER_LOCK_HELD"  # set while held, so workers the holder launches take no lock of their own
 JOB_ENV = "DDETR_JOB_NAME"
+
+# The lock files this process holds open under flock. A forked child (a data-loader worker, which runs
+# in a process group of its own and may outlive a SIGKILLed parent by seconds) would share the flock
+# through its copy of the descriptor; it closes that copy at once, so the lock ends with its holder.
+_HELD_FDS: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def stale_seconds() -> float:
@@ -234,6 +252,7 @@ class WriterLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD_FDS.add(fd)
 
     # --------------------------------------------------------------------- S3
     def _s3(self, action):
@@ -317,6 +336,8 @@ class WriterLock:
         return self
 
     def release(self) -> None:
+        if os.getpid() != self.me.pid:
+            return  # a forked child's copy of this object: the lock is its parent's
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -335,6 +356,7 @@ class WriterLock:
                     os.remove(self.path)  # under our flock: a waiter that opened it sees the inode gone
                 except FileNotFoundError:
                     pass
+                _HELD_FDS.discard(self._fd)
                 os.close(self._fd)
                 self._fd = None
                 for folder in self._created:  # a folder the lock made and nothing else used
