@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import uuid
 
 import pytest
 
@@ -82,14 +83,22 @@ def _cache_use(log: str) -> dict[str, bool]:
     return steps
 
 
+def _image_ids() -> list[str]:
+    listed = subprocess.run(["buildah", "images", "--all", "--quiet", "--no-trunc"], capture_output=True, text=True,
+                            env=imagetools.storage_env(), check=True)
+    return listed.stdout.split()
+
+
 def test_a_source_edit_rebuilds_only_the_layers_after_the_source_copy(context_copy, tmp_path):
     """The operator image (small: cheap to rebuild) from a context whose operator source differs from
     the repository's by one line: the locked dependencies come from the layer cache, the package
     install runs again."""
     context = context_copy
     main = context / "operator" / "ddetr_operator" / "__main__.py"
-    main.write_text(main.read_text() + "\n# edited by tests/images/test_build_failures.py\n")
+    # A line no earlier run wrote: a fixed one is in the layer cache from the previous run.
+    main.write_text(main.read_text() + f"\n# edited by tests/images/test_build_failures.py, run {uuid.uuid4().hex}\n")
     ref = "localhost/ddetr-test/edited-operator:1"
+    before = _image_ids()
     result = imagetools.build("operator", env={"DDETR_IMAGES_CONTEXT": str(context),
                                                "DDETR_IMAGES_DIR": str(tmp_path / "out"), "OPERATOR_IMAGE": ref},
                               timeout=1500)
@@ -101,4 +110,8 @@ def test_a_source_edit_rebuilds_only_the_layers_after_the_source_copy(context_co
         assert locked == [True], f"the locked dependencies were installed again: {steps}"
         assert package == [False], f"the edited package was not reinstalled: {steps}"
     finally:
+        # The layers this run made can never be reused (its edit is unique): remove them, the newest first.
         subprocess.run(["buildah", "rmi", ref], capture_output=True, env=imagetools.storage_env())
+        for image in reversed(_image_ids()):
+            if image not in before:
+                subprocess.run(["buildah", "rmi", image], capture_output=True, env=imagetools.storage_env())
