@@ -157,7 +157,8 @@ def test_eval_pipeline_resizes_shorter_side_with_cap():
 
 
 def test_fixed_pad_size():
-    assert tf.fixed_pad_size(AugmentationConfig(fixed_padding=True, random_resize_max_size=512)) == (512, 512)
+    aug = AugmentationConfig(fixed_padding=True, random_resize_max_size=512, scales=[320, 384], test_random_resize=352)
+    assert tf.fixed_pad_size(aug, training=True) == (384, 512) and tf.fixed_pad_size(aug) == (352, 512)
     assert tf.fixed_pad_size(AugmentationConfig(fixed_padding=False)) is None
     assert tf.fixed_pad_size(AugmentationConfig(fixed_padding=True, fixed_random_crop=256)) == (256, 256)
 

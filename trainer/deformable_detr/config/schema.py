@@ -91,7 +91,9 @@ class AugmentationConfig:
     random_resize_max_size: int = spec_field(1333, "cap on the longer side after any resize", min=1)
     test_random_resize: int = spec_field(800, "shorter-side size for evaluation and inference", min=1)
     fixed_padding: bool = spec_field(
-        True, "pad every image to (random_resize_max_size, random_resize_max_size) so batch shapes are constant")
+        True, "pad every image to TAO's fixed canvas, which follows its orientation: max(scales) x "
+        "random_resize_max_size in training, test_random_resize x random_resize_max_size in evaluation and "
+        "inference (landscape; portrait the other way round; a batch mixing both pads to the larger of each side)")
     fixed_random_crop: Optional[int] = spec_field(
         None, "large-scale jitter output size (ViT backbones); divisible by 32; null = off", min=32)
 

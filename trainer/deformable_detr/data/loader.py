@@ -75,7 +75,7 @@ def build_dataloader(spec: ExperimentConfig, split: str, rank: int = 0, world_si
     workers = spec.dataset.workers
     return DataLoader(
         items, batch_size=spec.dataset.batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=functools.partial(collate_fn, pad_to=fixed_pad_size(spec.dataset.augmentation)),
+        collate_fn=functools.partial(collate_fn, pad_to=fixed_pad_size(spec.dataset.augmentation, split == "train")),
         pin_memory=spec.dataset.pin_memory and torch.cuda.is_available(),
         persistent_workers=workers > 0, generator=generator, drop_last=False,
         worker_init_fn=ignore_stop_signals if workers > 0 else None)

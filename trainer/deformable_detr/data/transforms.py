@@ -21,7 +21,7 @@ Boxes cut down to nothing by a crop are dropped.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torchvision.transforms.v2 as T
@@ -190,14 +190,29 @@ def build_eval_transform(aug: AugmentationConfig) -> Transform:
     return Compose([resize_step, Normalize(aug.input_mean, aug.input_std)])
 
 
-def fixed_pad_size(aug: AugmentationConfig) -> Optional[tuple[int, int]]:
-    """The (h, w) every batch is padded to with fixed_padding, or None to pad per batch.
+class FixedCanvas(NamedTuple):
+    """TAO's fixed_padding canvas, which follows each image's orientation: a landscape (or square)
+    image pads to `across` high and `along` wide, a portrait one to `along` high and `across` wide."""
 
-    TAO pads to random_resize_max_size x random_resize_max_size: every resize caps the
-    longer side there, so any image fits in either orientation. With large-scale
-    jitter the output is S x S.
+    across: int  # the side across the image's longer side: max(scales), test_random_resize, or S
+    along: int  # the side along it: random_resize_max_size, or S
+
+    def for_image(self, height: int, width: int) -> tuple[int, int]:
+        return (self.along, self.across) if height > width else (self.across, self.along)
+
+
+def fixed_pad_size(aug: AugmentationConfig, training: bool = False) -> Optional[FixedCanvas]:
+    """The canvas each image pads to with fixed_padding, or None to pad per batch.
+
+    TAO's: max(scales) x random_resize_max_size in training, test_random_resize x
+    random_resize_max_size in evaluation and inference (the resizes cap the shorter side at
+    the first, the longer at the second), S x S with large-scale jitter (S = fixed_random_crop).
+    A batch pads to the largest canvas side of its images (data.collate). Large-scale jitter
+    pads its training crops to S x S even without fixed_padding, as TAO's pipeline does.
     """
+    if aug.fixed_random_crop and (aug.fixed_padding or training):
+        return FixedCanvas(aug.fixed_random_crop, aug.fixed_random_crop)
     if not aug.fixed_padding:
         return None
-    side = aug.fixed_random_crop or aug.random_resize_max_size
-    return side, side
+    across = max(aug.scales) if training else aug.test_random_resize
+    return FixedCanvas(int(across), int(aug.random_resize_max_size))
