@@ -7,8 +7,10 @@ a `.get(field, default)` elsewhere. Adding a spec field is one `prop` here and i
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
+from deformable_detr import exit_codes
 from deformable_detr.config.jsonschema import experiment_schema
 from deformable_detr.runtime.status_file import STATUS_FIELDS as STATUS_FIELDS_OF_FILE
 from deformable_detr.tasks import DEFAULT_TASK, TASKS
@@ -96,6 +98,61 @@ class EncryptionKeySecret:
     key: str = prop("key holding the checkpoint encryption key", default="DDETR_ENCRYPTION_KEY")
 
 
+FAILURE_ACTIONS = ["FailJob", "RestartJob", "RestartJobAndIgnoreBackoff"]
+MAX_FAILURE_RULES = 32
+
+
+def _valid_regex(pattern: str | None) -> bool:
+    try:
+        re.compile(pattern or "")
+        return True
+    except re.error:
+        return False
+
+
+@_frozen
+class FailureRule:
+    DESCRIPTION = ("a failure rule: matches when every matcher given matches (each list: any of its items); "
+                   "the first rule that matches decides")
+    RULES = (Rule("has(self.exitCodes) || has(self.terminationReasons) || has(self.podConditions) || "
+                  "has(self.failureClasses) || has(self.logPattern)",
+                  "a failure rule needs at least one of exitCodes, terminationReasons, podConditions, failureClasses "
+                  "or logPattern",
+                  lambda r: any(v is not None for v in (r.exit_codes, r.termination_reasons, r.pod_conditions,
+                                                        r.failure_classes, r.log_pattern))),
+             # An invalid pattern makes matches() fail to evaluate: the API server refuses the object.
+             Rule("!has(self.logPattern) || ''.matches(self.logPattern) || !''.matches(self.logPattern)",
+                  "logPattern: not a valid RE2 regular expression",
+                  lambda r: _valid_regex(r.log_pattern),
+                  lambda r: f"logPattern: {r.log_pattern!r} is not a valid regular expression"),)
+    name: str = prop("names the rule in status.lastFailure.rule and the event", required=True,
+                     pattern=r"^[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$", maxLength=63)
+    action: str = prop("FailJob: the job fails; RestartJob: restart counted against backoffLimit; "
+                       "RestartJobAndIgnoreBackoff: restart not counted", required=True, enum=FAILURE_ACTIONS)
+    exit_codes: list[int] | None = prop("the failed trainer container's exit code is one of these",
+                                        schema=lambda: {"type": "array", "maxItems": 64,
+                                                        "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+                                        default=None)
+    termination_reasons: list[str] | None = prop(
+        "the failed container's termination reason is one of these (OOMKilled, Error, ContainerCannotRun)",
+        schema=lambda: {"type": "array", "maxItems": 16, "items": {"type": "string", "maxLength": 63}}, default=None)
+    pod_conditions: list[str] | None = prop(
+        "a pod of the gang has one of these conditions True (DisruptionTarget)",
+        schema=lambda: {"type": "array", "maxItems": 16, "items": {"type": "string", "maxLength": 63}}, default=None)
+    failure_classes: list[str] | None = prop(
+        "the trainer's failure class (its termination message; Hung for a progress deadline) is one of these",
+        schema=lambda: {"type": "array", "maxItems": 16,
+                        "items": {"type": "string", "enum": list(exit_codes.FAILURE_CLASSES)}}, default=None)
+    log_pattern: str | None = prop("RE2 regular expression found in the failed rank's last log lines (its "
+                                   "termination message)", maxLength=256, default=None)
+
+
+@_frozen
+class FailurePolicy:
+    rules: list[FailureRule] | None = prop("ordered; the first match decides, the built-in rules apply after "
+                                           "these", maxItems=MAX_FAILURE_RULES, default=None)
+
+
 @_frozen
 class RunPolicy:
     backoff_limit: int = prop("gang restarts after retryable failures before Failed", minimum=0, default=3)
@@ -108,6 +165,10 @@ class RunPolicy:
     startup_deadline_seconds: int | None = prop(
         "fail the job when an attempt's gang is not all running this long after its Job started (image pulls, "
         "scheduling, missing Secrets)", minimum=1, default=None)
+    progress_deadline_seconds: int | None = prop(
+        "end the attempt as Hung (retryable) when rank 0's heartbeat (status.json) has not advanced for this "
+        "long while all pods run", minimum=30, default=None)
+    failure_policy: FailurePolicy | None = prop("which failures fail the job and which restart it", default=None)
 
 
 @_frozen
@@ -224,6 +285,12 @@ class LastFailure:
     exit_code: int | None = prop("the trainer container's exit code", default=None)
     reason: str | None = prop("CamelCase reason", default=None)
     message: str | None = prop("what the pod said (last log lines)", default=None)
+    failure_class: str | None = prop("the trainer's failure class (OOM, NCCL, Hung, NaN, Data, Storage, ...)",
+                                     default=None)
+    step: int | None = prop("the last training step the failed rank finished", default=None)
+    rule: str | None = prop("the failure rule that decided (a runPolicy.failurePolicy rule's name, or builtin:...)",
+                            default=None)
+    action: str | None = prop("what the rule decided", enum=FAILURE_ACTIONS, default=None)
     time: str | None = prop("when the operator saw it", format="date-time", default=None)
 
 
@@ -263,6 +330,7 @@ class JobStatus:
     restarts: int | None = prop("gang restarts after failures so far (counted against backoffLimit)", default=None)
     disruptions: int | None = prop("gang restarts after preemptions, evictions and node drains (not counted)",
                                    default=None)
+    hangs: int | None = prop("attempts ended as Hung (no progress within progressDeadlineSeconds)", default=None)
     last_failure: LastFailure | None = prop("the failure that ended the last failed attempt", default=None)
     attempts: list[AttemptRecord] | None = prop("the last attempts, oldest first", maxItems=MAX_ATTEMPT_HISTORY, default=None)
     restart_time: str | None = prop("when the last restart began", format="date-time", default=None)

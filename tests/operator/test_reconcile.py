@@ -154,7 +154,8 @@ def test_usage_error_exit_2_is_permanent(make_job):
     assert decision.actions == []
     assert decision.status["lastFailure"] == {
         "attempt": 0, "rank": 0, "pod": "demo-a0-0-x0", "exitCode": 2, "reason": "ExitCode2",
-        "message": failed["message"].removeprefix("permanent failure, not retried: "), "time": "2026-01-02T03:04:05Z"}
+        "message": failed["message"].removeprefix("permanent failure, not retried: "), "time": "2026-01-02T03:04:05Z",
+        "rule": "builtin:permanent-exit-code", "action": "FailJob"}
     assert decision.status["attempts"] == [{"attempt": 0, "startTime": "2026-01-02T03:04:05Z",
                                             "finishTime": "2026-01-02T03:04:05Z", "outcome": "Failed",
                                             "reason": "ExitCode2", "rank": 0, "exitCode": 2}]

@@ -1,6 +1,6 @@
-"""Failures: why a gang broke (the first failed pod, or a disruption anywhere) and what follows,
-as a table from the kind of failure to its action: fail, restart counted against backoffLimit,
-or restart not counted (a disruption is not the job's fault).
+"""Failures: why a gang broke (the first failed pod, or a disruption anywhere) and what follows:
+the failure rules' verdict (failure_rules.py): fail, restart counted against backoffLimit, or
+restart not counted (a disruption is not the job's fault).
 
 Exit codes decide as in Kubeflow's ExitCode policy (deformable_detr.exit_codes): 1-127 permanent,
 128-255 (signals) and the trainer's own retryable codes retried; a pod lost without an exit code too.
@@ -13,9 +13,11 @@ from typing import Any, Callable, Mapping, Sequence
 from deformable_detr import exit_codes
 
 from ..render import CONTAINER, worker_job_name
+from . import failure_rules
 from .attempts import record_attempt
 from .conditions import transition
-from .model import MAX_MESSAGE, State, timestamp
+from .failure_rules import Facts, parse_termination_message
+from .model import MAX_MESSAGE, Event, State, timestamp
 
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 is_retryable_exit = exit_codes.is_retryable
@@ -30,6 +32,16 @@ class Failure:
     pod: str | None = None
     rank: int | None = None
     exit_code: int | None = None
+    termination_reason: str | None = None  # the container's (OOMKilled, Error)
+    pod_conditions: tuple[str, ...] = ()  # conditions True on any pod of the gang
+    failure_class: str | None = None  # the trainer's termination message (or Hung, from the operator)
+    step: int | None = None
+    log: str = ""  # the failed rank's last log lines
+
+    def facts(self) -> Facts:
+        return Facts(retryable=self.retryable, disruption=self.disruption, exit_code=self.exit_code,
+                     termination_reason=self.termination_reason, pod_conditions=self.pod_conditions,
+                     failure_class=self.failure_class, log=self.log)
 
 
 def _rank(pod: Mapping[str, Any]) -> int | None:
@@ -55,11 +67,15 @@ def pod_failure(pod: Mapping[str, Any]) -> Failure:
         return Failure(True, reason, f"pod {name}: {reason}: {status.get('message', 'lost before it exited')}",
                        pod=name, rank=_rank(pod))
     code = int(terminated["exitCode"])
-    detail = (terminated.get("message") or "").strip()
+    head, detail = parse_termination_message(terminated.get("message"))
     what = terminated.get("reason") or "Error"
-    message = f"pod {name} exited with code {code} ({what})" + (f"; last log lines:\n{detail}" if detail else "")
+    step = head.get("step") if isinstance(head.get("step"), int) else None
+    said = f": {head['class']} at step {step}: {head.get('reason', '')}" if head else ""
+    message = f"pod {name} exited with code {code} ({what}){said}" + (f"; last log lines:\n{detail}" if detail else "")
     return Failure(is_retryable_exit(code), "OOMKilled" if what == "OOMKilled" else f"ExitCode{code}", message,
-                   pod=name, rank=_rank(pod), exit_code=code)
+                   pod=name, rank=_rank(pod), exit_code=code, termination_reason=what,
+                   failure_class=head.get("class"), step=step,
+                   log="\n".join(part for part in (str(head.get("reason") or ""), detail) if part))
 
 
 def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -79,6 +95,8 @@ def first_failure(pods: Sequence[Mapping[str, Any]]) -> Failure | None:
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     if not failed:
         return None
+    conditions = tuple(sorted({c["type"] for p in pods for c in (p.get("status") or {}).get("conditions") or []
+                               if c.get("status") == "True" and c.get("type")}))
     for pod in pods:
         disruption = _disruption(pod)
         if disruption is not None:
@@ -86,36 +104,40 @@ def first_failure(pods: Sequence[Mapping[str, Any]]) -> Failure | None:
             terminated = _terminated(pod) or {}
             return Failure(True, reason, f"pod {pod['metadata']['name']} was disrupted: {reason}: "
                                          f"{disruption.get('message', '')}", disruption=True,
-                           pod=pod["metadata"]["name"], rank=_rank(pod), exit_code=terminated.get("exitCode"))
+                           pod=pod["metadata"]["name"], rank=_rank(pod), exit_code=terminated.get("exitCode"),
+                           termination_reason=terminated.get("reason"), pod_conditions=conditions)
 
     def finished(pod: Mapping[str, Any]) -> tuple[str, str]:
         terminated = _terminated(pod) or {}
         return (terminated.get("finishedAt") or "9999", pod["metadata"]["name"])
-    return pod_failure(min(failed, key=finished))
+    return dataclasses.replace(pod_failure(min(failed, key=finished)), pod_conditions=conditions)
 
 
-# --- what follows a failure: one rule per kind, first match wins ------------------------
+# --- what follows a failure: the verdict of the failure rules (failure_rules.py) --------
 
-def _fail_permanent(s: State, failure: Failure) -> None:
-    transition(s, "Failed", failure.reason, f"permanent failure, not retried: {failure.message}")
-
-
-def _restart_disrupted(s: State, failure: Failure) -> None:
-    # Preemption, eviction, a drained node: not the job's fault, so not counted in backoffLimit.
-    s.status["disruptions"] = int(s.status.get("disruptions", 0)) + 1
-    _restart(s, failure, f"restart after disruption {s.status['disruptions']} (not counted in backoffLimit)")
+def _fail(s: State, failure: Failure, rule: str) -> None:
+    why = "permanent failure" if rule.startswith("builtin:") else f"failure rule {rule}: FailJob"
+    transition(s, "Failed", failure.reason, f"{why}, not retried: {failure.message}")
 
 
-def _fail_backoff(s: State, failure: Failure) -> None:
+def _restart_not_counted(s: State, failure: Failure, rule: str) -> None:
+    # Preemption, eviction, a drained node (or a rule that says so): not the job's fault, not counted.
+    if failure.disruption:
+        s.status["disruptions"] = int(s.status.get("disruptions", 0)) + 1
+        detail = f"restart after disruption {s.status['disruptions']} (not counted in backoffLimit)"
+    else:
+        detail = f"restart not counted in backoffLimit (failure rule {rule})"
+    _restart(s, failure, detail)
+
+
+def _restart_counted(s: State, failure: Failure, rule: str) -> None:
     limit, restarts = s.run_policy.backoff_limit, int(s.status.get("restarts", 0))
-    transition(s, "Failed", "BackoffLimitExceeded",
-               f"{restarts} restart(s) used (backoffLimit {limit}); last failure: {failure.message}")
-
-
-def _restart_counted(s: State, failure: Failure) -> None:
-    restarts = int(s.status.get("restarts", 0)) + 1
-    s.status["restarts"] = restarts
-    _restart(s, failure, f"restart {restarts}/{s.run_policy.backoff_limit}")
+    if restarts >= limit:
+        transition(s, "Failed", "BackoffLimitExceeded",
+                   f"{restarts} restart(s) used (backoffLimit {limit}); last failure: {failure.message}")
+        return
+    s.status["restarts"] = restarts + 1
+    _restart(s, failure, f"restart {restarts + 1}/{limit}")
 
 
 def _restart(s: State, failure: Failure, detail: str) -> None:
@@ -126,30 +148,35 @@ def _restart(s: State, failure: Failure, detail: str) -> None:
     transition(s, "Restarting", failure.reason, f"{detail} from the newest checkpoint after: {failure.message}")
 
 
-def _out_of_restarts(s: State, _: Failure) -> bool:
-    return int(s.status.get("restarts", 0)) >= s.run_policy.backoff_limit
+ACTIONS: dict[str, Callable[[State, Failure, str], None]] = {
+    failure_rules.FAIL: _fail, failure_rules.RESTART: _restart_counted,
+    failure_rules.RESTART_NOT_COUNTED: _restart_not_counted,
+}
 
 
-# (when, action): the failure policy, in order.
-FAILURE_POLICY: tuple[tuple[Callable[[State, Failure], bool], Callable[[State, Failure], None]], ...] = (
-    (lambda s, f: not f.retryable, _fail_permanent),
-    (lambda s, f: f.disruption, _restart_disrupted),
-    (_out_of_restarts, _fail_backoff),
-    (lambda s, f: True, _restart_counted),
-)
+def user_rules(s: State) -> tuple:
+    policy = s.run_policy.failure_policy
+    return tuple(policy.rules or ()) if policy is not None else ()
 
 
 def handle_failure(s: State, failure: Failure) -> None:
-    """Record the failure and apply the first rule of FAILURE_POLICY that matches; delete nothing.
+    """Record the failure and apply the action of the first failure rule that matches; delete nothing.
 
     The Job controller has already stopped the rest of the gang (the worker Job's backoffLimit
     is 0), and the failed attempt's Job and pods stay for `kubectl logs`.
     """
+    verdict = failure_rules.decide(user_rules(s), failure.facts())
     s.status["workersReady"] = 0
     last = {"attempt": s.attempt, "rank": failure.rank, "pod": failure.pod, "exitCode": failure.exit_code,
-            "reason": failure.reason, "message": failure.message[-MAX_MESSAGE:], "time": timestamp(s.now)}
+            "reason": failure.reason, "message": failure.message[-MAX_MESSAGE:], "time": timestamp(s.now),
+            "failureClass": failure.failure_class, "step": failure.step, "rule": verdict.rule,
+            "action": verdict.action}
     s.status["lastFailure"] = {k: v for k, v in last.items() if v is not None}
     record_attempt(s, finishTime=timestamp(s.now), outcome="Disrupted" if failure.disruption else "Failed",
                    reason=failure.reason, rank=failure.rank, exitCode=failure.exit_code)
-    action = next(act for applies, act in FAILURE_POLICY if applies(s, failure))
-    action(s, failure)
+    if failure.failure_class is not None or verdict.rule in {r.name for r in user_rules(s)}:
+        s.events.append(Event("Warning", "FailureRuleMatched",
+                              f"failure rule {verdict.rule} decided {verdict.action} for "
+                              f"{failure.failure_class or failure.reason} at step {failure.step}"
+                              f" (pod {failure.pod}, exit code {failure.exit_code})"))
+    ACTIONS[verdict.action](s, failure, verdict.rule)
