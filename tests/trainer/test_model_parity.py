@@ -24,8 +24,9 @@ def _reference_attention(monkeypatch):
     monkeypatch.setenv("DDETR_MSDA_IMPL", "reference")
 
 
-def our_model(with_box_refine: bool, two_stage: bool, num_feature_levels: int):
+def our_model(with_box_refine: bool, two_stage: bool, num_feature_levels: int, attention_padding: str = "masked"):
     spec = ExperimentConfig()
+    spec.model.attention_padding = attention_padding  # transformers masks padding, as the original
     spec.dataset.num_classes = CLASSES
     m = spec.model
     m.backbone, m.hidden_dim, m.nheads, m.num_queries = "resnet_18", HIDDEN, HEADS, QUERIES

@@ -313,6 +313,8 @@ ADDITIONS = {
     "train.optim.patience": "AutoReduce: checks without improvement tolerated before a decay (TAO's AutoReduce "
                             "schedulers name it so)",
     "model.two_stage": "two-stage Deformable DETR from the original repository",
+    "model.attention_padding": "whether deformable attention masks padded pixels: TAO's models were trained "
+                               "unmasked, the original's masked; auto follows the checkpoint",
 }
 
 _SCALARS = {str: "string", int: "int", float: "float", bool: "bool"}

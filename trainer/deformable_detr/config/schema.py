@@ -136,6 +136,11 @@ class ModelConfig:
         "length must equal num_feature_levels")
     with_box_refine: bool = spec_field(True, "iterative bounding-box refinement in the decoder")
     two_stage: bool = spec_field(False, "two-stage Deformable DETR (encoder proposals seed the queries)")
+    attention_padding: str = spec_field(
+        "auto", "what deformable attention samples at padded pixels: unmasked (TAO's: their values as computed), "
+        "masked (the original Deformable-DETR's: zeros); auto follows the checkpoint (TAO's unmasked, original "
+        "and earlier ones of this project masked, ours as recorded) and TAO's for a fresh model",
+        choices=["auto", "unmasked", "masked"])
     cls_loss_coef: float = spec_field(2.0, "weight of the focal classification loss and cost", min=0.0)
     bbox_loss_coef: float = spec_field(5.0, "weight of the L1 box loss and cost", min=0.0)
     giou_loss_coef: float = spec_field(2.0, "weight of the GIoU loss and cost", min=0.0)

@@ -10,6 +10,7 @@ from ..config.schema import ExperimentConfig
 from ..errors import UsageError
 from ..runtime.logging import get_logger
 from .backbone import EXTRA_LEVEL, GC_VITS, RESNETS, GcVitBackbone, Joiner, ResNetBackbone, resnet_network
+from .checkpoint_compat import resolve_attention_padding
 from .criterion import SetCriterion, weight_dict_for
 from .detector import DeformableDETR
 from .matcher import HungarianMatcher
@@ -157,6 +158,7 @@ def build_model(spec: ExperimentConfig) -> Tuple[DeformableDETR, SetCriterion, P
     model = DeformableDETR(backbone, transformer, num_classes=spec.dataset.num_classes, num_queries=m.num_queries,
                            num_feature_levels=m.num_feature_levels, num_backbone_levels=num_backbone_levels,
                            aux_loss=m.aux_loss, with_box_refine=m.with_box_refine, two_stage=m.two_stage)
+    model.attention_padding = resolve_attention_padding(m.attention_padding)  # a loaded checkpoint may change it
     model.set_activation_checkpoint(spec.train.activation_checkpoint)
     if spec.train.freeze:
         apply_freeze(model, spec.train.freeze)

@@ -5,6 +5,9 @@ checkpoints whose `state_dict` keys carry a `model.model.` prefix before the ori
 name a GC-ViT backbone in TAO's own way (converted by model/gcvit.py).
 DistributedDataParallel's `module.` prefix is stripped as well.
 
+A checkpoint also decides whether deformable attention masks padded pixels (TAO's models were
+trained without the mask, the original's with it): `model.attention_padding: auto` follows it.
+
 Our checkpoints also store the spec they were trained with. Some architecture fields change
 no tensor shape (nheads 8 x 4 points and nheads 4 x 8 points give the same sampling_offsets),
 so their weights would load into the wrong model silently; those fields are compared and a
@@ -30,6 +33,40 @@ ARCHITECTURE_FIELDS = ("backbone", "num_feature_levels", "return_interm_indices"
                        "num_queries", "with_box_refine", "two_stage", "dilation")
 # Heads whose width is the number of classes: re-initialised when fine-tuning to other classes.
 _CLASS_HEADS = ("class_embed.", "transformer.decoder.class_embed.")
+
+
+def trained_attention_padding(checkpoint: Any) -> str:
+    """How the checkpoint's model was trained to treat padded pixels in deformable attention.
+
+    Ours record it in their spec (`model.attention_padding`); ours from before that field, and
+    the original's `{"model": ...}` files, mask; TAO's Lightning files (`state_dict`) do not.
+    """
+    if isinstance(checkpoint, Mapping):
+        stored = checkpoint.get("spec")
+        if isinstance(stored, Mapping):
+            recorded = (stored.get("model") or {}).get("attention_padding")
+            return recorded if recorded in ("masked", "unmasked") else "masked"
+        if isinstance(checkpoint.get("state_dict"), Mapping):
+            return "unmasked"
+    return "masked"
+
+
+def resolve_attention_padding(choice: str, checkpoint: Any = None) -> str:
+    """`model.attention_padding` made concrete: an explicit choice wins; `auto` follows the
+    checkpoint, and TAO's training (unmasked) for a fresh model."""
+    if choice != "auto":
+        return choice
+    return "unmasked" if checkpoint is None else trained_attention_padding(checkpoint)
+
+
+def apply_attention_padding(model: nn.Module, checkpoint: Any) -> None:
+    """Give `model` (built by build_model) the attention padding that `checkpoint`'s weights need."""
+    choice = getattr(getattr(model, "spec_model", None), "attention_padding", "auto")
+    padding = resolve_attention_padding(choice, checkpoint)
+    trained = trained_attention_padding(checkpoint)
+    if padding != trained:
+        log.info("model.attention_padding: %s, as set, though the checkpoint was trained %s", padding, trained)
+    model.attention_padding = padding
 
 
 class LoadReport(NamedTuple):
@@ -104,6 +141,7 @@ def load_model_state(model: nn.Module, checkpoint: Any, strict: bool = True,
     (`model.spec_model`, set by build_model) in every ARCHITECTURE_FIELDS field.
     """
     check_architecture(checkpoint, getattr(model, "spec_model", None))
+    apply_attention_padding(model, checkpoint)
     state = convert_tao_gcvit_keys(model, extract_state_dict(checkpoint))
     own = model.state_dict()
     reinitialised: List[str] = []

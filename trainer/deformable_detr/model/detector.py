@@ -93,6 +93,17 @@ class DeformableDETR(nn.Module):
             for box_embed in self.bbox_embed:
                 nn.init.constant_(box_embed.layers[-1].bias.data[2:], 0.0)
 
+    @property
+    def attention_padding(self) -> str:
+        """`masked` (the original's) or `unmasked` (TAO's): see model.attention_padding."""
+        return "masked" if self.transformer.mask_padding_in_attention else "unmasked"
+
+    @attention_padding.setter
+    def attention_padding(self, value: str) -> None:
+        if value not in ("masked", "unmasked"):
+            raise ValueError(f"attention_padding: {value!r}; accepted: masked, unmasked")
+        self.transformer.mask_padding_in_attention = value == "masked"
+
     def set_activation_checkpoint(self, enabled: bool) -> None:
         """Recompute encoder and decoder layers in backward (training only)."""
         self.transformer.set_activation_checkpoint(enabled)

@@ -179,6 +179,10 @@ class DeformableTransformer(nn.Module):
                                                           nhead, dec_n_points)
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        # Whether deformable attention zeroes the values it samples at padded pixels (the original
+        # masks; TAO never passes the mask in). A checkpoint behaves as it was trained: set by
+        # model.checkpoint_compat from `model.attention_padding`; changes no weights.
+        self.mask_padding_in_attention = True
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -267,8 +271,9 @@ class DeformableTransformer(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1).to(src_flatten.dtype)
 
+        attention_mask = mask_flatten if self.mask_padding_in_attention else None
         memory = self.encoder(src_flatten, spatial_shapes, shape_list, level_start_index, valid_ratios,
-                              pos_flatten, mask_flatten)
+                              pos_flatten, attention_mask)
 
         batch, _, channels = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
@@ -293,5 +298,5 @@ class DeformableTransformer(nn.Module):
             init_reference = reference_points
 
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                            valid_ratios, query_pos, mask_flatten)
+                                            valid_ratios, query_pos, attention_mask)
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact

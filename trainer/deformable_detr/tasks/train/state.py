@@ -101,6 +101,9 @@ def resume(spec: ExperimentConfig, results_dir: str, model: torch.nn.Module, opt
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"train.resume_training_checkpoint_path: {path} does not fit the model and optimizer "
                          f"built from this spec ({first_line}); resume with the spec it was trained with") from None
+    from ...model.checkpoint_compat import apply_attention_padding
+
+    apply_attention_padding(model, state)  # as it was trained (an explicit model.attention_padding wins)
     scheduler.load_state_dict(state["lr_scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -142,5 +145,7 @@ def gather_checkpoint(spec: ExperimentConfig, model: torch.nn.Module, optimizer,
         "epoch": position.epoch, "step": position.step, "batches_done": position.batches_done,
         "epoch_finished": epoch_finished, "rng": {"ranks": rng_states},
         "epoch_loss": {"sum": position.loss_sum, "steps": position.loss_steps},
-        "spec": spec_to_dict(dataclasses.replace(spec, encryption_key=None)),
+        # The attention padding the weights were trained with, resolved (never auto): how they must be run.
+        "spec": spec_to_dict(dataclasses.replace(spec, encryption_key=None, model=dataclasses.replace(
+            spec.model, attention_padding=model.attention_padding))),
     }
