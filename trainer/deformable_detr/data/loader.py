@@ -50,6 +50,7 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     process at exit). Workers still exit with their main process."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the task's handler, inherited through fork
 
 
 def build_dataloader(spec: ExperimentConfig, split: str, rank: int = 0, world_size: int = 1,

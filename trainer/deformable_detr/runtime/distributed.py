@@ -215,8 +215,10 @@ def is_communication_failure(err: BaseException) -> bool:
 
 
 def exit_code_for(err: BaseException) -> int:
-    """The exit code a task ending with `err` reports: 2/3 usage, 130 interrupt, 200 peer lost, 1 bug."""
-    if isinstance(err, UsageError):
+    """The exit code a task ending with `err` reports: 2/3 usage, 130/143 a stop signal, 200 peer lost, 1 bug."""
+    from .signals import Stopped
+
+    if isinstance(err, (UsageError, Stopped)):
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         return exit_codes.INTERRUPTED.code

@@ -1,11 +1,15 @@
-"""SIGTERM (what Kubernetes, Slurm and `timeout` send) and a first SIGINT (Ctrl-C): note it, so
-training stops at the next step and saves a checkpoint; a second SIGINT interrupts at once."""
+"""SIGTERM (what Kubernetes, Slurm and `timeout` send) and SIGINT (Ctrl-C), the one home of how
+tasks meet them. Every task: `Stopped` is raised, and the CLI says so in one line with exit code
+143 (SIGTERM) or 130 (SIGINT); inside `signals_deferred` (a task writing its results and their
+spec) it waits for the block to end. Training's loop: a `StopRequest` notes the first signal, so
+training stops after the step and saves a checkpoint; a second SIGINT interrupts at once."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
 
 from .. import exit_codes
 from .logging import get_logger
@@ -60,3 +64,66 @@ class StopRequest:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)  # type: ignore[arg-type]
         self._previous = {}
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT ended a task between its steps (evaluate, inference, export, convert,
+    gen_trt_engine; train before or after its loop). A BaseException, as KeyboardInterrupt: no
+    `except Exception` on the way may swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
+
+
+_deferring = 0                     # depth of `signals_deferred` blocks
+_pending: Optional[int] = None     # a signal that arrived inside one
+
+
+def _raise_stopped(signum: int, _frame: Optional[FrameType]) -> None:
+    global _pending
+    if _deferring:
+        _pending = _pending or signum
+        return
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """For a whole task run (the CLI): SIGTERM/SIGINT raise `Stopped` in the main thread, which the
+    CLI reports in one line with the signal's exit code. Train's `StopRequest` takes the signals
+    over for its loop (stop after the step, save) and hands them back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A stop signal that arrives inside waits until the block has ended: files that belong together
+    (a task's results and the spec that made them) are written all or none, as far as signals go."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        signum = None if _deferring else _pending
+        if signum is not None:
+            _pending = None
+    if signum is not None:  # the block ended normally: now the signal stops the task
+        raise Stopped(signum)

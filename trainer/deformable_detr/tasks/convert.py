@@ -28,6 +28,7 @@ from ..data.kitti import (KittiSource, categories_for, category_ids_for, list_so
                           read_mapping)
 from ..data.shards import PARTITION_SEED, partition_frames, shard_file_name, shard_partitions
 from ..runtime import storage
+from .results_folder import record_effective_spec
 
 log = get_logger("convert")
 
@@ -175,6 +176,7 @@ def run(spec: ExperimentConfig) -> int:
     text = "\n".join([stats_table(rows + [total], class_names), "", f"category ids: {ids}",
                       f"num_classes: {len(class_names) + 1}", *notes]) + "\n"
     print(text, end="")
+    record_effective_spec(spec, "convert")  # after every shard: a stopped run leaves the earlier record
     print(f"wrote {len(rows)} shard(s) and {STATS_FILE} (next image id {image_id}, next annotation id {ann_id}) "
           f"under {out_dir}")
     return 0

@@ -22,6 +22,7 @@ from .devices import select_gpus
 from ..runtime.storage import write_text
 from .loading import load_engine_for_inference, load_model_for_inference, require_checkpoint, require_tensorrt
 from .predict import predict
+from .results_folder import results_recorded
 
 log = get_logger("evaluate")
 
@@ -84,8 +85,9 @@ def _evaluate_checkpoint(spec: ExperimentConfig) -> int:
                       num_images=len(dataset.coco.getImgIds()), num_detections=len(detections))
         if engine:
             report["trt_engine"] = engine
-        write_text(f"{out}/{DETECTIONS_FILE}", json.dumps(detections))
-        write_text(f"{out}/{RESULTS_FILE}", json.dumps(report, indent=2))
+        with results_recorded(spec, "evaluate"):  # the results and experiment.yaml, both or neither
+            write_text(f"{out}/{DETECTIONS_FILE}", json.dumps(detections))
+            write_text(f"{out}/{RESULTS_FILE}", json.dumps(report, indent=2))
         log.info("AP %.4f over %d images; results in %s/%s", metrics["AP"], report["num_images"], out, RESULTS_FILE)
         return 0
     finally:

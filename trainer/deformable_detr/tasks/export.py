@@ -20,7 +20,7 @@ from ..runtime import storage
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
 from .loading import load_model_for_inference
-from .results_folder import check_writable, results_dir_field
+from .results_folder import check_writable, results_dir_field, results_recorded
 
 log = get_logger("export")
 
@@ -65,10 +65,12 @@ def run(spec: ExperimentConfig) -> int:
     data = export_to_bytes(model, batch_size=export.batch_size, channels=export.input_channel,
                            height=export.input_height, width=export.input_width, opset=export.opset_version,
                            plugin=not export.on_cpu, verbose=export.verbose)
-    storage.write_bytes(target, data)
-    log.info("wrote %s (%.1f MB)", target, len(data) / 1e6)
-    if export.serialize_nvdsinfer:
-        from ..export.nvdsinfer import write_deepstream_files
+    with results_recorded(spec, "export"):  # the files and experiment.yaml, both or neither
+        storage.write_bytes(target, data)
+        log.info("wrote %s (%.1f MB)", target, len(data) / 1e6)
+        if export.serialize_nvdsinfer:
+            from ..export.nvdsinfer import write_deepstream_files
 
-        log.info("wrote the DeepStream nvinfer config and labels: %s", ", ".join(write_deepstream_files(spec, target)))
+            log.info("wrote the DeepStream nvinfer config and labels: %s",
+                     ", ".join(write_deepstream_files(spec, target)))
     return 0

@@ -22,6 +22,7 @@ from ..export.trt import (configure_builder, int8_calibration_problem, missing_r
 from ..runtime import storage
 from ..runtime.logging import get_logger
 from ..runtime.paths import task_results_dir
+from .results_folder import results_recorded
 
 log = get_logger("gen_trt_engine")
 
@@ -95,6 +96,7 @@ def run(spec: ExperimentConfig) -> int:
     target = engine_path(spec)
     log.info("building a %s TensorRT engine from %s", section.tensorrt.data_type, section.onnx_file)
     engine = build_engine(spec, storage.read_bytes(section.onnx_file))
-    storage.write_bytes(target, engine)
+    with results_recorded(spec, "gen_trt_engine"):  # the engine and experiment.yaml, both or neither
+        storage.write_bytes(target, engine)
     log.info("wrote %s (%.1f MB)", target, len(engine) / 1e6)
     return 0

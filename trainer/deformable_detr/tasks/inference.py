@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config.schema import ExperimentConfig
 from ..data import InferenceImages, UnreadableImageError, collate_fn, fixed_pad_size, read_classmap
+from ..data.loader import ignore_stop_signals
 from ..data.samplers import ShardedSequentialSampler
 from ..data.visualize import Detection, class_colors, draw_detections, save_image, write_kitti_labels
 from ..errors import UsageError
@@ -31,6 +32,7 @@ from ..runtime.paths import task_results_dir
 from .devices import select_gpus
 from .loading import load_engine_for_inference, load_model_for_inference, require_checkpoint, require_tensorrt
 from .predict import predict_batches
+from .results_folder import record_effective_spec
 
 log = get_logger("inference")
 
@@ -146,8 +148,8 @@ def _infer(spec: ExperimentConfig) -> int:
         batch_size = spec.inference.batch_size if spec.inference.batch_size > 0 else spec.dataset.batch_size
         log.info("inference: %d images, %d at a time", len(images), batch_size)
         loader = DataLoader(_ReportUndecodable(images), batch_size=batch_size, sampler=sampler,
-                            num_workers=spec.dataset.workers,
-                            collate_fn=functools.partial(_collate, pad_to=pad_to))
+                            num_workers=spec.dataset.workers, collate_fn=functools.partial(_collate, pad_to=pad_to),
+                            worker_init_fn=ignore_stop_signals if spec.dataset.workers > 0 else None)
         out = task_results_dir(spec, "inference").rstrip("/")
         failed: list[dict] = []
         written = boxes = 0
@@ -167,6 +169,8 @@ def _infer(spec: ExperimentConfig) -> int:
                      out, LABELS_DIR, ANNOTATED_DIR)
             if skipped:
                 log.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
+        # After every rank's outputs (the gather above waits for them): a stopped run leaves the earlier record.
+        record_effective_spec(spec, "inference")
         return 0
     finally:
         distributed.cleanup()

@@ -1,6 +1,10 @@
 """A task's results folder as the CLI opens it: checked writable before any work (`check_writable`),
-held by one writer (`one_writer`), the effective spec recorded there (never the key), taken back when the task refuses its input before
-writing anything else, so a refused run leaves the folder as it was."""
+held by one writer (`one_writer`), and the effective spec recorded there as experiment.yaml (never
+the key) only together with the results it describes, so a refused or stopped run leaves the
+folder's record as it was: train records it as it starts (its checkpoints appear as it runs, each
+made by this spec) and takes it back when the run ends having written nothing else; every other
+task records it after its results, in one block that a stop signal does not split
+(`results_recorded`)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +22,8 @@ from ..runtime.paths import task_results_dir
 from ..runtime.writer_lock import LOCK_NAME
 
 EFFECTIVE_SPEC = "experiment.yaml"
+# Tasks whose results appear while they run: the spec is recorded first (see the docstring).
+SPEC_RECORDED_FIRST = ("train",)
 
 
 @dataclasses.dataclass
@@ -71,11 +77,18 @@ def _rank() -> int:
     return launched_rank()
 
 
-def write_effective_spec(spec: ExperimentConfig, task: str) -> Optional[_FolderBefore]:
-    """Record the spec a run used (rank 0 only), in its results folder; returns what to undo."""
+def record_effective_spec(spec: ExperimentConfig, task: str) -> None:
+    """Write the spec a run used as experiment.yaml in its results folder (rank 0 only, atomically)."""
+    if _rank() != 0:
+        return
     text = dump_spec(dataclasses.replace(spec, encryption_key=None))
     if spec.encryption_key:
         text = "# encryption_key was set (not recorded)\n" + text
+    storage.write_text(f"{task_results_dir(spec, task).rstrip('/')}/{EFFECTIVE_SPEC}", text)
+
+
+def write_effective_spec(spec: ExperimentConfig, task: str) -> Optional[_FolderBefore]:
+    """Record the spec a run used (rank 0 only), in its results folder; returns what to undo."""
     if _rank() != 0:
         return None
     folder = task_results_dir(spec, task).rstrip("/")
@@ -93,7 +106,7 @@ def write_effective_spec(spec: ExperimentConfig, task: str) -> Optional[_FolderB
         path = os.path.join(folder, EFFECTIVE_SPEC)
         previous = open(path, "rb").read() if os.path.isfile(path) else None
         before = _FolderBefore(folder, created, names, previous)
-    storage.write_text(f"{folder}/{EFFECTIVE_SPEC}", text)
+    record_effective_spec(spec, task)
     return before
 
 
@@ -146,10 +159,26 @@ def one_writer(spec: ExperimentConfig, task: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def effective_spec_recorded(spec: ExperimentConfig, task: str) -> Iterator[None]:
-    """Record the effective spec for the task run inside; take it back when the task refuses its input."""
+    """For a task in SPEC_RECORDED_FIRST: record the effective spec for the task run inside, and take
+    it back when the run fails or is stopped before writing anything else. Other tasks record it
+    with their results (`results_recorded`)."""
+    if task not in SPEC_RECORDED_FIRST:
+        yield
+        return
     before = write_effective_spec(spec, task)
     try:
         yield
-    except UsageError:
+    except BaseException:
         undo_effective_spec(before)
         raise
+
+
+@contextlib.contextmanager
+def results_recorded(spec: ExperimentConfig, task: str) -> Iterator[None]:
+    """Wrap a task's writing of its final results: after them (each written atomically) the effective
+    spec replaces experiment.yaml, and a SIGTERM/SIGINT arriving meanwhile waits until both are written."""
+    from ..runtime.signals import signals_deferred
+
+    with signals_deferred():
+        yield
+        record_effective_spec(spec, task)

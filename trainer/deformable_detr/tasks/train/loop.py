@@ -17,7 +17,7 @@ from ...runtime import checkpoint, distributed
 from ...runtime.logging import get_logger
 from ...runtime.optim import build_optimizer, build_scheduler, monitors_a_value
 from ...runtime.progress import progress
-from ...runtime.signals import StopRequest
+from ...runtime.signals import StopRequest, Stopped
 from .batches import float_outputs, to_device
 from .outputs import TrainOutputs
 from .state import Position, gather_checkpoint, restore_rng, resume, resume_path
@@ -280,8 +280,8 @@ class Trainer:
             # Every rank looks for its resume checkpoint only once rank 0 has uploaded what was staged.
             distributed.barrier()
             code, state = self._fit()
-        except BaseException as err:
-            self.outputs.finish("failed", err)
+        except BaseException as err:  # a signal before or after the loop: stopped, not failed
+            self.outputs.finish("stopped" if isinstance(err, Stopped) else "failed", err)
             raise
         self.outputs.finish(state)
         return code
