@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 
 import pytest
 import yaml
@@ -67,6 +68,13 @@ def write_spec(tmp_path):
 def _quiet_threads(monkeypatch):
     # Two cores: keep each test process from oversubscribing them.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    # A task run in this process sizes torch's threads from OMP_NUM_THREADS (runtime/cpu_budget.py):
+    # a test that changes it leaves the next tests the count they started with.
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    yield
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 # What a 2-core CPU machine of this project's kind cannot have: the only skips allowed once the set-up has
