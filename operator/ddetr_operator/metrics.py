@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -15,6 +16,9 @@ RECONCILE_ERRORS = Counter("ddetr_operator_reconcile_errors_total", "reconcile p
                            registry=registry)
 RESTARTS = Counter("ddetr_operator_job_restarts_total", "gang restarts after retryable failures",
                    ["namespace"], registry=registry)
+FAILURES = Counter("ddetr_operator_job_failures_total", "failed attempts by the trainer's failure class (or the "
+                   "failure's reason), the failure rule that decided and its action",
+                   ["namespace", "failure_class", "rule", "action"], registry=registry)
 TRANSITIONS = Counter("ddetr_operator_phase_transitions_total", "job phase transitions", ["phase"],
                       registry=registry)
 
@@ -46,6 +50,14 @@ class PhaseBook:
     def _publish(self) -> None:
         for phase in PHASES:
             JOBS.labels(phase=phase).set(sum(1 for p in self._phases.values() if p == phase))
+
+
+def count_failure(namespace: str, before: Any, after: Any) -> None:
+    """One count per failed attempt: when a pass records a new status.lastFailure."""
+    if not isinstance(after, Mapping) or after == before:
+        return
+    FAILURES.labels(namespace=namespace, failure_class=after.get("failureClass") or after.get("reason") or "Unknown",
+                    rule=after.get("rule") or "", action=after.get("action") or "").inc()
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:

@@ -138,6 +138,7 @@ def _full_pass(cluster: Cluster, namespace: str, name: str, options: Options, pr
         body = cluster.patch_status(job, decision.status)
     if _gang_restarts(decision.status) > _gang_restarts(old_status):
         metrics.RESTARTS.labels(namespace=namespace).inc()
+    metrics.count_failure(namespace, old_status.get("lastFailure"), decision.status.get("lastFailure"))
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
     for event in decision.events:
         if event.reason != CHILD_CREATE_FAILED:

@@ -193,7 +193,7 @@ def test_dashboards_cover_what_the_issue_asks_for():
               "ddetr_train_num_epochs", "ddetr_train_validation_map", "ddetr_train_checkpoints_total",
               "ddetr_train_last_checkpoint_timestamp_seconds", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED",
               "ddetr_operator_jobs", "ddetr_operator_job_restarts_total", "ddetr_operator_reconcile_errors_total",
-              "ddetr_operator_reconcile_duration_seconds_bucket"}
+              "ddetr_operator_reconcile_duration_seconds_bucket", "ddetr_operator_job_failures_total"}
     assert wanted <= queried, f"not on any dashboard: {sorted(wanted - queried)}"
 
 
@@ -241,6 +241,8 @@ while True:
                          lr=2e-4, images=4, step_seconds=0.05 + (step % 5) * 0.1, data_wait_seconds=0.01)
     operator_metrics.RECONCILE_SECONDS.observe(0.02 * (1 + step % 3))
     operator_metrics.RESTARTS.labels(namespace="default").inc()
+    operator_metrics.count_failure("default", None, {"failureClass": "Hung", "rule": "builtin:retryable",
+                                                     "action": "RestartJob"})
     if step % 4 == 0:
         operator_metrics.RECONCILE_ERRORS.inc()
     time.sleep(0.2)

@@ -175,3 +175,15 @@ def test_the_api_server_refuses_bad_rules(crdcheck):  # noqa: F811 - the fixture
             assert errors == [], (name, errors)
         else:
             assert errors and any(expected in e for e in errors), (name, errors)
+
+
+def test_each_new_failure_is_counted_once_by_class_rule_and_action():
+    from ddetr_operator import metrics
+
+    labels = dict(namespace="ml-count", failure_class="OOM", rule="oom-retry", action="RestartJob")
+    last = {"attempt": 0, "failureClass": "OOM", "rule": "oom-retry", "action": "RestartJob"}
+    metrics.count_failure("ml-count", None, last)
+    metrics.count_failure("ml-count", last, dict(last))  # the same failure seen again by a later pass
+    assert metrics.registry.get_sample_value("ddetr_operator_job_failures_total", labels) == 1
+    metrics.count_failure("ml-count", last, {**last, "attempt": 1})
+    assert metrics.registry.get_sample_value("ddetr_operator_job_failures_total", labels) == 2
