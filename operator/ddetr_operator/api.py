@@ -221,7 +221,12 @@ class JobSpec:
                   # pods start would hold GPUs for a gang that can never begin.
                   lambda s: f"gangScheduling.minAvailable: {s.gang_scheduling.min_available} is not accepted; it "
                             f"must equal spec.nodes ({s.nodes}): a torchrun gang starts only when all its pods run, "
-                            "so a partial gang would hold GPUs without ever starting (leave minAvailable out)"),)
+                            "so a partial gang would hold GPUs without ever starting (leave minAvailable out)"),
+             # The heartbeat is rank 0's status.json in the artifacts: without them the operator sees none.
+             Rule("!has(self.runPolicy) || !has(self.runPolicy.progressDeadlineSeconds) || has(self.artifacts)",
+                  "runPolicy.progressDeadlineSeconds needs artifacts: the operator reads rank 0's heartbeat "
+                  "(status.json) there",
+                  lambda s: s.run_policy.progress_deadline_seconds is None or s.artifacts is not None),)
 
     # Required by the CRD; a job that reaches the operator without it (no CRD) runs the defaults.
     experiment: dict = prop("the TAO deformable_detr spec, exactly as the deformable-detr CLI takes it",

@@ -6,10 +6,11 @@ from deformable_detr.config.schema import ExperimentConfig
 
 from ..render import (render_configmap, render_network_policy, render_podgroup, render_service, render_worker_job,
                       worker_job_name)
-from .attempts import alive, current_pods, job_condition, old_pods_alive, record_attempt
+from .attempts import alive, current_pods, job_condition, old_pods_alive, record_attempt, tear_down
 from .conditions import condition, stalled, transition
 from .deadlines import blocker, startup_deadline_exceeded
 from .failures import Failure, first_failure, handle_failure
+from .hangs import count_hang, hung
 from .model import Create, SetSuspend, State, timestamp
 
 
@@ -104,6 +105,11 @@ def follow(s: State, worker: dict) -> None:
         stalled(s, None)
         if s.status.get("phase") != "Running":
             transition(s, "Running", "AllWorkersRunning", f"{running}/{nodes} worker(s) running")
+        stuck = hung(s, pods)
+        if stuck is not None:  # no pod will exit on its own: stop this attempt, then decide as for a failure
+            count_hang(s)
+            tear_down(s)
+            handle_failure(s, stuck)
         return
     stalled(s, blocker(pods, s.observed.worker_events, nodes))
     startup_deadline_exceeded(s, worker)

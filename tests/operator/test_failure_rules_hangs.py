@@ -1,0 +1,109 @@
+"""runPolicy.progressDeadlineSeconds: all pods running and rank 0's heartbeat standing still for that
+long -> a retryable failure Hung naming the last step and when, counted in status.hangs, the attempt
+stopped and restarted (or decided by a failure rule on class Hung)."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from ddetr_operator import api
+from ddetr_operator.decide import DeleteWorkerJob, Observed, reconcile
+from operator_objects import pod, worker_job
+from test_crd import _example, crdcheck  # noqa: F401 - the API server's CRD checker fixture
+
+from conftest import NOW
+
+CHILDREN = dict(service=True, configmap=True)
+LIMIT = 300
+
+
+def _running_job(make_job, **run_policy):
+    """A job whose attempt 0 went all running at NOW, with rank 0 at step 40."""
+    policy = {"progressDeadlineSeconds": LIMIT, **run_policy}
+    job = make_job(status=reconcile(make_job(runPolicy=policy), Observed(), NOW).status, runPolicy=policy)
+    running = Observed(worker_jobs=[worker_job("demo", 0)], pods=_pods(), progress=_progress(40), **CHILDREN)
+    decision = reconcile(job, running, NOW)
+    assert decision.status["phase"] == "Running"
+    return make_job(status=decision.status, runPolicy=policy)
+
+
+def _pods():
+    return [pod("demo", 0, 0, "Running"), pod("demo", 0, 1, "Running")]
+
+
+def _progress(step: int) -> dict:
+    return {"num_epochs": 3, "epoch": 0, "step": step, "state": "running"}
+
+
+def _at(job, seconds: float, step: int = 40):
+    observed = Observed(worker_jobs=[worker_job("demo", 0)], pods=_pods(), progress=_progress(step), **CHILDREN)
+    return reconcile(job, observed, NOW + dt.timedelta(seconds=seconds))
+
+
+def test_a_standing_heartbeat_past_the_deadline_is_hung_retried_and_counted(make_job):
+    job = _running_job(make_job)
+    assert _at(job, LIMIT - 1).status["phase"] == "Running"
+    decision = _at(job, LIMIT + 5)
+    status = decision.status
+    assert status["phase"] == "Restarting" and status["hangs"] == 1 and status["restarts"] == 1
+    assert DeleteWorkerJob("demo-a0") in decision.actions  # its pods would never exit on their own
+    restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+    assert restarting["reason"] == "Hung"
+    assert "has not advanced for 305 s" in restarting["message"]
+    assert "last step 40 seen at 2026-01-02T03:04:05Z" in restarting["message"]
+    last = status["lastFailure"]
+    assert (last["failureClass"], last["step"], last["rank"], last["rule"]) == ("Hung", 40, 0, "builtin:retryable")
+    assert any(e.reason == "Hung" and e.type == "Warning" for e in decision.events)
+
+
+def test_a_moving_heartbeat_is_never_hung(make_job):
+    job = _running_job(make_job)
+    for seconds in range(60, 3 * LIMIT, 60):
+        decision = _at(job, seconds, step=40 + seconds)
+        assert decision.status["phase"] == "Running", seconds
+        job = make_job(status=decision.status, runPolicy=job["spec"]["runPolicy"])
+    assert not decision.status.get("hangs")
+
+
+def test_a_new_attempt_is_judged_from_when_its_gang_runs_not_by_the_old_heartbeat(make_job):
+    job = _running_job(make_job)
+    restarted = _at(job, LIMIT + 5)
+    job = make_job(status=restarted.status, runPolicy=job["spec"]["runPolicy"])
+    later = NOW + dt.timedelta(seconds=LIMIT + 60)
+    pods1 = [pod("demo", 1, 0, "Running"), pod("demo", 1, 1, "Running")]
+    observed = Observed(worker_jobs=[worker_job("demo", 1)], pods=pods1, progress=_progress(40), **CHILDREN)
+    decision = reconcile(job, observed, later)
+    assert decision.status["phase"] == "Running"  # the step still reads 40, but the gang just started
+    job = make_job(status=decision.status, runPolicy=job["spec"]["runPolicy"])
+    decision = reconcile(job, observed, later + dt.timedelta(seconds=LIMIT + 1))
+    assert decision.status["phase"] == "Restarting" and decision.status["hangs"] == 2
+    assert "no new step since the gang was all running at" in decision.status["lastFailure"]["message"]
+
+
+def test_a_rule_on_class_hung_decides(make_job):
+    rules = {"rules": [{"name": "hang-fails", "action": "FailJob", "failureClasses": ["Hung"]}]}
+    job = _running_job(make_job, failurePolicy=rules)
+    decision = _at(job, LIMIT + 5)
+    assert decision.status["phase"] == "Failed" and decision.status["lastFailure"]["rule"] == "hang-fails"
+    assert DeleteWorkerJob("demo-a0") in decision.actions
+
+
+def test_without_the_deadline_a_standing_heartbeat_runs_on(make_job):
+    job = make_job(status=reconcile(make_job(), Observed(), NOW).status)
+    observed = Observed(worker_jobs=[worker_job("demo", 0)], pods=_pods(), progress=_progress(40), **CHILDREN)
+    job = make_job(status=reconcile(job, observed, NOW).status)
+    assert reconcile(job, observed, NOW + dt.timedelta(days=3)).status["phase"] == "Running"
+
+
+def test_the_deadline_needs_artifacts_where_the_heartbeat_is():
+    spec = {"image": "t:1", "experiment": {}, "runPolicy": {"progressDeadlineSeconds": 600}}
+    with pytest.raises(api.JobSpecError, match="progressDeadlineSeconds needs artifacts"):
+        api.parse(api.JobSpec, spec, "spec")
+
+
+def test_the_api_server_refuses_the_deadline_without_artifacts(crdcheck):  # noqa: F811 - the fixture
+    job = _example(spec__runPolicy={"progressDeadlineSeconds": 600}, spec__artifacts=None)
+    result = crdcheck([{"name": "no artifacts", "old": None, "new": job}])
+    assert result["crdErrors"] == []
+    assert any("progressDeadlineSeconds needs artifacts" in e for e in result["cases"]["no artifacts"])
