@@ -310,6 +310,7 @@ DIFFERENCES = {
 ADDITIONS = {
     "train.auto_resume": "restarted pods continue from their newest checkpoint",
     "train.metrics_port": "Prometheus /metrics for the operator and dashboards",
+    "train.step_timeout_s": "the step watchdog: a hung rank exits (retryably) instead of holding its GPUs forever",
     "train.optim.patience": "AutoReduce: checks without improvement tolerated before a decay (TAO's AutoReduce "
                             "schedulers name it so)",
     "model.two_stage": "two-stage Deformable DETR from the original repository",

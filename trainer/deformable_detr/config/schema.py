@@ -244,6 +244,11 @@ class TrainConfig:
     metrics_port: int = spec_field(0, "Prometheus /metrics port on rank 0; 0 = off (DDETR_METRICS_PORT overrides)",
                                    min=0, max=65535)
     verbose: bool = spec_field(False, "more log output")
+    step_timeout_s: Optional[int] = spec_field(
+        None, "step watchdog: a rank that finishes no step for this many seconds (counted from the start of "
+        "training; validation and checkpoint saves included) logs every thread's stack, saves it under hangs/ and "
+        "exits 200 (retried from the newest checkpoint); also the collective timeout unless DDETR_DIST_TIMEOUT_S "
+        "is set; null = off", min=1)
     input_width: Optional[int] = spec_field(None, "TAO 6: input width (recorded; training sizes come from "
                                                   "dataset.augmentation)", min=1)
     input_height: Optional[int] = spec_field(None, "TAO 6: input height (as input_width)", min=1)

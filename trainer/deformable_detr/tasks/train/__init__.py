@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ...config.schema import ExperimentConfig
 from ...errors import one_line
-from ...runtime import distributed
+from ...runtime import distributed, watchdog
 from ...runtime.files import disk_full_error, is_disk_full
 from ...runtime.logging import get_logger
 from ...runtime.paths import task_results_dir
@@ -22,6 +22,7 @@ __all__ = ["Trainer", "run"]
 def run(spec: ExperimentConfig) -> int:
     # train.gpu_ids: this node's GPUs, reconciled with train.num_gpus as TAO does (tasks/devices.py).
     num_gpus = select_gpus("train", spec.train.num_gpus, spec.train.gpu_ids)
+    watchdog.collective_timeout_from(spec.train.step_timeout_s)
     launched = distributed.relaunch_in_workers(spec, "train", num_gpus, spec.train.num_nodes)
     if launched is not None:
         return launched

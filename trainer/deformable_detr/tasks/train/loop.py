@@ -13,7 +13,7 @@ import torch
 
 from ...config.schema import ExperimentConfig
 from ...errors import Diverged, UsageError
-from ...runtime import checkpoint, distributed
+from ...runtime import checkpoint, distributed, watchdog
 from ...runtime.logging import get_logger
 from ...runtime.optim import build_optimizer, build_scheduler, monitors_a_value
 from ...runtime.progress import progress
@@ -214,6 +214,7 @@ class Trainer:
             losses = self._train_step(images, masks, targets)
             reduced, stop_now = self._reduce_step(losses, stop.requested)
             position.step += 1
+            watchdog.beat(position.step)
             position.batches_done = index + 1
             total = sum(reduced.values())
             position.loss_sum += total
@@ -279,7 +280,8 @@ class Trainer:
             self.outputs.prepare()
             # Every rank looks for its resume checkpoint only once rank 0 has uploaded what was staged.
             distributed.barrier()
-            code, state = self._fit()
+            with watchdog.guard(self.train_cfg.step_timeout_s, self.outputs.results_dir, self.info.rank):
+                code, state = self._fit()
         except BaseException as err:  # a signal before or after the loop: stopped, not failed
             self.outputs.finish("stopped" if isinstance(err, Stopped) else "failed", err)
             raise
