@@ -287,8 +287,11 @@ class InferenceConfig:
     color_map: Dict[str, str] = spec_field({}, "class name -> box colour (name or #rrggbb)")
     conf_threshold: float = spec_field(0.5, "detections scoring below this are not written", min=0.0, max=1.0)
     is_internal: bool = spec_field(False, "TAO internal layout of output folders")
-    input_width: Optional[int] = spec_field(None, "TensorRT engine input width", min=1)
-    input_height: Optional[int] = spec_field(None, "TensorRT engine input height", min=1)
+    input_width: Optional[int] = spec_field(
+        None, "with input_height: every image is stretched to exactly this size (TAO's; the checkpoint's "
+        "PyTorch model and a TensorRT engine alike); unset: the checkpoint's images are resized as in "
+        "evaluation, an engine's to its input size", min=1)
+    input_height: Optional[int] = spec_field(None, "with input_width: the height images are stretched to", min=1)
 
 
 @dataclass

@@ -17,14 +17,17 @@ With `fixed_random_crop: S` (large-scale jitter, for ViT backbones) the middle p
 instead: scale the image so its longer side is S times a factor drawn from [0.1, 2.0],
 then crop a random S x S window (smaller images are kept whole and padded later).
 Evaluation: resize the shorter side to `test_random_resize` (capped), normalise.
-Boxes cut down to nothing by a crop are dropped.
+Boxes cut down to nothing by a crop are dropped. Pixels are resized by PIL, as TAO resizes
+its PIL images, so the normalised pixels are TAO's within float rounding.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.v2 as T
+from PIL import Image
 import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
 
@@ -66,8 +69,16 @@ def _randint(low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, ()).item())
 
 
+def resize_pixels(image: torch.Tensor, height: int, width: int) -> tv_tensors.Image:
+    """uint8 [3, H, W] resized by PIL's bilinear filter, as TAO resizes its PIL images: torchvision's
+    tensor resize rounds some pixels one level apart (0.0175 after normalisation)."""
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    resized = np.asarray(pil.resize((width, height), Image.BILINEAR))
+    return tv_tensors.Image(torch.from_numpy(resized.copy()).permute(2, 0, 1))
+
+
 def resize(image: tv_tensors.Image, target: Target, height: int, width: int) -> Sample:
-    image = F.resize(image, [height, width], antialias=True)
+    image = resize_pixels(image, height, width)
     target = {**target, "boxes": F.resize(target["boxes"], [height, width])}
     return image, target
 
@@ -151,6 +162,17 @@ class LargeScaleJitter:
         return crop(image, target, top, left, crop_h, crop_w)
 
 
+class ResizeTo:
+    """Exactly (height, width), aspect ratio not kept: TAO's inference at inference.input_width/height
+    and its TensorRT inputs."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+
+    def __call__(self, image: tv_tensors.Image, target: Target) -> Sample:
+        return resize(image, target, self.height, self.width)
+
+
 class Normalize:
     """uint8 image -> float normalised with mean/std; boxes -> cxcywh relative to the image size."""
 
@@ -199,6 +221,11 @@ class FixedCanvas(NamedTuple):
 
     def for_image(self, height: int, width: int) -> tuple[int, int]:
         return (self.along, self.across) if height > width else (self.across, self.along)
+
+
+def build_fixed_size_transform(aug: AugmentationConfig, height: int, width: int) -> Transform:
+    """Every image stretched to exactly height x width, then normalised (nothing to pad)."""
+    return Compose([ResizeTo(height, width), Normalize(aug.input_mean, aug.input_std)])
 
 
 def fixed_pad_size(aug: AugmentationConfig, training: bool = False) -> Optional[FixedCanvas]:

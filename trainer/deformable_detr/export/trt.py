@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..config.schema import AugmentationConfig, ExperimentConfig
-from ..data.transforms import Compose, Normalize, resize
+from ..data.transforms import Transform, build_fixed_size_transform
 from ..errors import UsageError
 from ..runtime import storage
 from ..runtime.logging import get_logger
@@ -120,18 +120,9 @@ def run_in_chunks(images: torch.Tensor, min_batch: int, max_batch: int,
     return {name: torch.cat(parts) for name, parts in pieces.items()}
 
 
-class ResizeTo:
+def engine_transform(aug: AugmentationConfig, height: int, width: int) -> Transform:
     """Resize to exactly (height, width), as TAO's TensorRT inferencer does (aspect not kept)."""
-
-    def __init__(self, height: int, width: int) -> None:
-        self.height, self.width = height, width
-
-    def __call__(self, image, target):
-        return resize(image, target, self.height, self.width)
-
-
-def engine_transform(aug: AugmentationConfig, height: int, width: int) -> Compose:
-    return Compose([ResizeTo(height, width), Normalize(aug.input_mean, aug.input_std)])
+    return build_fixed_size_transform(aug, height, width)
 
 
 def load_plugins(logger: Any) -> None:

@@ -144,6 +144,12 @@ def _infer(spec: ExperimentConfig) -> int:
             pad_to = None
         else:
             model, postprocessor = load_model_for_inference(spec, checkpoint, spec.encryption_key, info.device)
+            if spec.inference.input_width and spec.inference.input_height:  # TAO stretches to exactly that size
+                from ..data.transforms import build_fixed_size_transform
+
+                images.transform = build_fixed_size_transform(
+                    spec.dataset.augmentation, spec.inference.input_height, spec.inference.input_width)
+                pad_to = None
         sampler = ShardedSequentialSampler(len(images), info.rank, info.world_size)
         batch_size = spec.inference.batch_size if spec.inference.batch_size > 0 else spec.dataset.batch_size
         log.info("inference: %d images, %d at a time", len(images), batch_size)
