@@ -17,8 +17,9 @@ HUNG = "Hung"
 def hung(s: State, pods: Sequence[Mapping[str, Any]]) -> Failure | None:
     """The Hung failure of the running attempt, or None while it advances (or is not watched).
 
-    The heartbeat's age counts from the later of its last change (status.progress.updateTime) and
-    the moment this attempt's gang was all running, so a new attempt is never judged by the old one.
+    Armed by this attempt's first heartbeat (status.progress.updateTime after the gang was all
+    running): start-up (imports, model build, data, a resume) is not judged, and a new attempt never
+    by the old one's heartbeat. The age counts from the heartbeat's last change.
     """
     limit = s.run_policy.progress_deadline_seconds
     running = condition(s, "Running", true_only=True)
@@ -28,19 +29,13 @@ def hung(s: State, pods: Sequence[Mapping[str, Any]]) -> Failure | None:
     if progress.get("state") not in (None, "running"):
         return None  # the trainer is finishing: its pods exit on their own
     beat, since = parse_time(progress.get("updateTime")), parse_time(running.get("lastTransitionTime"))
-    start = max(t for t in (beat, since) if t is not None) if (beat or since) else None
-    if start is None or s.now < start + dt.timedelta(seconds=limit):
+    if beat is None or since is None or beat <= since or s.now < beat + dt.timedelta(seconds=limit):
         return None
-    idle = int((s.now - start).total_seconds())
+    idle = int((s.now - beat).total_seconds())
     step = progress.get("step")
-    if beat is not None and (since is None or beat >= since):
-        seen = f"last step {step} seen at {progress['updateTime']}"
-    else:
-        seen = f"no new step since the gang was all running at {running.get('lastTransitionTime')}" + (
-            f" (last step seen: {step} at {progress.get('updateTime')})" if step is not None else "")
     rank0 = next((p for p in pods if _rank(p) == 0), None)
     message = (f"rank 0's heartbeat has not advanced for {idle} s while all pods run "
-               f"(runPolicy.progressDeadlineSeconds {limit}): {seen}")
+               f"(runPolicy.progressDeadlineSeconds {limit}): last step {step} seen at {progress['updateTime']}")
     return Failure(True, HUNG, message, pod=rank0["metadata"]["name"] if rank0 else None, rank=0,
                    failure_class=HUNG, step=step if isinstance(step, int) else None)
 
