@@ -314,6 +314,9 @@ ADDITIONS = {
     "train.optim.patience": "AutoReduce: checks without improvement tolerated before a decay (TAO's AutoReduce "
                             "schedulers name it so)",
     "model.two_stage": "two-stage Deformable DETR from the original repository",
+    "dataset.verify_images": "check every training image before the first step, for those who want problems "
+                             "found up front",
+    "dataset.max_skipped_share": "how many unusable training images are skipped before training stops",
     "model.attention_padding": "whether deformable attention masks padded pixels: TAO's models were trained "
                                "unmasked, the original's masked; auto follows the checkpoint",
 }

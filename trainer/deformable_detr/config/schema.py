@@ -119,6 +119,13 @@ class DatasetConfig:
         "serialized", "serialized: annotations in shared flat buffers; default: Python objects",
         choices=["serialized", "default"])
     eval_class_ids: Optional[List[int]] = spec_field(None, "category ids to evaluate; null = all")
+    verify_images: bool = spec_field(
+        False, "train: decode every training image and check its size against the annotation file before the "
+        "first step, and refuse the run in one line listing the unusable ones (else each is skipped when read)")
+    max_skipped_share: float = spec_field(
+        0.05, "train: an unusable training image (unreadable, empty, a size unlike the annotation file's) is "
+        "skipped with a warning and replaced by the next usable one; training stops, after saving a "
+        "checkpoint, once more than this share of the training images were skipped", min=0.0, max=1.0)
     augmentation: AugmentationConfig = spec_field(factory=AugmentationConfig, help="training and test augmentation")
 
 

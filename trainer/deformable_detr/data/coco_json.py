@@ -1,8 +1,9 @@
 """Read one COCO-format source, check it, and return its annotations as columns.
 
 Every problem a user can cause ends in one `UsageError` naming the file and the entry.
-Boxes with non-positive width or height, and boxes with a NaN or infinite coordinate, are
-skipped, counted and warned about; crowd boxes are kept apart (evaluation scores them as
+Boxes with non-positive width or height, boxes with a NaN or infinite coordinate, and boxes
+entirely outside their image (when the image's width and height are given) are skipped, counted
+and warned about; crowd boxes are kept apart (evaluation scores them as
 "ignore", training drops them). A source's `width`/`height` are checked against the pixels
 when each image is first decoded (dataset.py); 0 or absent means "not given".
 """
@@ -40,6 +41,7 @@ class SourceColumns:
     skipped_boxes: int           # boxes with non-positive width or height
     crowd_boxes: int             # crowd boxes (not in the columns)
     nonfinite_boxes: int = 0     # boxes with a NaN or infinite coordinate (not in the columns)
+    outside_boxes: int = 0       # boxes entirely outside their image's width x height (not in the columns)
     annotations_key: bool = True  # False when the JSON has no 'annotations' key at all
 
     @property
@@ -143,7 +145,7 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
         file_names.append(file_name)
 
     box_image_index, boxes, category_ids = [], [], []
-    skipped = crowd = nonfinite = 0
+    skipped = crowd = nonfinite = outside = 0
     for k, ann in enumerate(annotations):
         where = f"{json_file}: annotations[{k}] (id {ann.get('id', '?') if isinstance(ann, dict) else '?'})"
         if not isinstance(ann, dict):
@@ -165,6 +167,9 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
         if bbox[2] <= 0 or bbox[3] <= 0:
             skipped += 1
             continue
+        if _entirely_outside(bbox, int(widths[image_index]), int(heights[image_index])):
+            outside += 1
+            continue
         box_image_index.append(image_index)
         boxes.append(bbox)
         category_ids.append(ann["category_id"])
@@ -172,6 +177,8 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
         log.warning("%s: skipped %d box(es) with non-positive width or height", json_file, skipped)
     if nonfinite:
         log.warning("%s: skipped %d box(es) with a NaN or infinite coordinate", json_file, nonfinite)
+    if outside:
+        log.warning("%s: skipped %d box(es) entirely outside their image's width and height", json_file, outside)
     return SourceColumns(
         json_file=json_file, image_dir=image_dir, image_ids=image_ids, file_names=file_names,
         heights=heights, widths=widths,
@@ -179,7 +186,13 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
         boxes_xywh=np.asarray(boxes, np.float32).reshape(-1, 4),
         category_ids=np.asarray(category_ids, np.int64).reshape(-1),
         categories=categories, skipped_boxes=skipped, crowd_boxes=crowd, nonfinite_boxes=nonfinite,
-        annotations_key=has_annotations_key)
+        outside_boxes=outside, annotations_key=has_annotations_key)
+
+
+def _entirely_outside(bbox: list, width: int, height: int) -> bool:
+    """Whether [x, y, w, h] has no pixel inside a width x height image (0 = size not given: unknown)."""
+    x, y, w, h = bbox
+    return bool((width and (x >= width or x + w <= 0)) or (height and (y >= height or y + h <= 0)))
 
 
 def describe_no_boxes(sources: list[SourceColumns]) -> str:
@@ -188,10 +201,11 @@ def describe_no_boxes(sources: list[SourceColumns]) -> str:
     for src in sources:
         if not src.annotations_key:
             why = "no 'annotations' key"
-        elif src.num_boxes == 0 and not (src.skipped_boxes or src.nonfinite_boxes or src.crowd_boxes):
+        elif src.num_boxes == 0 and not (src.skipped_boxes or src.nonfinite_boxes or src.crowd_boxes
+                                         or src.outside_boxes):
             why = "'annotations' is empty"
         else:
             why = (f"all boxes unusable: {src.skipped_boxes} empty, {src.nonfinite_boxes} NaN/infinite, "
-                   f"{src.crowd_boxes} crowd")
+                   f"{src.outside_boxes} outside the image, {src.crowd_boxes} crowd")
         parts.append(f"{src.json_file} ({why})")
     return ", ".join(parts)

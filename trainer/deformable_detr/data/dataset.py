@@ -18,7 +18,7 @@ from ..runtime.progress import progress
 from .annotations import AnnotationStore, build_store
 from .coco_gt import merged_coco
 from .coco_json import describe_no_boxes, expand_json_files, load_source
-from .images import ImageSizeMismatch, load_image, verify_image
+from .images import ImageSizeMismatch, UnreadableImageError, load_image
 from .transforms import Transform, build_eval_transform, build_train_transform
 
 log = get_logger("data")
@@ -62,6 +62,7 @@ class CocoDetection(Dataset):
                 self.source_of_json.append(k)
         self.num_images_per_json = [len(c.image_ids) for c in columns]
         self.skipped_boxes = sum(c.skipped_boxes for c in columns)
+        self.outside_boxes = sum(c.outside_boxes for c in columns)
         if require_boxes and columns and not any(c.num_boxes for c in columns):
             purpose = ("to train on; a training set needs annotated boxes" if require_boxes == "train"
                        else "to score against; evaluation needs ground truth")
@@ -87,10 +88,17 @@ class CocoDetection(Dataset):
         """Ground truth for scoring (built on first use: workers forked earlier never hold it)."""
         return merged_coco(self.json_files)
 
-    def verify_images(self) -> None:
-        """Decode-check every image now, instead of when it is first loaded."""
-        for index in progress(range(len(self)), desc="checking images"):
-            verify_image(self.store.record(index).path)
+    def unusable_images(self, indices: Sequence[int], show_progress: bool = True) -> list[str]:
+        """Why each of these items' images cannot be used (unreadable, empty, a size unlike the annotation
+        file's), one line each: the checks training's first read would make, made now (dataset.verify_images)."""
+        problems = []
+        for index in progress(indices, desc="checking images", enabled=show_progress):
+            record = self.store.record(index)
+            try:
+                _check_size(record.path, load_image(record.path).shape[-2:], record.height, record.width)
+            except UnreadableImageError as err:
+                problems.append(str(err))
+        return problems
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         record = self.store.record(index)
@@ -105,6 +113,9 @@ class CocoDetection(Dataset):
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # boxes wholly off the image
+        if not bool(keep.all()):  # only where the JSON gives no size: load_source drops the others, counted
+            log.warning("%s: dropped %d box(es) entirely outside the %dx%d image", record.path,
+                        int((~keep).sum()), width, height)
         target: dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(height, width)),
             "labels": torch.from_numpy(record.category_ids)[keep],
@@ -142,8 +153,10 @@ def build_dataset(spec: ExperimentConfig, split: str, verify_images: bool = Fals
                   transform: Optional[Transform] = None) -> CocoDetection:
     """The dataset of a split; train has TAO's training augmentation, val/test the eval resize.
 
-    Files are checked to exist up front; images are decoded (and a corrupt one
-    reported) when first loaded, or all up front with `verify_images=True`.
+    Files are checked to exist up front; images are decoded (and a corrupt one reported) when first
+    loaded, or all up front with `verify_images=True` (the first unusable one raised); training's
+    loader skips an unusable one (loader.SkipUnusable), and dataset.verify_images has training check
+    them all first (tasks/train/loop.py).
     """
     sources, field = split_sources(spec, split)
     aug = spec.dataset.augmentation
@@ -152,6 +165,8 @@ def build_dataset(spec: ExperimentConfig, split: str, verify_images: bool = Fals
     dataset = CocoDetection(sources, spec.dataset.num_classes, transform, spec.dataset.dataset_type, field,
                             require_boxes="train" if split == "train" else "score")
     if verify_images:
-        dataset.verify_images()
+        problems = dataset.unusable_images(range(len(dataset)))
+        if problems:
+            raise UnreadableImageError(problems[0])
     log.info("%s: %d images from %d annotation file(s)", field, len(dataset), len(dataset.json_files))
     return dataset

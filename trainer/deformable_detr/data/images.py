@@ -7,10 +7,13 @@ and inference labels use the same frame.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
 
 from ..errors import UsageError
 
@@ -36,15 +39,24 @@ class ImageSizeMismatch(UnreadableImageError):
 
 
 def load_image(path: str) -> tv_tensors.Image:
-    """The image as uint8 RGB [3, H, W]."""
+    """The image as uint8 RGB [3, H, W]; a 16-bit PNG is scaled to 8 bits (not clipped to white), here, so
+    training, evaluation and inference's drawings all see the same pixels."""
     try:
-        data = read_file(path)
-    except (RuntimeError, OSError) as err:
-        raise UnreadableImageError(f"{path}: cannot read image file ({err})") from None
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as err:
+        raise UnreadableImageError(f"{path}: cannot read image file ({err.strerror or err})") from None
+    if not raw:
+        raise UnreadableImageError(f"{path}: the file is empty (0 bytes); expected an image (JPEG, PNG, BMP, ...)")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     try:
-        return tv_tensors.Image(decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True))
+        decoded = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError:
         pass
+    else:
+        if decoded.dtype != torch.uint8:
+            decoded = to_dtype(decoded, torch.uint8, scale=True)
+        return tv_tensors.Image(decoded)
     try:  # formats torchvision's decoders lack (BMP, TIFF, ...)
         with Image.open(path) as stored:
             pil = ImageOps.exif_transpose(stored).convert("RGB")
@@ -54,8 +66,16 @@ def load_image(path: str) -> tv_tensors.Image:
         raise UnreadableImageError(f"{path}: cannot decode image ({err})") from None
 
 
+def load_shown_image(path: str) -> Image.Image:
+    """The image as a PIL RGB image of the pixels the model sees (EXIF orientation applied, 16 bits
+    scaled to 8): what inference draws its boxes on."""
+    return Image.fromarray(load_image(path).permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+
+
 def verify_image(path: str) -> None:
     """Check a file decodes as an image (header and data) without keeping it."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UnreadableImageError(f"{path}: the file is empty (0 bytes); expected an image (JPEG, PNG, BMP, ...)")
     try:
         with Image.open(path) as pil:
             pil.verify()

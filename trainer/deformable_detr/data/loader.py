@@ -10,10 +10,55 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config.schema import ExperimentConfig
+from ..errors import UsageError
+from ..runtime.logging import get_logger
 from .collate import collate_fn
 from .dataset import CocoDetection, build_dataset
+from .images import UnreadableImageError
 from .samplers import ResumableSampler, ShardedSequentialSampler, build_train_sampler, seed_of
 from .transforms import fixed_pad_size
+
+
+log = get_logger("data")
+
+# The target key under which a training item names the files skipped in its place (paths, in order).
+SKIPPED_KEY = "skipped_images"
+
+
+class SkipUnusable(Dataset):
+    """Training's items, where a sample whose image cannot be used (unreadable, empty, a size unlike
+    the annotation file's) is replaced by the next usable one in dataset order, with a warning naming
+    the file; the replacement's target lists what it replaced under SKIPPED_KEY, for training to
+    count (tasks/train/loop.py) and to stop past dataset.max_skipped_share.
+
+    Replaced, not dropped: every rank's batches keep their size and every rank its number of steps,
+    so the ranks' collectives stay in step; the replacement is the same on every run (and its
+    augmentation seeded as the skipped sample's would have been), so a resumed run stays exact."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        skipped: list[str] = []
+        for offset in range(len(self.dataset)):
+            key = (int(index) + offset) % len(self.dataset)
+            try:
+                image, target = self.dataset[key]
+            except UnreadableImageError as err:
+                log.warning("skipping a training image: %s", err)
+                skipped.append(self.dataset.store.record(key).path)
+                continue
+            target[SKIPPED_KEY] = skipped
+            return image, target
+        raise UsageError(f"dataset.train_data_sources: no training image can be used (first: {skipped[0]})")
+
+    def __getattr__(self, name: str) -> Any:  # coco, source_index, json_files ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class SeededSamples(Dataset):
@@ -67,7 +112,7 @@ def build_dataloader(spec: ExperimentConfig, split: str, rank: int = 0, world_si
     if split == "train":
         sampler = ResumableSampler(build_train_sampler(spec.dataset.train_sampler, dataset, rank, world_size, seed),
                                    seed, rank)
-        items: Dataset = SeededSamples(dataset)
+        items: Dataset = SeededSamples(SkipUnusable(dataset))
     else:
         sampler = ShardedSequentialSampler(len(dataset), rank, world_size)
         items = dataset

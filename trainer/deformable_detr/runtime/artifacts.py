@@ -7,6 +7,7 @@ only once its checkpoint is complete. The staging rules: docs/architecture.md, "
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import storage
+from .files import write_text_atomic
 from .logging import get_logger
 from .status_file import STATUS_NAME, parse_status, read_status
 from .storage import StorageError
@@ -109,6 +111,12 @@ class ArtifactSync:
             count = len(self._failures)
             kept = "; ".join(f"remote {name} still names {path}" for name, path in self.latest.items())
         return f"{count} artifact(s) not uploaded to {self.remote_uri} (first: {first})" + (f"; {kept}" if kept else "")
+
+    @property
+    def not_uploaded(self) -> list[str]:
+        """The files whose upload failed for good (still in `local_dir`), in the order they were queued."""
+        with self._cond:
+            return list(self._failures)
 
     def close(self) -> None:
         """Finish queued uploads, stop the worker, and raise StorageError if any upload failed for good."""
@@ -233,6 +241,17 @@ def _local_status_step(local_dir: str) -> int:
     return -1 if status is None else int(status.get("step") or 0)
 
 
+def _clear_not_uploaded(local_dir: str) -> None:
+    path = os.path.join(local_dir, STATUS_NAME)
+    try:
+        with open(path, "rb") as fh:
+            raw = json.loads(fh.read())
+    except (OSError, ValueError):
+        return
+    if isinstance(raw, dict) and raw.pop("not_uploaded", None) is not None:
+        write_text_atomic(path, json.dumps(raw, indent=2) + "\n")
+
+
 def recover_staging(local_dir: str, remote_uri: str, attempts: int = 3, backoff_seconds: float = 2.0,
                     log_names: tuple[str, ...] = (LOG_NAME, STATUS_NAME)) -> list[str]:
     """Upload what an earlier run left in its staging folder `local_dir`; the names uploaded.
@@ -267,6 +286,7 @@ def recover_staging(local_dir: str, remote_uri: str, attempts: int = 3, backoff_
             sync.upload(name)
         done.append(name)
     if upload_logs:
+        _clear_not_uploaded(local_dir)  # uploaded after the checkpoints it lists, so no longer true there
         for name in log_names:
             sync.upload(name)
             done.append(name)

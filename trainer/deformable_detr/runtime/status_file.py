@@ -37,6 +37,13 @@ class TrainStatus:
     last_map: Optional[float] = _field("mAP of the last validation", default=None)
     last_checkpoint: Optional[str] = _field("URI of the newest checkpoint", default=None)
     state: str = _field("trainer state: " + ", ".join(STATES), default="running")
+    attempt: int = _field("launches of this run: 1 when it started fresh, one more at each resume; every "
+                          "train_log.jsonl record names the attempt that wrote it", default=1)
+    skipped_samples: int = _field("training images skipped since this launch started (unreadable, or a "
+                                  "size unlike the annotation file's)", default=0)
+    not_uploaded: Optional[list] = _field("files staged beside this status.json and not yet uploaded to the "
+                                          "results folder (an upload failed for good); the next run uploads them "
+                                          "first", default=None)
 
 
 def _json_types(annotation: Any) -> tuple[type, ...]:

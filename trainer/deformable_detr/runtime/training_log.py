@@ -27,11 +27,14 @@ class TrainingLog:
         self._log = open(os.path.join(folder, LOG_NAME), "a", encoding="utf-8", buffering=1)
 
     def _carry_over_status(self) -> None:
-        """A restarted run keeps what the previous one reported (last loss, mAP, checkpoint) until it has news."""
+        """A restarted run keeps what the previous one reported (last loss, mAP, checkpoint) until it has news,
+        and counts itself as the next attempt."""
         previous = read_status(self.folder) or {}
         for name in ("epoch", "epochs_completed", "epoch_index", "step", "last_loss", "last_map", "last_checkpoint"):
             if name in previous:
                 setattr(self.status, name, previous[name])
+        if previous:
+            self.status.attempt = int(previous.get("attempt", 1)) + 1
 
     @property
     def log_path(self) -> str:
@@ -42,7 +45,8 @@ class TrainingLog:
         return os.path.join(self.folder, STATUS_NAME)
 
     def append(self, kind: str, **fields: Any) -> None:
-        record = {"kind": kind, "time": round(time.time(), 3), **jsonable(fields)}
+        # `attempt`: which launch wrote it; a resumed run repeats the steps after its checkpoint.
+        record = {"kind": kind, "time": round(time.time(), 3), "attempt": self.status.attempt, **jsonable(fields)}
         line = json.dumps(record) + "\n"
         try:
             self._log.write(line)

@@ -17,11 +17,11 @@ import os
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from ..config.schema import ExperimentConfig
 from ..data import InferenceImages, UnreadableImageError, collate_fn, fixed_pad_size, read_classmap
+from ..data.images import load_shown_image
 from ..data.loader import ignore_stop_signals
 from ..data.samplers import ShardedSequentialSampler
 from ..data.visualize import Detection, class_colors, draw_detections, save_image, write_kitti_labels
@@ -115,8 +115,9 @@ def named_detections(found: dict, class_names: Sequence[str], conf_threshold: fl
 def _write_outputs(out: str, name: str, path: str, detections: list[Detection], colors: dict,
                    outline_width: int) -> None:
     write_kitti_labels(f"{out}/{LABELS_DIR}/{name}.txt", detections)
-    with Image.open(path) as stored:  # drawn as shown (EXIF orientation applied), the frame the boxes are in
-        drawn = draw_detections(ImageOps.exif_transpose(stored), detections, colors, outline_width)
+    # Drawn on the pixels the model saw: as shown (EXIF orientation applied, the frame the boxes are in),
+    # 16-bit images scaled to 8 bits.
+    drawn = draw_detections(load_shown_image(path), detections, colors, outline_width)
     extension = os.path.splitext(path)[1].lower() or ".png"
     save_image(drawn, f"{out}/{ANNOTATED_DIR}/{name}{extension}")
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ...config.schema import ExperimentConfig
+from ...data.loader import SKIPPED_KEY
 from ...errors import Diverged, UsageError
 from ...runtime import checkpoint, distributed, watchdog
 from ...runtime.logging import get_logger
@@ -69,6 +70,7 @@ class Trainer:
         self.resumed_from: Optional[str] = None
         self.saved_at_step: Optional[int] = None  # the step of the newest checkpoint (finite weights)
         self.last_losses: dict[str, float] = {}
+        self.skipped_images: set[str] = set()  # training images skipped since this launch, on any rank
 
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
@@ -95,7 +97,12 @@ class Trainer:
             self.scaler = ShardedGradScaler(info.device.type)
         else:
             self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
-        self.train_loader = build_dataloader(spec, "train", rank=info.rank, world_size=info.world_size)
+        train_set = build_dataset(spec, "train")
+        if spec.dataset.verify_images:
+            self._verify_images(train_set)
+        self.train_loader = build_dataloader(spec, "train", rank=info.rank, world_size=info.world_size,
+                                             dataset=train_set)
+        self.num_train_images = len(train_set)
         if len(self.train_loader) == 0:
             raise UsageError("dataset.train_data_sources: no training batch for this process; "
                              "use more images or fewer processes")
@@ -106,6 +113,36 @@ class Trainer:
             self.validation = Validation(spec, info, self.criterion, postprocessor, dataset, loader)
         # Per-rank randomness from here on (dropout, augmentation in the main process).
         _seed_everything(self.train_cfg.seed + info.rank)
+
+    def _verify_images(self, dataset) -> None:
+        """dataset.verify_images: every image decoded and its size checked before the first step (each rank
+        a share); any unusable one refuses the run on every rank, in one line."""
+        info = self.info
+        problems = dataset.unusable_images(range(info.rank, len(dataset), info.world_size),
+                                           show_progress=info.is_main)
+        problems = [line for part in distributed.all_gather_objects(problems) for line in part]
+        if problems:
+            raise UsageError(f"dataset.verify_images: {len(problems)} of {len(dataset)} training images cannot be "
+                             f"used: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}; fix or "
+                             "remove them (or set dataset.verify_images: false to skip them as they are read, up "
+                             f"to dataset.max_skipped_share)")
+        log.info("dataset.verify_images: all %d training images can be used", len(dataset))
+
+    def _note_skipped(self, position: Position, skipped: list[str]) -> None:
+        """Every rank, on a step where some rank skipped an image: count the files (the same set on every
+        rank), report them, and stop past dataset.max_skipped_share, after saving a checkpoint."""
+        new = {path for part in distributed.all_gather_objects(skipped) for path in part} - self.skipped_images
+        self.skipped_images |= new
+        self.outputs.images_skipped(position, sorted(new), len(self.skipped_images))
+        share = self.spec.dataset.max_skipped_share
+        if len(self.skipped_images) <= share * self.num_train_images:
+            return
+        self._save(position, epoch_finished=False)
+        raise UsageError(f"dataset.max_skipped_share: {len(self.skipped_images)} of {self.num_train_images} "
+                         f"training images could not be used, more than the {share:.0%} allowed (first: "
+                         f"{sorted(self.skipped_images)[0]}); fix or remove them, or raise "
+                         f"dataset.max_skipped_share; saved a checkpoint at epoch {position.epoch} (0-based), "
+                         f"step {position.step}")
 
     @property
     def _bare_model(self) -> torch.nn.Module:
@@ -182,12 +219,15 @@ class Trainer:
         self.scaler.update()
         return {name: value.detach() for name, value in losses.items()}
 
-    def _reduce_step(self, losses: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, float], bool]:
-        """Loss terms averaged over ranks and whether any rank must stop, in one collective."""
+    def _reduce_step(self, losses: dict[str, torch.Tensor], stop: bool,
+                     skipped: int) -> tuple[dict[str, float], bool, bool]:
+        """Loss terms averaged over ranks, whether any rank must stop and whether any rank skipped an
+        image, in one collective."""
         names = sorted(losses)
-        values = torch.stack([losses[n].float().cpu() for n in names] + [torch.tensor(float(stop))])
+        values = torch.stack([losses[n].float().cpu() for n in names]
+                             + [torch.tensor(float(stop)), torch.tensor(float(skipped))])
         mean = distributed.all_reduce_mean(values)
-        return {n: float(v) for n, v in zip(names, mean[:-1])}, bool(mean[-1] > 0)
+        return {n: float(v) for n, v in zip(names, mean[:-2])}, bool(mean[-2] > 0), bool(mean[-1] > 0)
 
     # ------------------------------------------------------------------ epoch
     def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any]]:
@@ -212,7 +252,8 @@ class Trainer:
             started = time.perf_counter()
             data_wait = started - waited_since
             losses = self._train_step(images, masks, targets)
-            reduced, stop_now = self._reduce_step(losses, stop.requested)
+            skipped = [path for target in targets for path in target.get(SKIPPED_KEY, ())]
+            reduced, stop_now, any_skipped = self._reduce_step(losses, stop.requested, len(skipped))
             position.step += 1
             watchdog.beat(position.step)
             position.batches_done = index + 1
@@ -229,6 +270,8 @@ class Trainer:
                               len(targets) * self.info.world_size, step_seconds, data_wait,
                               _peak_memory_mb(self.info.device))
             waited_since = time.perf_counter()
+            if any_skipped:
+                self._note_skipped(position, skipped)
             if stop_now:
                 return False
             if self.train_cfg.checkpoint_interval_unit == "step" and \

@@ -16,7 +16,7 @@ from ...runtime.artifacts import ArtifactSync, recover_staging, staging_dir
 from ...runtime.files import remove_partial_writes
 from ...runtime.logging import get_logger
 from ...runtime.paths import task_results_dir
-from ...runtime.status_file import STATUS_NAME
+from ...runtime.status_file import STATUS_NAME, read_status
 from ...runtime.storage import StorageError
 from ...runtime.training_log import LOG_NAME, TrainingLog
 from .state import Position
@@ -52,6 +52,7 @@ class TrainOutputs:
         self.sync = ArtifactSync(self.local_dir, self.results_dir if self.remote else None,
                                  remove_uploaded_checkpoints=True)
         self.training_log: Optional[TrainingLog] = None
+        self.uploaded_checkpoint: Optional[str] = None
         self.metrics = None
 
     def prepare(self) -> None:
@@ -80,6 +81,9 @@ class TrainOutputs:
             elif self.remote and storage.exists(f"{self.results_dir}/{name}"):
                 storage.download(f"{self.results_dir}/{name}", local)
         self.training_log = TrainingLog(self.local_dir, self.spec.train.num_epochs)
+        # The checkpoint an earlier launch reported (uploaded, as its run ended): named again should
+        # this run's own uploads fail.
+        self.uploaded_checkpoint = self.training_log.status.last_checkpoint
         self.metrics = _open_metrics(self.spec)
 
     def start(self, position: Position, resumed_from: Optional[str], world_size: int) -> None:
@@ -111,6 +115,15 @@ class TrainOutputs:
             self.metrics.observe_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
                                       images=images, step_seconds=step_seconds, data_wait_seconds=data_wait)
 
+    def images_skipped(self, position: Position, new: list[str], total: int) -> None:
+        """Training images skipped (unusable): the new ones in the log, the count in status.json."""
+        if self.training_log is None:
+            return
+        if new:
+            self.training_log.append("skipped", epoch=position.epoch, step=position.step, images=new,
+                                     skipped_samples=total)
+        self.training_log.update_status(skipped_samples=total)
+
     def validation(self, position: Position, metrics: dict) -> None:
         self.training_log.log_validation(epoch=position.epoch, step=position.step, metrics=metrics)
         if self.metrics is not None:
@@ -139,11 +152,13 @@ class TrainOutputs:
 
     def record_failed_attempt(self, err: BaseException) -> None:
         """A run that failed before it started training leaves status.json (and the cli experiment.yaml)
-        as the last run left them: the attempt is a record at the end of train_log.jsonl instead."""
-        if not self.is_main or self.remote:
+        as the last run left them: the attempt is a record at the end of train_log.jsonl instead, unless
+        its input was refused (the one line and exit code 2 say it; the folder stays as it was) or the
+        log is a completed run's (nothing is added to a finished record)."""
+        if not self.is_main or self.remote or isinstance(err, UsageError):
             return
         path = os.path.join(self.local_dir, LOG_NAME)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or (read_status(self.local_dir) or {}).get("state") == "completed":
             return
         record = {"kind": "failed_attempt", "time": round(time.time(), 3), "error": one_line(err),
                   "exit_code": distributed.exit_code_for(err)}
@@ -152,6 +167,22 @@ class TrainOutputs:
                 fh.write(json.dumps(record) + "\n")
         except OSError as write_error:
             log.error("could not record the failed attempt in %s: %s", path, write_error)
+
+    def _record_not_uploaded(self) -> None:
+        """After an upload failed for good, the status.json kept in the staging folder says so instead of
+        claiming the run's end: state failed, what is staged and not uploaded, and as last checkpoint
+        only one that reached the results folder."""
+        if self.training_log is None:
+            return
+        pending = self.sync.not_uploaded
+        status = self.training_log.status
+        if status.last_checkpoint and os.path.basename(status.last_checkpoint) in pending:
+            uploaded = self.sync.latest.get(checkpoint.LATEST_NAME)
+            status.last_checkpoint = f"{self.results_dir}/{uploaded}" if uploaded else self.uploaded_checkpoint
+        try:
+            self.training_log.update_status(state="failed", not_uploaded=pending)
+        except (UsageError, OSError) as err:
+            log.error("also, status.json could not say what is not uploaded: %s", one_line(err))
 
     def finish(self, state: str, error: Optional[BaseException] = None) -> None:
         """Record the run's final state, close the log and metrics, and wait for the uploads."""
@@ -171,6 +202,7 @@ class TrainOutputs:
         try:
             self.sync.close()  # raises when an upload failed for good: the staging copy is then kept
         except StorageError as err:
+            self._record_not_uploaded()
             kept = StorageError(f"{err}; kept in {self.local_dir}, which the next run with this results folder "
                                 "uploads first", retryable=err.retryable)
             if state != "failed":
