@@ -312,7 +312,8 @@ class AttemptRecord:
 
 # The status.json fields shown in status.progress; their types and descriptions are status_file's
 # (the format's one home), their names camelCased.
-PROGRESS_SHOWN = ("epoch", "num_epochs", "step", "last_loss", "last_map", "last_checkpoint", "state")
+PROGRESS_SHOWN = ("epoch", "num_epochs", "step", "last_loss", "last_map", "last_checkpoint", "state",
+                  "skipped_samples")
 
 
 def _progress_schema() -> dict:
