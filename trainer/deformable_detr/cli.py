@@ -103,8 +103,9 @@ def _main(args: argparse.Namespace) -> int:
             raise UsageError(NOT_PROVIDED[args.task])
         spec = load_spec(args.spec, _task_overrides(args), results_dir=args.results_dir, key=args.key)
         setup_logging(verbose=spec.train.verbose)
-        from .runtime.cpu_budget import apply_cpu_budget
-        apply_cpu_budget()  # thread pools sized from the container's CPU quota, not the host's cores
+        if TASKS[args.task].torch_threads:
+            from .runtime.cpu_budget import apply_cpu_budget
+            apply_cpu_budget()  # thread pools sized from the container's CPU quota, not the host's cores
         from .runtime.paths import task_results_dir
         from .tasks.results_folder import check_writable, effective_spec_recorded, one_writer, results_dir_field
 

@@ -14,6 +14,8 @@ class Task:
     name: str
     help: str
     sections: tuple[str, ...]  # spec sections it reads, besides the top-level keys
+    # Runs PyTorch's kernels: its thread pools are sized from the container at start (runtime/cpu_budget.py).
+    torch_threads: bool = True
 
 
 TASKS = {task.name: task for task in (
@@ -23,8 +25,8 @@ TASKS = {task.name: task for task in (
          ("model", "dataset", "inference")),
     Task("export", "export a checkpoint to ONNX", ("model", "dataset", "export")),
     Task("gen_trt_engine", "build a TensorRT engine from an ONNX file (needs tensorrt and a GPU)",
-         ("gen_trt_engine",)),
-    Task("convert", "KITTI label folders -> sharded COCO JSON", ("convert",)),
+         ("gen_trt_engine",), torch_threads=False),
+    Task("convert", "KITTI label folders -> sharded COCO JSON", ("convert",), torch_threads=False),
 )}
 
 # TAO's tasks this project does not have: the CLI answers each in one line (exit 2); their spec
