@@ -1,7 +1,8 @@
 """Start and stop a real Kubernetes control plane on 127.0.0.1 from the binaries that
 scripts/build-control-plane.sh builds: etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and KWOK (fake GPU nodes), plus the pod runner that runs the pods bound to
-its own node as local processes (pod_runner.py).
+its own node as local processes (pod_runner.py), and with `real_node=True` one real node
+(realnode.py: kubelet, containerd, kube-proxy, CoreDNS) whose address the API server binds.
 
 Nothing is installed into the cluster: no CRD, no chart. Every component logs to a file
 under `<state>/logs`, which the pytest fixture shows for a failed test.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from . import realnode_net
 from .pki import write_pki
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +40,8 @@ CONTROLLERS = ("job-controller", "garbage-collector-controller", "namespace-cont
                "serviceaccount-controller", "ttl-after-finished-controller", "pod-garbage-collector-controller",
                "root-ca-certificate-publisher-controller", "resourcequota-controller", "disruption-controller",
                "taint-eviction-controller", "podgroup-protection-controller")
+# What Services need once a kubelet runs real pods: their endpoints, for kube-proxy and CoreDNS.
+REAL_NODE_CONTROLLERS = ("endpoints-controller", "endpointslice-controller")
 # Kubernetes' own gang scheduling (scheduling.k8s.io/v1beta1 Workload/PodGroup, the scheduler's
 # GangScheduling plugin, pods' spec.schedulingGroup) is beta in 1.37 but off by default.
 FEATURE_GATES = "--feature-gates=GenericWorkload=true"
@@ -52,8 +56,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def control_plane_bin() -> tuple[Path | None, str]:
-    """The folder with the built binaries, or None and the reason they cannot be had.
+def control_plane_bin(real_node: bool = False) -> tuple[Path | None, str]:
+    """The folder with the built binaries (with `real_node`, kubelet and kube-proxy too), or
+    None and the reason they cannot be had.
 
     DDETR_CONTROL_PLANE_BIN names a folder built elsewhere; otherwise the build script
     runs (a no-op when its cache is warm)."""
@@ -63,7 +68,8 @@ def control_plane_bin() -> tuple[Path | None, str]:
             None, f"DDETR_CONTROL_PLANE_BIN={given} has no kube-apiserver")
     if shutil.which("go") is None:
         return None, "Go is not installed: the local control plane is built from Go modules (Go 1.26+)"
-    result = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
+    result = subprocess.run(["bash", str(BUILD_SCRIPT), *(["--real-node"] if real_node else [])],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         tail = " | ".join(result.stderr.strip().splitlines()[-3:])
         return None, f"building the control plane failed (module proxy unreachable?): {tail}"
@@ -87,7 +93,12 @@ class LocalCluster:
     kwok_nodes: int = 2
     pod_runner: bool = True
     pod_runner_python: str = sys.executable
+    real_node: bool = False
+    runtime_bin: Path | None = None  # realnode.runtime_bin(): containerd, ctr, CoreDNS, pause
+    image_archives: list[Path] = field(default_factory=list)  # imported into the real node
     components: list[Component] = field(default_factory=list)
+    node: object | None = None  # the started realnode.RealNode
+    _network_open: bool = False
 
     @property
     def kubeconfig(self) -> Path:
@@ -114,8 +125,11 @@ class LocalCluster:
         self.components.append(component)
         return component
 
+    def all_components(self) -> list[Component]:
+        return self.components + (self.node.components if self.node else [])
+
     def _check_alive(self) -> None:
-        for component in self.components:
+        for component in self.all_components():
             if component.process.poll() is not None:
                 tail = component.log.read_text(errors="replace").strip().splitlines()[-15:]
                 raise RuntimeError(f"{component.name} exited with {component.process.returncode}; "
@@ -132,9 +146,15 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         self.state.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
-        pki = write_pki(self.state / "pki", SERVICE_IP)
         b = lambda tool: str(self.bin_dir / tool)  # noqa: E731
         try:
+            address = "127.0.0.1"
+            if self.real_node:
+                # Pods reach the API server (kubernetes.default.svc) on the node's bridge address.
+                realnode_net.open_network()
+                self._network_open = True
+                address = realnode_net.NODE_IP
+            pki = write_pki(self.state / "pki", SERVICE_IP, (address,))
             etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
             etcd_url = f"http://127.0.0.1:{etcd_port}"
             shutil.rmtree(self.etcd_dir, ignore_errors=True)
@@ -149,23 +169,26 @@ class LocalCluster:
 
             self._spawn("kube-apiserver", [
                 b("kube-apiserver"), "--etcd-servers", etcd_url,
-                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(api_port),
+                "--bind-address", address, "--advertise-address", address, "--secure-port", str(api_port),
                 "--tls-cert-file", str(pki["server_cert"]), "--tls-private-key-file", str(pki["server_key"]),
                 "--client-ca-file", str(pki["ca_cert"]),
                 "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
                 "--service-account-key-file", str(pki["sa_pub"]),
                 "--service-account-signing-key-file", str(pki["sa_key"]),
-                "--service-cluster-ip-range", SERVICE_CIDR, "--authorization-mode", "RBAC",
+                "--service-cluster-ip-range", SERVICE_CIDR,
                 # PodSecurity is on by default; OwnerReferencesPermissionEnforcement is what real
                 # clusters (OpenShift, many hardened ones) add: blockOwnerDeletion needs finalizers RBAC.
                 "--enable-admission-plugins", "NamespaceLifecycle,ServiceAccount,PodSecurity,"
                                               "OwnerReferencesPermissionEnforcement,ResourceQuota,LimitRanger,"
-                                              "DefaultTolerationSeconds,Priority",
+                                              "DefaultTolerationSeconds,Priority"
+                                              + (",NodeRestriction" if self.real_node else ""),
                 "--allow-privileged=true", "--profiling=false", "--v", "1",
                 FEATURE_GATES, "--runtime-config=scheduling.k8s.io/v1beta1=true",
-                # 127.0.0.1 cannot be the kubernetes Service's endpoint; nothing in-cluster needs it.
-                "--endpoint-reconciler-type", "none"])
-            server = f"https://127.0.0.1:{api_port}"
+                *(self._real_node_api_flags(pki) if self.real_node else [
+                    "--authorization-mode", "RBAC",
+                    # 127.0.0.1 cannot be the kubernetes Service's endpoint; nothing in-cluster needs it.
+                    "--endpoint-reconciler-type", "none"])])
+            server = f"https://{address}:{api_port}"
             context = _client_context(pki)
             self._wait("kube-apiserver /readyz", lambda: _http_ok(f"{server}/readyz", context), 120)
             self._write_kubeconfig(server, pki)
@@ -175,7 +198,8 @@ class LocalCluster:
                       FEATURE_GATES]
             self._spawn("kube-controller-manager", [
                 b("kube-controller-manager"), *common, "--secure-port", str(free_port()),
-                "--controllers", ",".join(CONTROLLERS), "--root-ca-file", str(pki["ca_cert"]),
+                "--controllers", ",".join(CONTROLLERS + (REAL_NODE_CONTROLLERS if self.real_node else ())),
+                "--root-ca-file", str(pki["ca_cert"]),
                 "--service-account-private-key-file", str(pki["sa_key"]),
                 "--use-service-account-credentials=false",
                 # Orphaned pods (their node deleted) are collected at once, not after 40 s.
@@ -198,10 +222,23 @@ class LocalCluster:
                 self._wait("the pod runner's node", lambda: self._node_ready("ddetr-runner"), 60)
             self._wait("the KWOK nodes", lambda: all(self._node_ready(f"kwok-gpu-{i}")
                                                      for i in range(self.kwok_nodes)), 60)
+            if self.real_node:
+                from .realnode import RealNode
+                self.node = RealNode(self, self.runtime_bin, self.image_archives)
+                self.node.start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _real_node_api_flags(pki: dict[str, Path]) -> list[str]:
+        """The kubelet's identity is checked as a node's (Node authorizer); the API server
+        logs in to the kubelet (logs, exec) as the admin."""
+        return ["--authorization-mode", "Node,RBAC",
+                "--kubelet-client-certificate", str(pki["admin_cert"]),
+                "--kubelet-client-key", str(pki["admin_key"]),
+                "--kubelet-preferred-address-types", "InternalIP"]
 
     def _write_kubeconfig(self, server: str, pki: dict[str, Path]) -> None:
         data = lambda path: base64.b64encode(path.read_bytes()).decode()  # noqa: E731
@@ -234,7 +271,14 @@ class LocalCluster:
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
     def stop(self) -> None:
-        """SIGTERM every component (newest first), SIGKILL what is left after 10 s."""
+        """Stop the real node (it removes what it made), then SIGTERM every component (newest
+        first), SIGKILL what is left after 10 s."""
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
+        elif self._network_open:
+            realnode_net.close_network()
+        self._network_open = False
         for component in reversed(self.components):
             if component.process.poll() is None:
                 _signal_group(component.process, signal.SIGTERM)

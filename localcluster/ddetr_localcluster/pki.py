@@ -1,6 +1,7 @@
 """Certificates and keys for the local control plane: one CA, the API server's serving
 certificate, an admin client certificate (group system:masters) and the service-account
-signing key pair. Written once per cluster directory; nothing here leaves the machine."""
+signing key pair. Written once per cluster directory; nothing here leaves the machine.
+`client_cert` adds the real node's client certificates (kubelet, kube-proxy, CoreDNS)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -38,7 +39,7 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.Certific
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALID_FOR))
 
 
-def write_pki(directory: Path, service_ip: str) -> dict[str, Path]:
+def write_pki(directory: Path, service_ip: str, extra_ips: tuple[str, ...] = ()) -> dict[str, Path]:
     """Create every file the components need under `directory`; returns their paths by role."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {role: directory / name for role, name in (
@@ -70,7 +71,7 @@ def write_pki(directory: Path, service_ip: str) -> dict[str, Path]:
     server_key, server_cert = leaf(_name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, [
         x509.DNSName("localhost"), x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default"),
         x509.DNSName("kubernetes.default.svc"), x509.DNSName("kubernetes.default.svc.cluster.local"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address(service_ip))])
+        *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip, *extra_ips))])
     admin_key, admin_cert = leaf(_name("ddetr-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -87,3 +88,21 @@ def write_pki(directory: Path, service_ip: str) -> dict[str, Path]:
     for key in ("ca_key", "server_key", "admin_key", "sa_key"):
         paths[key].chmod(0o600)
     return paths
+
+
+def client_cert(directory: Path, name: str, common_name: str, organization: str | None = None) -> tuple[Path, Path]:
+    """A client certificate signed by the cluster CA of `directory` (write_pki's): the API
+    server reads the user from CN and the group from O. Returns (cert, key) paths."""
+    pem = serialization.Encoding.PEM
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    key = _key()
+    cert = (_builder(_name(common_name, organization), ca_cert.subject, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(pem))
+    key_path.write_bytes(_pem_key(key))
+    key_path.chmod(0o600)
+    return cert_path, key_path

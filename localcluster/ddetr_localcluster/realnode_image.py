@@ -1,0 +1,81 @@
+"""Images for the real node's containerd: the pause (sandbox) image, written as an OCI
+archive from the locally built static pause binary, and `ctr images import` of an archive,
+skipped when the same archive (path, size, mtime) was imported into this content store."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+PAUSE_IMAGE = "ddetr.local/pause:1"
+NAMESPACE = "k8s.io"  # the containerd namespace the CRI plugin (and so the kubelet) sees
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _blob(tar: tarfile.TarFile, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    _add(tar, f"blobs/sha256/{digest}", data)
+    return f"sha256:{digest}"
+
+
+def write_pause_archive(pause_binary: Path, archive: Path) -> Path:
+    """An OCI image archive holding only /pause (run as nobody, 65535)."""
+    layer_bytes = io.BytesIO()
+    with tarfile.open(fileobj=layer_bytes, mode="w", format=tarfile.PAX_FORMAT) as layer:
+        _add(layer, "pause", pause_binary.read_bytes(), mode=0o755)
+    layer_data = layer_bytes.getvalue()
+    with tarfile.open(archive, "w") as tar:
+        layer_digest = _blob(tar, layer_data)
+        config = {"architecture": "amd64", "os": "linux",
+                  "config": {"Entrypoint": ["/pause"], "User": "65535:65535"},
+                  "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
+        config_data = json.dumps(config).encode()
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                               "digest": _blob(tar, config_data), "size": len(config_data)},
+                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                "digest": layer_digest, "size": len(layer_data)}]}
+        manifest_data = json.dumps(manifest).encode()
+        index = {"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": _blob(tar, manifest_data),
+            "size": len(manifest_data), "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": PAUSE_IMAGE,
+                            "org.opencontainers.image.ref.name": PAUSE_IMAGE.rsplit(":", 1)[1]}}]}
+        _add(tar, "index.json", json.dumps(index).encode())
+        _add(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+    return archive
+
+
+def import_archive(ctr: list[str], archive: Path, stamps: Path) -> bool:
+    """`ctr images import` the archive unless this store has it already; True if imported."""
+    stat = archive.stat()
+    stamp = stamps / hashlib.sha256(str(archive.resolve()).encode()).hexdigest()[:16]
+    fingerprint = f"{archive.resolve()} {stat.st_size} {stat.st_mtime_ns}"
+    if stamp.exists() and stamp.read_text() == fingerprint:
+        return False
+    result = subprocess.run([*ctr, "-n", NAMESPACE, "images", "import", "--snapshotter", "overlayfs", str(archive)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ctr images import {archive}: {result.stderr.strip()[-500:]}")
+    stamps.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return True
+
+
+def archive_refs(archive: Path) -> list[str]:
+    """The image names a docker-archive (podman/buildah save) or OCI archive carries."""
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        if "manifest.json" in names:
+            return [tag for entry in json.load(tar.extractfile("manifest.json")) for tag in entry.get("RepoTags") or []]
+        index = json.load(tar.extractfile("index.json"))
+        return [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]
+                if "io.containerd.image.name" in (m.get("annotations") or {})]

@@ -1,0 +1,135 @@
+"""What only a real kubelet shows: the trainer image runs as a container on the real node
+(containerd), as the image's non-root user under runAsNonRoot, with a memory-backed /dev/shm;
+`kubectl logs` and the exit code come from the runtime; Service names and
+kubernetes.default.svc resolve through CoreDNS and route through kube-proxy."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from ddetr_localcluster.realnode import NODE_LABEL
+
+pytestmark = pytest.mark.real_node
+
+
+def pod(name: str, image: str, script: str, **spec) -> dict:
+    """A pod on the real node running `python -c script`, as the restricted Pod Security level wants."""
+    container = {"name": "main", "image": image, "imagePullPolicy": "Never",
+                 "command": ["python", "-c", script],
+                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                 **spec.pop("container", {})}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"nodeSelector": {NODE_LABEL: "true"}, "restartPolicy": "Never",
+                     "terminationGracePeriodSeconds": 1,
+                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                     "containers": [container], **spec}}
+
+
+def get_pod(cluster, namespace: str, name: str) -> dict:
+    return json.loads(cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
+
+
+def wait_phase(cluster, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = get_pod(cluster, namespace, name)
+        if current["status"].get("phase") in phases:
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pod {name} not {phases} after {timeout:.0f} s: {json.dumps(current['status'])}")
+        time.sleep(0.5)
+
+
+SHM_AND_USER = """
+import os, sys
+shm = [line.split() for line in open('/proc/mounts') if line.split()[1] == '/dev/shm']
+print('uid', os.getuid(), 'gid', os.getgid())
+print('shm', shm[-1][2] if shm else 'none')
+print('cpu.max', open('/sys/fs/cgroup/cpu/cpu.cfs_quota_us').read().strip()
+      if os.path.exists('/sys/fs/cgroup/cpu/cpu.cfs_quota_us') else open('/sys/fs/cgroup/cpu.max').read().strip())
+sys.exit(3)
+"""
+
+
+def test_trainer_image_runs_as_its_non_root_user_with_memory_shm_and_logs(real_cluster, namespace):
+    """The kubelet admits the image's user (10001) under runAsNonRoot, mounts the memory
+    emptyDir at /dev/shm as tmpfs, applies the CPU limit as a CFS quota, and reports the
+    container's exit code and log."""
+    manifest = pod("shm-user", real_cluster.images["trainer"], SHM_AND_USER,
+                   volumes=[{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}],
+                   container={"volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+                              "resources": {"limits": {"cpu": "500m", "memory": "512Mi"}}})
+    real_cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+    done = wait_phase(real_cluster, namespace, "shm-user", ("Failed", "Succeeded"))
+    status = done["status"]["containerStatuses"][0]
+    assert done["status"]["phase"] == "Failed"
+    assert status["state"]["terminated"]["exitCode"] == 3
+    assert status["containerID"].startswith("containerd://")
+    logs = real_cluster.kubectl("logs", "-n", namespace, "shm-user").stdout.splitlines()
+    assert "uid 10001 gid 10001" in logs
+    assert "shm tmpfs" in logs
+    assert any(line in ("cpu.max 50000", "cpu.max 50000 100000") for line in logs), logs
+
+
+def test_root_image_user_is_refused_under_run_as_non_root(real_cluster, namespace):
+    """runAsNonRoot is the kubelet's check, against the user the container would run as."""
+    manifest = pod("as-root", real_cluster.images["trainer"], "print('ran')",
+                   container={"securityContext": {"runAsUser": 0}})
+    real_cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        waiting = (get_pod(real_cluster, namespace, "as-root")["status"].get("containerStatuses") or [{}])[0] \
+            .get("state", {}).get("waiting", {})
+        if waiting.get("reason") == "CreateContainerConfigError":
+            assert "non-root" in waiting["message"], waiting
+            return
+        time.sleep(0.5)
+    raise AssertionError("the kubelet started a root container under runAsNonRoot")
+
+
+RESOLVE = """
+import json, os, socket, ssl, sys, urllib.request
+ns = open('/var/run/secrets/kubernetes.io/serviceaccount/namespace').read()
+print('echo', socket.gethostbyname(f'echo.{ns}.svc.cluster.local'))
+print('short', socket.gethostbyname('echo'))
+print('kubernetes', socket.gethostbyname('kubernetes.default.svc'))
+print('body', urllib.request.urlopen('http://echo:8080/', timeout=10).read().decode().strip())
+token = open('/var/run/secrets/kubernetes.io/serviceaccount/token').read()
+context = ssl.create_default_context(cafile='/var/run/secrets/kubernetes.io/serviceaccount/ca.crt')
+request = urllib.request.Request('https://kubernetes.default.svc/version', headers={'Authorization': 'Bearer ' + token})
+print('api', json.load(urllib.request.urlopen(request, context=context, timeout=10))['major'])
+"""
+SERVE = ("import http.server, os\n"
+         "class H(http.server.BaseHTTPRequestHandler):\n"
+         "    def do_GET(self):\n"
+         "        self.send_response(200); self.end_headers(); self.wfile.write(b'hello from ' + os.uname()[1].encode())\n"
+         "http.server.HTTPServer(('', 8080), H).serve_forever()\n")
+
+
+def test_service_names_and_kubernetes_default_resolve_and_route_from_a_pod(real_cluster, namespace):
+    """CoreDNS answers the Service's names from its EndpointSlices; kube-proxy routes the
+    ClusterIPs (the echo pod, and the API server behind kubernetes.default.svc, which the pod
+    logs in to with its ServiceAccount token)."""
+    image = real_cluster.images["operator"]
+    server = pod("echo", image, SERVE, restartPolicy="Always")
+    server["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": 8080}, "periodSeconds": 1}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+               "spec": {"selector": {"app": "echo"}, "ports": [{"port": 8080}]}}
+    real_cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all([server, service]))
+    real_cluster._wait("the echo pod Ready", lambda: any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in get_pod(real_cluster, namespace, "echo")["status"].get("conditions", [])), 90)
+    real_cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(pod("client", image, RESOLVE)))
+    done = wait_phase(real_cluster, namespace, "client", ("Failed", "Succeeded"))
+    logs = real_cluster.kubectl("logs", "-n", namespace, "client").stdout
+    assert done["status"]["phase"] == "Succeeded", logs
+    lines = dict(line.split(" ", 1) for line in logs.splitlines())
+    cluster_ip = json.loads(real_cluster.kubectl("get", "svc", "echo", "-n", namespace, "-o", "json").stdout)[
+        "spec"]["clusterIP"]
+    assert lines["echo"] == lines["short"] == cluster_ip
+    assert lines["kubernetes"] == "10.96.0.1"
+    assert lines["body"] == "hello from echo"
+    assert lines["api"] == "1"
