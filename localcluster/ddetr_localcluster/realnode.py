@@ -274,6 +274,27 @@ def remove_leftovers(cluster_state: Path) -> None:
             pass
 
 
+def leftovers(cluster_state: Path) -> list[str]:
+    """What remove_leftovers() should have removed and is still there (empty: nothing)."""
+    node_dir = str(cluster_state / "real-node")
+    found = [f"interface {net.BRIDGE}"] if net.exists() else []
+    for tool in ("iptables-save", "ip6tables-save"):
+        if shutil.which(tool):
+            dump = subprocess.run([tool], capture_output=True, text=True).stdout
+            found += [f"{tool}: {line}" for line in dump.splitlines()
+                      if line.startswith((":KUBE-", f":{net.CHAIN}")) or f"-j {net.CHAIN}" in line]
+    found += [f"mount {line.split()[4]}" for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if line.split()[4].startswith(node_dir)]
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and node_dir.encode() in (proc / "cmdline").read_bytes():
+                found.append(f"process {proc.name}")
+        except OSError:
+            pass
+    found += [f"cgroup {path}" for path in Path("/sys/fs/cgroup").glob("*/kubepods")]
+    return found
+
+
 def _kill_processes_naming(marker: str) -> None:
     """SIGKILL the processes whose command line names our state folder (the node's own
     components and containerd's shims), by pid."""

@@ -62,6 +62,8 @@ def real_cluster(tmp_path_factory):
     finally:
         _cluster = None
         cluster.stop()
+        left = realnode.leftovers(cluster.state)
+        assert not left, f"the real node left behind: {left}"
 
 
 @pytest.fixture()

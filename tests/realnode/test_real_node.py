@@ -1,15 +1,18 @@
 """What only a real kubelet shows: the trainer image runs as a container on the real node
 (containerd), as the image's non-root user under runAsNonRoot, with a memory-backed /dev/shm;
 `kubectl logs` and the exit code come from the runtime; Service names and
-kubernetes.default.svc resolve through CoreDNS and route through kube-proxy."""
+kubernetes.default.svc resolve through CoreDNS and route through kube-proxy; nothing a pod
+sends leaves the machine. The session fixture checks that stopping the node leaves nothing."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
 import yaml
 
+from ddetr_localcluster import realnode_net
 from ddetr_localcluster.realnode import NODE_LABEL
 
 pytestmark = pytest.mark.real_node
@@ -101,6 +104,11 @@ token = open('/var/run/secrets/kubernetes.io/serviceaccount/token').read()
 context = ssl.create_default_context(cafile='/var/run/secrets/kubernetes.io/serviceaccount/ca.crt')
 request = urllib.request.Request('https://kubernetes.default.svc/version', headers={'Authorization': 'Bearer ' + token})
 print('api', json.load(urllib.request.urlopen(request, context=context, timeout=10))['major'])
+try:  # an address off this machine: the node's packet filter drops what is routed there
+    socket.create_connection(('192.0.2.1', 80), timeout=2)
+    print('off-machine reached')
+except OSError as err:
+    print('off-machine', type(err).__name__)
 """
 SERVE = ("import http.server, os\n"
          "class H(http.server.BaseHTTPRequestHandler):\n"
@@ -112,7 +120,8 @@ SERVE = ("import http.server, os\n"
 def test_service_names_and_kubernetes_default_resolve_and_route_from_a_pod(real_cluster, namespace):
     """CoreDNS answers the Service's names from its EndpointSlices; kube-proxy routes the
     ClusterIPs (the echo pod, and the API server behind kubernetes.default.svc, which the pod
-    logs in to with its ServiceAccount token)."""
+    logs in to with its ServiceAccount token); a packet to an address off the machine is dropped."""
+    dropped_before = dropped_packets()
     image = real_cluster.images["operator"]
     server = pod("echo", image, SERVE, restartPolicy="Always")
     server["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": 8080}, "periodSeconds": 1}
@@ -133,3 +142,12 @@ def test_service_names_and_kubernetes_default_resolve_and_route_from_a_pod(real_
     assert lines["kubernetes"] == "10.96.0.1"
     assert lines["body"] == "hello from echo"
     assert lines["api"] == "1"
+    assert lines["off-machine"] in ("timeout", "TimeoutError"), lines
+    assert dropped_packets() > dropped_before, "the packet filter did not see the off-machine packets"
+
+
+def dropped_packets() -> int:
+    """Packets the real node's FORWARD chain dropped so far (pods to anywhere off the bridge)."""
+    rules = subprocess.run(["iptables", "-w", "-L", realnode_net.CHAIN, "-v", "-x", "-n"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    return sum(int(line.split()[0]) for line in rules if " DROP " in f" {line} ")
