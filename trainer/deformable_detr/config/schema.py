@@ -46,9 +46,7 @@ def spec_field(default: Any = None, help: str = "", *, choices=None, min=None, m
 
 BACKBONES = [
     "resnet_18", "resnet_34", "resnet_50", "resnet_101",
-    "gc_vit_xxtiny", "gc_vit_xtiny", "gc_vit_tiny", "gc_vit_small", "gc_vit_base",
-    # TAO 5.5/6.x's large variants: accepted in a spec; the model side builds the five above.
-    "gc_vit_large", "gc_vit_large_384",
+    "gc_vit_xxtiny", "gc_vit_xtiny", "gc_vit_tiny", "gc_vit_small", "gc_vit_base", "gc_vit_large", "gc_vit_large_384",
 ]
 
 

@@ -16,14 +16,14 @@ from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..errors import UsageError
 from .position_encoding import PositionEmbeddingSine
 
 
 RESNETS = {"resnet_18": resnet.resnet18, "resnet_34": resnet.resnet34,
            "resnet_50": resnet.resnet50, "resnet_101": resnet.resnet101}
 GC_VITS = {"gc_vit_xxtiny": "gcvit_xxtiny", "gc_vit_xtiny": "gcvit_xtiny", "gc_vit_tiny": "gcvit_tiny",
-           "gc_vit_small": "gcvit_small", "gc_vit_base": "gcvit_base"}
+           "gc_vit_small": "gcvit_small", "gc_vit_base": "gcvit_base",
+           "gc_vit_large": "gcvit_large", "gc_vit_large_384": "gcvit_large_384"}
 
 # `model.return_interm_indices` value of the extra level made from the last stage by a stride-2 conv.
 EXTRA_LEVEL = 4
@@ -98,14 +98,11 @@ def _block_out_channels(block: nn.Module) -> int:
 
 
 class GcVitBackbone(_BackboneBase):
-    """GC-ViT (model/gcvit.py) returning the chosen stages, each through its output norm."""
+    """GC-ViT (model/gcvit.py) returning the chosen stages, each through its output norm; any input size."""
 
-    def __init__(self, network: nn.Module, stage_indices: Sequence[int], train_backbone: bool,
-                 input_size: Tuple[int, int]) -> None:
+    def __init__(self, network: nn.Module, stage_indices: Sequence[int], train_backbone: bool) -> None:
         super().__init__()
         self.body = network
-        # The model is built for one input size (the spec's crop); other sizes are refused.
-        self.input_size = tuple(input_size)
         self.stage_indices = list(stage_indices)
         if list(network.out_indices) != sorted(self.stage_indices):
             raise ValueError(f"GC-ViT built for stages {network.out_indices}, asked for {self.stage_indices}")
@@ -117,11 +114,7 @@ class GcVitBackbone(_BackboneBase):
         self.strides = [int(info[i]["reduction"]) for i in stage_indices]
 
     def stage_features(self, images: torch.Tensor) -> List[torch.Tensor]:
-        if tuple(images.shape[-2:]) != self.input_size:
-            raise UsageError(f"GC-ViT backbone built for {self.input_size[0]}x{self.input_size[1]} inputs got "
-                             f"{images.shape[-2]}x{images.shape[-1]}; set dataset.augmentation.fixed_random_crop "
-                             "(or export.input_height/input_width) to the size the model was built for")
-        return self.body(images)
+        return self.body(images)  # any input size: windows are padded, global queries resized (as TAO)
 
 
 class Joiner(nn.Sequential):

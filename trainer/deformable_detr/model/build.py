@@ -34,18 +34,6 @@ def backbone_stage_indices(return_interm_indices: Sequence[int]) -> Tuple[List[i
     return stages, num_levels
 
 
-def gc_vit_input_size(spec: ExperimentConfig) -> int:
-    """GC-ViT is built for one square input size: the fixed crop, else the padded size."""
-    augmentation = spec.dataset.augmentation
-    size = augmentation.fixed_random_crop or augmentation.random_resize_max_size
-    field = ("dataset.augmentation.fixed_random_crop" if augmentation.fixed_random_crop
-             else "dataset.augmentation.random_resize_max_size")
-    if size % 32:
-        raise UsageError(f"{field}: {size} does not suit {spec.model.backbone}; accepted: a multiple of 32 "
-                         "(GC-ViT windows need a fixed input size divisible by 32)")
-    return int(size)
-
-
 def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.Module:
     model = spec.model
     train_backbone = model.train_backbone
@@ -58,9 +46,8 @@ def build_backbone(spec: ExperimentConfig, stage_indices: Sequence[int]) -> nn.M
     elif model.backbone in GC_VITS:
         from .gcvit import GcVitNetwork
 
-        size = gc_vit_input_size(spec)
         network = GcVitNetwork(GC_VITS[model.backbone], stage_indices)
-        body = GcVitBackbone(network, stage_indices, train_backbone, input_size=(size, size))
+        body = GcVitBackbone(network, stage_indices, train_backbone)
     else:
         raise UsageError(f"model.backbone: {model.backbone!r} is not supported; accepted: "
                          f"{', '.join(list(RESNETS) + list(GC_VITS))}")

@@ -2,7 +2,8 @@
 
 The network holds timm's `stem` and `stages` (timm's names, so timm weights load as they are) built
 with the 224-pixel layout that TAO's deformable_detr uses for every input size: windows of 7, 7, 14, 7
-and global-query generators of 3, 2, 1 and 1 blocks. Its forward follows TAO's detection backbone:
+(12, 12, 24, 12 for gc_vit_large_384) and global-query generators of 3, 2, 1 and 1 blocks. Any input
+size runs; its forward follows TAO's detection backbone:
 
 - windows are padded (right and bottom, with zeros after the first norm) to a multiple of the window;
 - a global query whose size differs from the window is resized to it (bicubic);
@@ -30,6 +31,11 @@ log = get_logger("model.gcvit")
 
 # TAO builds its detection GC-ViT for a 224-pixel image whatever the input (`resolution=224`).
 LAYOUT_SIZE = 224
+# TAO's large variants, which timm does not register: its GlobalContextVit with TAO's depths, heads,
+# width, MLP ratio and layer scale. gc_vit_large_384's windows (12, 12, 24, 12) are timm's layout
+# for 384 pixels, whose global-query generators have the same 3, 2, 1, 1 blocks as at 224.
+_LARGE = dict(depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48), embed_dim=192, mlp_ratio=2, layer_scale=1e-5)
+_UNREGISTERED = {"gcvit_large": (_LARGE, LAYOUT_SIZE), "gcvit_large_384": (_LARGE, 384)}
 # Keys of classification checkpoints that a detection backbone does not use (TAO/NVlabs and timm).
 _CLASSIFIER_KEYS = re.compile(r"^(head\..*|norm\.(weight|bias)|stages\.\d+\.norm\.(weight|bias))$")
 _OUTPUT_NORM_PATTERN = r"norm\d+\.(weight|bias)"
@@ -56,7 +62,13 @@ class GcVitNetwork(nn.Module):
         super().__init__()
         import timm
 
-        network = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=LAYOUT_SIZE)
+        if timm_name in _UNREGISTERED:
+            from timm.models.gcvit import GlobalContextVit
+
+            layout, size = _UNREGISTERED[timm_name]
+            network = GlobalContextVit(num_classes=0, img_size=size, **layout)
+        else:
+            network = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=LAYOUT_SIZE)
         self.stem = network.stem
         self.stages = network.stages
         self.stages[-1].norm = nn.Identity()
@@ -222,7 +234,7 @@ def gcvit_state_from_tao(network: GcVitNetwork, tao: Mapping[str, torch.Tensor],
         if wrong_index:
             problems.append(f"{_listing(wrong_index)} relative position indices differ from this window layout")
         raise UsageError(f"{source}: TAO GC-ViT weights do not fit the configured backbone: "
-                         + "; ".join(problems) + "; check model.backbone (gc_vit_xxtiny ... gc_vit_base) "
+                         + "; ".join(problems) + "; check model.backbone (gc_vit_xxtiny ... gc_vit_large_384) "
                          "against the checkpoint's")
     return converted
 
