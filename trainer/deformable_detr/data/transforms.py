@@ -73,8 +73,8 @@ def resize_pixels(image: torch.Tensor, height: int, width: int) -> tv_tensors.Im
     """uint8 [3, H, W] resized by PIL's bilinear filter, as TAO resizes its PIL images: torchvision's
     tensor resize rounds some pixels one level apart (0.0175 after normalisation)."""
     pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
-    resized = np.asarray(pil.resize((width, height), Image.BILINEAR))
-    return tv_tensors.Image(torch.from_numpy(resized.copy()).permute(2, 0, 1))
+    resized = np.array(pil.resize((width, height), Image.BILINEAR))  # a writable copy, for torch
+    return tv_tensors.Image(torch.from_numpy(resized).permute(2, 0, 1))
 
 
 def resize(image: tv_tensors.Image, target: Target, height: int, width: int) -> Sample:
