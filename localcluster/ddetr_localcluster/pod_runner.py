@@ -7,8 +7,8 @@ $(VAR) expansion, fieldRef, secretKeyRef, configMapKeyRef, envFrom), configMap, 
 emptyDir and hostPath volumes bind-mounted at their mountPath, a private TMPDIR, one
 network namespace (and UTS namespace: its own hostname) per pod with its own address on a bridge, an /etc/hosts in which every pod's
 `<hostname>.<subdomain>.<namespace>.svc` name resolves (what cluster DNS gives a headless
-Service), real exit codes, the termination message from the log's tail
-(FallbackToLogsOnError), and deletion as SIGTERM, then SIGKILL after the grace period.
+Service), real exit codes, the termination message (the file DDETR_TERMINATION_LOG names, else
+the log's tail: FallbackToLogsOnError), and deletion as SIGTERM, then SIGKILL after the grace period.
 What is simulated or ignored: images (the command runs from this machine's PATH),
 securityContext (processes run as the runner's user), resource limits, probes, init
 containers, and `kubectl logs` (each container's log is under --state).
@@ -228,6 +228,9 @@ class PodRunner:
         private_tmp = root / "tmp"
         private_tmp.mkdir(exist_ok=True)
         env.setdefault("TMPDIR", str(private_tmp))
+        # The kubelet's terminationMessagePath file, named by the trainer's variable for it instead of
+        # a bind mount over /dev (a file made there would land in the host's /dev).
+        env.setdefault("DDETR_TERMINATION_LOG", str(root / "termination-log"))
         # Bind-mount the volumes in the pod's own mount namespace (ip netns exec makes one), then exec.
         # Its own UTS namespace too: the pod's hostname resolves to its own address (gloo and
         # NCCL pick their interface from it), as in a real pod.
@@ -264,8 +267,9 @@ class PodRunner:
         code = running.process.returncode
         code = 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as a container runtime says
         container = running.pod["spec"]["containers"][0]
-        message = ""
-        if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        written = running.root / "termination-log"  # as kubelet: the file's message first, 4096 bytes
+        message = written.read_bytes()[:4096].decode(errors="replace") if written.exists() else ""
+        if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             message = log_tail(running.root / "container.log")
         finished = now()
         started = ((running.pod.get("status") or {}).get("startTime")) or finished

@@ -1,7 +1,9 @@
 """Issue 30 item 1 end to end on the local control plane (its pod runner runs the pods as real
 processes): one rank's process SIGSTOPped mid-training leaves every pod Running and rank 0 waiting
-in its collective; runPolicy.progressDeadlineSeconds ends the attempt as Hung, the gang restarts,
-resumes from its newest checkpoint and Succeeds. Prints how long the guard took."""
+in its collective. Each guard alone ends the attempt: runPolicy.progressDeadlineSeconds (the
+operator: Hung), or train.step_timeout_s (rank 0's watchdog exits 200 with a termination message of
+class Hung, which reaches status.lastFailure through the pod's status); the gang restarts, resumes
+from its newest checkpoint and Succeeds. Prints how long each guard took."""
 from __future__ import annotations
 
 import json
@@ -68,3 +70,50 @@ def test_a_sigstopped_rank_is_caught_by_the_progress_deadline_and_the_job_still_
     (rank0,) = _worker_pods(cluster, name, attempt=attempt, index=0)
     assert "resuming from" in cluster.pod_log(rank0)
     assert done["progress"]["epoch"] >= done["progress"]["numEpochs"] - 1
+
+
+STEP_TIMEOUT_S = 60
+
+
+def test_the_trainers_step_watchdog_ends_a_hung_rank_and_its_message_reaches_the_status(ready):
+    cluster, name = ready, "e2e-watchdog"
+    job = cluster.training_job(name, num_epochs=5)
+    job["spec"]["terminationGracePeriodSeconds"] = 30
+    job["spec"]["env"].append({"name": "DDETR_MSDA_IMPL", "value": "reference"})  # no kernel build in the first step
+    job["spec"]["experiment"]["train"]["step_timeout_s"] = STEP_TIMEOUT_S
+    cluster.apply([job])
+
+    def first_checkpoint():
+        status = _job(cluster, name).get("status") or {}
+        if status.get("phase") in ("Failed", "Succeeded"):
+            raise AssertionError(f"{name} ended ({status['phase']}) before its first checkpoint: "
+                                 f"{json.dumps(status.get('conditions'), indent=1)[-3000:]}")
+        return status.get("phase") == "Running" and (status.get("progress") or {}).get("lastCheckpoint")
+    cluster.wait_until("the first checkpoint", first_checkpoint, 1200, every=2)
+
+    (victim,) = _worker_pods(cluster, name, attempt=0, index=1)
+    pids = cluster.wait_until("rank 1's process", lambda: cluster.rank_pids(victim), 120, every=1)
+    os.kill(pids[0], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        failed = cluster.wait_until("the attempt to fail", lambda: (_job(cluster, name).get("status") or {}).get(
+            "lastFailure"), STEP_TIMEOUT_S + 180, every=1)
+        caught = time.monotonic() - stopped_at
+    finally:
+        try:
+            os.kill(pids[0], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    # Rank 0's watchdog: its pod exits 200, its termination message (class Hung) read from the pod status.
+    assert (failed["exitCode"], failed["failureClass"], failed["rank"]) == (200, "Hung", 0), failed
+    assert failed["rule"] == "builtin:retryable" and failed["step"] > 0
+    assert "no training step finished in" in failed["message"]
+    print(f"step watchdog in a pod: rank 1 SIGSTOPped -> status.lastFailure Hung (exit 200 from rank 0's pod) after "
+          f"{caught:.1f} s (train.step_timeout_s {STEP_TIMEOUT_S})")
+    assert caught < STEP_TIMEOUT_S + 60
+
+    done = _wait_for_phase(cluster, name, "Succeeded")["status"]
+    assert done["restarts"] == 1 and not done.get("hangs")  # the operator's own guard never acted
+    attempt = int(done["workerJob"].rpartition("-a")[2])
+    (rank0,) = _worker_pods(cluster, name, attempt=attempt, index=0)
+    assert "resuming from" in cluster.pod_log(rank0)

@@ -252,8 +252,8 @@ class TrainConfig:
     step_timeout_s: Optional[int] = spec_field(
         None, "step watchdog: a rank that finishes no step for this many seconds (counted from the start of "
         "training; validation and checkpoint saves included) logs every thread's stack, saves it under hangs/ and "
-        "exits 200 (retried from the newest checkpoint); also the collective timeout unless DDETR_DIST_TIMEOUT_S "
-        "is set; null = off", min=1)
+        "exits 200 (retried from the newest checkpoint); collectives then time out after twice this unless "
+        "DDETR_DIST_TIMEOUT_S is set; null = off", min=1)
     input_width: Optional[int] = spec_field(None, "TAO 6: input width (recorded; training sizes come from "
                                                   "dataset.augmentation)", min=1)
     input_height: Optional[int] = spec_field(None, "TAO 6: input height (as input_width)", min=1)

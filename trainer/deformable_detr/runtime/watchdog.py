@@ -128,8 +128,12 @@ def beat(step: int) -> None:
         _active.beat(step)
 
 
+COLLECTIVE_TIMEOUT_FACTOR = 2
+
+
 def collective_timeout_from(step_timeout_s: Optional[int]) -> None:
-    """A collective waits at most train.step_timeout_s for its peers (unless DDETR_DIST_TIMEOUT_S says
-    otherwise); set before the process group exists, and inherited by torchrun's workers."""
+    """A collective waits at most twice train.step_timeout_s for its peers (unless DDETR_DIST_TIMEOUT_S
+    says otherwise): a bound on every wait, and long enough that the watchdog, which dumps the stacks,
+    acts first. Set before the process group exists, and inherited by torchrun's workers."""
     if step_timeout_s:
-        os.environ.setdefault(TIMEOUT_ENV, str(int(step_timeout_s)))
+        os.environ.setdefault(TIMEOUT_ENV, str(int(step_timeout_s) * COLLECTIVE_TIMEOUT_FACTOR))
