@@ -1,5 +1,5 @@
-"""The README's benchmark figures for bench/msda.py and bench/model_step.py, rendered from the
-JSON those benches wrote to bench/results/, so that the README cannot drift from them.
+"""The README's benchmark figures for bench/msda.py, bench/model_step.py and bench/cpu_quota.py,
+rendered from the JSON those benches wrote to bench/results/, so that the README cannot drift from them.
 
     python3 scripts/readme_figures.py           # print the rows
     python3 scripts/readme_figures.py --check   # exit 1 when README.md differs (a test runs this)
@@ -58,7 +58,19 @@ def model_step_row(data: dict) -> str:
             f"{x(infer['speedup_reference'])} ({machine_note(data['machine'])}) |")
 
 
-RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row)}
+def cpu_quota_row(data: dict) -> str:
+    rows = data["rows"]
+    sized, unsized = rows["sized"], rows["unsized"]
+    return (f"| `bench/cpu_quota.py` (tiny config's training step in a {data['cpu_quota']:g}-CPU cgroup quota) | "
+            f"threads sized from the quota ({'/'.join(map(str, sized['threads']))}) vs torch's own choice "
+            f"({'/'.join(map(str, unsized['threads']))}, one per core), median (min-max) of {data['rounds']} "
+            f"interleaved rounds: {x(data['unsized_over_sized'])} faster sized "
+            f"({sized['step_s']['median']:.2f} s vs {unsized['step_s']['median']:.2f} s a step) "
+            f"({machine_note(data['machine'])}) |")
+
+
+RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row),
+             "bench/cpu_quota.py": ("cpu_quota.json", cpu_quota_row)}
 
 
 def expected_rows() -> dict[str, str]:

@@ -9,6 +9,10 @@ import sys
 import pytest
 import yaml
 
+# The default spec enables TAO's wandb section: no test run logs to Weights & Biases, online or offline,
+# unless it says so (tests/trainer/test_wandb.py).
+os.environ["WANDB_MODE"] = "disabled"
+
 
 @pytest.fixture
 def results_dir(tmp_path):

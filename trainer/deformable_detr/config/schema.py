@@ -11,9 +11,8 @@ use for the same field, e.g. TAO's code name where its documentation names it ot
 `value_aliases` (another spelling of a value, stored as the value it names: TAO 6's `fsdp`).
 
 Sections and fields of TAO's schema that drive work this project does not do (the
-`quantize` task, `dataset.quant_calibration_data_sources`, `wandb` until training logs to
-it) are held here too, so TAO's spec files load and are checked; a task that would need
-them says so in one line.
+`quantize` task, `dataset.quant_calibration_data_sources`) are held here too, so TAO's spec
+files load and are checked; a task that would need them says so in one line.
 """
 from __future__ import annotations
 
@@ -204,8 +203,8 @@ class CudnnConfig:
 class WandbConfig:
     """TAO's Weights & Biases settings (the top-level `wandb` section)."""
 
-    enable: bool = spec_field(True, "log training to Weights & Biases where it can log (as TAO: only when "
-                                    "logged in, WANDB_API_KEY set)")
+    enable: bool = spec_field(True, "log training to Weights & Biases (the wandb extra): online when logged in and "
+                                    "W&B answers, else offline under the train results folder")
     project: str = spec_field("TAO Toolkit", "W&B project")
     entity: Optional[str] = spec_field("", "W&B entity (team or user); empty = the default")
     group: Optional[str] = spec_field("", "W&B run group")

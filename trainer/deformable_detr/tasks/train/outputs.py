@@ -39,6 +39,8 @@ def _open_metrics(spec: ExperimentConfig):
 class TrainOutputs:
     """The train results folder of one run; on ranks other than 0 every report is a no-op."""
 
+    wandb = None  # rank 0's Weights & Biases run (runtime/wandb_log.py), from start() when wandb.enable is set
+
     def __init__(self, spec: ExperimentConfig, is_main: bool) -> None:
         self.spec, self.is_main = spec, is_main
         self.results_dir = task_results_dir(spec, "train").rstrip("/")
@@ -97,6 +99,9 @@ class TrainOutputs:
                                  batches_done=position.batches_done, resumed_from=resumed_from,
                                  world_size=world_size, precision=train.precision,
                                  strategy=train.distributed_strategy)
+        from ...runtime.wandb_log import open_run
+        # A remote results folder's staging copy is removed at the end: W&B's files go to its default place.
+        self.wandb = open_run(self.spec, None if self.remote else self.local_dir)
 
     def epoch_started(self, epoch: int) -> None:
         if self.metrics is not None:
@@ -114,6 +119,9 @@ class TrainOutputs:
         if self.metrics is not None:
             self.metrics.observe_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
                                       images=images, step_seconds=step_seconds, data_wait_seconds=data_wait)
+        if self.wandb is not None:
+            self.wandb.log_step(position.step, position.epoch, losses, lr, images_per_s=images / max(step_seconds, 1e-9),
+                                step_seconds=step_seconds, data_wait_seconds=data_wait)
 
     def images_skipped(self, position: Position, new: list[str], total: int) -> None:
         """Training images skipped (unusable): the new ones in the log, the count in status.json."""
@@ -128,6 +136,8 @@ class TrainOutputs:
         self.training_log.log_validation(epoch=position.epoch, step=position.step, metrics=metrics)
         if self.metrics is not None:
             self.metrics.observe_validation({k: v for k, v in metrics.items() if k != "per_class_AP"})
+        if self.wandb is not None:
+            self.wandb.log_validation(position.step, metrics)
 
     def checkpoint_saved(self, path: str) -> str:
         """Queue the checkpoint rank 0 wrote at `path` for upload and report it; its name in the results folder."""
@@ -186,6 +196,8 @@ class TrainOutputs:
 
     def finish(self, state: str, error: Optional[BaseException] = None) -> None:
         """Record the run's final state, close the log and metrics, and wait for the uploads."""
+        if self.wandb is not None:
+            self.wandb.finish(state)
         if self.training_log is not None:
             try:
                 self.training_log.update_status(state=state)
