@@ -95,6 +95,8 @@ def test_after_an_upload_outage_status_json_says_what_is_staged_and_not_uploaded
     spec["dataset"]["val_data_sources"] = []
     assert train_cli(write_spec, spec) == exit_codes.STORAGE_UNAVAILABLE.code
     staged = staging_dir(folder)
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1 and "model_epoch_000_step_00001.pth" in lines[0] and f"kept in {staged}" in lines[0]
     status = read_status_file(staged)
     assert status["state"] == "failed"  # not "completed": the run's checkpoint is not in the results folder
     assert status["not_uploaded"] == ["model_epoch_000_step_00001.pth"]
