@@ -140,3 +140,15 @@ def test_missing_package_is_one_line_and_training_goes_on(tiny_coco, tmp_path, w
         "without Weights & Biases logging"]
     assert read_log(str(tmp_path / "results" / "train"))[-1]["kind"] == "epoch"
     assert not (tmp_path / "results" / "train" / "wandb").exists()
+
+
+def test_without_a_local_results_folder_the_run_goes_to_wandb_dir(tmp_path, monkeypatch, logged):
+    """An s3:// results folder's staging copy is removed at the end: W&B's files go to WANDB_DIR."""
+    for name, value in offline_env(tmp_path, WANDB_DIR=str(tmp_path / "wandb-dir")).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    (tmp_path / "wandb-dir").mkdir()
+    setup_logging()
+    open_run(spec_from_dict({"wandb": WANDB_SECTION}), None).finish("completed")
+    (offline_run,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")
+    assert any(f"wandb sync {offline_run}" in m for m in logged)

@@ -20,6 +20,7 @@ import netrc
 import os
 import socket
 import sys
+import tempfile
 from typing import Any, Optional
 from urllib.parse import urlparse
 
@@ -77,9 +78,10 @@ class WandbRun:
         wandb.teardown()
 
 
-def open_run(spec, folder: str) -> Optional[WandbRun]:
+def open_run(spec, folder: Optional[str]) -> Optional[WandbRun]:
     """The W&B run of this training launch when `wandb.enable` is set (rank 0 calls it), else None.
-    `folder` is the local train results folder: the run's files go under `{folder}/wandb`."""
+    `folder` is the local train results folder: the run's files go under `{folder}/wandb`. None (an
+    s3:// results folder): under WANDB_DIR, else the temporary folder."""
     settings = spec.wandb
     if not settings.enable:
         return None
@@ -109,7 +111,7 @@ def open_run(spec, folder: str) -> Optional[WandbRun]:
                          resume="allow" if settings.run_id else None,
                          reinit="create_new" if settings.reinit else None,  # TAO's bool: several runs a process
                          save_code=settings.save_code, sync_tensorboard=settings.sync_tensorboard, config=config,
-                         dir=folder, mode=mode,
+                         dir=folder or os.environ.get("WANDB_DIR") or tempfile.gettempdir(), mode=mode,
                          settings=wandb.Settings(silent=True, console="off", disable_git=True))
     finally:
         sys.argv = argv
