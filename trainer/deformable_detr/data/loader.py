@@ -43,6 +43,7 @@ class SkipUnusable(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         skipped: list[str] = []
+        first_problem = ""
         for offset in range(len(self.dataset)):
             key = (int(index) + offset) % len(self.dataset)
             try:
@@ -50,10 +51,11 @@ class SkipUnusable(Dataset):
             except UnreadableImageError as err:
                 log.warning("skipping a training image: %s", err)
                 skipped.append(self.dataset.store.record(key).path)
+                first_problem = first_problem or str(err)
                 continue
             target[SKIPPED_KEY] = skipped
             return image, target
-        raise UsageError(f"dataset.train_data_sources: no training image can be used (first: {skipped[0]})")
+        raise UsageError(f"dataset.train_data_sources: no training image can be used; the first: {first_problem}")
 
     def __getattr__(self, name: str) -> Any:  # coco, source_index, json_files ... of the wrapped dataset
         if name == "dataset":
