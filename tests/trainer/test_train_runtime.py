@@ -148,7 +148,8 @@ def test_training_log_and_status(tmp_path):
     status = read_status(str(tmp_path))
     assert status == {"num_epochs": 2, "epoch": 1, "epochs_completed": 1, "epoch_index": 0, "step": 1,
                       "last_loss": 2.0, "last_map": 0.25,
-                      "last_checkpoint": "/x/model_epoch_000_step_00001.pth", "state": "completed"}
+                      "last_checkpoint": "/x/model_epoch_000_step_00001.pth", "state": "completed",
+                      "attempt": 1, "skipped_samples": 0, "not_uploaded": None}
     with pytest.raises(ValueError):
         TrainingLog(str(tmp_path), 1).update_status(state="exploded")
     # A restarted run starts from what the last one reported.
