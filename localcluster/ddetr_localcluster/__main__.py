@@ -2,7 +2,7 @@
 developing the operator and for ad-hoc checks.
 
     python3 -m ddetr_localcluster serve --state DIR --bin BIN   # foreground, until SIGTERM
-    python3 -m ddetr_localcluster cleanup --state DIR           # what a killed real node left
+    python3 -m ddetr_localcluster cleanup --state DIR           # what a killed `serve` left
         [--real-node --runtime-bin RT --image-archive A ...]     # plus one real node
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .controlplane import LocalCluster
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["serve", "cleanup"],
-                        help="cleanup: remove what a killed real node left (after its processes ended)")
+                        help="cleanup: end what a killed `serve` left running and remove what its real node left")
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--bin", type=Path)
     parser.add_argument("--kwok-nodes", type=int, default=2)
@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an image archive to import into the real node (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "cleanup":
-        from .realnode import remove_leftovers
-        remove_leftovers(args.state)
+        from .realnode_cleanup import kill_processes_naming, remove_leftovers
+        remove_leftovers(args.state.resolve())  # first: it reads the shims' sockets before killing them
+        kill_processes_naming(f"{args.state.resolve()}/")  # components that outlived a killed `serve`
         return 0
     if args.bin is None:
         parser.error("serve needs --bin")

@@ -26,6 +26,7 @@ import yaml
 
 from . import realnode_net as net
 from .pki import client_cert
+from .realnode_cleanup import remove_leftovers
 from .realnode_image import NAMESPACE, PAUSE_IMAGE, import_archive, write_pause_archive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,6 @@ NODE_LABEL = "ddetr.dev/real-node"
 CLUSTER_DOMAIN = "cluster.local"
 CNI_BIN = "/usr/lib/cni"  # Debian's containernetworking-plugins
 COREDNS_USER = "ddetr-coredns"
-SHIM_SOCKETS = Path("/run/containerd/s")  # containerd 2.x puts its shims' sockets here, whatever its state
 
 
 def node_name() -> str:
@@ -66,7 +66,7 @@ class RealNode:
         self.name = node_name()
         self.dir = cluster.state / "real-node"
         cache = Path(os.environ.get("DDETR_REAL_NODE_CACHE", Path.home() / ".cache" / "ddetr-real-node"))
-        self.containerd_root = cache / "containerd"  # remove_leftovers() names it too
+        self.containerd_root = cache / "containerd"  # realnode_cleanup names it too
         self.socket = self.dir / "containerd" / "containerd.sock"
         self.components: list = []
         self.timings: dict[str, float] = {}
@@ -255,63 +255,6 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.opt",
         remove_leftovers(self.cluster.state)
 
 
-def remove_leftovers(cluster_state: Path) -> None:
-    """What a real node under `cluster_state` leaves once its processes are stopped, or after
-    it was killed: containerd's shims (they outlive it by design), mounts (volumes, rootfs,
-    network-namespace files), the bridge and packet-filter rules, the kubelet's cgroups."""
-    node_dir = cluster_state / "real-node"
-    if not node_dir.exists():
-        return
-    _kill_processes_naming(str(node_dir))
-    cache = Path(os.environ.get("DDETR_REAL_NODE_CACHE", Path.home() / ".cache" / "ddetr-real-node"))
-    _unmount_under(node_dir, cache / "containerd")
-    net.close_network()
-    _remove_cgroups("kubepods")
-    for folder in (SHIM_SOCKETS, SHIM_SOCKETS.parent):  # only when empty: ours are gone by now
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
-def leftovers(cluster_state: Path) -> list[str]:
-    """What remove_leftovers() should have removed and is still there (empty: nothing)."""
-    node_dir = str(cluster_state / "real-node")
-    found = [f"interface {net.BRIDGE}"] if net.exists() else []
-    for tool in ("iptables-save", "ip6tables-save"):
-        if shutil.which(tool):
-            dump = subprocess.run([tool], capture_output=True, text=True).stdout
-            found += [f"{tool}: {line}" for line in dump.splitlines()
-                      if line.startswith((":KUBE-", f":{net.CHAIN}")) or f"-j {net.CHAIN}" in line]
-    found += [f"mount {line.split()[4]}" for line in Path("/proc/self/mountinfo").read_text().splitlines()
-              if line.split()[4].startswith(node_dir)]
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and node_dir.encode() in (proc / "cmdline").read_bytes():
-                found.append(f"process {proc.name}")
-        except OSError:
-            pass
-    found += [f"cgroup {path}" for path in Path("/sys/fs/cgroup").glob("*/kubepods")]
-    return found
-
-
-def _kill_processes_naming(marker: str) -> None:
-    """SIGKILL the processes whose command line names our state folder (the node's own
-    components and containerd's shims), by pid."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 COREDNS_RBAC = f"""apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {{name: "ddetr:coredns"}}
@@ -336,39 +279,6 @@ def _stop(component, grace: float = 10) -> None:
         except subprocess.TimeoutExpired:
             _signal_group(component.process, signal.SIGKILL)
             component.process.wait(timeout=10)
-
-
-def _unmount_under(*folders: Path) -> None:
-    """Lazily unmount every mount point under the folders, deepest first (volumes, rootfs,
-    network-namespace files)."""
-    prefixes = [str(folder.resolve()) + "/" for folder in folders]
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if any(point.startswith(prefix) for prefix in prefixes):
-            points.append(point)
-    for point in sorted(set(points), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
-
-
-def _remove_cgroups(top: str) -> None:
-    """SIGKILL what still runs in the kubelet's cgroup tree (containers whose shim was killed),
-    then rmdir the tree in every hierarchy, leaves first."""
-    roots = [hierarchy / top for hierarchy in Path("/sys/fs/cgroup").iterdir() if (hierarchy / top).is_dir()]
-    for root in roots:
-        for procs in root.rglob("cgroup.procs"):
-            for pid in procs.read_text().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-    time.sleep(0.5 if roots else 0)
-    for root in roots:
-        for folder, _, _ in sorted(os.walk(root), key=lambda entry: entry[0].count("/"), reverse=True):
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
 
 
 def _http_ok(url: str) -> bool:

@@ -36,6 +36,7 @@ def real_cluster(tmp_path_factory):
     global _cluster
     from ddetr_localcluster import realnode
     from ddetr_localcluster.controlplane import LocalCluster, control_plane_bin
+    from ddetr_localcluster.realnode_cleanup import leftovers
     from ddetr_localcluster.realnode_image import archive_refs
     if os.geteuid() != 0:
         pytest.skip("the real node needs root (kubelet, containerd, network namespaces)")
@@ -58,7 +59,7 @@ def real_cluster(tmp_path_factory):
     finally:
         _cluster = None
         cluster.stop()
-        left = realnode.leftovers(cluster.state)
+        left = leftovers(cluster.state)
         assert not left, f"the real node left behind: {left}"
 
 
