@@ -78,22 +78,31 @@ def leftovers(cluster_state: Path) -> list[str]:
     return found
 
 
+# The programs a local cluster starts: only these are ended for naming its state folder (a
+# user's `kubectl --kubeconfig <state>/kubeconfig` is not).
+COMPONENTS = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubelet",
+              "kube-proxy", "containerd", "containerd-shim-runc-v2", "coredns"}
+
+
 def _pids_naming(marker: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if marker.encode() in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+        ours = (os.path.basename(argv[0].decode(errors="replace")) in COMPONENTS
+                or any(b"ddetr_localcluster" in arg for arg in argv))
+        if ours and any(marker.encode() in arg for arg in argv):
+            pids.append(int(proc.name))
     return pids
 
 
 def kill_processes_naming(marker: str, wait: float = 10) -> None:
-    """SIGKILL the processes whose command line names `marker` (a state folder: the cluster's
-    components, containerd's shims), by pid, and wait until they are gone."""
+    """SIGKILL the cluster's processes (COMPONENTS, the pod runner) whose command line names
+    `marker` (a state folder), by pid, and wait until they are gone."""
     for pid in _pids_naming(marker):
         try:
             os.kill(pid, signal.SIGKILL)
