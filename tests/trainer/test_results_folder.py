@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -135,8 +136,12 @@ def test_a_second_train_into_the_same_folder_is_refused_and_the_first_keeps_its_
     try:
         holder = _wait_for_lock(folder / LOCK_NAME, first)
         assert holder.pid == first.pid and holder.task == "train"
-        second = subprocess.run(cmd + [second_spec], env=_env(), capture_output=True, text=True, timeout=300)
-        assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+        # Held still while the second starts (its start-up outlasted the first's 8 steps on a loaded machine).
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run(cmd + [second_spec], env=_env(), capture_output=True, text=True, timeout=300)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         out, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
