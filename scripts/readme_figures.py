@@ -1,4 +1,4 @@
-"""The README's benchmark figures for bench/msda.py, bench/model_step.py and bench/cpu_quota.py,
+"""The README's benchmark figures for bench/msda.py, bench/model_step.py, bench/cpu_quota.py and bench/example_runs.py,
 rendered from the JSON those benches wrote to bench/results/, so that the README cannot drift from them.
 
     python3 scripts/readme_figures.py           # print the rows
@@ -69,8 +69,32 @@ def cpu_quota_row(data: dict) -> str:
             f"({machine_note(data['machine'])}) |")
 
 
+def span(values) -> str:
+    low, high = min(values), max(values)
+    return f"{low:g}" if low == high else f"{low:g}-{high:g}"
+
+
+def example_runs_row(data: dict) -> str:
+    """The example's figures as the range over the runs of the newest code measured (trainer, example)."""
+    newest = data["runs"][-1]["code"]
+    runs = [r for r in data["runs"] if r["code"] == newest]
+    configs = "; ".join(f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}"
+                        + (", math libraries on SSE4 code paths (a CPU without AVX)" if r["sse_only"] else "")
+                        for r in runs)
+    repeats = [r["tensors_differing_from_first_same_run"] for r in runs if "tensors_differing_from_first_same_run" in r]
+    same = (f"; a repeated configuration: {max(repeats)} of {len(runs[0]['tensor_digests'])} tensors differ"
+            if repeats else "")
+    detections = [r[k] for r in runs for k in r if k.startswith("detections_at_")]
+    return (f"| `bench/example_runs.py` (`scripts/run_example.sh`: tiny config, {runs[0]['epochs']} epochs) | "
+            f"AP {span([r['AP'] for r in runs])}, AP50 {span([r['AP50'] for r in runs])}, "
+            f"AP75 {span([r['AP75'] for r in runs])}, detections at or above the drawing threshold "
+            f"{span(detections)}, over {len(runs)} run{'s' if len(runs) > 1 else ''} of the code at commit {runs[0]['commit'][:10]} "
+            f"({configs}; {runs[0]['cpu_model']}){same} |")
+
+
 RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row),
-             "bench/cpu_quota.py": ("cpu_quota.json", cpu_quota_row)}
+             "bench/cpu_quota.py": ("cpu_quota.json", cpu_quota_row),
+             "bench/example_runs.py": ("example_runs.json", example_runs_row)}
 
 
 def expected_rows() -> dict[str, str]:
