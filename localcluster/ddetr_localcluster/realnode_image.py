@@ -1,6 +1,7 @@
 """Images for the real node's containerd: the pause (sandbox) image, written as an OCI
 archive from the locally built static pause binary, and `ctr images import` of an archive,
-skipped when the same archive (path, size, mtime) was imported into this content store."""
+skipped when the same archive (path, size, mtime) was imported into this content store and its
+images are still there."""
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ def import_archive(ctr: list[str], archive: Path, stamps: Path) -> bool:
     stat = archive.stat()
     stamp = stamps / hashlib.sha256(str(archive.resolve()).encode()).hexdigest()[:16]
     fingerprint = f"{archive.resolve()} {stat.st_size} {stat.st_mtime_ns}"
-    if stamp.exists() and stamp.read_text() == fingerprint:
+    # The stamp alone is not enough: the kubelet's image garbage collection, under disk pressure,
+    # removes images it did not pull, and imported ones cannot be pulled again.
+    if stamp.exists() and stamp.read_text() == fingerprint and set(archive_refs(archive)) <= stored_refs(ctr):
         return False
     result = subprocess.run([*ctr, "-n", NAMESPACE, "images", "import", "--snapshotter", "overlayfs", str(archive)],
                             capture_output=True, text=True)
@@ -68,6 +71,14 @@ def import_archive(ctr: list[str], archive: Path, stamps: Path) -> bool:
     stamps.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
     return True
+
+
+def stored_refs(ctr: list[str]) -> set[str]:
+    """The image names the node's containerd holds."""
+    listed = subprocess.run([*ctr, "-n", NAMESPACE, "images", "list", "--quiet"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise RuntimeError(f"ctr images list: {listed.stderr.strip()[-500:]}")
+    return set(listed.stdout.split())
 
 
 def archive_refs(archive: Path) -> list[str]:
