@@ -27,13 +27,10 @@ def ready(cluster, operator_release, s3_store, dataset):
     return cluster
 
 
-def test_a_sigstopped_rank_is_caught_by_the_progress_deadline_and_the_job_still_succeeds(ready):
-    cluster, name = ready, "e2e-hang"
-    job = cluster.training_job(name, num_epochs=5)
-    job["spec"]["terminationGracePeriodSeconds"] = 30  # the stopped rank never answers SIGTERM
-    job["spec"]["runPolicy"]["progressDeadlineSeconds"] = DEADLINE_S
-    cluster.apply([job])
-
+def _rank_one_stopped_until(cluster, name: str, what: str, condition, timeout: float):
+    """After the job's first checkpoint, SIGSTOP rank 1's process until `condition` holds (then SIGCONT:
+    its pod is being deleted; let it die on its SIGTERM). Returns the condition's value and the seconds
+    it took from the stop."""
     def first_checkpoint():
         status = _job(cluster, name).get("status") or {}
         if status.get("phase") in ("Failed", "Succeeded"):
@@ -47,14 +44,25 @@ def test_a_sigstopped_rank_is_caught_by_the_progress_deadline_and_the_job_still_
     os.kill(pids[0], signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        hung = cluster.wait_until("the job to be Hung", lambda: (_job(cluster, name).get("status") or {}).get(
-            "hangs", 0) >= 1 and _job(cluster, name)["status"], DEADLINE_S + 120, every=1)
-        caught = time.monotonic() - stopped_at
+        value = cluster.wait_until(what, condition, timeout, every=1)
+        return value, time.monotonic() - stopped_at
     finally:
         try:
-            os.kill(pids[0], signal.SIGCONT)  # its pod is being deleted; let it die on its SIGTERM
+            os.kill(pids[0], signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+def test_a_sigstopped_rank_is_caught_by_the_progress_deadline_and_the_job_still_succeeds(ready):
+    cluster, name = ready, "e2e-hang"
+    job = cluster.training_job(name, num_epochs=5)
+    job["spec"]["terminationGracePeriodSeconds"] = 30  # the stopped rank never answers SIGTERM
+    job["spec"]["runPolicy"]["progressDeadlineSeconds"] = DEADLINE_S
+    cluster.apply([job])
+
+    hung, caught = _rank_one_stopped_until(cluster, name, "the job to be Hung", lambda: (
+        _job(cluster, name).get("status") or {}).get("hangs", 0) >= 1 and _job(cluster, name)["status"],
+        DEADLINE_S + 120)
     last = hung["lastFailure"]
     assert last["reason"] == "Hung" and last["failureClass"] == "Hung" and last["attempt"] == 0
     assert "rank 0's heartbeat has not advanced" in last["message"] and "last step" in last["message"]
@@ -83,27 +91,8 @@ def test_the_trainers_step_watchdog_ends_a_hung_rank_and_its_message_reaches_the
     job["spec"]["experiment"]["train"]["step_timeout_s"] = STEP_TIMEOUT_S
     cluster.apply([job])
 
-    def first_checkpoint():
-        status = _job(cluster, name).get("status") or {}
-        if status.get("phase") in ("Failed", "Succeeded"):
-            raise AssertionError(f"{name} ended ({status['phase']}) before its first checkpoint: "
-                                 f"{json.dumps(status.get('conditions'), indent=1)[-3000:]}")
-        return status.get("phase") == "Running" and (status.get("progress") or {}).get("lastCheckpoint")
-    cluster.wait_until("the first checkpoint", first_checkpoint, 1200, every=2)
-
-    (victim,) = _worker_pods(cluster, name, attempt=0, index=1)
-    pids = cluster.wait_until("rank 1's process", lambda: cluster.rank_pids(victim), 120, every=1)
-    os.kill(pids[0], signal.SIGSTOP)
-    stopped_at = time.monotonic()
-    try:
-        failed = cluster.wait_until("the attempt to fail", lambda: (_job(cluster, name).get("status") or {}).get(
-            "lastFailure"), STEP_TIMEOUT_S + 180, every=1)
-        caught = time.monotonic() - stopped_at
-    finally:
-        try:
-            os.kill(pids[0], signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    failed, caught = _rank_one_stopped_until(cluster, name, "the attempt to fail", lambda: (
+        _job(cluster, name).get("status") or {}).get("lastFailure"), STEP_TIMEOUT_S + 180)
     # Rank 0's watchdog: its pod exits 200, its termination message (class Hung) read from the pod status.
     assert (failed["exitCode"], failed["failureClass"], failed["rank"]) == (200, "Hung", 0), failed
     assert failed["rule"] == "builtin:retryable" and failed["step"] > 0

@@ -20,7 +20,20 @@ EXIT_SIGTERM = exit_codes.TERMINATED.code
 EXIT_SIGINT = exit_codes.INTERRUPTED.code
 
 
-class StopRequest:
+class _StopSignal:
+    """What a stop by `signum` is called and the exit code it ends with (SIGINT: 130, else 143)."""
+    signum: int
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
+
+
+class StopRequest(_StopSignal):
     """A flag raised by SIGTERM or a first SIGINT. Use as a context manager; the previous handlers
     come back on exit."""
 
@@ -32,14 +45,6 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self._event.is_set()
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
 
     def request(self) -> None:
         self._event.set()
@@ -66,7 +71,7 @@ class StopRequest:
         self._previous = {}
 
 
-class Stopped(BaseException):
+class Stopped(_StopSignal, BaseException):
     """SIGTERM or SIGINT ended a task between its steps (evaluate, inference, export, convert,
     gen_trt_engine; train before or after its loop). A BaseException, as KeyboardInterrupt: no
     `except Exception` on the way may swallow it."""
@@ -74,14 +79,6 @@ class Stopped(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
 
 
 _deferring = 0                     # depth of `signals_deferred` blocks
