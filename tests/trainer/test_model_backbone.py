@@ -74,3 +74,44 @@ def test_pretrained_timm_backbone_is_loaded(tmp_path):
     spec.model.pretrained_backbone_path = str(path)
     model, _, _ = build_model(spec)
     torch.testing.assert_close(model.backbone[0].body.stem.conv1.weight, reference.stem.conv1.weight)
+
+
+@pytest.mark.parametrize("name", ["resnet_18", "resnet_50"])
+def test_frozen_batchnorm_folded_into_convolutions_keeps_outputs_gradients_and_names(name):
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from deformable_detr.model.backbone import ConvFrozenBatchNorm2d, ResNetBackbone, resnet_network
+
+    torch.manual_seed(0)
+    plain = resnet_network(name)  # torchvision's modules: convolution, then FrozenBatchNorm2d
+    backbone = ResNetBackbone(resnet_network(name), [1, 2, 3], train_backbone=True)
+    folded = [m for m in backbone.modules() if isinstance(m, ConvFrozenBatchNorm2d)]
+    assert len(folded) == sum(isinstance(m, torch.nn.Conv2d) for m in plain.modules())  # every one
+
+    def randomise(seed):
+        generator = torch.Generator().manual_seed(seed)
+        state = {k: (v.abs() + 0.5 if k.endswith("running_var") else v + torch.randn(v.shape, generator=generator) * 0.1)
+                 for k, v in plain.state_dict().items() if v.is_floating_point()}
+        plain.load_state_dict(state, strict=False)
+        missing, unexpected = backbone.body.load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+        assert not missing and not unexpected  # the same names: checkpoints load either way
+
+    reference = IntermediateLayerGetter(plain, {"layer2": "1", "layer3": "2", "layer4": "3"})
+    images = torch.randn(2, 3, 64, 64)
+    for seed in (1, 2):  # new weights after a first (cached) forward: the fold follows them
+        randomise(seed)
+        with torch.no_grad():
+            for ours, theirs in zip(backbone.stage_features(images), reference(images).values()):
+                torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+    # Trainable stages (layer2-4): the same gradients through the folded weights.
+    ours = dict(backbone.body.named_parameters())
+    for key, parameter in plain.named_parameters():
+        parameter.requires_grad_(key in ours and ours[key].requires_grad)
+    sum(f.square().mean() for f in backbone.stage_features(images)).backward()
+    sum(f.square().mean() for f in reference(images).values()).backward()
+    for key, parameter in plain.named_parameters():
+        if parameter.grad is not None and key in ours:
+            grad = ours[key].grad
+            torch.testing.assert_close(grad, parameter.grad, rtol=1e-3, atol=1e-3 * parameter.grad.abs().max().item())
+    assert ours["layer1.0.conv1.weight"].grad is None and ours["layer2.0.conv1.weight"].grad is not None

@@ -50,6 +50,82 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
         return pooled.contiguous()
 
 
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BatchNorm whose scale and shift the convolution before it applies
+    (ConvFrozenBatchNorm2d): it only holds its buffers, under their usual state-dict names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def scale_shift(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+
+class ConvFrozenBatchNorm2d(nn.Conv2d):
+    """A convolution and the frozen BatchNorm after it run as one convolution: the BatchNorm's
+    scale folded into the weights, its shift as the bias, which saves a pass over every output
+    map (a few percent of a ResNet-50 step on CPU). Same parameters (shared), same names; the
+    folded weights are cached while nothing writes the weights (tensor versions) and autograd does
+    not need them. Traced, exported and compiled graphs get the convolution then the BatchNorm,
+    as before; so does `folding = False` (the benchmark's comparison)."""
+
+    folding = True
+
+    @classmethod
+    def around(cls, conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> "ConvFrozenBatchNorm2d":
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        folded.weight, folded.bias = conv.weight, conv.bias
+        folded._norm = (norm,)  # a tuple: not a submodule, so the norm's names stay where they are
+        folded._cache = None
+        return folded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self._norm[0]
+        if not self.folding or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+                or torch.compiler.is_compiling():
+            return FrozenBatchNorm2d.forward(norm, super().forward(x))
+        weight, bias = self._folded(norm)
+        return self._conv_forward(x, weight, bias)
+
+    def _folded(self, norm: FoldedFrozenBatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+        tensors = [self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var]
+        if self.bias is not None:
+            tensors.append(self.bias)
+        cacheable = not (torch.is_grad_enabled() and self.weight.requires_grad) and \
+            not any(t.is_inference() for t in tensors)
+        key = (torch.is_inference_mode_enabled(), *((t.data_ptr(), t._version) for t in tensors)) \
+            if cacheable else None
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        scale, shift = norm.scale_shift()
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        self._cache = (key, weight, bias) if key is not None else None
+        return weight, bias
+
+
+def fold_frozen_batchnorms(network: nn.Module) -> None:
+    """Each convolution directly followed (in registration order) by a FrozenBatchNorm2d becomes a
+    ConvFrozenBatchNorm2d; the parameters and their names stay as they are."""
+    for parent in list(network.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d \
+                    and conv.out_channels == norm.weight.shape[0]:
+                folded_norm = FoldedFrozenBatchNorm2d(conv.out_channels, norm.eps)
+                folded_norm._buffers.update(norm._buffers)  # the same tensors
+                parent._modules[norm_name] = folded_norm
+                parent._modules[conv_name] = ConvFrozenBatchNorm2d.around(conv, folded_norm)
+
+
+def set_batchnorm_folding(model: nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, ConvFrozenBatchNorm2d):
+            module.folding = enabled
+
+
 def _resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
@@ -81,6 +157,7 @@ class ResNetBackbone(_BackboneBase):
             pool = network.maxpool
             network.maxpool = ChannelsLastMaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
                                                     pool.return_indices, pool.ceil_mode)
+        fold_frozen_batchnorms(network)
         return_layers = {f"layer{i + 1}": str(i) for i in stage_indices}
         stages = [network.layer1, network.layer2, network.layer3, network.layer4]
         self.body = IntermediateLayerGetter(network, return_layers=return_layers)
