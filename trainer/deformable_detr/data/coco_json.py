@@ -9,7 +9,6 @@ when each image is first decoded (dataset.py); 0 or absent means "not given".
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..errors import UsageError, relative_to_cwd
 from ..runtime.logging import get_logger
+from . import remote
 
 log = get_logger("data")
 
@@ -55,13 +55,13 @@ def expand_json_files(pattern: str, field: str) -> list[str]:
     if not pattern:
         raise UsageError(f"{field}: not set; expected a COCO JSON file (or a glob of shards)")
     if any(ch in pattern for ch in "*?["):
-        files = sorted(glob.glob(pattern))
+        files = remote.glob(pattern)
         if not files:
             raise UsageError(f"{field}: no file matches {pattern}" + relative_to_cwd(pattern))
         return files
-    if os.path.isdir(pattern):
+    if not remote.is_s3(pattern) and os.path.isdir(pattern):
         raise UsageError(f"{field}: {pattern} is a folder, expected a file (COCO JSON)")
-    if not os.path.isfile(pattern):
+    if not remote.is_file(pattern):
         raise UsageError(f"{field}: file not found: {pattern}" + relative_to_cwd(pattern))
     return [pattern]
 
@@ -69,7 +69,7 @@ def expand_json_files(pattern: str, field: str) -> list[str]:
 def read_json(path: str) -> Any:
     """Parse a JSON file; a syntax error names the line and column."""
     try:
-        with open(path, "rb") as fh:
+        with remote.open_file(path) as fh:
             return json.load(fh)
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found" + relative_to_cwd(path)) from None
@@ -138,7 +138,7 @@ def load_source(json_file: str, image_dir: str, num_classes: int, check_files: b
             raise UsageError(f"{where}: needs integer 'id', 'file_name', 'height' and 'width'") from None
         if image_id in index_of_id:
             raise UsageError(f"{where}: image id {image_id} appears twice")
-        if check_files and not os.path.isfile(os.path.join(image_dir, file_name)):
+        if check_files and not remote.is_file(os.path.join(image_dir, file_name)):
             raise UsageError(f"{where}: image file not found: {os.path.join(image_dir, file_name)}")
         index_of_id[image_id] = k
         image_ids[k], heights[k], widths[k] = image_id, height, width

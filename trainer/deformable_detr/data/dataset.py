@@ -18,6 +18,7 @@ from ..runtime.progress import progress
 from .annotations import AnnotationStore, build_store
 from .coco_gt import merged_coco
 from .coco_json import describe_no_boxes, expand_json_files, load_source
+from . import remote
 from .images import ImageSizeMismatch, UnreadableImageError, load_image
 from .transforms import Transform, build_eval_transform, build_train_transform
 
@@ -51,9 +52,9 @@ class CocoDetection(Dataset):
             where = f"{field}[{k}]"
             if not src.image_dir:
                 raise UsageError(f"{where}.image_dir: not set; expected the folder holding the images")
-            if check_files and os.path.isfile(src.image_dir):
+            if check_files and remote.is_file(src.image_dir):
                 raise UsageError(f"{where}.image_dir: {src.image_dir} is a file, expected a folder of images")
-            if check_files and not os.path.isdir(src.image_dir):
+            if check_files and not remote.is_dir(src.image_dir):
                 raise UsageError(f"{where}.image_dir: folder not found: {src.image_dir}"
                                  + relative_to_cwd(src.image_dir))
             for json_file in expand_json_files(src.json_file, f"{where}.json_file"):
@@ -74,6 +75,7 @@ class CocoDetection(Dataset):
             raise UsageError(f"{field}: the annotation files list no images: {', '.join(self.json_files)}")
         self.transform = transform
         self.decode_images = decode_images
+        self.remote_images = any(remote.is_s3(src.image_dir) for src in sources)  # read ahead (data/prefetch.py)
 
     def __len__(self) -> int:
         return len(self.store)

@@ -16,6 +16,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 from ..errors import UsageError
+from . import remote
 
 
 class UnreadableImageError(UsageError):
@@ -42,7 +43,7 @@ def load_image(path: str) -> tv_tensors.Image:
     """The image as uint8 RGB [3, H, W]; a 16-bit PNG is scaled to 8 bits (not clipped to white), here, so
     training, evaluation and inference's drawings all see the same pixels."""
     try:
-        with open(path, "rb") as fh:
+        with remote.open_file(path) as fh:  # an s3:// image: its copy in the node's cache
             raw = fh.read()
     except OSError as err:
         raise UnreadableImageError(f"{path}: cannot read image file ({err.strerror or err})") from None
@@ -58,7 +59,7 @@ def load_image(path: str) -> tv_tensors.Image:
             decoded = to_dtype(decoded, torch.uint8, scale=True)
         return tv_tensors.Image(decoded)
     try:  # formats torchvision's decoders lack (BMP, TIFF, ...)
-        with Image.open(path) as stored:
+        with Image.open(remote.local_copy(path)) as stored:
             pil = ImageOps.exif_transpose(stored).convert("RGB")
             array = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8)
             return tv_tensors.Image(array.view(pil.height, pil.width, 3).permute(2, 0, 1).contiguous())
@@ -74,10 +75,11 @@ def load_shown_image(path: str) -> Image.Image:
 
 def verify_image(path: str) -> None:
     """Check a file decodes as an image (header and data) without keeping it."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    local = remote.local_copy(path)
+    if os.path.isfile(local) and os.path.getsize(local) == 0:
         raise UnreadableImageError(f"{path}: the file is empty (0 bytes); expected an image (JPEG, PNG, BMP, ...)")
     try:
-        with Image.open(path) as pil:
+        with Image.open(local) as pil:
             pil.verify()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UnreadableImageError(f"{path}: cannot decode image ({err})") from None

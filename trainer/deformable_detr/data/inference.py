@@ -12,6 +12,7 @@ from ..config.schema import ExperimentConfig
 from ..errors import UsageError, relative_to_cwd
 from ..runtime.logging import get_logger
 from ..runtime.progress import progress
+from . import remote
 from .images import UnreadableImageError, load_image, verify_image
 from .transforms import build_eval_transform
 
@@ -23,9 +24,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def read_classmap(path: str) -> list[str]:
     """Class names, one a line: line i names category id i + 1."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with remote.open_file(path, "r", encoding="utf-8") as fh:
             names = [line.strip() for line in fh]
-    except FileNotFoundError:
+    except (FileNotFoundError, remote.ArtifactNotFound):
         raise UsageError(f"dataset.infer_data_sources.classmap: file not found: {path}"
                          + relative_to_cwd(path)) from None
     except IsADirectoryError:
@@ -44,12 +45,12 @@ def read_classmap(path: str) -> list[str]:
 def list_images(folders: list[str]) -> list[str]:
     paths = []
     for folder in folders:
-        if os.path.isfile(folder):
+        if remote.is_file(folder):
             raise UsageError(f"dataset.infer_data_sources.image_dir: {folder} is a file, expected a folder of images")
-        if not os.path.isdir(folder):
+        if not remote.is_dir(folder):
             raise UsageError(f"dataset.infer_data_sources.image_dir: folder not found: {folder}"
                              + relative_to_cwd(folder))
-        paths += sorted(os.path.join(folder, name) for name in os.listdir(folder)
+        paths += sorted(os.path.join(folder, name) for name in remote.files_in(folder)
                         if name.lower().endswith(IMAGE_EXTENSIONS))
     return paths
 

@@ -15,6 +15,7 @@ from ..runtime.logging import get_logger
 from .collate import collate_fn
 from .dataset import CocoDetection, build_dataset
 from .images import UnreadableImageError
+from .prefetch import PrefetchingSampler
 from .samplers import ResumableSampler, ShardedSequentialSampler, build_train_sampler, seed_of
 from .transforms import fixed_pad_size
 
@@ -118,6 +119,8 @@ def build_dataloader(spec: ExperimentConfig, split: str, rank: int = 0, world_si
     else:
         sampler = ShardedSequentialSampler(len(dataset), rank, world_size)
         items = dataset
+    if getattr(dataset, "remote_images", False):  # s3:// images: this rank's next ones fetched ahead
+        sampler = PrefetchingSampler(sampler, lambda index: dataset.store.record(index).path)
     generator = torch.Generator()
     generator.manual_seed(seed + 7919 * rank)  # seeds the workers' own randomness (eval splits)
     workers = spec.dataset.workers

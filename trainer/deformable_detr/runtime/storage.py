@@ -44,9 +44,23 @@ class StorageError(UsageError):
     """
 
     def __init__(self, message: str, retryable: bool = False):
+        if "Traceback" in message:  # re-raised from a DataLoader worker, with the worker's traceback: its last line
+            message = [line for line in message.splitlines() if line.strip()][-1].split(": ", 1)[-1]
         super().__init__(" ".join(message.split()))  # server messages may carry newlines; the CLI shows one line
         self.retryable = retryable
         self.exit_code = EXIT_STORAGE_UNAVAILABLE if retryable else UsageError.exit_code
+
+
+class StorageUnavailable(StorageError):
+    """A failure that may pass on its own; retryable even when re-created from its message alone (as torch
+    re-raises a DataLoader worker's exception)."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message, retryable)
+
+
+def storage_error(message: str, retryable: bool) -> StorageError:
+    return StorageUnavailable(message) if retryable else StorageError(message)
 
 
 class ArtifactNotFound(StorageError):
@@ -199,15 +213,15 @@ def _translate(err: BaseException, uri: str, client) -> StorageError:
         if code in _NOT_FOUND_CODES:
             return ArtifactNotFound(f"file not found: {uri}")
         status = int(client_error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        return StorageError(f"{uri}: S3 request failed ({code}: {message})",
-                            retryable=status >= 500 or status == 429 or code in _THROTTLE_CODES)
+        return storage_error(f"{uri}: S3 request failed ({code}: {message})",
+                             retryable=status >= 500 or status == 429 or code in _THROTTLE_CODES)
     if isinstance(err, BotoConnectionError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint {_where(client)} after {_max_attempts()} attempts "
-                            f"({type(err).__name__}); check S3_ENDPOINT_URL/AWS_ENDPOINT_URL and the network",
-                            retryable=True)
+        return StorageUnavailable(f"{uri}: cannot reach the S3 endpoint {_where(client)} after {_max_attempts()} "
+                                  f"attempts ({type(err).__name__}); check S3_ENDPOINT_URL/AWS_ENDPOINT_URL and the "
+                                  "network")
     if isinstance(err, BotoCoreError):
-        return StorageError(f"{uri}: S3 request failed: {err}", retryable=True)
-    return StorageError(f"{uri}: S3 transfer failed: {type(err).__name__}: {err}", retryable=True)
+        return StorageUnavailable(f"{uri}: S3 request failed: {err}")
+    return StorageUnavailable(f"{uri}: S3 transfer failed: {type(err).__name__}: {err}")
 
 
 def _s3_call(uri: str, action: Callable[[object], T]) -> T:
