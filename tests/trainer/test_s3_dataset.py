@@ -131,3 +131,96 @@ def test_training_from_s3_gives_the_weights_of_local_files_and_a_rerun_gets_noth
     assert main(["train", "-e", write_spec(_s3_spec(tiny_coco, sources, tmp_path / "again"), "again.yaml")]) == 0
     assert s3_env.object_gets(bucket) == []  # the node cache held every object: listings and HEADs only
     assert all(torch.equal(reference[k], v) for k, v in _weights(tmp_path / "again").items())
+
+
+def _direct_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+@pytest.mark.parametrize("damage", ["same size, other bytes", "truncated"])
+def test_a_damaged_cached_copy_is_detected_and_fetched_again(s3_env, s3_coco, damage, monkeypatch):
+    bucket, sources = s3_coco
+    uri = f"{sources['train']['image_dir']}/00001.jpg"
+    original = storage.read_bytes(uri)
+    s3_env.requests.clear()
+    cached = remote.local_copy(uri)
+    assert open(cached, "rb").read() == original and len(s3_env.object_gets(bucket)) == 1
+    assert remote.local_copy(uri) == cached and len(s3_env.object_gets(bucket)) == 1  # a hit: no GET
+
+    with open(cached, "r+b") as fh:
+        if damage == "truncated":
+            fh.truncate(len(original) - 10)
+        else:
+            fh.seek(len(original) // 2)
+            fh.write(bytes(b ^ 0xFF for b in original[len(original) // 2:len(original) // 2 + 16]))
+    monkeypatch.setattr(object_cache, "_cache", None)  # another process: it has not checked this copy yet
+    assert open(remote.local_copy(uri), "rb").read() == original
+    assert len(s3_env.object_gets(bucket)) == 2
+
+
+def test_the_cache_evicts_the_least_recently_used_past_its_size(s3_env, s3_coco, monkeypatch):
+    bucket, sources = s3_coco
+    uris = [f"{sources['train']['image_dir']}/{k:05d}.jpg" for k in range(1, 9)]
+    sizes = [remote.info(uri).size for uri in uris]
+    monkeypatch.setenv(object_cache.CACHE_SIZE_ENV, str(sum(sizes[:4])))
+    paths = [remote.local_copy(uri) for uri in uris]
+    kept = [os.path.exists(path) for path in paths]
+    assert kept[-1] and not kept[0] and sum(os.path.getsize(p) for p, k in zip(paths, kept) if k) <= sum(sizes[:4])
+
+
+def _cli_error(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_an_image_deleted_mid_run_is_one_line_naming_it(tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys):
+    bucket, sources = s3_coco
+    gone = f"{sources['train']['image_dir']}/00005.jpg"
+    client = _direct_client(s3_env.url)
+
+    def delete_after_the_annotations(request) -> None:  # the listing said it was there
+        if request == ("GET", f"/{bucket}/train/annotations.json"):
+            client.delete_object(Bucket=bucket, Key="train/images/00005.jpg")
+
+    s3_env.on_request = delete_after_the_annotations
+    code = main(["train", "-e", write_spec(_s3_spec(tiny_coco, sources, tmp_path / "r"))])
+    assert code == exit_codes.BAD_INPUT.code
+    assert _cli_error(capsys).endswith(f"file not found: {gone}")
+
+
+def test_a_missing_bucket_is_one_line(tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys):
+    _bucket, sources = s3_coco
+    sources = dict(sources, train={"image_dir": "s3://no-such-bucket-31/images", "json_file": "s3://no-such-bucket-31/a.json"})
+    assert main(["train", "-e", write_spec(_s3_spec(tiny_coco, sources, tmp_path / "r"))]) == exit_codes.BAD_INPUT.code
+    assert "bucket 'no-such-bucket-31' does not exist" in _cli_error(capsys)
+
+
+def test_the_endpoint_stopped_mid_epoch_exits_retryable_and_the_restart_finishes(
+        tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys, monkeypatch):
+    bucket, sources = s3_coco
+    proxy = CuttingProxy(s3_env.url)
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
+    images = []
+
+    def stop_after_three_images(request) -> None:
+        method, path = request
+        if method == "GET" and "/images/" in path:
+            images.append(path)
+            if len(images) == 3:
+                threading.Thread(target=proxy.stop, daemon=True).start()
+
+    s3_env.on_request = stop_after_three_images
+    spec = write_spec(_s3_spec(tiny_coco, sources, tmp_path / "r"))
+    assert main(["train", "-e", spec]) == exit_codes.STORAGE_UNAVAILABLE.code
+    assert "cannot reach the S3 endpoint" in _cli_error(capsys)
+
+    # The endpoint is back: the restart (the operator's, after a retryable exit) finishes, reusing the cache.
+    s3_env.on_request = None
+    s3_env.requests.clear()
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_env.url)
+    assert main(["train", "-e", spec]) == 0
+    assert not [path for path in s3_env.object_gets(bucket) if path.endswith(".json")]  # cached before the cut

@@ -18,10 +18,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
 import re
 import threading
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from . import storage
 from .logging import get_logger
@@ -32,6 +34,8 @@ log = get_logger("object_cache")
 CACHE_DIR_ENV = "DDETR_CACHE_DIR"
 CACHE_SIZE_ENV = "DDETR_CACHE_SIZE"
 DEFAULT_CACHE_SIZE = "50Gi"
+T = TypeVar("T")
+DOWNLOAD_ATTEMPTS = 3  # whole downloads; each request also has botocore's retries (AWS_MAX_ATTEMPTS)
 CHUNK = 1024 * 1024  # bytes read from a GET's body at a time: what one download holds in memory
 _UNITS = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4,
           "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3, "Ti": 1024 ** 4}
@@ -171,7 +175,7 @@ class ObjectCache:
             return md5
 
         try:
-            md5 = storage._s3_call(info.uri, _get)
+            md5 = _with_retries(lambda: storage._s3_call(info.uri, _get))
             with open(tmp + ".md5", "w") as fh:
                 fh.write(md5)
             os.replace(tmp + ".md5", path + ".md5")
@@ -208,6 +212,19 @@ class ObjectCache:
                     _remove(name)
                 total -= size
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _with_retries(action: Callable[[], T], attempts: int = DOWNLOAD_ATTEMPTS) -> T:
+    """botocore retries a request; this retries a whole download whose body broke off or came back
+    wrong, with exponential backoff and jitter."""
+    for attempt in range(attempts - 1):
+        try:
+            return action()
+        except StorageUnavailable as err:
+            pause = random.uniform(0, 0.5 * 2 ** attempt)
+            log.warning("%s; trying again in %.1f s", err, pause)
+            time.sleep(pause)
+    return action()
 
 
 def _md5_of(path: str) -> str:
