@@ -224,3 +224,31 @@ def test_the_endpoint_stopped_mid_epoch_exits_retryable_and_the_restart_finishes
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_env.url)
     assert main(["train", "-e", spec]) == 0
     assert not [path for path in s3_env.object_gets(bucket) if path.endswith(".json")]  # cached before the cut
+
+
+def test_convert_from_an_s3_prefix_writes_the_json_of_the_same_local_folders(s3_env, tmp_path, monkeypatch):
+    from test_convert import make_kitti_source
+
+    root = tmp_path / "kitti"
+    for name in ("a", "b"):
+        make_kitti_source(root, name)
+    (root / "sources.txt").write_text("a\nb\n")
+    bucket = f"kitti-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    _upload_folder(str(root), f"s3://{bucket}/kitti")
+
+    def convert(input_source: str, results) -> dict:
+        spec = tmp_path / f"{results}.yaml"
+        spec.write_text(json.dumps({"convert": {"input_source": input_source, "num_shards": 2, "val_split": 40,
+                                                "num_partitions": 2, "partition_mode": "random"}}))
+        assert main(["convert", "-e", str(spec), "-r", str(tmp_path / results)]) == 0
+        out = tmp_path / results / "convert"
+        return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*"))
+                if p.is_file() and (p.suffix == ".json" and "shard" in p.name or p.name == "stats.txt")}
+
+    from_s3 = convert(f"s3://{bucket}/kitti/sources.txt", "s3")
+    # S3 lists a folder in key order; a local folder's order is the file system's: compared in key order.
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path=".": sorted(listdir(path)))
+    from_local = convert(str(root / "sources.txt"), "local")
+    assert len(from_local) == 2 * 2 * 2 + 1 and from_s3 == from_local

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 from PIL import Image
 
 from ..errors import UsageError, relative_to_cwd
+from . import remote
 
 # TAO's default class mapping (source class, lower-cased -> target class).
 DEFAULT_MAPPING: dict[str, str] = {
@@ -59,9 +60,9 @@ def read_mapping(path: Optional[str]) -> dict[str, str]:
     if not path:
         return dict(DEFAULT_MAPPING)
     try:
-        with open(path, encoding="utf-8") as fh:
+        with remote.open_file(path, "r", encoding="utf-8") as fh:
             raw = json.load(fh)
-    except FileNotFoundError:
+    except (FileNotFoundError, remote.ArtifactNotFound):
         raise UsageError(f"convert.mapping_path: file not found: {path}" + relative_to_cwd(path)) from None
     except IsADirectoryError:
         raise UsageError(f"convert.mapping_path: {path} is a folder, expected a file (JSON)") from None
@@ -113,7 +114,7 @@ def _is_int(text: str) -> bool:
 def parse_label_file(path: str, mapping: dict[str, str], source: KittiSource) -> list[tuple]:
     """The mapped boxes of one label file; unmapped classes and empty boxes are counted on `source`."""
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with remote.open_file(path, "r", encoding="utf-8", errors="replace") as fh:
         for line_number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -153,7 +154,7 @@ def image_size(path: str) -> tuple[int, int]:
     """(height, width) after EXIF orientation (as TAO's converter and data loaders see the image),
     from the header, without decoding the pixels."""
     try:
-        with Image.open(path) as image:
+        with Image.open(remote.local_copy(path)) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112)
     except (OSError, Image.DecompressionBombError) as err:
@@ -165,13 +166,13 @@ def image_size(path: str) -> tuple[int, int]:
 
 def list_source_images(folder: str, image_dir_name: str, image_extension: str) -> list[str]:
     image_dir = os.path.join(folder, image_dir_name)
-    if not os.path.isdir(folder):
+    if not remote.is_dir(folder):
         raise UsageError(f"convert.input_source: data-source folder not found: {folder}")
-    if not os.path.isdir(image_dir):
+    if not remote.is_dir(image_dir):
         raise UsageError(f"convert.image_dir_name: no folder {image_dir}")
     ext = image_extension if image_extension.startswith(".") else f".{image_extension}"
     # The folder's own order, as TAO takes it: the seeded shuffles then give TAO's partitions and shards.
-    names = [name for name in os.listdir(image_dir) if name.endswith(ext)]
+    names = [name for name in remote.files_in(image_dir) if name.endswith(ext)]  # S3: in key order
     if not names:
         raise UsageError(f"convert.image_extension: no {ext} image in {image_dir}")
     return names
@@ -184,7 +185,7 @@ def label_path_for(folder: str, label_dir_name: str, image_name: str) -> str:
 def read_image_entry(folder: str, image_dir_name: str, label_dir_name: str, image_name: str,
                      mapping: dict[str, str], source: KittiSource) -> KittiImage:
     label_path = label_path_for(folder, label_dir_name, image_name)
-    if not os.path.isfile(label_path):
+    if not remote.is_file(label_path):
         raise UsageError(f"{os.path.join(folder, image_dir_name, image_name)}: no label file {label_path}")
     boxes = parse_label_file(label_path, mapping, source)
     height, width = image_size(os.path.join(folder, image_dir_name, image_name))

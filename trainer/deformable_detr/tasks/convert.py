@@ -26,6 +26,7 @@ from ..runtime.progress import progress
 from ..runtime.storage import write_text
 from ..data.kitti import (KittiSource, categories_for, category_ids_for, list_source_images, read_image_entry,
                           read_mapping)
+from ..data import remote
 from ..data.shards import PARTITION_SEED, partition_frames, shard_file_name, shard_partitions
 from ..runtime import storage
 from .results_folder import record_effective_spec
@@ -42,24 +43,24 @@ def read_input_source(path: str | None, data_root: str | None = None) -> list[st
     if not path:
         raise UsageError("convert.input_source: not set; expected a .txt file listing KITTI data-source folders")
     try:
-        with open(path, encoding="utf-8") as fh:
+        with remote.open_file(path, "r", encoding="utf-8") as fh:
             lines = [line.strip() for line in fh]
-    except FileNotFoundError:
+    except (FileNotFoundError, remote.ArtifactNotFound):
         raise UsageError(f"convert.input_source: file not found: {path}" + relative_to_cwd(path)) from None
     except IsADirectoryError:
         raise UsageError(f"convert.input_source: {path} is a folder, expected a file (.txt listing "
                          "KITTI data-source folders)") from None
-    base = data_root if data_root else os.path.dirname(os.path.abspath(path))
-    if data_root and not os.path.isdir(data_root):
+    base = data_root if data_root else _folder_of(path)
+    if data_root and not remote.is_dir(data_root):
         raise UsageError(f"convert.data_root: folder not found: {data_root}" + relative_to_cwd(data_root))
     folders = []
     for line_number, line in enumerate(lines, start=1):
         if not line or line.startswith("#"):
             continue
-        folder = line if os.path.isabs(line) else os.path.join(base, line)
-        if not os.path.isdir(folder):
+        folder = line if os.path.isabs(line) or remote.is_s3(line) else os.path.join(base, line)
+        if not remote.is_dir(folder):
             raise UsageError(f"{path}:{line_number}: data-source folder not found: {folder}")
-        folders.append(os.path.normpath(folder))
+        folders.append(folder.rstrip("/") if remote.is_s3(folder) else os.path.normpath(folder))
     if not folders:
         raise UsageError(f"convert.input_source: {path} lists no folder")
     names = [os.path.basename(f) for f in folders]
@@ -68,6 +69,11 @@ def read_input_source(path: str | None, data_root: str | None = None) -> list[st
         raise UsageError(f"{path}: several data sources are named {duplicates[0]!r}; output folders are named "
                          "after the source folder, so names must differ")
     return folders
+
+
+def _folder_of(path: str) -> str:
+    """The folder holding a local file or an S3 object."""
+    return path.rsplit("/", 1)[0] if remote.is_s3(path) else os.path.dirname(os.path.abspath(path))
 
 
 def read_source(folder: str, config: ConvertConfig, mapping: dict[str, str]) -> KittiSource:
