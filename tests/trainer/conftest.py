@@ -84,3 +84,5 @@ def logged():
 def _own_staging_folder(tmp_path, monkeypatch):
     # Training with s3:// results stages under a stable folder; each test gets its own.
     monkeypatch.setenv("DDETR_STAGING_DIR", str(tmp_path / "staging"))
+    # s3:// datasets and weights are cached on the node (runtime/object_cache.py): each test its own cache.
+    monkeypatch.setenv("DDETR_CACHE_DIR", str(tmp_path / "object-cache"))

@@ -252,3 +252,37 @@ def test_convert_from_an_s3_prefix_writes_the_json_of_the_same_local_folders(s3_
     monkeypatch.setattr(os, "listdir", lambda path=".": sorted(listdir(path)))
     from_local = convert(str(root / "sources.txt"), "local")
     assert len(from_local) == 2 * 2 * 2 + 1 and from_s3 == from_local
+
+
+def test_inference_and_evaluate_from_s3_write_what_local_files_give(tiny_coco, s3_env, s3_coco, tmp_path, write_spec,
+                                                                     perturbed_checkpoint):
+    from test_evaluate_s3 import TINY_MODEL
+
+    bucket, sources = s3_coco
+    _model, checkpoint = perturbed_checkpoint({"model": TINY_MODEL, "dataset": {"num_classes": 4}})
+    storage.upload_file(checkpoint, f"s3://{bucket}/models/model.pth")
+    classmap = tmp_path / "classmap.txt"
+    classmap.write_text("car\nperson\nbicycle\n")
+    storage.upload_file(str(classmap), f"s3://{bucket}/classmap.txt")
+    augmentation = {"test_random_resize": 64, "random_resize_max_size": 64, "fixed_padding": False}
+
+    def run(task: str, results: str, image_dir: str, classmap_path: str, test_source: dict, model: str) -> dict:
+        spec = {"model": TINY_MODEL, "dataset": {
+            "num_classes": 4, "batch_size": 2, "workers": 0, "pin_memory": False, "augmentation": augmentation,
+            "infer_data_sources": {"image_dir": [image_dir], "classmap": classmap_path},
+            "test_data_sources": test_source},
+            "inference": {"checkpoint": model, "conf_threshold": 0.0}, "evaluate": {"checkpoint": model}}
+        assert main([task, "-e", write_spec(spec, f"{results}.yaml"), "-r", str(tmp_path / results)]) == 0
+        out = tmp_path / results / task
+        written = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                   if p.is_file() and (p.suffix == ".txt" or p.name == "detections.json")}
+        if task == "evaluate":  # the figures; the checkpoint it names is the one given
+            written["results.json"] = {k: v for k, v in json.loads((out / "results.json").read_text()).items()
+                                       if k != "checkpoint"}
+        return written
+
+    for task in ("inference", "evaluate"):
+        local = run(task, f"local-{task}", tiny_coco["val"]["image_dir"], str(classmap), tiny_coco["val"], checkpoint)
+        from_s3 = run(task, f"s3-{task}", sources["val"]["image_dir"], f"s3://{bucket}/classmap.txt", sources["val"],
+                      f"s3://{bucket}/models/model.pth")
+        assert local and from_s3 == local, task

@@ -13,6 +13,7 @@ from ..errors import UsageError, relative_to_cwd
 from ..runtime.logging import get_logger
 from ..runtime.progress import progress
 from . import remote
+from .prefetch import fetch_all
 from .images import UnreadableImageError, load_image, verify_image
 from .transforms import build_eval_transform
 
@@ -71,7 +72,9 @@ class InferenceImages(Dataset):
         folders = [source.image_dir] if isinstance(source.image_dir, str) else list(source.image_dir)
         self.paths: list[str] = []
         self.skipped: list[str] = []
-        for path in progress(list_images(folders), desc="checking images"):
+        paths = list_images(folders)
+        fetch_all(paths)  # s3:// images: into the node cache, concurrently, before each is checked
+        for path in progress(paths, desc="checking images"):
             try:
                 verify_image(path)
             except UnreadableImageError as err:

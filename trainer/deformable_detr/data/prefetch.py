@@ -61,3 +61,13 @@ class PrefetchingSampler(Sampler):
         if name == "sampler":
             raise AttributeError(name)
         return getattr(self.sampler, name)
+
+
+def fetch_all(paths: list[str], threads: int = DEFAULT_THREADS) -> None:
+    """Bring every s3:// path of `paths` into the node cache, `threads` at a time (e.g. before checking
+    every image up front); the first failure is raised."""
+    remote_paths = [path for path in paths if remote.is_s3(path)]
+    if remote_paths:
+        with ThreadPoolExecutor(threads, thread_name_prefix="prefetch") as pool:
+            for _ in pool.map(remote.local_copy, remote_paths):
+                pass

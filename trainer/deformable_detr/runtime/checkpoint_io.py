@@ -28,7 +28,13 @@ def load_object(path: str, key: str | None = None, map_location="cpu"):
         raise UsageError(f"checkpoint {path} is a folder, expected a file (.pth)")
     if not storage.exists(path):
         raise UsageError(f"checkpoint not found: {path}" + relative_to_cwd(path))
-    raw = storage.read_bytes(path)
+    if storage.is_s3(path):  # weights every rank and attempt on a node reads: one download, kept in the node cache
+        from .object_cache import info_of, node_cache
+
+        with open(node_cache().fetch(info_of(path)), "rb") as fh:
+            raw = fh.read()
+    else:
+        raw = storage.read_bytes(path)
     if key and not is_encrypted(raw):
         log.warning("-k: checkpoint %s is not encrypted; the key is not needed to read it", path)
     data = decrypt(raw, key, name=f"checkpoint {path}")
