@@ -169,6 +169,13 @@ class RunPolicy:
         "end the attempt as Hung (retryable) when rank 0's heartbeat (status.json) has not advanced for this "
         "long while all pods run", minimum=30, default=None)
     failure_policy: FailurePolicy | None = prop("which failures fail the job and which restart it", default=None)
+    target_map: float | None = prop(
+        "end training as Succeeded once a validation mAP reaches this (0..1); the epoch's checkpoint is saved first",
+        minimum=0, maximum=1, default=None)
+    max_non_finite_loss_steps: int | None = prop(
+        "fail the job (no restart) once the training loss is NaN or infinite this many steps in a row, naming the "
+        "step and loss terms; the updates of those steps are skipped (the trainer's default: 1)", minimum=1,
+        default=None)
 
 
 @_frozen
@@ -313,7 +320,8 @@ class AttemptRecord:
 # The status.json fields shown in status.progress; their types and descriptions are status_file's
 # (the format's one home), their names camelCased.
 PROGRESS_SHOWN = ("epoch", "num_epochs", "step", "last_loss", "last_map", "last_checkpoint", "state",
-                  "skipped_samples")
+                  "skipped_samples", "percent", "images_per_second", "eta_seconds", "estimated_finish_time",
+                  "stop_reason")
 
 
 def _progress_schema() -> dict:
@@ -322,7 +330,15 @@ def _progress_schema() -> dict:
         return {"type": kind, "description": description}
     properties = {json_name(name): one(*STATUS_FIELDS_OF_FILE[name]) for name in PROGRESS_SHOWN}
     properties["updateTime"] = {"type": "string", "description": "when progress was read", "format": "date-time"}
+    properties["eta"] = {"type": "string", "description": "etaSeconds as a duration (1h02m), for the printer column"}
     return {"type": "object", "properties": properties}
+
+
+@_frozen
+class BestCheckpoint:
+    uri: str | None = prop("the checkpoint with the best validation mAP so far (never rotated away)", default=None)
+    epoch: int | None = prop("its 0-based epoch", default=None)
+    map_: float | None = prop("its validation mAP", default=None)
 
 
 @_frozen
@@ -344,6 +360,8 @@ class JobStatus:
     worker_job: str | None = prop("the current worker Job (one per attempt)", default=None)
     epochs: str | None = prop("epoch/total, for the printer column", default=None)
     progress: dict | None = prop(schema=_progress_schema, default=None)
+    best_checkpoint: BestCheckpoint | None = prop("the best validation result so far, from rank 0's status.json",
+                                                  default=None)
 
 
 # Status fields a pass writes (the rest of status is kopf's).
@@ -352,6 +370,7 @@ STATUS_FIELDS = tuple(name for _, name, _ in fields(JobStatus))
 # field must never make the API server reject the whole status patch.
 PROGRESS_FIELDS = {name: (json_name(name), STATUS_FIELDS_OF_FILE[name][0]) for name in PROGRESS_SHOWN}
 PRINTER_COLUMNS = [("Phase", ".status.phase"), ("Nodes", ".spec.nodes"), ("Epoch", ".status.epochs"),
+                   ("Done%", ".status.progress.percent"), ("ETA", ".status.progress.eta"),
                    ("Loss", ".status.progress.lastLoss"), ("mAP", ".status.progress.lastMap"),
                    ("Restarts", ".status.restarts"), ("Disruptions", ".status.disruptions"),
                    ("Age", ".metadata.creationTimestamp")]

@@ -13,6 +13,7 @@ import yaml
 from deformable_detr import exit_codes
 from deformable_detr.config.loader import spec_to_dict
 from deformable_detr.config.schema import ExperimentConfig
+from deformable_detr.runtime.quality_gates import MAX_NON_FINITE_STEPS_ENV, TARGET_MAP_ENV
 from deformable_detr.tasks import DEFAULT_TASK
 
 from . import API_VERSION, KIND, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE
@@ -192,6 +193,11 @@ def _env(job: Job, attempt: int) -> list[dict]:
         for var, key in (("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
                          ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    gates = spec.run_policy
+    if gates.target_map is not None:
+        env.append({"name": TARGET_MAP_ENV, "value": repr(float(gates.target_map))})
+    if gates.max_non_finite_loss_steps is not None:
+        env.append({"name": MAX_NON_FINITE_STEPS_ENV, "value": str(gates.max_non_finite_loss_steps)})
     key_ref = spec.encryption_key_secret
     if key_ref is not None:
         env.append({"name": KEY_ENV, "valueFrom": {"secretKeyRef": {"name": key_ref.name, "key": key_ref.key}}})

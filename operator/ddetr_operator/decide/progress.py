@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from deformable_detr.runtime.progress import format_duration
 from deformable_detr.runtime.status_file import parse_status
 
 from ..api import PROGRESS_FIELDS
@@ -14,16 +15,29 @@ def progress_status(progress: Mapping[str, Any], previous: Mapping[str, Any] | N
     # Values of another type are dropped: one odd field must never make the API server reject the patch.
     known = parse_status(progress) or {}
     out: dict[str, Any] = {name: known[key] for key, (name, _) in PROGRESS_FIELDS.items() if key in known}
+    if "etaSeconds" in out:
+        out["eta"] = format_duration(out["etaSeconds"])
     previous = dict(previous or {})
     since = previous.pop("updateTime", None)
     out["updateTime"] = since if previous == out and since else timestamp(now)
     return out
 
 
+def best_checkpoint(progress: Mapping[str, Any]) -> dict | None:
+    """status.bestCheckpoint: the checkpoint with the best validation mAP that status.json names."""
+    known = parse_status(progress) or {}
+    if "best_checkpoint" not in known:
+        return None
+    return {"uri": known["best_checkpoint"], "epoch": known.get("best_epoch"), "map": known.get("best_map")}
+
+
 def record_progress(s: State) -> None:
     if not s.observed.progress:
         return
     s.status["progress"] = progress_status(s.observed.progress, s.status.get("progress"), s.now)
+    best = best_checkpoint(s.observed.progress)
+    if best is not None:
+        s.status["bestCheckpoint"] = best
     epoch, total = s.status["progress"].get("epoch"), s.status["progress"].get("numEpochs")
     if epoch is not None and total is not None:
         s.status["epochs"] = f"{epoch}/{total}"

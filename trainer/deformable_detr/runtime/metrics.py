@@ -83,6 +83,10 @@ class TrainMetrics:
                                    ["job", "device"], registry=registry)
         self._gpu_peak = Gauge("ddetr_train_gpu_memory_peak_bytes", "Peak GPU memory held by tensors",
                                ["job", "device"], registry=registry)
+        self._progress = Gauge("ddetr_train_progress_ratio", "Share of the run's training steps done (0..1)",
+                               job_label, registry=registry)
+        self._eta = Gauge("ddetr_train_estimated_remaining_seconds", "Estimated seconds until training ends, from "
+                          "the recent step rate (warm-up steps left out)", job_label, registry=registry)
         # Series that exist from the start, so dashboards show 0 rather than "no data".
         self._checkpoints.labels(job=self.job)
         self._images.labels(job=self.job)
@@ -124,6 +128,14 @@ class TrainMetrics:
         self._data_wait.labels(job=job).set(data_wait_seconds)
         self._step_seconds.labels(job=job).observe(step_seconds)
         self._observe_gpu_memory()
+
+    def observe_progress(self, ratio: float, eta_seconds: Optional[float]) -> None:
+        """Share of the steps done and the remaining time (None while the first steps warm up: not set)."""
+        if not self.enabled:
+            return
+        self._progress.labels(job=self.job).set(ratio)
+        if eta_seconds is not None:
+            self._eta.labels(job=self.job).set(eta_seconds)
 
     def observe_validation(self, metrics: Mapping[str, float]) -> None:
         """Record validation results: mAP-style values as `validation_map`, `*loss*` values as `validation_loss`."""

@@ -1,7 +1,9 @@
 """Progress for long work: a tqdm bar on a terminal, plain log lines otherwise.
 
 A log line says what it counts and how fast over the last `window_s` seconds, with an ETA:
-`epoch 1 of 0..3: 64/250 it, 2.41 it/s (last 30s), ETA 1m17s`.
+`epoch 1 of 0..3: 64/250 it, 2.41 it/s (last 30s), ETA 1m17s`. Rates leave out the first items of a
+loop (`WARMUP_ITEMS`): a first training step that builds kernels and starts data-loader workers once
+made a 6-minute run's line promise 3h02m (issue 33). `StepRate` is the whole run's estimate.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 from .logging import get_logger
 
@@ -27,6 +29,49 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+WARMUP_ITEMS = 2  # items of a loop left out of its rate: start-up costs, not the pace
+
+
+class StepRate:
+    """The recent pace of training, for a run's percent done and finish time: an exponentially weighted
+    mean of step durations (weight `smoothing` on the newest) and of the pause at each epoch's end
+    (validation, checkpoint), leaving out the first `warmup` steps of a launch (compilation, allocator and
+    data-loader start-up). A pure estimator: the caller passes the measured seconds."""
+
+    def __init__(self, warmup: int = WARMUP_ITEMS, smoothing: float = 0.1) -> None:
+        self.warmup, self.smoothing = warmup, smoothing
+        self.seen = 0
+        self.step_seconds: Optional[float] = None  # None while warming up
+        self.images_per_step: Optional[float] = None
+        self.pause_seconds = 0.0  # nothing known before the first epoch's end
+
+    def _mean(self, old: Optional[float], new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def add_step(self, seconds: float, images: int = 0) -> None:
+        self.seen += 1
+        if self.seen <= self.warmup:
+            return
+        self.step_seconds = self._mean(self.step_seconds, seconds)
+        self.images_per_step = self._mean(self.images_per_step, float(images))
+
+    def add_pause(self, seconds: float) -> None:
+        """The time between an epoch's last step and the next one's first (validation and checkpoint)."""
+        self.pause_seconds = seconds if self.pause_seconds == 0.0 else self._mean(self.pause_seconds, seconds)
+
+    @property
+    def images_per_second(self) -> Optional[float]:
+        if self.step_seconds is None or self.images_per_step is None or self.step_seconds <= 0:
+            return None
+        return self.images_per_step / self.step_seconds
+
+    def eta_seconds(self, steps_left: int, epoch_ends_left: int = 0) -> Optional[float]:
+        """Seconds until `steps_left` steps and `epoch_ends_left` epoch ends are done; None while warming up."""
+        if self.step_seconds is None:
+            return None
+        return steps_left * self.step_seconds + epoch_ends_left * self.pause_seconds
 
 
 class RateWindow:
@@ -47,8 +92,12 @@ class RateWindow:
         return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-def progress_line(desc: str, count: int, total: Optional[int], unit: str, rate: float, window_s: float) -> str:
+def progress_line(desc: str, count: int, total: Optional[int], unit: str, rate: Optional[float],
+                  window_s: float) -> str:
+    """One progress log line; `rate` None: still in the warm-up items, no rate or ETA to tell yet."""
     of = f"/{total}" if total else ""
+    if rate is None:
+        return f"{desc}: {count}{of} {unit}, warming up (no rate yet)"
     line = f"{desc}: {count}{of} {unit}, {rate:.2f} {unit}/s (last {window_s:.0f}s)"
     if total and rate > 0:
         line += f", ETA {format_duration((total - count) / rate)}"
@@ -56,10 +105,12 @@ def progress_line(desc: str, count: int, total: Optional[int], unit: str, rate: 
 
 
 def progress(items: Iterable[T], total: Optional[int] = None, desc: str = "", enabled: bool = True,
-             log_every_s: float = 10.0, unit: str = "it", initial: int = 0, window_s: float = 30.0) -> Iterator[T]:
+             log_every_s: float = 10.0, unit: str = "it", initial: int = 0, window_s: float = 30.0,
+             note: Optional[Callable[[], str]] = None) -> Iterator[T]:
     """Yield `items`, showing progress on stderr; a bar only when stderr is a terminal.
 
     `initial` items were done before (a resumed epoch): counts start there, rates do not include them.
+    `note()` is added to each log line (training: the whole run's percent and ETA).
     """
     if not enabled:
         yield from items
@@ -71,16 +122,22 @@ def progress(items: Iterable[T], total: Optional[int] = None, desc: str = "", en
         yield from tqdm(items, total=total, desc=desc, dynamic_ncols=True, unit=unit, initial=initial)
         return
     start = last = time.monotonic()
-    window = RateWindow(window_s, start, initial)
+    window: Optional[RateWindow] = None  # from the end of the warm-up items on
     count = initial
     for item in items:
         yield item
         count += 1
         now = time.monotonic()
-        window.add(now, count)
+        if window is None:
+            if count - initial >= WARMUP_ITEMS:
+                window = RateWindow(window_s, now, count)
+        else:
+            window.add(now, count)
         if now - last >= log_every_s:
             last = now
-            log.info("%s", progress_line(desc, count, total, unit, window.rate(), window_s))
+            line = progress_line(desc, count, total, unit, window.rate() if window and len(window.marks) > 1 else None,
+                                 window_s)
+            log.info("%s%s", line, note() if note else "")
     elapsed = time.monotonic() - start
     log.info("%s: done, %d %s in %.1fs (%.2f %s/s)", desc, count - initial, unit, elapsed,
              (count - initial) / max(elapsed, 1e-9), unit)

@@ -41,6 +41,17 @@ class TrainStatus:
                           "train_log.jsonl record names the attempt that wrote it", default=1)
     skipped_samples: int = _field("training images skipped since this launch started (unreadable, or a "
                                   "size unlike the annotation file's)", default=0)
+    percent: Optional[float] = _field("percent of the run's training steps done (0..100)", default=None)
+    images_per_second: Optional[float] = _field("training images per second over the recent steps (all ranks)",
+                                                default=None)
+    eta_seconds: Optional[float] = _field("estimated seconds until training ends, from the recent step rate "
+                                          "(warm-up steps left out) and the pauses at epoch ends", default=None)
+    estimated_finish_time: Optional[str] = _field("estimated UTC time training ends (RFC 3339)", default=None)
+    best_map: Optional[float] = _field("best validation mAP of a saved checkpoint so far", default=None)
+    best_epoch: Optional[int] = _field("0-based epoch of that checkpoint", default=None)
+    best_checkpoint: Optional[str] = _field("URI of the checkpoint with the best validation mAP", default=None)
+    stop_reason: Optional[str] = _field("why training ended before its last epoch, when a quality gate ended it",
+                                        default=None)
     not_uploaded: Optional[list] = _field("files staged beside this status.json and not yet uploaded to the "
                                           "results folder (an upload failed for good); the next run uploads them "
                                           "first", default=None)

@@ -30,7 +30,8 @@ class TrainingLog:
         """A restarted run keeps what the previous one reported (last loss, mAP, checkpoint) until it has news,
         and counts itself as the next attempt."""
         previous = read_status(self.folder) or {}
-        for name in ("epoch", "epochs_completed", "epoch_index", "step", "last_loss", "last_map", "last_checkpoint"):
+        for name in ("epoch", "epochs_completed", "epoch_index", "step", "last_loss", "last_map", "last_checkpoint",
+                     "percent", "best_map", "best_epoch", "best_checkpoint"):
             if name in previous:
                 setattr(self.status, name, previous[name])
         if previous:

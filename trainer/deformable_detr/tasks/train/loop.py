@@ -18,6 +18,7 @@ from ...runtime import checkpoint, distributed, watchdog
 from ...runtime.logging import get_logger
 from ...runtime.optim import build_optimizer, build_scheduler, monitors_a_value
 from ...runtime.progress import progress
+from ...runtime.quality_gates import gates_from_env
 from ...runtime.signals import StopRequest, Stopped
 from .batches import float_outputs, to_device
 from .outputs import TrainOutputs
@@ -71,6 +72,9 @@ class Trainer:
         self.saved_at_step: Optional[int] = None  # the step of the newest checkpoint (finite weights)
         self.last_losses: dict[str, float] = {}
         self.skipped_images: set[str] = set()  # training images skipped since this launch, on any rank
+        self.gates = gates_from_env()  # runPolicy's target mAP and NaN tolerance (runtime/quality_gates.py)
+        self.non_finite_steps = 0  # steps in a row whose loss was NaN or infinite
+        self.epoch_map: Optional[float] = None  # this epoch's validation mAP (rank 0), for the best checkpoint
 
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
@@ -184,7 +188,10 @@ class Trainer:
         # latest in the staging folder would only keep a checkpoint's bytes on the pod's disk.
         path = checkpoint.save_checkpoint(state, self.outputs.local_dir, key=self.spec.encryption_key,
                                           update_latest=not self.outputs.remote)
-        return self.outputs.checkpoint_saved(path)
+        shown = self.outputs.checkpoint_saved(path)
+        if epoch_finished and self.epoch_map is not None:  # these weights are the ones validation just scored
+            self.outputs.best_candidate(shown, position.epoch, self.epoch_map)
+        return shown
 
     def _weights_finite(self) -> bool:
         """Whether every rank's weights (its shard under FSDP2) are finite; a collective."""
@@ -211,10 +218,21 @@ class Trainer:
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        grad_norm = None
         if self.train_cfg.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                           self.train_cfg.clip_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                       self.train_cfg.clip_grad_norm)
+        if self.gates.max_non_finite_steps > 1 and not self.scaler.is_enabled():
+            # NaN losses are tolerated for a few steps: their updates must not reach the weights. The norm
+            # is the same on every rank (gradients are reduced), so all ranks skip together. fp16's
+            # GradScaler skips such updates itself.
+            if grad_norm is None:
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters()
+                                                            if p.grad is not None], float("inf"))
+            if not bool(torch.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                return {name: value.detach() for name, value in losses.items()}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {name: value.detach() for name, value in losses.items()}
@@ -240,7 +258,8 @@ class Trainer:
         sampler.skip(skip * self.train_loader.batch_size)
         batches: Iterable = enumerate(self.train_loader, start=skip)
         yield from progress(batches, total=total, initial=skip, unit="it",
-                            desc=f"epoch {epoch} of 0..{self.train_cfg.num_epochs - 1}", enabled=self.info.is_main)
+                            desc=f"epoch {epoch} of 0..{self.train_cfg.num_epochs - 1}", enabled=self.info.is_main,
+                            note=self.outputs.progress_note)
 
     def _train_epoch(self, position: Position, stop: StopRequest) -> bool:
         """Train one epoch from `position`; False when a SIGTERM stopped it early."""
@@ -258,13 +277,12 @@ class Trainer:
             watchdog.beat(position.step)
             position.batches_done = index + 1
             total = sum(reduced.values())
-            position.loss_sum += total
-            position.loss_steps += 1
-            if not math.isfinite(total):  # every rank sees the same reduced terms, so all stop here together
-                terms = ", ".join(f"{name} {value:.4g}" for name, value in reduced.items())
-                raise Diverged(f"training diverged at epoch {epoch} (0-based), step {position.step}: loss {total} "
-                               f"({terms}); {self._saved_note()}; lower train.optim.lr (or use train.precision fp32)")
-            self.last_losses = reduced
+            finite = math.isfinite(total)
+            self._check_finite(position, total, reduced)
+            if finite:
+                position.loss_sum += total
+                position.loss_steps += 1
+                self.last_losses = reduced
             step_seconds = time.perf_counter() - waited_since
             self.outputs.step(position, reduced, self.optimizer.param_groups[0]["lr"],
                               len(targets) * self.info.world_size, step_seconds, data_wait,
@@ -274,10 +292,28 @@ class Trainer:
                 self._note_skipped(position, skipped)
             if stop_now:
                 return False
-            if self.train_cfg.checkpoint_interval_unit == "step" and \
+            if finite and self.train_cfg.checkpoint_interval_unit == "step" and \
                     position.step % self.train_cfg.checkpoint_interval == 0:
                 self._save(position, epoch_finished=False)  # the epoch's schedule step and validation still to come
         return True
+
+    def _check_finite(self, position: Position, total: float, reduced: dict[str, float]) -> None:
+        """A NaN/inf loss fails the run (Diverged, exit 4, not retried) once it lasted the gate's steps in a row
+        (every rank sees the same reduced terms, so all stop here together)."""
+        if math.isfinite(total):
+            self.non_finite_steps = 0
+            return
+        self.non_finite_steps += 1
+        limit = self.gates.max_non_finite_steps
+        terms = ", ".join(f"{name} {value:.4g}" for name, value in reduced.items())
+        if self.non_finite_steps < limit:
+            if self.info.is_main:
+                log.warning("step %d: loss %s (%s), %d of %d steps in a row allowed; its update is skipped",
+                            position.step, total, terms, self.non_finite_steps, limit)
+            return
+        run = "" if limit == 1 else f" for {limit} steps in a row (from step {position.step - limit + 1})"
+        raise Diverged(f"training diverged at epoch {position.epoch} (0-based), step {position.step}: loss {total} "
+                       f"({terms}){run}; {self._saved_note()}; lower train.optim.lr (or use train.precision fp32)")
 
     def _validate(self, position: Position) -> Optional[float]:
         """Validation's loss (the same on every rank) when AutoReduce watches it, else None."""
@@ -285,11 +321,21 @@ class Trainer:
             return None
         with_loss = monitors_a_value(self.scheduler) and self.train_cfg.optim.lr_monitor == "val_loss"
         metrics, val_loss = self.validation.run(self.model, self.sharded, with_loss)
+        self.epoch_map = None if metrics is None else metrics.get("mAP")
         if metrics is not None:
             self.outputs.validation(position, metrics)
             log.info("epoch %d: validation mAP %.4f (mAP50 %.4f)%s", position.epoch, metrics["mAP"],
                      metrics["mAP50"], "" if val_loss is None else f", loss {val_loss:.4f}")
         return val_loss
+
+    def _target_reached(self, position: Position) -> bool:
+        """runPolicy.targetMap: whether this epoch's validation reached it (rank 0's mAP, shared with every rank)."""
+        if self.gates.target_map is None or self.validation is None:
+            return False
+        reached = distributed.broadcast_object(self.gates.target_reached(self.epoch_map))
+        if reached and self.info.is_main:
+            self.outputs.target_reached(position, self.epoch_map, self.gates.target_map)
+        return bool(reached)
 
     def _step_on_plateau(self, position: Position, val_loss: Optional[float]) -> None:
         """AutoReduce: step with the monitored value; val_loss exists on validation epochs only."""
@@ -339,7 +385,7 @@ class Trainer:
         if self.resumed_from is not None:
             self.saved_at_step = position.step
         self.outputs.open(self.resumed_from)
-        self.outputs.start(position, self.resumed_from, self.info.world_size)
+        self.outputs.start(position, self.resumed_from, self.info.world_size, len(self.train_loader))
         if self.train_cfg.is_dry_run:
             log.info("dry run: model, data and optimizer built; no step taken")
             return 0, "completed"
@@ -364,9 +410,13 @@ class Trainer:
                     checkpoint.restore_rng_state(rng_before)
                 if on_plateau:  # after validation, before the checkpoint that holds the schedule's state
                     self._step_on_plateau(position, val_loss)
+                reached = self._target_reached(position)
                 by_epoch = self.train_cfg.checkpoint_interval_unit == "epoch"
-                if (by_epoch and done % self.train_cfg.checkpoint_interval == 0) or done == num_epochs:
+                if (by_epoch and done % self.train_cfg.checkpoint_interval == 0) or done == num_epochs or reached:
                     self._save(position, epoch_finished=True)
+                self.epoch_map = None
                 self._log_epoch(position)
+                if reached:
+                    return 0, "completed"
                 position = Position(epoch=done, batches_done=0, step=position.step)
         return 0, "completed"

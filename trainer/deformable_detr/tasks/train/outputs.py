@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 from ...config.schema import ExperimentConfig
@@ -16,6 +17,7 @@ from ...runtime.artifacts import ArtifactSync, recover_staging, staging_dir
 from ...runtime.files import remove_partial_writes
 from ...runtime.logging import get_logger
 from ...runtime.paths import task_results_dir
+from ...runtime.progress import StepRate, format_duration
 from ...runtime.status_file import STATUS_NAME, read_status
 from ...runtime.storage import StorageError
 from ...runtime.training_log import LOG_NAME, TrainingLog
@@ -34,6 +36,10 @@ def _open_metrics(spec: ExperimentConfig):
     metrics = TrainMetrics(port)  # job label from DDETR_JOB_NAME
     metrics.start()
     return metrics
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class TrainOutputs:
@@ -56,6 +62,9 @@ class TrainOutputs:
         self.training_log: Optional[TrainingLog] = None
         self.uploaded_checkpoint: Optional[str] = None
         self.metrics = None
+        self.rate = StepRate()  # the run's recent pace: percent done and finish time
+        self.steps_per_epoch = 0
+        self._last_step_end: Optional[float] = None
 
     def prepare(self) -> None:
         """Rank 0, first: remove partial writes a killed run left; upload what an earlier run could not."""
@@ -88,7 +97,8 @@ class TrainOutputs:
         self.uploaded_checkpoint = self.training_log.status.last_checkpoint
         self.metrics = _open_metrics(self.spec)
 
-    def start(self, position: Position, resumed_from: Optional[str], world_size: int) -> None:
+    def start(self, position: Position, resumed_from: Optional[str], world_size: int, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
         if self.training_log is None:
             return
         train = self.spec.train
@@ -113,6 +123,7 @@ class TrainOutputs:
              data_wait: float, memory_mb: float) -> None:
         if self.training_log is None:
             return
+        self._track_progress(position, images, step_seconds)
         self.training_log.log_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
                                    images_per_s=images / max(step_seconds, 1e-9), step_seconds=step_seconds,
                                    data_wait_seconds=data_wait, memory_mb=memory_mb)
@@ -122,6 +133,35 @@ class TrainOutputs:
         if self.wandb is not None:
             self.wandb.log_step(position.step, position.epoch, losses, lr, images_per_s=images / max(step_seconds, 1e-9),
                                 step_seconds=step_seconds, data_wait_seconds=data_wait)
+
+    def _track_progress(self, position: Position, images: int, step_seconds: float) -> None:
+        """Percent done, recent images/s and the finish time into status.json (written with the next step
+        record) and the metrics; `images`: this step's, all ranks."""
+        now = time.monotonic()
+        if position.batches_done == 1 and self._last_step_end is not None:  # an epoch's end came between
+            self.rate.add_pause(max(0.0, now - step_seconds - self._last_step_end))
+        self._last_step_end = now
+        self.rate.add_step(step_seconds, images)
+        total = self.spec.train.num_epochs * self.steps_per_epoch
+        done = position.epoch * self.steps_per_epoch + position.batches_done
+        status = self.training_log.status
+        status.percent = round(100.0 * done / total, 2)
+        eta = self.rate.eta_seconds(total - done, self.spec.train.num_epochs - position.epoch)
+        rate = self.rate.images_per_second
+        status.images_per_second = None if rate is None else round(rate, 2)
+        status.eta_seconds = None if eta is None else round(eta, 1)
+        status.estimated_finish_time = None if eta is None else \
+            (datetime.now(timezone.utc) + timedelta(seconds=eta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if self.metrics is not None:
+            self.metrics.observe_progress(done / total, eta)
+
+    def progress_note(self) -> str:
+        """The whole run's percent and ETA, for the epoch's progress line."""
+        status = self.training_log.status if self.training_log is not None else None
+        if status is None or status.percent is None:
+            return ""
+        eta = "warming up" if status.eta_seconds is None else f"ETA {format_duration(status.eta_seconds)}"
+        return f"; run {status.percent:.1f}% done, {eta}"
 
     def images_skipped(self, position: Position, new: list[str], total: int) -> None:
         """Training images skipped (unusable): the new ones in the log, the count in status.json."""
@@ -148,6 +188,23 @@ class TrainOutputs:
             self.metrics.observe_checkpoint(shown)
         log.info("checkpoint: %s", shown)
         return shown
+
+    def best_candidate(self, shown: str, epoch: int, validation_map: float) -> None:
+        """The checkpoint `shown`, whose weights validation scored `validation_map`: the run's best when no
+        earlier checkpoint scored higher (status.json's best_*, also across restarts)."""
+        status = self.training_log.status
+        if status.best_map is not None and validation_map <= status.best_map:
+            return
+        status.best_map, status.best_epoch, status.best_checkpoint = validation_map, epoch, shown
+        self.training_log.write_status()
+
+    def target_reached(self, position: Position, validation_map: float, target: float) -> None:
+        reason = (f"validation mAP {validation_map:.4f} reached the target {target:g} at epoch {position.epoch} "
+                  f"(0-based), step {position.step}")
+        log.info("%s: training ends here as completed", reason)
+        self.training_log.status.stop_reason = reason
+        self.training_log.append("target_reached", epoch=position.epoch, step=position.step, mAP=validation_map,
+                                 target=target)
 
     def epoch_done(self, position: Position, lr: float, checksums: list) -> None:
         self.training_log.append("epoch", epoch=position.epoch, step=position.step, lr=lr,
@@ -199,6 +256,13 @@ class TrainOutputs:
         if self.wandb is not None:
             self.wandb.finish(state)
         if self.training_log is not None:
+            status = self.training_log.status
+            if state == "completed":
+                if status.stop_reason is None:
+                    status.percent = 100.0
+                status.eta_seconds, status.estimated_finish_time = 0.0, _utc_now()
+            else:  # not running: no finish to expect
+                status.eta_seconds = status.estimated_finish_time = None
             try:
                 self.training_log.update_status(state=state)
             except (UsageError, OSError) as err:  # a full disk: the training error is the one to surface

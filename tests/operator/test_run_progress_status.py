@@ -1,0 +1,64 @@
+"""What a run is worth in the job's status (issue 33): percent, recent images/s and ETA in status.progress
+and `kubectl get`'s columns; the best checkpoint; the quality gates passed to the trainer's pods."""
+from __future__ import annotations
+
+import json
+
+from deformable_detr.runtime.quality_gates import MAX_NON_FINITE_STEPS_ENV, TARGET_MAP_ENV
+from deformable_detr.runtime.status_file import TrainStatus, format_status
+from ddetr_operator import api, crd
+from ddetr_operator.api import resolve
+from ddetr_operator.decide import Observed, reconcile
+from ddetr_operator.render import render_worker_job
+
+from conftest import NOW
+
+
+def _status_json(**fields) -> dict:
+    return json.loads(format_status(TrainStatus(num_epochs=10, epoch=6, step=600, **fields)))
+
+
+def test_progress_shows_percent_images_per_second_and_eta(make_job):
+    trainer = _status_json(percent=60.0, images_per_second=8.0, eta_seconds=3725.0,
+                           estimated_finish_time="2026-12-07T10:02:05Z", best_map=0.41, best_epoch=4,
+                           best_checkpoint="s3://runs/demo/train/model_epoch_004_step_00500.pth")
+    status = reconcile(make_job(), Observed(progress=trainer), NOW).status
+    progress = status["progress"]
+    assert (progress["percent"], progress["imagesPerSecond"], progress["etaSeconds"], progress["eta"]) == \
+        (60.0, 8.0, 3725.0, "1h02m")
+    assert progress["estimatedFinishTime"] == "2026-12-07T10:02:05Z"
+    assert status["bestCheckpoint"] == {"uri": "s3://runs/demo/train/model_epoch_004_step_00500.pth", "epoch": 4,
+                                        "map": 0.41}
+
+
+def test_a_warming_up_run_has_no_eta_and_no_best_checkpoint_before_a_validation(make_job):
+    status = reconcile(make_job(), Observed(progress=_status_json(percent=0.5)), NOW).status
+    assert status["progress"]["percent"] == 0.5
+    assert "eta" not in status["progress"] and "etaSeconds" not in status["progress"]
+    assert "bestCheckpoint" not in status
+
+
+def test_kubectl_get_shows_percent_done_and_eta_columns():
+    columns = {c["name"]: c for c in crd.build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Done%"] == {"name": "Done%", "type": "number", "jsonPath": ".status.progress.percent"}
+    assert columns["ETA"] == {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"}
+
+
+def test_quality_gates_reach_the_trainer_as_its_environment(make_job):
+    def env_of(job: dict) -> dict:
+        pod = render_worker_job(resolve(job), 0)["spec"]["template"]["spec"]
+        return {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+
+    gated = env_of(make_job(runPolicy={"targetMap": 0.45, "maxNonFiniteLossSteps": 5}))
+    assert gated[TARGET_MAP_ENV] == "0.45" and gated[MAX_NON_FINITE_STEPS_ENV] == "5"
+    plain = env_of(make_job())
+    assert TARGET_MAP_ENV not in plain and MAX_NON_FINITE_STEPS_ENV not in plain
+
+
+def test_quality_gate_bounds_are_checked():
+    import pytest
+
+    with pytest.raises(api.JobSpecError, match="targetMap"):
+        api.parse(api.RunPolicy, {"targetMap": 1.5}, "spec.runPolicy")
+    with pytest.raises(api.JobSpecError, match="maxNonFiniteLossSteps"):
+        api.parse(api.RunPolicy, {"maxNonFiniteLossSteps": 0}, "spec.runPolicy")
