@@ -93,6 +93,22 @@ class Artifacts:
 
 
 @_frozen
+class Cache:
+    DESCRIPTION = ("the node-local cache of s3:// datasets, checkpoints and weights the trainer reads (keyed by bucket, "
+                   "key and ETag; shared by the node's ranks, the next attempt and later tasks on a PVC): an emptyDir "
+                   "by default, or a PVC")
+    RULES = (Rule("!(has(self.medium) && has(self.persistentVolumeClaim))",
+                  "give medium (of the emptyDir) or persistentVolumeClaim, not both",
+                  lambda c: c.medium is None or c.persistent_volume_claim is None),)
+    size: str = prop("most bytes the cache holds: the emptyDir's sizeLimit; the trainer keeps to 90% of it, evicting "
+                     "the least recently used objects", pattern=_QUANTITY_RE, default="50Gi")
+    medium: str | None = prop("emptyDir medium: Memory (tmpfs, counted against the pod's memory) or unset (node disk)",
+                              enum=["Memory"], default=None)
+    persistent_volume_claim: ClaimRef | None = prop(
+        "a PVC instead of an emptyDir: kept across jobs (ReadWriteMany to share it between nodes)", default=None)
+
+
+@_frozen
 class EncryptionKeySecret:
     name: str = prop("Secret in the job's namespace", required=True)
     key: str = prop("key holding the checkpoint encryption key", default="DDETR_ENCRYPTION_KEY")
@@ -265,6 +281,7 @@ class JobSpec:
     # maxItems bounds the CEL rule's cost estimate, as the API server requires.
     volumes: list[Volume] | None = prop("dataset volumes (PVC or hostPath)", maxItems=64, default=None)
     artifacts: Artifacts | None = prop("where checkpoints and results go", default=None)
+    cache: Cache = prop(factory=Cache)
     encryption_key_secret: EncryptionKeySecret | None = prop(
         "checkpoint encryption key by reference (passed as -k), instead of experiment.encryption_key in the "
         "resource", default=None)

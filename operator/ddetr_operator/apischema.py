@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from typing import Any, Callable, Mapping
@@ -158,6 +159,8 @@ def _scalar(value: Any, schema: Mapping[str, Any], path: str) -> Any:
         raise _refuse(path, value, "one of " + ", ".join(str(v) for v in schema["enum"]))
     if expected == "string" and len(value) < schema.get("minLength", 0):
         raise JobSpecError(f"{path}: required; a non-empty string")
+    if expected == "string" and "pattern" in schema and not re.search(schema["pattern"], value):
+        raise _refuse(path, value, f"a string matching {schema['pattern']}")  # as the API server would
     low, high = schema.get("minimum"), schema.get("maximum")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"{low if low is not None else ''}..{high if high is not None else ''}"

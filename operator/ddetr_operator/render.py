@@ -14,6 +14,7 @@ from deformable_detr import exit_codes
 from deformable_detr.config.loader import spec_to_dict
 from deformable_detr.config.schema import ExperimentConfig
 from deformable_detr.runtime.quality_gates import MAX_NON_FINITE_STEPS_ENV, TARGET_MAP_ENV
+from deformable_detr.runtime.object_cache import CACHE_DIR_ENV, CACHE_SIZE_ENV
 from deformable_detr.tasks import DEFAULT_TASK
 
 from . import API_VERSION, KIND, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE
@@ -22,6 +23,7 @@ from .validate import OWNED_POD_FIELDS
 
 SPEC_DIR = "/etc/ddetr"
 SPEC_FILE = f"{SPEC_DIR}/spec.yaml"
+CACHE_DIR = "/var/cache/deformable-detr"  # spec.cache's volume: the node cache of s3:// objects
 CONTAINER = "trainer"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -181,6 +183,8 @@ def _env(job: Job, attempt: int) -> list[dict]:
         {"name": "NCCL_SOCKET_IFNAME", "value": "^lo,docker"},
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": CACHE_DIR_ENV, "value": CACHE_DIR},
+        {"name": CACHE_SIZE_ENV, "value": spec.cache.size},
     ]
     artifacts = spec.artifacts
     if artifacts is not None and artifacts.endpoint:
@@ -231,7 +235,15 @@ def _resources(job: Job) -> dict:
 def _volumes(job: Job) -> tuple[list[dict], list[dict]]:
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.spec.shm_size}},
                {"name": "spec", "configMap": {"name": configmap_name(job.name)}}]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+              {"name": "object-cache", "mountPath": CACHE_DIR}]
+    cache = job.spec.cache
+    if cache.persistent_volume_claim is not None:
+        volumes.append({"name": "object-cache",
+                        "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim.claim_name}})
+    else:
+        volumes.append({"name": "object-cache", "emptyDir": {"sizeLimit": cache.size,
+                                                             **({"medium": cache.medium} if cache.medium else {})}})
     for volume in job.spec.volumes or ():
         if volume.persistent_volume_claim is not None:
             source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": volume.persistent_volume_claim.claim_name,

@@ -5,7 +5,9 @@ temporary name and renamed, under a file lock, so every process on the node (all
 loader workers, the next attempt, evaluate and inference) shares one download per object. Its
 content MD5 sits beside it (`<entry>.md5`, renamed in first): a cached file whose size or MD5 is
 wrong is dropped and fetched again. Past `DDETR_CACHE_SIZE` bytes the least recently used entries
-go (use refreshes an entry's mtime).
+go (use refreshes an entry's mtime): the cache keeps to nine tenths of it, the last tenth being room for
+downloads under way and for other processes' downloads before they measure (an emptyDir's sizeLimit
+evicts the pod when passed).
 
 Settings (environment, set by the operator from the job's spec.cache; docs/architecture.md):
 `DDETR_CACHE_DIR` (default: ~/.cache/deformable_detr/objects) and `DDETR_CACHE_SIZE` (bytes, or
@@ -37,8 +39,8 @@ DEFAULT_CACHE_SIZE = "50Gi"
 T = TypeVar("T")
 DOWNLOAD_ATTEMPTS = 3  # whole downloads; each request also has botocore's retries (AWS_MAX_ATTEMPTS)
 CHUNK = 1024 * 1024  # bytes read from a GET's body at a time: what one download holds in memory
-_UNITS = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4,
-          "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3, "Ti": 1024 ** 4}
+_UNITS = {"": 1, "k": 1000, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4, "P": 1000 ** 5,
+          "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3, "Ti": 1024 ** 4, "Pi": 1024 ** 5}
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")  # a single-part upload's ETag (not SSE-KMS) is its MD5
 
 
@@ -52,12 +54,13 @@ class ObjectInfo:
 
 
 def parse_size(text: str, field: str = CACHE_SIZE_ENV) -> int:
-    """'20Gi' -> 21474836480; one line naming `field` for anything else."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?)?\s*", str(text))
-    if not match or int(match.group(1)) <= 0:
+    """'20Gi' -> 21474836480 (a Kubernetes quantity, as spec.cache.size gives it); one line naming `field` for
+    anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(k|[KMGTP]i?)?\s*", str(text))
+    if not match or float(match.group(1)) * _UNITS[match.group(2) or ""] < 1:
         raise StorageError(f"{field}: {text!r} is not a size; accepted: a positive number of bytes, "
-                           "optionally with a suffix K, M, G, T, Ki, Mi, Gi or Ti (e.g. 20Gi)")
-    return int(match.group(1)) * _UNITS[match.group(2) or ""]
+                           "optionally with a suffix k, M, G, T, P, Ki, Mi, Gi, Ti or Pi (e.g. 20Gi)")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
 def info_of(uri: str) -> ObjectInfo:
@@ -116,7 +119,7 @@ class ObjectCache:
                 self._download(info, path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        self._evict_if_full(info.size)
+        self._evict_if_full()
         return path
 
     def _intact(self, path: str, info: ObjectInfo) -> bool:
@@ -190,11 +193,11 @@ class ObjectCache:
         with self._size_lock:
             self._added += info.size
 
-    def _evict_if_full(self, size: int) -> None:
+    def _evict_if_full(self) -> None:
         """Remove the least recently used entries once this process's downloads may have filled the cache."""
         with self._size_lock:
-            if self._added + size < self.max_bytes // 10:
-                return  # measuring walks the cache: done after every tenth of the bound written
+            if self._added < self.max_bytes // 40:
+                return  # measuring walks the cache: done after every 40th of the bound written
             self._added = 0
         with open(os.path.join(self.root, ".evict.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -206,7 +209,7 @@ class ObjectCache:
                         entries.append((stat.st_mtime, stat.st_size, os.path.join(folder, name)))
             total = sum(size for _t, size, _p in entries)
             for _mtime, size, path in sorted(entries):
-                if total <= self.max_bytes:
+                if total <= self.max_bytes * 9 // 10:
                     break
                 for name in (path, path + ".md5", path + ".lock"):
                     _remove(name)
