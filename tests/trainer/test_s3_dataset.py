@@ -286,3 +286,23 @@ def test_inference_and_evaluate_from_s3_write_what_local_files_give(tiny_coco, s
         from_s3 = run(task, f"s3-{task}", sources["val"]["image_dir"], f"s3://{bucket}/classmap.txt", sources["val"],
                       f"s3://{bucket}/models/model.pth")
         assert local and from_s3 == local, task
+
+
+def test_each_rank_fetches_only_the_images_its_sampler_gives_it(tiny_coco, s3_env, s3_coco, tmp_path):
+    from deformable_detr.config.loader import spec_from_dict
+    from deformable_detr.data.loader import build_dataloader
+
+    bucket, sources = s3_coco
+    spec = spec_from_dict(_s3_spec(tiny_coco, sources, tmp_path / "r"))
+    fetched = []
+    for rank in (0, 1):
+        s3_env.requests.clear()
+        loader = build_dataloader(spec, "train", rank=rank, world_size=2)
+        loader.sampler.set_epoch(0)
+        given = {loader.dataset.store.record(int(index)).path.rsplit("/", 1)[1] for index in loader.sampler}
+        for _batch in loader:
+            pass
+        images = {path.rsplit("/", 1)[1] for path in s3_env.object_gets(bucket) if "/train/images/" in path}
+        assert images == given and len(given) == 4  # 8 images over 2 ranks
+        fetched.append(images)
+    assert not fetched[0] & fetched[1]

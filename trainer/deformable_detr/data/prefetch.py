@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import Sampler
 
-from ..runtime.object_cache import CHUNK
+from ..runtime.object_cache import CHUNK, node_cache
 from . import remote
 
 DEFAULT_DEPTH = 64
@@ -40,7 +40,7 @@ class PrefetchingSampler(Sampler):
 
     def _fetch(self, index: int) -> None:
         path = self.path_of(int(index))
-        if remote.is_s3(path):
+        if remote.is_s3(path) and not node_cache().holds(remote.info(path)):  # a hit is the reader's to check
             remote.local_copy(path)
 
     def __iter__(self) -> Iterator[Any]:

@@ -105,6 +105,13 @@ class ObjectCache:
         digest = hashlib.sha256(f"{bucket}\0{key}\0{info.etag}".encode()).hexdigest()
         return os.path.join(self.root, digest[:2], digest)
 
+    def holds(self, info: ObjectInfo) -> bool:
+        """Whether an entry of the right size is there (its MD5 is checked by whoever reads it)."""
+        try:
+            return os.stat(self.entry_path(info)).st_size == info.size
+        except FileNotFoundError:
+            return False
+
     def fetch(self, info: ObjectInfo) -> str:
         """The local path of `info`'s content: from the cache when whole and intact, else downloaded."""
         path = self.entry_path(info)
