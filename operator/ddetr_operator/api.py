@@ -39,6 +39,9 @@ MIN_TERMINATION_GRACE_SECONDS = 30
 # What may change in a job after it is created: the suspend switch (the user's and Kueue's), and the
 # TTL (as for a batch/v1 Job). Everything else shapes the gang: a new job, not an edit.
 MUTABLE_RUN_POLICY = ("suspend", "ttlSecondsAfterFinished")
+# The gang's size may change while the job is suspended: the next attempt resumes at the new world size
+# (decide/resize.py). Kueue never changes these: it admits the worker Job whole or not at all.
+RESIZABLE_WHILE_SUSPENDED = ("nodes", "gpusPerNode")
 _QUANTITY_RE = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 _STRING_MAP = dict[str, str]
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
@@ -307,6 +310,23 @@ class Condition:
 
 
 @_frozen
+class BatchPlanStatus:
+    global_batch: int | None = prop("images per optimizer step, all processes together: fixed when the run started "
+                                    "(dataset.batch_size x its first world size), kept across resizes", default=None)
+    per_rank_batch: int | None = prop("images per forward pass of one process at the current world size",
+                                      default=None)
+    gradient_accumulation: int | None = prop("micro-batches per optimizer step at the current world size",
+                                             default=None)
+
+
+@_frozen
+class Resize:
+    from_world_size: int | None = prop("processes before the resize", default=None)
+    to_world_size: int | None = prop("processes after it", default=None)
+    time: str | None = prop("when the resized attempt was created", format="date-time", default=None)
+
+
+@_frozen
 class LastFailure:
     attempt: int | None = prop("attempt that failed", default=None)
     rank: int | None = prop("node rank (completion index) of the pod", default=None)
@@ -370,6 +390,11 @@ class JobStatus:
     disruptions: int | None = prop("gang restarts after preemptions, evictions and node drains (not counted)",
                                    default=None)
     hangs: int | None = prop("attempts ended as Hung (no progress within progressDeadlineSeconds)", default=None)
+    world_size: int | None = prop("processes of the current attempt: nodes x GPUs per node", default=None)
+    batch_plan: BatchPlanStatus | None = prop("how the run's global batch is taken at the current world size",
+                                              default=None)
+    last_resize: Resize | None = prop("the last change of spec.nodes or spec.gpusPerNode while suspended",
+                                      default=None)
     last_failure: LastFailure | None = prop("the failure that ended the last failed attempt", default=None)
     attempts: list[AttemptRecord] | None = prop("the last attempts, oldest first", maxItems=MAX_ATTEMPT_HISTORY, default=None)
     restart_time: str | None = prop("when the last restart began", format="date-time", default=None)

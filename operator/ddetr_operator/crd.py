@@ -45,6 +45,8 @@ def _immutable_spec_rule(spec_schema: dict) -> dict:
     """One transition rule: every spec field but runPolicy.suspend (and the TTL) keeps its value."""
     terms = []
     for name, prop in spec_schema["properties"].items():
+        if name in api.RESIZABLE_WHILE_SUSPENDED:
+            continue  # _resize_rule
         if name == "runPolicy":
             for field, sub in prop["properties"].items():
                 if field not in api.MUTABLE_RUN_POLICY:
@@ -52,14 +54,29 @@ def _immutable_spec_rule(spec_schema: dict) -> dict:
         else:
             terms.append(_unchanged(name))
     return {"rule": " && ".join(terms),
-            "message": "spec is immutable once the job exists, except runPolicy.suspend and "
-                       "runPolicy.ttlSecondsAfterFinished: create a new job (suspend this one to stop it)"}
+            "message": "spec is immutable once the job exists, except runPolicy.suspend, "
+                       "runPolicy.ttlSecondsAfterFinished, and nodes and gpusPerNode while suspended: create a new "
+                       "job (suspend this one to stop it)"}
+
+
+def _resize_rule(spec_schema: dict) -> dict:
+    """nodes and gpusPerNode change only while the job is suspended (before or with the change)."""
+    def suspended(root: str) -> str:
+        return f"(has({root}.runPolicy) && has({root}.runPolicy.suspend) && {root}.runPolicy.suspend)"
+    unchanged = " && ".join(_unchanged(name, spec_schema["properties"][name].get("default"))
+                            for name in api.RESIZABLE_WHILE_SUSPENDED)
+    # A gang-scheduled job's PodGroup keeps the size it was created with: not resizable.
+    return {"rule": f"({unchanged}) || (!has(self.gangScheduling) && ({suspended('oldSelf')} || {suspended('self')}))",
+            "message": f"{' and '.join('spec.' + n for n in api.RESIZABLE_WHILE_SUSPENDED)} may change only while "
+                       "the job is suspended (runPolicy.suspend: true before or in the same change) and has no "
+                       "gangScheduling; unsuspending resumes from the newest checkpoint at the new size"}
 
 
 def job_spec_schema() -> dict:
     """OpenAPI schema of `spec`: the experiment plus how to run it on the cluster."""
     spec = api.spec_schema()
-    spec["x-kubernetes-validations"] = [_immutable_spec_rule(spec), *spec["x-kubernetes-validations"]]
+    spec["x-kubernetes-validations"] = [_immutable_spec_rule(spec), _resize_rule(spec),
+                                        *spec["x-kubernetes-validations"]]
     return spec
 
 

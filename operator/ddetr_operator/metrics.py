@@ -19,6 +19,9 @@ RESTARTS = Counter("ddetr_operator_job_restarts_total", "gang restarts after ret
 FAILURES = Counter("ddetr_operator_job_failures_total", "failed attempts by the trainer's failure class (or the "
                    "failure's reason), the failure rule that decided and its action",
                    ["namespace", "failure_class", "rule", "action"], registry=registry)
+RESIZES = Counter("ddetr_operator_job_resizes_total", "attempts started at another world size than the attempt "
+                  "before (spec.nodes or spec.gpusPerNode changed while suspended)",
+                  ["namespace", "from_world_size", "to_world_size"], registry=registry)
 TRANSITIONS = Counter("ddetr_operator_phase_transitions_total", "job phase transitions", ["phase"],
                       registry=registry)
 
@@ -58,6 +61,14 @@ def count_failure(namespace: str, before: Any, after: Any) -> None:
         return
     FAILURES.labels(namespace=namespace, failure_class=after.get("failureClass") or after.get("reason") or "Unknown",
                     rule=after.get("rule") or "", action=after.get("action") or "").inc()
+
+
+def count_resize(namespace: str, before: Any, after: Any) -> None:
+    """One count per resized attempt: when a pass records a new status.lastResize."""
+    if not isinstance(after, Mapping) or after == before:
+        return
+    RESIZES.labels(namespace=namespace, from_world_size=str(after.get("fromWorldSize")),
+                   to_world_size=str(after.get("toWorldSize"))).inc()
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:

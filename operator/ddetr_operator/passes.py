@@ -139,6 +139,7 @@ def _full_pass(cluster: Cluster, namespace: str, name: str, options: Options, pr
     if _gang_restarts(decision.status) > _gang_restarts(old_status):
         metrics.RESTARTS.labels(namespace=namespace).inc()
     metrics.count_failure(namespace, old_status.get("lastFailure"), decision.status.get("lastFailure"))
+    metrics.count_resize(namespace, old_status.get("lastResize"), decision.status.get("lastResize"))
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
     for event in decision.events:
         if event.reason != CHILD_CREATE_FAILED:

@@ -190,8 +190,12 @@ def test_cel_rules_keep_the_spec_immutable_but_suspend_and_bound_the_name():
     immutable = _rules()["spec"][0]["rule"]
     spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     for field in spec["properties"]:  # every field, so one added later is covered too
-        if field != "runPolicy":
+        if field not in ("runPolicy", "nodes", "gpusPerNode"):
             assert f"self.{field} == oldSelf.{field}" in immutable, field
+    assert "self.nodes" not in immutable and "self.gpusPerNode" not in immutable
+    resize = _rules()["spec"][1]
+    assert "oldSelf.runPolicy.suspend" in resize["rule"] and "!has(self.gangScheduling)" in resize["rule"]
+    assert "spec.nodes and spec.gpusPerNode may change only while the job is suspended" in resize["message"]
     for field in ("backoffLimit", "activeDeadlineSeconds", "cleanPodPolicy"):
         assert f"self.runPolicy.{field}" in immutable, field
     assert "suspend" not in immutable and "ttlSecondsAfterFinished" not in immutable
@@ -205,6 +209,7 @@ def test_cel_rules_keep_the_spec_immutable_but_suspend_and_bound_the_name():
 
 CRDCHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crdcheck")
 IMMUTABLE = "spec is immutable once the job exists"
+RESIZE_REFUSED = "spec.nodes and spec.gpusPerNode may change only while the job is suspended"
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +283,21 @@ API_SERVER_CASES = {
     "setting the TTL is an accepted edit": (_example(), _example(spec__runPolicy__ttlSecondsAfterFinished=60), None),
     "labels are an accepted edit": (_example(), _example(metadata__labels={"team": "vision"}), None),
     "a new image is refused": (_example(), _example(spec__image="other:2"), IMMUTABLE),
-    "more nodes are refused": (_example(), _example(spec__nodes=4), IMMUTABLE),
+    "more nodes on a running job are refused": (_example(), _example(spec__nodes=4), RESIZE_REFUSED),
+    "other GPUs per node on a running job are refused": (_example(), _example(spec__gpusPerNode=2), RESIZE_REFUSED),
+    "fewer nodes on a suspended job are accepted": (_example(spec__runPolicy__suspend=True),
+                                                    _example(spec__runPolicy__suspend=True, spec__nodes=1), None),
+    "resizing while unsuspending is accepted": (_example(spec__runPolicy__suspend=True),
+                                                _example(spec__runPolicy__suspend=False, spec__nodes=1,
+                                                         spec__gpusPerNode=2), None),
+    "resizing while suspending is accepted": (_example(), _example(spec__runPolicy__suspend=True, spec__nodes=3), None),
+    "resizing a gang-scheduled job is refused": (
+        _example(spec__runPolicy__suspend=True, spec__gangScheduling={"scheduler": "volcano"}),
+        _example(spec__runPolicy__suspend=True, spec__gangScheduling={"scheduler": "volcano"}, spec__nodes=1),
+        RESIZE_REFUSED),
+    "an image change while suspended is still refused": (_example(spec__runPolicy__suspend=True),
+                                                         _example(spec__runPolicy__suspend=True, spec__image="o:2"),
+                                                         IMMUTABLE),
     "a new backoffLimit is refused": (_example(), _example(spec__runPolicy__backoffLimit=9), IMMUTABLE),
     "a removed deadline is refused": (_example(), _example(spec__runPolicy__activeDeadlineSeconds=None), IMMUTABLE),
     "an edited experiment is refused": (_example(), _example(spec__experiment__train={"num_epochs": 1}), IMMUTABLE),

@@ -243,6 +243,7 @@ while True:
     trainer.observe_progress(step / 1000, 0.5 * (1000 - step))
     operator_metrics.RECONCILE_SECONDS.observe(0.02 * (1 + step % 3))
     operator_metrics.RESTARTS.labels(namespace="default").inc()
+    operator_metrics.count_resize("default", None, {"fromWorldSize": 2, "toWorldSize": 1, "time": str(step)})
     operator_metrics.count_failure("default", None, {"failureClass": "Hung", "rule": "builtin:retryable",
                                                      "action": "RestartJob"})
     if step % 4 == 0:

@@ -63,7 +63,7 @@ def test_sampler_skips_without_reading_and_seeds_per_sample():
     full = list(sampler)
     sampler.skip(4)
     assert len(sampler) == 6 and list(sampler) == full[4:]
-    assert [s.seed for s in list(sampler)] == [sample_seed(3, 2, 1, p) for p in range(4, 10)]
+    assert [s.seed for s in list(sampler)] == [sample_seed(3, 2, p + 1) for p in range(4, 10)]  # one process: place p + rank
     sampler.set_epoch(3)  # a new epoch starts from its first sample
     assert len(sampler) == 10
 

@@ -12,6 +12,7 @@ from .deadlines import blocker, startup_deadline_exceeded
 from .failures import Failure, first_failure, handle_failure
 from .hangs import count_hang, hung
 from .model import Create, SetSuspend, State, timestamp
+from .resize import plan_attempt, resized
 
 
 def _running(pod: dict) -> bool:
@@ -51,6 +52,10 @@ def suspend(s: State, worker: dict | None) -> None:
 def start_attempt(s: State) -> None:
     if old_pods_alive(s):
         return  # wait until the previous gang is gone, so two gangs never share the results
+    refused = plan_attempt(s)
+    if refused is not None:  # a resize the run's global batch cannot take: nothing starts
+        transition(s, "Pending", "ResizeRefused", refused)
+        return
     name = worker_job_name(s.name, s.attempt)
     s.actions.append(Create(render_worker_job(s.job, s.attempt)))
     s.status["workerJob"] = name
@@ -67,7 +72,12 @@ def start_attempt(s: State) -> None:
 
 def _resume_or_queue(s: State, worker: dict, pods: list[dict]) -> None:
     name = worker["metadata"]["name"]
-    if s.queued:
+    if resized(s):
+        # Resized while suspended: a Job's gang size is fixed, so the next attempt runs at the new one
+        # (this Job is deleted by the next pass, as an earlier attempt's that did not fail).
+        s.status["attempt"] = s.attempt + 1
+        s.status["workerJob"] = worker_job_name(s.name, s.attempt)
+    elif s.queued:
         transition(s, "Pending", "Queued", f"worker Job {name} waits for admission by Kueue")
     elif not any(alive(p) for p in pods):  # (the suspended gang's pods still terminating: resume once gone)
         s.actions.append(SetSuspend(name, False))

@@ -106,8 +106,8 @@ def build_dataloader(spec: ExperimentConfig, split: str, rank: int = 0, world_si
     """A loader over this rank's part of a split; call `loader.sampler.set_epoch(e)` each epoch.
 
     Training uses `dataset.train_sampler` inside a `ResumableSampler`: each sample is augmented
-    with a seed of its own (from `seed`, default train.seed, the epoch, the rank and its place in
-    the epoch), whatever the number of workers, and `loader.sampler.skip(n)` resumes mid-epoch.
+    with a seed of its own (from `seed`, default train.seed, the epoch and its place in the epoch's
+    global order), whatever the number of workers, and `loader.sampler.continue_at` resumes mid-epoch.
     val/test read each image once over all ranks, in order.
     """
     seed = spec.train.seed if seed is None else seed

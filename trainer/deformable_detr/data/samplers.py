@@ -15,9 +15,13 @@ Evaluation: `ShardedSequentialSampler`: rank r reads images r, r + W, r + 2W, ..
 in order; all ranks together read every image exactly once.
 
 `ResumableSampler` wraps a training sampler for exact resume: each index it yields
-carries the seed of that sample's augmentation (from seed, epoch, rank and the sample's
-place in the epoch), so augmentation never depends on which loader worker (or how many)
+carries the seed of that sample's augmentation (from seed, epoch and the sample's place
+in the epoch's global order), so augmentation never depends on which loader worker (or how many)
 reads it, and `skip(n)` starts an epoch after its first n samples without reading them.
+An epoch's global order interleaves its ranks' orders (global place p is rank p % W's
+sample p // W; for default_sampler that is the shuffled split itself), so a run resumed at
+another world size continues the epoch it was cut in from a global place (`continue_at`):
+the samples already seen are neither read again nor skipped, each augmented as before.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def _generator(seed: int, epoch: int, rank: int) -> torch.Generator:
 class UniformSourceSampler(Sampler[int]):
     def __init__(self, source_index: np.ndarray, rank: int, world_size: int, seed: int) -> None:
         self.rank, self.seed, self.epoch = rank, seed, 0
+        self.source_index, self.world_size = source_index, world_size
         total = len(source_index)
         sizes = np.bincount(source_index)
         if np.count_nonzero(sizes) > 1:
@@ -62,6 +67,7 @@ class UniformSourceSampler(Sampler[int]):
 class PerRankSourceSampler(Sampler[int]):
     def __init__(self, source_index: np.ndarray, rank: int, world_size: int, seed: int) -> None:
         self.rank, self.seed, self.epoch = rank, seed, 0
+        self.source_index, self.world_size = source_index, world_size
         num_sources = int(source_index.max()) + 1 if len(source_index) else 0
         if num_sources >= world_size:
             mine = np.nonzero(source_index % world_size == rank)[0]
@@ -110,9 +116,22 @@ def build_train_sampler(name: str, dataset, rank: int, world_size: int, seed: in
     raise ValueError(f"unknown train_sampler {name!r}")
 
 
-def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """The augmentation seed of the `position`-th sample rank `rank` reads in `epoch`."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{rank}:{position}".encode(), digest_size=8).digest()
+def sampler_at(base: Sampler[int], rank: int, world_size: int) -> Sampler[int]:
+    """The training sampler `base` as it is built for `rank` of `world_size` processes."""
+    if isinstance(base, DistributedSampler):
+        return DistributedSampler(base.dataset, num_replicas=world_size, rank=rank, shuffle=base.shuffle,
+                                  seed=base.seed, drop_last=base.drop_last)
+    return type(base)(base.source_index, rank, world_size, base.seed)  # type: ignore[attr-defined]
+
+
+def world_size_of(base: Sampler[int]) -> int:
+    return int(getattr(base, "num_replicas", getattr(base, "world_size", 1)))
+
+
+def sample_seed(seed: int, epoch: int, place: int) -> int:
+    """The augmentation seed of the sample at `place` in `epoch`'s global order: rank r of W reads
+    places r, r + W, ...; so with default_sampler an image is augmented alike at any world size."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{place}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
@@ -131,15 +150,20 @@ class SampleIndex(int):
 
 
 class ResumableSampler(Sampler[int]):
-    """`base`'s indices as `SampleIndex`es, from sample `skip(n)` of the epoch on."""
+    """`base`'s indices as `SampleIndex`es, from sample `skip(n)` of the epoch on, or from a global
+    place of an epoch dealt to another number of processes (`continue_at`)."""
 
     def __init__(self, base: Sampler[int], seed: int, rank: int) -> None:
         self.base, self.seed, self.rank = base, seed, rank
+        self.world_size = world_size_of(base)
         self.epoch, self.start = 0, 0
+        # The rest of an epoch dealt anew at this world size: (index, its place in the epoch's global order).
+        self.rest: Optional[list[tuple[int, int]]] = None
+        self.rest_from, self.order_length = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first sample (call `skip` afterwards to start later)."""
-        self.epoch, self.start = epoch, 0
+        """Start `epoch` from its first sample (call `skip` or `continue_at` afterwards to start later)."""
+        self.epoch, self.start, self.rest = epoch, 0, None
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
 
@@ -147,13 +171,47 @@ class ResumableSampler(Sampler[int]):
         """Leave out this epoch's first `samples` samples: they are never read nor augmented."""
         self.start = max(int(samples), 0)
 
+    def continue_at(self, samples_done: int, epoch_world_size: int) -> None:
+        """Start this epoch after the first `samples_done` samples of its global order, the epoch having
+        been dealt to `epoch_world_size` processes. At this run's world size that is `skip`; at another,
+        the rest of that order is dealt round robin to this run's processes, each the same count (the
+        last ones wrap to the rest's start when the count does not divide: the ranks stay in step)."""
+        if epoch_world_size == self.world_size and samples_done % epoch_world_size == 0:
+            self.skip(samples_done // epoch_world_size)
+            return
+        orders = []
+        for rank in range(epoch_world_size):
+            then = sampler_at(self.base, rank, epoch_world_size)
+            if hasattr(then, "set_epoch"):
+                then.set_epoch(self.epoch)
+            orders.append(list(then))
+        self.order_length = len(orders[0]) * epoch_world_size  # every rank gets as many samples
+        rest = [(orders[p % epoch_world_size][p // epoch_world_size], p)
+                for p in range(min(samples_done, self.order_length), self.order_length)]
+        share = math.ceil(len(rest) / self.world_size)
+        self.rest = [rest[(j * self.world_size + self.rank) % len(rest)] for j in range(share)]
+        self.rest_from = samples_done
+
+    def samples_done(self, read: int) -> int:
+        """Samples of the epoch's global order done, all processes together, once every process has
+        read `read` samples since the epoch (re)started here: what `continue_at` takes on resume."""
+        if self.rest is None:
+            return min(self.start + read, len(self.base)) * self.world_size  # type: ignore[arg-type]
+        return min(self.rest_from + read * self.world_size, self.order_length)
+
     def __len__(self) -> int:
+        if self.rest is not None:
+            return len(self.rest)
         return max(len(self.base) - self.start, 0)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[int]:
+        if self.rest is not None:
+            for index, place in self.rest:
+                yield SampleIndex(index, sample_seed(self.seed, self.epoch, place))
+            return
         for position, index in enumerate(self.base):
             if position >= self.start:
-                yield SampleIndex(index, sample_seed(self.seed, self.epoch, self.rank, position))
+                yield SampleIndex(index, sample_seed(self.seed, self.epoch, position * self.world_size + self.rank))
 
 
 def seed_of(key: int) -> Optional[int]:

@@ -1,7 +1,7 @@
 """Set criterion: sigmoid focal loss, L1 and GIoU box losses on every decoder layer."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -97,10 +97,13 @@ class SetCriterion(nn.Module):
             terms.update(getattr(self, f"loss_{name}")(outputs, targets, indices, num_boxes))
         return {f"{k}{suffix}": v for k, v in terms.items()}
 
-    def unweighted(self, outputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Every loss term before weighting (for logging)."""
+    def unweighted(self, outputs, targets: List[Dict[str, torch.Tensor]],
+                   num_boxes: Optional[float] = None) -> Dict[str, torch.Tensor]:
+        """Every loss term before weighting (for logging); `num_boxes`: the normaliser when the
+        batch is one of several micro-batches of a step (else this batch's boxes per rank)."""
         final = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
-        num_boxes = self._num_boxes(targets, final["pred_logits"].device)
+        if num_boxes is None:
+            num_boxes = self._num_boxes(targets, final["pred_logits"].device)
         losses = self._losses_for(final, targets, num_boxes, "")
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._losses_for(aux, targets, num_boxes, f"_{i}"))
@@ -110,6 +113,7 @@ class SetCriterion(nn.Module):
             losses.update(self._losses_for(outputs["enc_outputs"], binary, num_boxes, "_enc"))
         return losses
 
-    def forward(self, outputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        losses = self.unweighted(outputs, targets)
+    def forward(self, outputs, targets: List[Dict[str, torch.Tensor]],
+                num_boxes: Optional[float] = None) -> Dict[str, torch.Tensor]:
+        losses = self.unweighted(outputs, targets, num_boxes)
         return {k: v * self.weight_dict[k] for k, v in losses.items() if k in self.weight_dict}

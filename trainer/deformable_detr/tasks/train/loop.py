@@ -2,6 +2,8 @@
 validation and checkpoints between them (docs/architecture.md, "Train outputs")."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
 import resource
@@ -22,7 +24,9 @@ from ...runtime.quality_gates import gates_from_env
 from ...runtime.signals import StopRequest, Stopped
 from .batches import float_outputs, to_device
 from .outputs import TrainOutputs
-from .state import Position, gather_checkpoint, restore_rng, resume, resume_path
+from .sample_record import SampleRecord
+from .state import (Position, batch_plan, gather_checkpoint, load_resume_checkpoint, restore_rng, resume,
+                    resume_path)
 from .validation import Validation
 
 log = get_logger("train")
@@ -58,6 +62,18 @@ def _shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
+def _grouped(batches: Iterable, size: int) -> Iterator[list]:
+    """`batches` in lists of `size` (the last one shorter when they run out)."""
+    group: list = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 class Trainer:
     """One worker's training: model, data, optimizer; rank 0's outputs go through `TrainOutputs`."""
 
@@ -72,6 +88,7 @@ class Trainer:
         self.saved_at_step: Optional[int] = None  # the step of the newest checkpoint (finite weights)
         self.last_losses: dict[str, float] = {}
         self.skipped_images: set[str] = set()  # training images skipped since this launch, on any rank
+        self.sample_record = SampleRecord(info.rank, info.world_size)
         self.gates = gates_from_env()  # runPolicy's target mAP and NaN tolerance (runtime/quality_gates.py)
         self.non_finite_steps = 0  # steps in a row whose loss was NaN or infinite
         self.epoch_map: Optional[float] = None  # this epoch's validation mAP (rank 0), for the best checkpoint
@@ -104,7 +121,9 @@ class Trainer:
         train_set = build_dataset(spec, "train")
         if spec.dataset.verify_images:
             self._verify_images(train_set)
-        self.train_loader = build_dataloader(spec, "train", rank=info.rank, world_size=info.world_size,
+        # The loader's batch is the per-rank micro-batch of the run's global batch (state.batch_plan).
+        per_rank = dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, batch_size=self.plan.per_rank))
+        self.train_loader = build_dataloader(per_rank, "train", rank=info.rank, world_size=info.world_size,
                                              dataset=train_set)
         self.num_train_images = len(train_set)
         if len(self.train_loader) == 0:
@@ -180,7 +199,7 @@ class Trainer:
                            f"weights are no longer finite (last loss terms: {terms}); {self._saved_note()}; "
                            "lower train.optim.lr (or use train.precision fp32)")
         state = gather_checkpoint(self.spec, self._bare_model, self.optimizer, self.scheduler, self.scaler,
-                                  position, epoch_finished, self.info)
+                                  position, epoch_finished, self.info, self.plan)
         self.saved_at_step = position.step
         if state is None:
             return None
@@ -206,18 +225,29 @@ class Trainer:
         return f"the newest checkpoint is from step {self.saved_at_step}, nothing later was saved"
 
     # ------------------------------------------------------------------- step
-    def _train_step(self, images, masks, targets) -> dict[str, torch.Tensor]:
+    def _train_step(self, micro_batches: list) -> dict[str, torch.Tensor]:
+        """One optimizer step over one global batch: this rank's micro-batches (several when the run
+        resumed on fewer processes; runtime/batch_plan.py). Their loss terms add up, each normalised
+        by the step's boxes per rank, so that the step's gradient is the one a single batch per rank
+        would give."""
         device, precision = self.info.device, self.train_cfg.precision
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        targets = to_device(targets, device)
         dtype = AUTOCAST_DTYPES.get(precision)
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = self.model(images, masks)
-        losses = self.criterion(float_outputs(outputs), targets)
-        loss = sum(losses.values())
+        boxes = sum(len(t["labels"]) for _, _, batch in micro_batches for t in batch)
+        num_boxes = max(float(distributed.all_reduce_mean(torch.tensor([float(boxes)]))[0]), 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        losses: dict[str, torch.Tensor] = {}
+        for number, (images, masks, targets) in enumerate(micro_batches):
+            images = images.to(device, non_blocking=True)
+            masks = masks.to(device, non_blocking=True)
+            targets = to_device(targets, device)
+            # DDP reduces gradients once, after the step's last micro-batch.
+            last = number == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+                with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    outputs = self.model(images, masks)
+                terms = self.criterion(float_outputs(outputs), targets, num_boxes=num_boxes)
+                self.scaler.scale(sum(terms.values())).backward()
+            losses = {name: losses.get(name, 0) + value.detach() for name, value in terms.items()}
         grad_norm = None
         if self.train_cfg.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -248,15 +278,17 @@ class Trainer:
         return {n: float(v) for n, v in zip(names, mean[:-2])}, bool(mean[-2] > 0), bool(mean[-1] > 0)
 
     # ------------------------------------------------------------------ epoch
-    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, Any]]:
-        """This epoch's batches from batch `skip` on, with their index in the epoch."""
-        sampler = self.train_loader.sampler
+    def _batches(self, position: Position) -> Iterator[tuple[int, Any]]:
+        """This epoch's steps from `position` on, with their index in the epoch: each a list of
+        micro-batches (one, unless the run resumed on fewer processes)."""
+        sampler, epoch = self.train_loader.sampler, position.epoch
         sampler.set_epoch(epoch)
-        total = len(self.train_loader)
-        # Batches a stopped run already trained on are left out at the sampler: never read nor
+        # Samples a stopped run already trained on are left out at the sampler: never read nor
         # augmented, so nothing draws from the random streams the checkpoint restored.
-        sampler.skip(skip * self.train_loader.batch_size)
-        batches: Iterable = enumerate(self.train_loader, start=skip)
+        sampler.continue_at(position.epoch_samples, position.epoch_world_size or self.info.world_size)
+        skip = position.batches_done
+        total = skip + math.ceil(len(self.train_loader) / self.plan.accumulation)
+        batches: Iterable = enumerate(_grouped(self.train_loader, self.plan.accumulation), start=skip)
         yield from progress(batches, total=total, initial=skip, unit="it",
                             desc=f"epoch {epoch} of 0..{self.train_cfg.num_epochs - 1}", enabled=self.info.is_main,
                             note=self.outputs.progress_note)
@@ -267,15 +299,20 @@ class Trainer:
         self.criterion.train()
         epoch = position.epoch
         waited_since = time.perf_counter()
-        for index, (images, masks, targets) in self._batches(epoch, position.batches_done):
+        read = 0  # samples this rank read since the epoch (re)started here
+        for index, micro_batches in self._batches(position):
             started = time.perf_counter()
             data_wait = started - waited_since
-            losses = self._train_step(images, masks, targets)
+            losses = self._train_step(micro_batches)
+            targets = [target for _, _, batch in micro_batches for target in batch]
             skipped = [path for target in targets for path in target.get(SKIPPED_KEY, ())]
             reduced, stop_now, any_skipped = self._reduce_step(losses, stop.requested, len(skipped))
             position.step += 1
             watchdog.beat(position.step)
             position.batches_done = index + 1
+            read += len(targets)
+            self.sample_record.step(epoch, position.step, targets)
+            position.epoch_samples = self.train_loader.sampler.samples_done(read)
             total = sum(reduced.values())
             finite = math.isfinite(total)
             self._check_finite(position, total, reduced)
@@ -378,14 +415,17 @@ class Trainer:
         return code
 
     def _fit(self) -> tuple[int, str]:
+        path, state = load_resume_checkpoint(self.spec, self.outputs.results_dir)
+        self.plan = batch_plan(self.spec, state, path, self.info.world_size)
         self._build()
-        position, rng, self.resumed_from = resume(self.spec, self.outputs.results_dir, self._bare_model,
+        position, rng, self.resumed_from = resume(self.spec, path, state, self._bare_model,
                                                   self.optimizer, self.scheduler, self.scaler)
         num_epochs = self.train_cfg.num_epochs
         if self.resumed_from is not None:
             self.saved_at_step = position.step
         self.outputs.open(self.resumed_from)
-        self.outputs.start(position, self.resumed_from, self.info.world_size, len(self.train_loader))
+        self.outputs.start(position, self.resumed_from, self.info.world_size,
+                           math.ceil(len(self.train_loader) / self.plan.accumulation))
         if self.train_cfg.is_dry_run:
             log.info("dry run: model, data and optimizer built; no step taken")
             return 0, "completed"

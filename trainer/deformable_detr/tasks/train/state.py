@@ -11,6 +11,7 @@ from ...config.loader import spec_to_dict
 from ...config.schema import ExperimentConfig
 from ...errors import UsageError
 from ...runtime import checkpoint, distributed
+from ...runtime.batch_plan import BatchPlan, plan_batches
 from ...runtime.logging import get_logger
 from ...runtime.optim import monitors_a_value
 
@@ -19,14 +20,18 @@ log = get_logger("train")
 
 @dataclasses.dataclass
 class Position:
-    """Where training stands: the epoch in progress, batches of it done, optimizer steps overall,
-    and the sum of this epoch's step losses so far (its mean is `train_loss` for AutoReduce)."""
+    """Where training stands: the epoch in progress, optimizer steps of it done (each one global
+    batch), optimizer steps overall, the sum of this epoch's step losses so far (its mean is
+    `train_loss` for AutoReduce), and the samples of the epoch's global order done, the epoch
+    having been dealt to `epoch_world_size` processes (0: this run's; data/samplers.py)."""
 
     epoch: int = 0
     batches_done: int = 0
     step: int = 0
     loss_sum: float = 0.0
     loss_steps: int = 0
+    epoch_samples: int = 0
+    epoch_world_size: int = 0
 
     @property
     def train_loss(self) -> Optional[float]:
@@ -62,7 +67,7 @@ def resume_path(spec: ExperimentConfig, results_dir: str) -> Optional[str]:
     return None
 
 
-def _load_resume_checkpoint(spec: ExperimentConfig, results_dir: str) -> tuple[Optional[str], Optional[dict]]:
+def load_resume_checkpoint(spec: ExperimentConfig, results_dir: str) -> tuple[Optional[str], Optional[dict]]:
     """(path, state) of the checkpoint to resume from; auto_resume skips unreadable ones, saying which."""
     if spec.train.resume_training_checkpoint_path:
         path = spec.train.resume_training_checkpoint_path
@@ -78,11 +83,33 @@ def _load_resume_checkpoint(spec: ExperimentConfig, results_dir: str) -> tuple[O
     return path, state
 
 
-def resume(spec: ExperimentConfig, results_dir: str, model: torch.nn.Module, optimizer, scheduler,
-           scaler) -> tuple[Position, Optional[dict], Optional[str]]:
-    """Load the resume checkpoint into the bare `model`, optimizer, schedule and scaler;
-    (position, RNG states, the checkpoint's path) or a fresh Position when there is none."""
-    path, state = _load_resume_checkpoint(spec, results_dir)
+def saved_world_size(state: dict) -> int:
+    """The number of processes that wrote a training checkpoint (one RNG state each)."""
+    return int(state.get("world_size") or len((state.get("rng") or {}).get("ranks") or [None]))
+
+
+def batch_plan(spec: ExperimentConfig, state: Optional[dict], path: Optional[str], world_size: int) -> BatchPlan:
+    """How this run takes its global batch: the one it started with (the checkpoint's), on `world_size`
+    processes of at most dataset.batch_size images each (runtime/batch_plan.py)."""
+    per_rank = spec.dataset.batch_size
+    if state is None:
+        return plan_batches(per_rank * world_size, world_size, per_rank)
+    saved_world = saved_world_size(state)
+    global_batch = int(state.get("global_batch") or per_rank * saved_world)
+    try:
+        plan = plan_batches(global_batch, world_size, per_rank)
+    except ValueError as err:
+        raise UsageError(f"world size: resuming {path} with {world_size} process(es): {err}") from None
+    if world_size != saved_world or plan.accumulation > 1:
+        log.info("resuming at world size %d (the checkpoint's: %d): %s", world_size, saved_world, plan.describe())
+    return plan
+
+
+def resume(spec: ExperimentConfig, path: Optional[str], state: Optional[dict], model: torch.nn.Module, optimizer,
+           scheduler, scaler) -> tuple[Position, Optional[dict], Optional[str]]:
+    """Load the resume checkpoint `state` (read from `path` by `load_resume_checkpoint`) into the bare
+    `model`, optimizer, schedule and scaler; (position, RNG states, the checkpoint's path) or a fresh
+    Position when there is none."""
     if path is None or state is None:
         return Position(), None, None
     check_resume(spec, state, path)  # same network, and epochs left to train
@@ -111,9 +138,13 @@ def resume(spec: ExperimentConfig, results_dir: str, model: torch.nn.Module, opt
         position = Position(epoch=int(state["epoch"]) + 1, batches_done=0, step=int(state["step"]))
     else:
         epoch_loss = state.get("epoch_loss") or {}
-        position = Position(epoch=int(state["epoch"]), batches_done=int(state.get("batches_done", 0)),
+        batches_done, saved_world = int(state.get("batches_done", 0)), saved_world_size(state)
+        # (Checkpoints from before resizing: every process had read batches_done full batches.)
+        samples = state.get("epoch_samples_done", batches_done * spec.dataset.batch_size * saved_world)
+        position = Position(epoch=int(state["epoch"]), batches_done=batches_done,
                             step=int(state["step"]), loss_sum=float(epoch_loss.get("sum", 0.0)),
-                            loss_steps=int(epoch_loss.get("steps", 0)))
+                            loss_steps=int(epoch_loss.get("steps", 0)), epoch_samples=int(samples),
+                            epoch_world_size=int(state.get("epoch_world_size") or saved_world))
     log.info("resuming from %s: epoch %d (0-based), batch %d, step %d", path, position.epoch,
              position.batches_done, position.step)
     return position, state.get("rng"), path
@@ -132,7 +163,8 @@ def restore_rng(rng: Optional[dict], info: distributed.DistInfo) -> None:
 
 
 def gather_checkpoint(spec: ExperimentConfig, model: torch.nn.Module, optimizer, scheduler, scaler,
-                      position: Position, epoch_finished: bool, info: distributed.DistInfo) -> Optional[dict[str, Any]]:
+                      position: Position, epoch_finished: bool, info: distributed.DistInfo,
+                      plan: BatchPlan) -> Optional[dict[str, Any]]:
     """What a training checkpoint holds; every rank gathers (collectives for FSDP2), rank 0 gets it, others None."""
     model_state = checkpoint.gather_model_state(model)
     optimizer_state = checkpoint.gather_optimizer_state(model, optimizer)
@@ -145,6 +177,10 @@ def gather_checkpoint(spec: ExperimentConfig, model: torch.nn.Module, optimizer,
         "epoch": position.epoch, "step": position.step, "batches_done": position.batches_done,
         "epoch_finished": epoch_finished, "rng": {"ranks": rng_states},
         "epoch_loss": {"sum": position.loss_sum, "steps": position.loss_steps},
+        # What a run at another world size continues from (data/samplers.py, runtime/batch_plan.py).
+        "world_size": info.world_size, "global_batch": plan.global_batch,
+        "epoch_samples_done": position.epoch_samples,
+        "epoch_world_size": position.epoch_world_size or info.world_size,
         # The attention padding the weights were trained with, resolved (never auto): how they must be run.
         "spec": spec_to_dict(dataclasses.replace(spec, encryption_key=None, model=dataclasses.replace(
             spec.model, attention_padding=model.attention_padding))),
