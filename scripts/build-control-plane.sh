@@ -3,7 +3,7 @@
 # kubectl, etcd, kwok) from the Go module in localcluster/ into a cache outside the repo,
 # keyed by the hash of localcluster/go.mod + go.sum. A warm cache makes this a no-op.
 #   bash scripts/build-control-plane.sh              # prints the bin folder as its last line
-#   bash scripts/build-control-plane.sh --real-node  # also kubelet and kube-proxy (the real node)
+#   bash scripts/build-control-plane.sh --real-node  # also kubelet, kube-proxy and the fake GPU plugin (the real node)
 # Cold: about 30 minutes on 2 cores (module download plus compile); warm: instant.
 # Env: DDETR_CONTROL_PLANE_CACHE (default ~/.cache/ddetr-control-plane).
 set -euo pipefail
@@ -19,6 +19,18 @@ bin="$cache/$key/bin"
 tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
 # The real node's kubelet and kube-proxy: about 9 and 4 minutes cold on 2 cores.
 [ "${1:-}" = "--real-node" ] && tools+=(kubelet kube-proxy)
+
+# The real node's fake GPU device plugin (localcluster/gpuplugin): seconds to build, so keyed by
+# its own source and rebuilt when that changes.
+if [ "${1:-}" = "--real-node" ]; then
+  plugin_key=$(sha256sum <"$module/gpuplugin/main.go" | cut -c1-16)
+  if [ "$(cat "$bin/ddetr-gpu-plugin.key" 2>/dev/null)" != "$plugin_key" ]; then
+    echo "control plane: building ddetr-gpu-plugin (localcluster/gpuplugin)..." >&2
+    mkdir -p "$bin"
+    (cd "$module" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin/ddetr-gpu-plugin" ./gpuplugin)
+    echo "$plugin_key" >"$bin/ddetr-gpu-plugin.key"
+  fi
+fi
 
 missing=()
 for tool in "${tools[@]}"; do [ -x "$bin/$tool" ] || missing+=("$tool"); done

@@ -1,8 +1,8 @@
 """One real node in the local cluster: containerd 2.x (runc, the CNI bridge plugin), a
 kubelet named by this machine's hostname and authorized as a node (client certificate
 CN system:node:<hostname>, O system:nodes; the API server runs the Node authorizer and
-NodeRestriction), kube-proxy in iptables mode and CoreDNS (a host process on the node
-address, the pods' nameserver). The project's images are imported from their archives.
+NodeRestriction), kube-proxy in iptables mode, CoreDNS (a host process on the node
+address, the pods' nameserver) and a device plugin advertising fake nvidia.com/gpu devices. The project's images are imported from their archives.
 
 containerd's content store and snapshots live in a cache (DDETR_REAL_NODE_CACHE, default
 ~/.cache/ddetr-real-node/containerd) so a warm start does not import the images again;
@@ -35,6 +35,9 @@ NODE_LABEL = "ddetr.dev/real-node"
 CLUSTER_DOMAIN = "cluster.local"
 CNI_BIN = "/usr/lib/cni"  # Debian's containernetworking-plugins
 COREDNS_USER = "ddetr-coredns"
+GPU_RESOURCE = "nvidia.com/gpu"
+FAKE_GPUS = 2  # advertised by localcluster/gpuplugin: no driver, no device behind them
+DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"  # the kubelet's registration socket is here
 
 
 def node_name() -> str:
@@ -91,6 +94,7 @@ class RealNode:
         self._timed("containerd", self._start_containerd)
         self._timed("images", self._import_images)
         self._timed("kubelet", self._start_kubelet)
+        self._timed("GPU device plugin", self._start_gpu_plugin)
         self._timed("kube-proxy and CoreDNS", self._start_services)
 
     # -- containerd --------------------------------------------------------------
@@ -199,6 +203,24 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.opt",
         # No node-lifecycle controller runs here to lift the not-ready taint the API server added.
         self.cluster.kubectl("patch", "node", self.name, "--type=merge", "-p", '{"spec": {"taints": null}}')
 
+    # -- GPUs: fake devices through the kubelet's device-plugin API --------------
+
+    def _start_gpu_plugin(self) -> None:
+        """localcluster/gpuplugin registers FAKE_GPUS nvidia.com/gpu devices with the kubelet (no
+        driver: pods asking for GPUs are admitted and get NVIDIA_VISIBLE_DEVICES, nothing more)."""
+        # The kubelet's device-plugin folder is fixed (/var/lib/kubelet/device-plugins, whatever its
+        # root-dir); the plugin is given it through a link in the node's state, which names its process.
+        plugins = self.dir / "device-plugins"
+        if not plugins.is_symlink():
+            plugins.symlink_to(DEVICE_PLUGIN_DIR)
+        self._spawn("gpu-plugin", [str(self.cluster.bin_dir / "ddetr-gpu-plugin"), "--count", str(FAKE_GPUS),
+                                   "--dir", str(plugins)])
+
+        def advertised() -> bool:
+            node = json.loads(self.cluster.kubectl("get", "node", self.name, "-o", "json").stdout)
+            return node["status"].get("allocatable", {}).get(GPU_RESOURCE) == str(FAKE_GPUS)
+        self.cluster._wait(f"{FAKE_GPUS} {GPU_RESOURCE} on {self.name}", advertised, 60)
+
     # -- Services: kube-proxy and cluster DNS ------------------------------------
 
     def _start_services(self) -> None:
@@ -243,7 +265,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.opt",
 
     def stop(self) -> None:
         by_name = {c.name: c for c in self.components}
-        for name in ("coredns", "kube-proxy", "kubelet"):
+        for name in ("coredns", "kube-proxy", "gpu-plugin", "kubelet"):
             if name in by_name:
                 _stop(by_name[name])
         if "containerd" in by_name and by_name["containerd"].process.poll() is None:

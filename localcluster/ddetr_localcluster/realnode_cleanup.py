@@ -81,7 +81,7 @@ def leftovers(cluster_state: Path) -> list[str]:
 # The programs a local cluster starts: only these are ended for naming its state folder (a
 # user's `kubectl --kubeconfig <state>/kubeconfig` is not).
 COMPONENTS = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubelet",
-              "kube-proxy", "containerd", "containerd-shim-runc-v2", "coredns"}
+              "kube-proxy", "containerd", "containerd-shim-runc-v2", "coredns", "ddetr-gpu-plugin"}
 
 
 def _pids_naming(marker: str) -> list[int]:

@@ -50,3 +50,21 @@ def test_a_torchrun_worker_keeps_what_its_parent_chose():
 def test_several_nodes_are_refused_in_one_line():
     with pytest.raises(UsageError, match=r"^inference.num_nodes: 2; inference runs on one node; accepted: 1$"):
         select_gpus("inference", 1, [0], num_nodes=2, environ={})
+
+
+def test_gpus_given_to_a_container_without_cuda_are_said_in_one_line(caplog):
+    """A device plugin's NVIDIA_VISIBLE_DEVICES where CUDA sees no device (this machine): one
+    warning, then the CPU; nothing without the variable, nor in torchrun's workers."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here: the line is for containers without one")
+    caplog.set_level("WARNING")
+    assert select_gpus("train", 1, [0], environ={"NVIDIA_VISIBLE_DEVICES": "fake-gpu-1"}) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["train: NVIDIA_VISIBLE_DEVICES=fake-gpu-1 names GPU(s), but no CUDA device is visible "
+                     "(no NVIDIA driver or device in this container): running on the CPU"]
+    caplog.clear()
+    select_gpus("train", 1, [0], environ={})
+    select_gpus("train", 1, [0], environ={"NVIDIA_VISIBLE_DEVICES": "fake-gpu-1", "RANK": "0", "WORLD_SIZE": "2"})
+    select_gpus("train", 1, [0], environ={"NVIDIA_VISIBLE_DEVICES": "void"})
+    assert not caplog.records

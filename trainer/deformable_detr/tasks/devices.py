@@ -17,6 +17,7 @@ from ..runtime.logging import get_logger
 log = get_logger("tasks")
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
+NVIDIA_VISIBLE = "NVIDIA_VISIBLE_DEVICES"  # the GPUs a device plugin gave the container
 
 
 def reconcile_gpus(num_gpus: int, gpu_ids: Sequence[int]) -> list[int]:
@@ -35,6 +36,28 @@ def select_gpus(task: str, num_gpus: int, gpu_ids: Sequence[int], num_nodes: int
     Workers this process starts inherit the selection; a process that torchrun started leaves it
     as its parent set it.
     """
+    count = _select_gpus(task, num_gpus, gpu_ids, num_nodes, environ)
+    say_if_given_gpus_without_cuda(task, environ)
+    return count
+
+
+def say_if_given_gpus_without_cuda(task: str, environ: MutableMapping[str, str] = os.environ) -> bool:
+    """A container given GPUs (NVIDIA_VISIBLE_DEVICES, set by a device plugin) in which CUDA sees
+    none (no NVIDIA driver or device files in it): one line, then the task runs on the CPU, as it
+    does anywhere without CUDA. Said once, by the process that selects (not by torchrun's workers)."""
+    given = environ.get(NVIDIA_VISIBLE, "").strip()
+    if given in ("", "void", "none") or "RANK" in environ:
+        return False
+    import torch
+    if torch.cuda.is_available():
+        return False
+    log.warning("%s: %s=%s names GPU(s), but no CUDA device is visible (no NVIDIA driver or device "
+                "in this container): running on the CPU", task, NVIDIA_VISIBLE, given)
+    return True
+
+
+def _select_gpus(task: str, num_gpus: int, gpu_ids: Sequence[int], num_nodes: int,
+                 environ: MutableMapping[str, str]) -> int:
     if num_nodes != 1:
         raise UsageError(f"{task}.num_nodes: {num_nodes}; {task} runs on one node; accepted: 1")
     ids = reconcile_gpus(num_gpus, gpu_ids)
