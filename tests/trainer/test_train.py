@@ -85,7 +85,7 @@ def trained(tiny_coco, tmp_path_factory):
 def test_checkpoints_are_named_as_tao_names_them(trained):
     names = sorted(os.listdir(trained))
     assert names == ["dd_model_latest.pth", "experiment.yaml", "model_epoch_000_step_00002.pth",
-                     "model_epoch_001_step_00004.pth", "status.json", "train_log.jsonl"]
+                     "model_epoch_001_step_00004.pth", "status.json", "tensorboard", "train_log.jsonl"]
     last = load_checkpoint(str(trained / "model_epoch_001_step_00004.pth"))
     latest = load_checkpoint(str(trained / LATEST_NAME))
     assert set(last) >= {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "step", "rng", "spec"}

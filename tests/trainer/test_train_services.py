@@ -10,6 +10,8 @@ import urllib.request
 
 
 from deformable_detr.runtime import storage
+from deformable_detr.runtime.tensorboard_log import EVENTS_DIR
+from test_curves import read_events
 from test_train import tiny_train_spec, train_cli
 
 
@@ -17,15 +19,16 @@ def _remote_log(folder: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_bytes(f"{folder}/train_log.jsonl").decode().splitlines()]
 
 
-def test_results_go_to_s3_and_a_restart_resumes_from_there(bucket, tiny_coco, write_spec):
+def test_results_go_to_s3_and_a_restart_resumes_from_there(bucket, tiny_coco, write_spec, tmp_path):
     spec = tiny_train_spec(tiny_coco, f"{bucket}/run", batch_size=8, num_epochs=1)
     spec["dataset"]["val_data_sources"] = []
     spec["model"]["train_backbone"] = False  # no backbone optimizer state: smaller checkpoints to upload
     assert train_cli(write_spec, spec, name="one.yaml") == 0
     folder = f"{bucket}/run/train"
-    names = sorted(os.path.basename(p) for p in storage.list_files(folder))
-    assert names == ["dd_model_latest.pth", "experiment.yaml", "model_epoch_000_step_00001.pth",
-                     "status.json", "train_log.jsonl"]
+    names = sorted(p[len(folder) + 1:] for p in storage.list_files(folder))
+    assert [n for n in names if not n.startswith(f"{EVENTS_DIR}/")] == [
+        "dd_model_latest.pth", "experiment.yaml", "model_epoch_000_step_00001.pth", "status.json", "train_log.jsonl"]
+    assert len([n for n in names if n.startswith(f"{EVENTS_DIR}/events.out.tfevents.")]) == 1  # the curves, uploaded
     status = json.loads(storage.read_bytes(f"{folder}/status.json"))
     assert status["state"] == "completed" and status["last_checkpoint"] == f"{folder}/model_epoch_000_step_00001.pth"
 
@@ -36,6 +39,12 @@ def test_results_go_to_s3_and_a_restart_resumes_from_there(bucket, tiny_coco, wr
     assert [(r["epoch"], r["step"]) for r in records if r["kind"] == "start"] == [(0, 0), (1, 1)]
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2]
     assert storage.exists(f"{folder}/model_epoch_001_step_00002.pth")
+    # Each launch's event file is uploaded; TensorBoard shows every step once.
+    local = tmp_path / "events"
+    for uri in storage.list_files(f"{folder}/{EVENTS_DIR}"):
+        storage.download(uri, str(local / os.path.basename(uri)))
+    assert len(os.listdir(local)) == 2
+    assert [step for step, _ in read_events(local)["train/loss"]] == [1, 2]
 
 
 def _free_port() -> int:

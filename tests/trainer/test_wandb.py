@@ -15,7 +15,9 @@ import yaml
 
 from deformable_detr.config.loader import spec_from_dict
 from deformable_detr.runtime.logging import setup_logging
+from deformable_detr.runtime.tensorboard_log import EVENTS_DIR
 from deformable_detr.runtime.wandb_log import open_run
+from test_curves import read_events
 from test_train import tiny_train_spec, train_cli
 from train_records import read_log
 
@@ -89,6 +91,11 @@ def test_training_logs_offline_without_an_api_key(tiny_coco, tmp_path):
         assert {f"train/{k}" for k in record if k.startswith("loss_")} <= set(row)
     validation = [r for r in read_log(str(folder)) if r["kind"] == "validation"][-1]
     assert any(row.get("val/mAP") == pytest.approx(validation["mAP"]) for row in rows)
+    # The same scalars as the TensorBoard event files beside the log (one feed, runtime/scalars.py).
+    for tag, points in read_events(folder / EVENTS_DIR).items():
+        wandb_points = [(row["_step"], row[tag]) for row in rows if tag in row]
+        assert [step for step, _ in points] == [step for step, _ in wandb_points], tag
+        assert [value for _, value in points] == pytest.approx([value for _, value in wandb_points], rel=1e-6), tag
     kinds = [r.WhichOneof("record_type") for r in wandb_records(data)]
     assert kinds.count("exit") == 1
     (run_record,) = [r.run for r in wandb_records(data) if r.WhichOneof("record_type") == "run"]

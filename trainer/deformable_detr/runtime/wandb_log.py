@@ -9,9 +9,9 @@ says which mode and why. The `wandb` package is an optional extra (`pip install 
 without it, enabling the section is one warning line and training goes on.
 
 Logged: the effective spec as the run's config (never the key, also masked in the command line W&B
-records), per step the loss, its terms, the
-learning rate and throughput (`train/...`), per validation the COCO metrics (`val/...`), at the end
-the run's final state.
+records), the same scalars as TensorBoard's event files (runtime/scalars.py: per step the loss, its
+terms, the learning rate, throughput and data wait, per validation the COCO metrics), at the end the
+run's final state.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from .logging import get_logger
+from .scalars import step_scalars, validation_scalars
 
 log = get_logger("wandb")
 REACH_TIMEOUT_S = 3.0  # how long the W&B host may take to accept a connection before we log offline
@@ -54,20 +55,14 @@ class WandbRun:
     def __init__(self, run) -> None:
         self.run = run
 
-    def log_step(self, step: int, epoch: int, losses: dict[str, float], lr: float, **extra: float) -> None:
-        values = {f"train/{name}": float(value) for name, value in losses.items()}
-        values.update({"train/loss": float(sum(losses.values())), "train/lr": lr, "train/epoch": epoch})
-        values.update({f"train/{name}": float(value) for name, value in extra.items()})
+    def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
 
+    def log_step(self, step: int, epoch: int, losses: dict[str, float], lr: float, **extra: float) -> None:
+        self.run.log(step_scalars(losses, lr, epoch, **extra), step=step)
+
     def log_validation(self, step: int, metrics: dict[str, Any]) -> None:
-        values = {}
-        for name, value in metrics.items():
-            if isinstance(value, dict):  # per_class_AP: {class name: AP}
-                values.update({f"val/{name}/{key}": float(v) for key, v in value.items() if v is not None})
-            elif value is not None:
-                values[f"val/{name}"] = float(value)
-        self.run.log(values, step=step)
+        self.run.log(validation_scalars(metrics), step=step)
 
     def finish(self, state: str) -> None:
         import wandb

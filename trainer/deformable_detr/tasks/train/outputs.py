@@ -18,6 +18,7 @@ from ...runtime.files import remove_partial_writes
 from ...runtime.logging import get_logger
 from ...runtime.paths import task_results_dir
 from ...runtime.progress import StepRate, format_duration
+from ...runtime.scalars import step_scalars, validation_scalars
 from ...runtime.status_file import STATUS_NAME, read_status
 from ...runtime.storage import StorageError
 from ...runtime.training_log import LOG_NAME, TrainingLog
@@ -46,6 +47,7 @@ class TrainOutputs:
     """The train results folder of one run; on ranks other than 0 every report is a no-op."""
 
     wandb = None  # rank 0's Weights & Biases run (runtime/wandb_log.py), from start() when wandb.enable is set
+    events = None  # rank 0's TensorBoard event files (runtime/tensorboard_log.py), from start()
 
     def __init__(self, spec: ExperimentConfig, is_main: bool) -> None:
         self.spec, self.is_main = spec, is_main
@@ -109,7 +111,11 @@ class TrainOutputs:
                                  batches_done=position.batches_done, resumed_from=resumed_from,
                                  world_size=world_size, precision=train.precision,
                                  strategy=train.distributed_strategy)
+        from ...runtime.tensorboard_log import open_events
         from ...runtime.wandb_log import open_run
+        # This launch's first step: earlier launches' points from there on were recomputed (or, in a fresh
+        # run, belong to an earlier run in this folder), so TensorBoard drops them.
+        self.events = open_events(self.local_dir, position.step + 1)
         # A remote results folder's staging copy is removed at the end: W&B's files go to its default place.
         self.wandb = open_run(self.spec, None if self.remote else self.local_dir)
 
@@ -130,9 +136,9 @@ class TrainOutputs:
         if self.metrics is not None:
             self.metrics.observe_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
                                       images=images, step_seconds=step_seconds, data_wait_seconds=data_wait)
-        if self.wandb is not None:
-            self.wandb.log_step(position.step, position.epoch, losses, lr, images_per_s=images / max(step_seconds, 1e-9),
-                                step_seconds=step_seconds, data_wait_seconds=data_wait)
+        # One feed of scalars for both curve writers (runtime/scalars.py).
+        self._curves(step_scalars(losses, lr, position.epoch, images_per_s=images / max(step_seconds, 1e-9),
+                                  step_seconds=step_seconds, data_wait_seconds=data_wait), position.step)
 
     def _track_progress(self, position: Position, images: int, step_seconds: float) -> None:
         """Percent done, recent images/s and the finish time into status.json (written with the next step
@@ -176,8 +182,12 @@ class TrainOutputs:
         self.training_log.log_validation(epoch=position.epoch, step=position.step, metrics=metrics)
         if self.metrics is not None:
             self.metrics.observe_validation({k: v for k, v in metrics.items() if k != "per_class_AP"})
-        if self.wandb is not None:
-            self.wandb.log_validation(position.step, metrics)
+        self._curves(validation_scalars(metrics), position.step)
+
+    def _curves(self, values: dict[str, float], step: int) -> None:
+        for writer in (self.events, self.wandb):
+            if writer is not None:
+                writer.log(values, step)
 
     def checkpoint_saved(self, path: str) -> str:
         """Queue the checkpoint rank 0 wrote at `path` for upload and report it; its name in the results folder."""
@@ -216,6 +226,8 @@ class TrainOutputs:
         if self.is_main:
             self.sync.upload(LOG_NAME)
             self.sync.upload(STATUS_NAME)
+            for name in self.events.files() if self.events is not None else ():
+                self.sync.upload(name)
 
     def record_failed_attempt(self, err: BaseException) -> None:
         """A run that failed before it started training leaves status.json (and the cli experiment.yaml)
@@ -255,6 +267,8 @@ class TrainOutputs:
         """Record the run's final state, close the log and metrics, and wait for the uploads."""
         if self.wandb is not None:
             self.wandb.finish(state)
+        if self.events is not None:
+            self.events.close()
         if self.training_log is not None:
             status = self.training_log.status
             if state == "completed":
