@@ -3,8 +3,9 @@
 Two processes train, are stopped mid-epoch (SIGTERM: a checkpoint), and one process resumes: the
 global batch stays (per-rank batch x gradient accumulation), every step reads the images the
 uninterrupted two-process run read at that step (none skipped or repeated in the cut epoch),
-and the losses continue the uninterrupted run's curve. Also the pure parts: the batch plan and
-the sampler's continuation from a global place.
+and the losses continue the uninterrupted run's curve; and (ddp_sharded) one process stopped, two
+resumed with FSDP2 sharding the full checkpoint anew. Also the pure parts: the batch plan and the
+sampler's continuation from a global place.
 """
 from __future__ import annotations
 
@@ -142,12 +143,29 @@ def _lrs(folder) -> list[float]:
     return [r["lr"] for r in read_log(str(folder)) if r["kind"] == "step"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_sharded", marks=pytest.mark.slow)])
-def test_two_processes_stopped_mid_epoch_resume_on_one(uninterrupted, tiny_coco, tmp_path, strategy):
-    samples, losses, lrs = uninterrupted
-    path = _write(tmp_path, _spec(tiny_coco, tmp_path / "r", strategy), "spec.yaml")
+def _gpus(world: int) -> list[str]:
+    return ["--gpus", str(world)] if world > 1 else []
+
+
+# (strategy, processes before the stop, after it, the per-rank batch the run starts with, what the resumed
+# run logs). ddp_sharded checkpoints hold full tensors (runtime/checkpoint.py): resumed on 2 processes,
+# FSDP2 shards them anew.
+RESIZES = [
+    ("ddp", 2, 1, 1, "global batch 2 = 1 process(es) x per-rank batch 1 x gradient accumulation 2"),
+    pytest.param("ddp_sharded", 1, 2, 2, "global batch 2 = 2 process(es) x per-rank batch 1 x gradient accumulation 1",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("strategy,before,after,batch_size,plan", RESIZES)
+def test_stopped_mid_epoch_and_resumed_at_another_world_size(uninterrupted, tiny_coco, tmp_path, strategy, before,
+                                                             after, batch_size, plan):
+    samples, losses, lrs = uninterrupted  # 2 processes x batch 1: the same global batch of 2
+    spec = _spec(tiny_coco, tmp_path / "r", strategy)
+    spec["dataset"]["batch_size"] = batch_size
+    path = _write(tmp_path, spec, "spec.yaml")
     folder, record = tmp_path / "r" / "train", tmp_path / "samples"
-    run = subprocess.Popen([sys.executable, "-m", "deformable_detr", "train", "-e", path, "--gpus", "2"],
+    run = subprocess.Popen([sys.executable, "-m", "deformable_detr", "train", "-e", path, *_gpus(before)],
                            env=dict(_env(), **{FOLDER_ENV: str(record)}), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
@@ -164,16 +182,15 @@ def test_two_processes_stopped_mid_epoch_resume_on_one(uninterrupted, tiny_coco,
     assert run.returncode == 143, out[-3000:]
     saved = load_checkpoint(read_status(str(folder))["last_checkpoint"])
     assert saved["epoch"] == 0 and not saved["epoch_finished"] and 1 <= saved["step"] < 4
-    assert (saved["world_size"], saved["global_batch"], saved["epoch_samples_done"]) == (2, 2, 2 * saved["step"])
+    assert (saved["world_size"], saved["global_batch"], saved["epoch_samples_done"]) == (before, 2, 2 * saved["step"])
 
-    resumed = _run(["-e", path], record)  # one process: per-rank batch 1, gradient accumulation 2
+    resumed = _run(["-e", path, *_gpus(after)], record)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ("resuming at world size 1 (the checkpoint's: 2): global batch 2 = 1 process(es) x per-rank batch 1 "
-            "x gradient accumulation 2") in resumed.stderr
+    assert f"resuming at world size {after} (the checkpoint's: {before}): {plan}" in resumed.stderr
     # The same images at every step, over the whole run: none skipped, none read twice in the cut epoch.
     assert _samples_by_step(record) == samples
     starts = [r for r in read_log(str(folder)) if r["kind"] == "start"]
-    assert [s["world_size"] for s in starts] == [2, 1]
+    assert [s["world_size"] for s in starts] == [before, after]
     # The loss continues the uninterrupted curve (the same images, augmentations and schedule; only the
     # order of the gradient sums differs).
     assert step_losses(folder) == pytest.approx(losses, rel=1e-4)
