@@ -379,6 +379,25 @@ class BestCheckpoint:
 
 
 @_frozen
+class Goodput:
+    DESCRIPTION = ("where the job's time went since it was created, in seconds (refreshed with status.progress); "
+                   "ratio = trainingSeconds / totalSeconds")
+    ratio: float | None = prop("goodput: training time that counted over the total", default=None)
+    total_seconds: float | None = prop("since the job was created (to the last progress read)", default=None)
+    training_seconds: float | None = prop("training steps that counted", default=None)
+    recomputed_seconds: float | None = prop("steps trained again after failures (since their last checkpoint)",
+                                            default=None)
+    recomputed_steps: int | None = prop("steps trained again after failures", default=None)
+    eval_seconds: float | None = prop("validation", default=None)
+    checkpoint_seconds: float | None = prop("writing checkpoints", default=None)
+    startup_seconds: float | None = prop("each launch's start-up to its first step (model, data, resume)",
+                                         default=None)
+    hang_seconds: float | None = prop("hangs: at least progressDeadlineSeconds each", default=None)
+    waiting_seconds: float | None = prop("the rest: queueing and admission, scheduling, image pulls, restarts' "
+                                         "teardown and pod start", default=None)
+
+
+@_frozen
 class JobStatus:
     PRESERVE_UNKNOWN = True  # kopf keeps its own bookkeeping here
     phase: str | None = prop("lifecycle phase", enum=PHASES, default=None)
@@ -404,6 +423,7 @@ class JobStatus:
     progress: dict | None = prop(schema=_progress_schema, default=None)
     best_checkpoint: BestCheckpoint | None = prop("the best validation result so far, from rank 0's status.json",
                                                   default=None)
+    goodput: Goodput | None = prop(default=None)
 
 
 # Status fields a pass writes (the rest of status is kopf's).
@@ -413,6 +433,7 @@ STATUS_FIELDS = tuple(name for _, name, _ in fields(JobStatus))
 PROGRESS_FIELDS = {name: (json_name(name), STATUS_FIELDS_OF_FILE[name][0]) for name in PROGRESS_SHOWN}
 PRINTER_COLUMNS = [("Phase", ".status.phase"), ("Nodes", ".spec.nodes"), ("Epoch", ".status.epochs"),
                    ("Done%", ".status.progress.percent"), ("ETA", ".status.progress.eta"),
+                   ("Goodput", ".status.goodput.ratio"),
                    ("Loss", ".status.progress.lastLoss"), ("mAP", ".status.progress.lastMap"),
                    ("Restarts", ".status.restarts"), ("Disruptions", ".status.disruptions"),
                    ("Age", ".metadata.creationTimestamp")]

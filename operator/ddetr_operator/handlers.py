@@ -73,6 +73,7 @@ async def on_job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, *
         # Children go with the job through their ownerReferences; the operator only forgets it.
         controller.forget(key)
         metrics.phases.forget(raw["metadata"].get("uid"))
+        metrics.forget_goodput(raw["metadata"])
         return
     if not controller.is_news(raw):
         return  # the operator's own status patch coming back, or older than what a pass saw

@@ -22,6 +22,11 @@ FAILURES = Counter("ddetr_operator_job_failures_total", "failed attempts by the 
 RESIZES = Counter("ddetr_operator_job_resizes_total", "attempts started at another world size than the attempt "
                   "before (spec.nodes or spec.gpusPerNode changed while suspended)",
                   ["namespace", "from_world_size", "to_world_size"], registry=registry)
+GOODPUT = Gauge("ddetr_operator_job_goodput_ratio", "a job's training time that counted over its time since it was "
+                "created (status.goodput.ratio)", ["namespace", "name"], registry=registry)
+JOB_SECONDS = Gauge("ddetr_operator_job_time_seconds", "where a job's time went since it was created (status.goodput): "
+                    "training, recomputed, eval, checkpoint, startup, hang, waiting", ["namespace", "name", "part"],
+                    registry=registry)
 TRANSITIONS = Counter("ddetr_operator_phase_transitions_total", "job phase transitions", ["phase"],
                       registry=registry)
 
@@ -69,6 +74,31 @@ def count_resize(namespace: str, before: Any, after: Any) -> None:
         return
     RESIZES.labels(namespace=namespace, from_world_size=str(after.get("fromWorldSize")),
                    to_world_size=str(after.get("toWorldSize"))).inc()
+
+
+def record_goodput(meta: Mapping[str, Any], goodput: Any) -> None:
+    """The job's status.goodput as gauges (the job name as `name`: Prometheus keeps `job` for the scrape job)."""
+    from .decide.goodput import PARTS
+
+    if not isinstance(goodput, Mapping) or goodput.get("ratio") is None:
+        return
+    namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+    GOODPUT.labels(namespace=namespace, name=name).set(goodput["ratio"])
+    for field, part in PARTS.items():
+        if goodput.get(field) is not None:
+            JOB_SECONDS.labels(namespace=namespace, name=name, part=part).set(goodput[field])
+
+
+def forget_goodput(meta: Mapping[str, Any]) -> None:
+    """A deleted job's series go with it."""
+    from .decide.goodput import PARTS
+
+    namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+    for gauge, labels in [(GOODPUT, (namespace, name))] + [(JOB_SECONDS, (namespace, name, p)) for p in PARTS.values()]:
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:

@@ -19,7 +19,7 @@ from .progress import read_status_json, status_json_uri
 from .validate import JobSpecError, effective_experiment
 
 # Status fields a cached pass may patch on its own: they come from S3, not from the job or its children.
-PROGRESS_FIELDS = frozenset({"progress", "epochs"})
+PROGRESS_FIELDS = frozenset({"progress", "epochs", "bestCheckpoint", "goodput"})
 logger = logging.getLogger(__name__)
 
 
@@ -104,6 +104,7 @@ def _cached_pass(cluster: Cluster, job: dict, options: Options) -> tuple[PassRes
     if decision.actions or decision.events or not changed <= PROGRESS_FIELDS:
         return None, progress
     metrics.phases.record(job["metadata"].get("uid"), decision.status.get("phase"))
+    metrics.record_goodput(job["metadata"], decision.status.get("goodput"))
     if not changed:
         return PassResult("cached"), progress
     body = cluster.patch_status(job, {key: decision.status[key] for key in changed})
@@ -141,6 +142,7 @@ def _full_pass(cluster: Cluster, namespace: str, name: str, options: Options, pr
     metrics.count_failure(namespace, old_status.get("lastFailure"), decision.status.get("lastFailure"))
     metrics.count_resize(namespace, old_status.get("lastResize"), decision.status.get("lastResize"))
     metrics.phases.record(job["metadata"]["uid"], decision.status.get("phase"))
+    metrics.record_goodput(job["metadata"], decision.status.get("goodput"))
     for event in decision.events:
         if event.reason != CHILD_CREATE_FAILED:
             metrics.TRANSITIONS.labels(phase=decision.status.get("phase")).inc()

@@ -112,8 +112,8 @@ def test_printer_columns_point_at_status_fields():
         parts = column["jsonPath"].lstrip(".").split(".")
         if parts[0] == "status":
             assert parts[1] in status, column
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Nodes", "Epoch", "Done%", "ETA", "Loss",
-                                                                       "mAP", "Restarts", "Disruptions", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Nodes", "Epoch", "Done%", "ETA", "Goodput",
+                                                                       "Loss", "mAP", "Restarts", "Disruptions", "Age"]
 
 
 def _walk(node: dict, path: str):

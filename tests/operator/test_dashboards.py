@@ -194,7 +194,8 @@ def test_dashboards_cover_what_the_issue_asks_for():
               "ddetr_train_last_checkpoint_timestamp_seconds", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED",
               "ddetr_operator_jobs", "ddetr_operator_job_restarts_total", "ddetr_operator_reconcile_errors_total",
               "ddetr_operator_reconcile_duration_seconds_bucket", "ddetr_operator_job_failures_total",
-              "ddetr_train_progress_ratio", "ddetr_train_estimated_remaining_seconds"}
+              "ddetr_train_progress_ratio", "ddetr_train_estimated_remaining_seconds",
+              "ddetr_operator_job_goodput_ratio", "ddetr_operator_job_time_seconds"}
     assert wanted <= queried, f"not on any dashboard: {sorted(wanted - queried)}"
 
 
@@ -241,6 +242,8 @@ while True:
     trainer.observe_step(epoch=1, step=step, losses={"loss_ce": 1.0 / step, "loss_bbox": 0.5, "loss_giou": 0.3},
                          lr=2e-4, images=4, step_seconds=0.05 + (step % 5) * 0.1, data_wait_seconds=0.01)
     trainer.observe_progress(step / 1000, 0.5 * (1000 - step))
+    operator_metrics.record_goodput({"namespace": "default", "name": "demo"}, {
+        "ratio": 0.8, "trainingSeconds": 0.4 * step, "waitingSeconds": 0.1 * step})
     operator_metrics.RECONCILE_SECONDS.observe(0.02 * (1 + step % 3))
     operator_metrics.RESTARTS.labels(namespace="default").inc()
     operator_metrics.count_resize("default", None, {"fromWorldSize": 2, "toWorldSize": 1, "time": str(step)})

@@ -329,3 +329,28 @@ def test_observe_cached_uses_the_support_children_seen_or_created(make_job):
     from ddetr_operator.render import render_service
     assert cluster.apply(job, Create(render_service(resolve(job))), Observed()) is None
     assert cluster.observe_cached(job).service is True
+
+
+def test_goodput_rides_on_the_progress_patch_and_a_moving_clock_alone_patches_nothing(make_job, monkeypatch):
+    """Issue 33: accounting the job's time costs no request of its own."""
+    monkeypatch.setattr(passes, "_read_progress", lambda *args: None)
+    job = make_job(nodes=1, status={"phase": "Running", "attempt": 0, "restarts": 0, "workersReady": 1,
+                                    "workerJob": "demo-a0", "startTime": "2026-01-02T00:00:00Z", "conditions": []})
+    job["spec"]["artifacts"].pop("credentialsSecret")
+    job["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    job = versioned(job, 50, uid="0000-1111")
+    api = FakeApi(job, jobs=[versioned(worker_job("demo", 0), 10)], pods=[versioned(pod("demo", 0, 0, "Running"), 11)])
+    cluster = fake_cluster(api)
+    assert passes.reconcile_once(cluster, "ml", "demo").kind == "full"
+    api.calls.clear()
+    job = api.job
+    for kind, obj in (("jobs", api.jobs[0]), ("pods", api.pods[0])):
+        cluster.children.record(kind, "ADDED", obj)
+    monkeypatch.setattr(passes, "_read_progress", lambda *args: {"epoch": 1, "num_epochs": 3, "step": 9,
+                                                                  "train_seconds": 50.0, "eval_seconds": 5.0})
+    result = passes.reconcile_once(cluster, "ml", "demo", cached=job)
+    assert result.kind == "progress" and api.calls == ["patch_namespaced_custom_object_status"]
+    assert set(api.patches[-1]) == {"progress", "epochs", "goodput"}
+    assert api.patches[-1]["goodput"]["trainingSeconds"] == 50.0
+    assert passes.reconcile_once(cluster, "ml", "demo", cached=result.body).kind == "cached"
+    assert len(api.calls) == 1

@@ -62,3 +62,39 @@ def test_quality_gate_bounds_are_checked():
         api.parse(api.RunPolicy, {"targetMap": 1.5}, "spec.runPolicy")
     with pytest.raises(api.JobSpecError, match="maxNonFiniteLossSteps"):
         api.parse(api.RunPolicy, {"maxNonFiniteLossSteps": 0}, "spec.runPolicy")
+
+
+def test_goodput_accounts_the_jobs_time_from_the_trainers_parts_hangs_and_waiting():
+    import datetime as dt
+
+    from ddetr_operator.decide.goodput import goodput_status
+
+    created = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    trainer = _status_json(train_seconds=600.0, eval_seconds=60.0, checkpoint_seconds=30.0, startup_seconds=40.0,
+                           recomputed_seconds=70.0, recomputed_steps=7)
+    goodput = goodput_status(trainer, created, created + dt.timedelta(seconds=1000), hangs=1,
+                             progress_deadline_seconds=120)
+    assert goodput == {"trainingSeconds": 600.0, "evalSeconds": 60.0, "checkpointSeconds": 30.0, "startupSeconds": 40.0,
+                       "recomputedSeconds": 70.0, "hangSeconds": 120.0, "waitingSeconds": 80.0, "totalSeconds": 1000.0,
+                       "recomputedSteps": 7, "ratio": 0.6}
+    # Clocks of two machines: what the trainer accounts is never more than the total.
+    assert goodput_status(trainer, created, created + dt.timedelta(seconds=500), 0, None)["waitingSeconds"] == 0.0
+    assert goodput_status(_status_json(), None, created, 0, None) is None
+
+
+def test_goodput_in_status_kubectl_and_prometheus(make_job):
+    from ddetr_operator import metrics
+
+    job = make_job()
+    job["metadata"]["creationTimestamp"] = "2026-01-02T02:04:05Z"  # an hour before conftest's NOW
+    trainer = _status_json(train_seconds=1800.0, eval_seconds=100.0)
+    goodput = reconcile(job, Observed(progress=trainer), NOW).status["goodput"]
+    assert goodput["ratio"] == 0.5 and goodput["totalSeconds"] == 3600.0 and goodput["waitingSeconds"] == 1700.0
+    columns = {c["name"]: c for c in crd.build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Goodput"] == {"name": "Goodput", "type": "number", "jsonPath": ".status.goodput.ratio"}
+    metrics.record_goodput(job["metadata"], goodput)
+    name = {"namespace": job["metadata"]["namespace"], "name": job["metadata"]["name"]}
+    assert metrics.registry.get_sample_value("ddetr_operator_job_goodput_ratio", name) == 0.5
+    assert metrics.registry.get_sample_value("ddetr_operator_job_time_seconds", {**name, "part": "waiting"}) == 1700.0
+    metrics.forget_goodput(job["metadata"])
+    assert metrics.registry.get_sample_value("ddetr_operator_job_goodput_ratio", name) is None

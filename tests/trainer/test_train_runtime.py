@@ -15,6 +15,7 @@ from deformable_detr.errors import UsageError
 from deformable_detr.runtime import checkpoint
 from deformable_detr.runtime.optim import build_optimizer, build_scheduler, param_groups
 from deformable_detr.runtime.signals import StopRequest
+from deformable_detr.runtime.status_file import STATUS_FIELDS
 from deformable_detr.runtime.training_log import TrainingLog
 from train_records import read_log, read_status
 
@@ -146,10 +147,12 @@ def test_training_log_and_status(tmp_path):
     assert records[0]["loss_ce"] == pytest.approx(1.5) and records[0]["lr"] == 1e-4
     assert records[1]["kind"] == "validation" and records[1]["val_loss"] is None
     status = read_status(str(tmp_path))
-    assert status == {"num_epochs": 2, "epoch": 1, "epochs_completed": 1, "epoch_index": 0, "step": 1,
-                      "last_loss": 2.0, "last_map": 0.25,
-                      "last_checkpoint": "/x/model_epoch_000_step_00001.pth", "state": "completed",
-                      "attempt": 1, "skipped_samples": 0, "not_uploaded": None}
+    expected = {"num_epochs": 2, "epoch": 1, "epochs_completed": 1, "epoch_index": 0, "step": 1,
+                "last_loss": 2.0, "last_map": 0.25,
+                "last_checkpoint": "/x/model_epoch_000_step_00001.pth", "state": "completed",
+                "attempt": 1, "skipped_samples": 0, "not_uploaded": None}
+    assert {name: status[name] for name in expected} == expected
+    assert set(status) == set(STATUS_FIELDS)  # every field written, the rest at their defaults
     with pytest.raises(ValueError):
         TrainingLog(str(tmp_path), 1).update_status(state="exploded")
     # A restarted run starts from what the last one reported.

@@ -7,7 +7,8 @@ from deformable_detr.runtime.progress import format_duration
 from deformable_detr.runtime.status_file import parse_status
 
 from ..api import PROGRESS_FIELDS
-from .model import State, timestamp
+from .goodput import goodput_status
+from .model import State, parse_time, timestamp
 
 
 def progress_status(progress: Mapping[str, Any], previous: Mapping[str, Any] | None, now) -> dict:
@@ -34,7 +35,14 @@ def best_checkpoint(progress: Mapping[str, Any]) -> dict | None:
 def record_progress(s: State) -> None:
     if not s.observed.progress:
         return
-    s.status["progress"] = progress_status(s.observed.progress, s.status.get("progress"), s.now)
+    previous = s.status.get("progress")
+    s.status["progress"] = progress_status(s.observed.progress, previous, s.now)
+    # Refreshed with the progress only: a clock alone moving must not patch the status every pass.
+    if s.status["progress"] != previous or "goodput" not in s.status:
+        goodput = goodput_status(s.observed.progress, parse_time(s.body["metadata"].get("creationTimestamp")),
+                                 s.now, int(s.status.get("hangs") or 0), s.run_policy.progress_deadline_seconds)
+        if goodput is not None:
+            s.status["goodput"] = goodput
     best = best_checkpoint(s.observed.progress)
     if best is not None:
         s.status["bestCheckpoint"] = best

@@ -52,6 +52,18 @@ class TrainStatus:
     best_checkpoint: Optional[str] = _field("URI of the checkpoint with the best validation mAP", default=None)
     stop_reason: Optional[str] = _field("why training ended before its last epoch, when a quality gate ended it",
                                         default=None)
+    # Where the run's time went, in seconds, over all launches (the operator's goodput, decide/goodput.py).
+    train_seconds: float = _field("time in training steps that count (all launches; steps recomputed after a "
+                                  "failure are moved to recomputed_seconds)", default=0.0)
+    eval_seconds: float = _field("time in validation (all launches)", default=0.0)
+    checkpoint_seconds: float = _field("time writing checkpoints (all launches)", default=0.0)
+    startup_seconds: float = _field("time from each launch's start to its first step (model, data, resume)",
+                                    default=0.0)
+    recomputed_seconds: float = _field("step time lost to failures: the steps after the last checkpoint, trained "
+                                       "again by the next launch", default=0.0)
+    recomputed_steps: int = _field("steps trained again after failures", default=0)
+    unsaved_seconds: float = _field("step time since this launch's last checkpoint (lost should it fail now)",
+                                    default=0.0)
     not_uploaded: Optional[list] = _field("files staged beside this status.json and not yet uploaded to the "
                                           "results folder (an upload failed for good); the next run uploads them "
                                           "first", default=None)

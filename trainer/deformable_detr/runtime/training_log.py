@@ -31,7 +31,9 @@ class TrainingLog:
         and counts itself as the next attempt."""
         previous = read_status(self.folder) or {}
         for name in ("epoch", "epochs_completed", "epoch_index", "step", "last_loss", "last_map", "last_checkpoint",
-                     "percent", "best_map", "best_epoch", "best_checkpoint"):
+                     "percent", "best_map", "best_epoch", "best_checkpoint", "train_seconds", "eval_seconds",
+                     "checkpoint_seconds", "startup_seconds", "recomputed_seconds", "recomputed_steps",
+                     "unsaved_seconds"):
             if name in previous:
                 setattr(self.status, name, previous[name])
         if previous:

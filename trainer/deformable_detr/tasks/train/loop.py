@@ -198,6 +198,7 @@ class Trainer:
             raise Diverged(f"training diverged at epoch {position.epoch} (0-based), step {position.step}: the "
                            f"weights are no longer finite (last loss terms: {terms}); {self._saved_note()}; "
                            "lower train.optim.lr (or use train.precision fp32)")
+        started = time.perf_counter()
         state = gather_checkpoint(self.spec, self._bare_model, self.optimizer, self.scheduler, self.scaler,
                                   position, epoch_finished, self.info, self.plan)
         self.saved_at_step = position.step
@@ -208,6 +209,7 @@ class Trainer:
         path = checkpoint.save_checkpoint(state, self.outputs.local_dir, key=self.spec.encryption_key,
                                           update_latest=not self.outputs.remote)
         shown = self.outputs.checkpoint_saved(path)
+        self.outputs.add_time("checkpoint_seconds", time.perf_counter() - started)
         if epoch_finished and self.epoch_map is not None:  # these weights are the ones validation just scored
             self.outputs.best_candidate(shown, position.epoch, self.epoch_map)
         return shown
@@ -357,7 +359,9 @@ class Trainer:
         if self.validation is None:
             return None
         with_loss = monitors_a_value(self.scheduler) and self.train_cfg.optim.lr_monitor == "val_loss"
+        started = time.perf_counter()
         metrics, val_loss = self.validation.run(self.model, self.sharded, with_loss)
+        self.outputs.add_time("eval_seconds", time.perf_counter() - started)
         self.epoch_map = None if metrics is None else metrics.get("mAP")
         if metrics is not None:
             self.outputs.validation(position, metrics)

@@ -25,6 +25,7 @@ from ...runtime.training_log import LOG_NAME, TrainingLog
 from .state import Position
 
 log = get_logger("train")
+STATUS_UPLOAD_EVERY_S = 30.0  # remote results: status.json (the operator's progress and heartbeat) goes up this often
 
 
 def _open_metrics(spec: ExperimentConfig):
@@ -67,6 +68,8 @@ class TrainOutputs:
         self.rate = StepRate()  # the run's recent pace: percent done and finish time
         self.steps_per_epoch = 0
         self._last_step_end: Optional[float] = None
+        self._launched = time.monotonic()  # this launch's start, for its start-up time
+        self._status_uploaded = 0.0
 
     def prepare(self) -> None:
         """Rank 0, first: remove partial writes a killed run left; upload what an earlier run could not."""
@@ -104,6 +107,7 @@ class TrainOutputs:
         if self.training_log is None:
             return
         train = self.spec.train
+        self._count_recomputed(position)
         self.training_log.update_status(epoch=position.epoch, epoch_index=position.epoch, step=position.step,
                                         state="running")
         # One per launch: a fresh run (resumed_from null) starts a fresh log.
@@ -130,6 +134,7 @@ class TrainOutputs:
         if self.training_log is None:
             return
         self._track_progress(position, images, step_seconds)
+        self._count_step_time(step_seconds)
         self.training_log.log_step(epoch=position.epoch, step=position.step, losses=losses, lr=lr,
                                    images_per_s=images / max(step_seconds, 1e-9), step_seconds=step_seconds,
                                    data_wait_seconds=data_wait, memory_mb=memory_mb)
@@ -160,6 +165,36 @@ class TrainOutputs:
             (datetime.now(timezone.utc) + timedelta(seconds=eta)).strftime("%Y-%m-%dT%H:%M:%SZ")
         if self.metrics is not None:
             self.metrics.observe_progress(done / total, eta)
+
+    def _count_recomputed(self, position: Position) -> None:
+        """A resumed launch: the steps the last launch trained past its checkpoint are trained again; their
+        time moves from training to recomputed (status.json carried over holds where it got to)."""
+        status = self.training_log.status
+        lost_steps = max(0, status.step - position.step)
+        if lost_steps:
+            status.recomputed_steps += lost_steps
+            status.recomputed_seconds = round(status.recomputed_seconds + status.unsaved_seconds, 3)
+            status.train_seconds = round(max(0.0, status.train_seconds - status.unsaved_seconds), 3)
+        status.unsaved_seconds = 0.0
+
+    def _count_step_time(self, step_seconds: float) -> None:
+        status = self.training_log.status
+        now = time.monotonic()
+        if self._launched is not None:  # this launch's first step
+            status.startup_seconds = round(status.startup_seconds + max(0.0, now - step_seconds - self._launched), 3)
+            self._launched = None
+        status.train_seconds = round(status.train_seconds + step_seconds, 3)
+        status.unsaved_seconds = round(status.unsaved_seconds + step_seconds, 3)
+        if self.remote and now - self._status_uploaded >= STATUS_UPLOAD_EVERY_S:
+            self._status_uploaded = now
+            self.sync.upload(STATUS_NAME)  # as last written (at most status_every_s old)
+
+    def add_time(self, field: str, seconds: float) -> None:
+        """Time spent outside steps: eval_seconds (validation) or checkpoint_seconds."""
+        if self.training_log is None:
+            return
+        status = self.training_log.status
+        setattr(status, field, round(getattr(status, field) + seconds, 3))
 
     def progress_note(self) -> str:
         """The whole run's percent and ETA, for the epoch's progress line."""
@@ -193,7 +228,7 @@ class TrainOutputs:
         """Queue the checkpoint rank 0 wrote at `path` for upload and report it; its name in the results folder."""
         self.sync.publish_checkpoint(os.path.basename(path), latest_name=checkpoint.LATEST_NAME)
         shown = f"{self.results_dir}/{os.path.basename(path)}"
-        self.training_log.update_status(last_checkpoint=shown)
+        self.training_log.update_status(last_checkpoint=shown, unsaved_seconds=0.0)
         if self.metrics is not None:
             self.metrics.observe_checkpoint(shown)
         log.info("checkpoint: %s", shown)
