@@ -40,8 +40,11 @@ CONTROLLERS = ("job-controller", "garbage-collector-controller", "namespace-cont
                "serviceaccount-controller", "ttl-after-finished-controller", "pod-garbage-collector-controller",
                "root-ca-certificate-publisher-controller", "resourcequota-controller", "disruption-controller",
                "taint-eviction-controller", "podgroup-protection-controller")
-# What Services need once a kubelet runs real pods: their endpoints, for kube-proxy and CoreDNS.
-REAL_NODE_CONTROLLERS = ("endpoints-controller", "endpointslice-controller")
+# What a kubelet's pods need: Services' endpoints (for kube-proxy and CoreDNS), claims bound to
+# volumes (the PersistentVolumeClaims that Pod Security's restricted level allows, not hostPath),
+# and Deployments' pods (the chart's operator in-cluster).
+REAL_NODE_CONTROLLERS = ("endpoints-controller", "endpointslice-controller", "persistentvolume-binder-controller",
+                         "deployment-controller", "replicaset-controller")
 # Kubernetes' own gang scheduling (scheduling.k8s.io/v1beta1 Workload/PodGroup, the scheduler's
 # GangScheduling plugin, pods' spec.schedulingGroup) is beta in 1.37 but off by default.
 FEATURE_GATES = "--feature-gates=GenericWorkload=true"
