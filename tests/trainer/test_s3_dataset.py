@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import uuid
 
@@ -22,6 +23,19 @@ from deformable_detr.runtime import object_cache, storage
 from deformable_detr.runtime.checkpoint import LATEST_NAME, load_checkpoint
 from test_s3 import CuttingProxy
 from test_train import tiny_train_spec
+
+
+class StoppingProxy(CuttingProxy):
+    """CuttingProxy whose stop also stops the listening socket: on Linux, closing it while another thread
+    waits in accept() leaves it listening, and later connections hang in its backlog (a read timeout,
+    not a refused connection)."""
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        super().stop()
 
 
 class CountingS3:
@@ -177,7 +191,9 @@ def _cli_error(capsys) -> str:
     return lines[0]
 
 
-def test_an_image_deleted_mid_run_is_one_line_naming_it(tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: raised in a loader worker, re-raised by the loader
+def test_an_image_deleted_mid_run_is_one_line_naming_it(tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys,
+                                                        workers):
     bucket, sources = s3_coco
     gone = f"{sources['train']['image_dir']}/00005.jpg"
     client = _direct_client(s3_env.url)
@@ -187,7 +203,7 @@ def test_an_image_deleted_mid_run_is_one_line_naming_it(tiny_coco, s3_env, s3_co
             client.delete_object(Bucket=bucket, Key="train/images/00005.jpg")
 
     s3_env.on_request = delete_after_the_annotations
-    code = main(["train", "-e", write_spec(_s3_spec(tiny_coco, sources, tmp_path / "r"))])
+    code = main(["train", "-e", write_spec(_s3_spec(tiny_coco, sources, tmp_path / "r", workers))])
     assert code == exit_codes.BAD_INPUT.code
     assert _cli_error(capsys).endswith(f"file not found: {gone}")
 
@@ -199,10 +215,11 @@ def test_a_missing_bucket_is_one_line(tiny_coco, s3_env, s3_coco, tmp_path, writ
     assert "bucket 'no-such-bucket-31' does not exist" in _cli_error(capsys)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_the_endpoint_stopped_mid_epoch_exits_retryable_and_the_restart_finishes(
-        tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys, monkeypatch):
+        tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys, monkeypatch, workers):
     bucket, sources = s3_coco
-    proxy = CuttingProxy(s3_env.url)
+    proxy = StoppingProxy(s3_env.url)
     monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
     images = []
 
@@ -214,7 +231,7 @@ def test_the_endpoint_stopped_mid_epoch_exits_retryable_and_the_restart_finishes
                 threading.Thread(target=proxy.stop, daemon=True).start()
 
     s3_env.on_request = stop_after_three_images
-    spec = write_spec(_s3_spec(tiny_coco, sources, tmp_path / "r"))
+    spec = write_spec(_s3_spec(tiny_coco, sources, tmp_path / "r", workers))
     assert main(["train", "-e", spec]) == exit_codes.STORAGE_UNAVAILABLE.code
     assert "cannot reach the S3 endpoint" in _cli_error(capsys)
 
