@@ -97,3 +97,21 @@ def test_the_progress_line_gives_no_rate_until_the_warm_up_items_are_done(monkey
     assert lines[0] == "epoch 0 of 0..0: 1/32 it, warming up (no rate yet); run 1% done"
     assert lines[1] == "epoch 0 of 0..0: 2/32 it, warming up (no rate yet); run 1% done"
     assert lines[2] == "epoch 0 of 0..0: 12/32 it, 1.00 it/s (last 30s), ETA 20s; run 1% done"
+
+
+def test_on_a_terminal_the_bar_says_warming_up_and_its_rate_starts_after(monkeypatch, capsys):
+    import re
+    import time
+
+    monkeypatch.setattr(progress_module.sys.stderr, "isatty", lambda: True)
+    seen = []
+    for item in progress(range(5), desc="epoch 0 of 0..0"):
+        seen.append(item)
+        if item == 0:
+            time.sleep(1.0)  # a slow first step: with it the rate would be at most 5 it/s
+    assert seen == [0, 1, 2, 3, 4]
+    err = capsys.readouterr().err
+    assert "warming up" in err and "2/5" in err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("epoch 0 of 0..0: 100%") and "5/5" in final
+    assert float(re.search(r"([0-9.]+)it/s", final).group(1)) > 50  # the 3 items after the warm-up only

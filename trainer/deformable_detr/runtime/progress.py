@@ -8,6 +8,7 @@ made a 6-minute run's line promise 3h02m (issue 33). `StepRate` is the whole run
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import sys
 import threading
@@ -119,7 +120,16 @@ def progress(items: Iterable[T], total: Optional[int] = None, desc: str = "", en
         total = len(items)  # type: ignore[arg-type]
     if sys.stderr.isatty():
         from tqdm import tqdm
-        yield from tqdm(items, total=total, desc=desc, dynamic_ncols=True, unit=unit, initial=initial)
+        bar = dict(total=total, desc=desc, dynamic_ncols=True, unit=unit)
+        iterator, count = iter(items), initial
+        # The warm-up items on a bar of their own with no rate: tqdm's rate starts at its first item.
+        with tqdm(initial=count, leave=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [warming up]",
+                  **bar) as warming:
+            for item in itertools.islice(iterator, WARMUP_ITEMS):
+                yield item
+                count += 1
+                warming.update()
+        yield from tqdm(iterator, initial=count, **bar)
         return
     start = last = time.monotonic()
     window: Optional[RateWindow] = None  # from the end of the warm-up items on
