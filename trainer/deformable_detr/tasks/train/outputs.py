@@ -154,7 +154,8 @@ class TrainOutputs:
         self._last_step_end = now
         self.rate.add_step(step_seconds, images)
         total = self.spec.train.num_epochs * self.steps_per_epoch
-        done = position.epoch * self.steps_per_epoch + position.batches_done
+        # At most the total: an epoch resumed at another world size may count its steps differently.
+        done = min(position.epoch * self.steps_per_epoch + position.batches_done, total)
         status = self.training_log.status
         status.percent = round(100.0 * done / total, 2)
         eta = self.rate.eta_seconds(total - done, self.spec.train.num_epochs - position.epoch)
