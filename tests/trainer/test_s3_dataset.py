@@ -180,9 +180,15 @@ def test_the_cache_evicts_the_least_recently_used_past_its_size(s3_env, s3_coco,
     uris = [f"{sources['train']['image_dir']}/{k:05d}.jpg" for k in range(1, 9)]
     sizes = [remote.info(uri).size for uri in uris]
     monkeypatch.setenv(object_cache.CACHE_SIZE_ENV, str(sum(sizes[:4])))
+    stale = os.path.join(object_cache.node_cache().root, "ab", "ab12.999.1.tmp")  # a killed process's download
+    os.makedirs(os.path.dirname(stale))
+    with open(stale, "wb") as fh:
+        fh.write(b"partial")
+    os.utime(stale, (0, 0))
     paths = [remote.local_copy(uri) for uri in uris]
     kept = [os.path.exists(path) for path in paths]
     assert kept[-1] and not kept[0] and sum(os.path.getsize(p) for p, k in zip(paths, kept) if k) <= sum(sizes[:4])
+    assert not os.path.exists(stale)
 
 
 def _cli_error(capsys) -> str:

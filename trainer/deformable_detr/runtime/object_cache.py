@@ -38,6 +38,7 @@ CACHE_SIZE_ENV = "DDETR_CACHE_SIZE"
 DEFAULT_CACHE_SIZE = "50Gi"
 T = TypeVar("T")
 DOWNLOAD_ATTEMPTS = 3  # whole downloads; each request also has botocore's retries (AWS_MAX_ATTEMPTS)
+STALE_TMP_S = 3600  # a partial download untouched this long belongs to a process that died
 CHUNK = 1024 * 1024  # bytes read from a GET's body at a time: what one download holds in memory
 _UNITS = {"": 1, "k": 1000, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4, "P": 1000 ** 5,
           "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3, "Ti": 1024 ** 4, "Pi": 1024 ** 5}
@@ -211,9 +212,15 @@ class ObjectCache:
             entries = []
             for folder, _dirs, names in os.walk(self.root):
                 for name in names:
-                    if "." not in name:  # data files; .md5, .lock and .tmp go with them
-                        stat = os.stat(os.path.join(folder, name))
-                        entries.append((stat.st_mtime, stat.st_size, os.path.join(folder, name)))
+                    path = os.path.join(folder, name)
+                    try:
+                        stat = os.stat(path)
+                    except FileNotFoundError:  # removed by a reader that found it damaged
+                        continue
+                    if "." not in name:  # data files; their .md5 and .lock go with them
+                        entries.append((stat.st_mtime, stat.st_size, path))
+                    elif name.endswith(".tmp") and stat.st_mtime < time.time() - STALE_TMP_S:
+                        _remove(path)  # left by a process killed mid-download
             total = sum(size for _t, size, _p in entries)
             for _mtime, size, path in sorted(entries):
                 if total <= self.max_bytes * 9 // 10:
