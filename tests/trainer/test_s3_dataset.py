@@ -329,3 +329,19 @@ def test_each_rank_fetches_only_the_images_its_sampler_gives_it(tiny_coco, s3_en
         assert images == given and len(given) == 4  # 8 images over 2 ranks
         fetched.append(images)
     assert not fetched[0] & fetched[1]
+
+
+def test_fine_tuning_from_s3_weights_gives_the_weights_of_local_ones(tiny_coco, s3_env, s3_coco, tmp_path, write_spec,
+                                                                     perturbed_checkpoint):
+    from test_train import TINY_MODEL
+
+    bucket, _sources = s3_coco
+    _model, checkpoint = perturbed_checkpoint({"model": TINY_MODEL, "dataset": {"num_classes": 4}}, seed=3)
+    storage.upload_file(checkpoint, f"s3://{bucket}/models/pretrained.pth")
+    results = {}
+    for where, path in (("local", checkpoint), ("s3", f"s3://{bucket}/models/pretrained.pth")):
+        spec = tiny_train_spec(tiny_coco, tmp_path / where, batch_size=4, num_epochs=1, pretrained_model_path=path)
+        assert main(["train", "-e", write_spec(spec, f"{where}.yaml")]) == 0
+        results[where] = _weights(tmp_path / where)
+    assert all(torch.equal(results["local"][k], results["s3"][k]) for k in results["local"])
+    assert s3_env.object_gets(bucket, "/pretrained.pth") == [f"/{bucket}/models/pretrained.pth"]
