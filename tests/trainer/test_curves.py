@@ -37,6 +37,10 @@ def test_training_writes_tensorboard_event_files_beside_its_log(tiny_coco, tmp_p
     for term in ("loss_ce", "loss_bbox", "loss_giou", "loss", "lr", "images_per_s", "data_wait_seconds"):
         assert [step for step, _ in curves[f"train/{term}"]] == [r["step"] for r in steps], term
         assert [value for _, value in curves[f"train/{term}"]] == pytest.approx([r[term] for r in steps], rel=1e-5)
+    # Every parameter group's learning rate; the main group's is train/lr.
+    assert [v for _, v in curves["train/lr_rest"]] == pytest.approx([r["lr"] for r in steps])
+    assert [v for _, v in curves["train/lr_backbone"]] == pytest.approx([r["lr"] / 10 for r in steps])
+    assert "train/lr_linear_proj" in curves
     validations = [r for r in records if r["kind"] == "validation"]
     for metric in ("mAP", "mAP50"):
         assert curves[f"val/{metric}"] == [(r["step"], pytest.approx(r[metric], abs=1e-6)) for r in validations]

@@ -325,7 +325,9 @@ class Trainer:
             step_seconds = time.perf_counter() - waited_since
             self.outputs.step(position, reduced, self.optimizer.param_groups[0]["lr"],
                               len(targets) * self.info.world_size, step_seconds, data_wait,
-                              _peak_memory_mb(self.info.device))
+                              _peak_memory_mb(self.info.device),
+                              group_lrs={group.get("name", str(number)): group["lr"]
+                                         for number, group in enumerate(self.optimizer.param_groups)})
             waited_since = time.perf_counter()
             if any_skipped:
                 self._note_skipped(position, skipped)

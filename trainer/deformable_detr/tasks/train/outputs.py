@@ -130,7 +130,9 @@ class TrainOutputs:
             self.training_log.status.epoch_index = epoch
 
     def step(self, position: Position, losses: dict[str, float], lr: float, images: int, step_seconds: float,
-             data_wait: float, memory_mb: float) -> None:
+             data_wait: float, memory_mb: float, group_lrs: Optional[dict[str, float]] = None) -> None:
+        """`lr`: the main parameter group's; `group_lrs`: every group's by name (rest, backbone,
+        linear_proj), for the curves."""
         if self.training_log is None:
             return
         self._track_progress(position, images, step_seconds)
@@ -143,7 +145,9 @@ class TrainOutputs:
                                       images=images, step_seconds=step_seconds, data_wait_seconds=data_wait)
         # One feed of scalars for both curve writers (runtime/scalars.py).
         self._curves(step_scalars(losses, lr, position.epoch, images_per_s=images / max(step_seconds, 1e-9),
-                                  step_seconds=step_seconds, data_wait_seconds=data_wait), position.step)
+                                  step_seconds=step_seconds, data_wait_seconds=data_wait,
+                                  **{f"lr_{name}": value for name, value in (group_lrs or {}).items()}),
+                     position.step)
 
     def _track_progress(self, position: Position, images: int, step_seconds: float) -> None:
         """Percent done, recent images/s and the finish time into status.json (written with the next step
