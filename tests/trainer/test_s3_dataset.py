@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 
 import pytest
@@ -345,3 +346,34 @@ def test_fine_tuning_from_s3_weights_gives_the_weights_of_local_ones(tiny_coco, 
         results[where] = _weights(tmp_path / where)
     assert all(torch.equal(results["local"][k], results["s3"][k]) for k in results["local"])
     assert s3_env.object_gets(bucket, "/pretrained.pth") == [f"/{bucket}/models/pretrained.pth"]
+
+
+def test_the_endpoint_stopped_in_the_second_epoch_exits_retryable_and_the_restart_resumes_exactly(
+        tiny_coco, s3_env, s3_coco, tmp_path, write_spec, capsys, monkeypatch):
+    bucket, sources = s3_coco
+    local = tiny_train_spec(tiny_coco, tmp_path / "local", batch_size=2, num_epochs=2)
+    assert main(["train", "-e", write_spec(local, "local.yaml")]) == 0
+
+    # A cache too small for the training images: the second epoch must fetch them again.
+    image_size = max(os.path.getsize(os.path.join(tiny_coco["train"]["image_dir"], n))
+                     for n in os.listdir(tiny_coco["train"]["image_dir"]))
+    monkeypatch.setenv(object_cache.CACHE_SIZE_ENV, str(3 * image_size))
+    proxy = StoppingProxy(s3_env.url)
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
+    latest = tmp_path / "s3" / "train" / LATEST_NAME
+
+    def stop_once_the_first_epoch_is_saved() -> None:
+        while not proxy.cut.is_set():
+            if latest.exists():
+                proxy.stop()
+            time.sleep(0.005)
+
+    threading.Thread(target=stop_once_the_first_epoch_is_saved, daemon=True).start()
+    spec = write_spec(_s3_spec(tiny_coco, sources, tmp_path / "s3"), "s3.yaml")
+    assert main(["train", "-e", spec]) == exit_codes.STORAGE_UNAVAILABLE.code
+    assert "cannot reach the S3 endpoint" in _cli_error(capsys)
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_env.url)  # back: the restart resumes from the first epoch's checkpoint
+    assert main(["train", "-e", spec]) == 0
+    reference, resumed = _weights(tmp_path / "local"), _weights(tmp_path / "s3")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
