@@ -1,70 +1,101 @@
 """CPU time of one training step and of inference: this project's Deformable DETR against transformers'.
 
-Both models get the same small configuration (ResNet-18 layout backbone without pretrained
-weights and frozen, as transformers freezes it, 2+2 layers, hidden 64, 4 levels, box refinement)
-and the same batch; each figure is min/median/max over interleaved repeats after a warm-up
-(the three models take turns, so they see the same machine load), and each speedup the
-min/median/max of the per-round ratios. Quote the median with its spread. Ours runs twice: with the PyTorch reference attention (the
-same algorithm as transformers' pure-PyTorch path) and with whatever `deformable_detr.ops`
-picks by default (a compiled CPU kernel when one builds here).
+Two configurations (`--config`), each model built as the other:
+- small: ResNet-18 layout backbone, frozen (transformers freezes its whole ResNet), 2+2 layers,
+  hidden 64, 100 queries, 4 levels, box refinement; 128 px.
+- tao_default: TAO's default model: ResNet-50 (layer2-4 trained, the stem and layer1 frozen, as the
+  original; transformers' backbone unfrozen to match), hidden 256, 6+6 layers, 300 queries, 4
+  levels, box refinement, dropout 0.3; 256 px (TAO trains at ~800x1333; 256 px keeps a run to a
+  few minutes on 2 cores). Also the peak memory of a training step of each model, with
+  activation checkpointing (ours: train.activation_checkpoint; transformers: gradient
+  checkpointing) on and off, each in its own process (the rise of the resident set over the step).
+No pretrained weights. Each time is min/median/max over interleaved repeats after a warm-up (the
+models take turns, so they see the same machine load), each speedup the min/median/max of the
+per-round ratios. Quote the median with its spread. Ours runs with the PyTorch reference
+attention (the same algorithm as transformers' pure-PyTorch path), with whatever
+`deformable_detr.ops` picks by default (a compiled CPU kernel when one builds here), and with that
+kernel but the frozen BatchNorms applied after their convolutions instead of folded into them
+(`unfolded`: the fold's share alone).
 Breakdown: after the timed rounds, more training steps of ours (default attention) and of
 transformers' run under torch.profiler, one step per profile, the two models in turns; the JSON records, per model, where a step's operator time
 goes (self CPU time per step by kind of operator: convolutions, matrix products, deformable
 attention, dropout's random numbers, pooling, the rest) and the top operators, median (min-max)
 over profiled steps taken in turns.
-Prints a table and writes bench/results/model_step.json.
+Prints a table and writes bench/results/model_step.json (small) or model_step_tao_default.json.
 
-    OMP_NUM_THREADS=2 python3 bench/model_step.py [--image-size 128] [--batch 2] [--repeats 15] [--output F]
+    OMP_NUM_THREADS=2 python3 bench/model_step.py [--config small|tao_default] [--image-size N] [--batch 2]
+                                                  [--repeats N] [--output F]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fmt, machine, ratio_spread, spread, time_interleaved, write_json  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model_step.json")
-HIDDEN, HEADS, QUERIES, CLASSES, LAYERS, FFN = 64, 8, 100, 4, 2, 256
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CLASSES = 4
+CONFIGS = {
+    "small": {"backbone": "resnet_18", "hidden": 64, "heads": 8, "queries": 100, "layers": 2, "ffn": 256,
+              "dropout": 0.1, "train_backbone": False, "image_size": 128, "repeats": 15, "profile_rounds": 5,
+              "memory": False},
+    "tao_default": {"backbone": "resnet_50", "hidden": 256, "heads": 8, "queries": 300, "layers": 6, "ffn": 1024,
+                    "dropout": 0.3, "train_backbone": True, "image_size": 256, "repeats": 5, "profile_rounds": 3,
+                    "memory": True},
+}
+# transformers' ResNet layouts of torchvision's resnet18 and resnet50.
+HF_RESNETS = {"resnet_18": dict(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic"),
+              "resnet_50": dict(hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck")}
 
 
-def ours():
+def ours(c: dict, activation_checkpoint: bool = False):
     from deformable_detr.config.schema import ExperimentConfig
     from deformable_detr.model import build_model
 
     spec = ExperimentConfig()
     spec.dataset.num_classes = CLASSES
     m = spec.model
-    m.backbone, m.hidden_dim, m.nheads, m.num_queries = "resnet_18", HIDDEN, HEADS, QUERIES
-    m.enc_layers = m.dec_layers = LAYERS
-    m.dim_feedforward, m.dropout_ratio, m.with_box_refine = FFN, 0.1, True
+    m.backbone, m.hidden_dim, m.nheads, m.num_queries = c["backbone"], c["hidden"], c["heads"], c["queries"]
+    m.enc_layers = m.dec_layers = c["layers"]
+    m.dim_feedforward, m.dropout_ratio, m.with_box_refine = c["ffn"], c["dropout"], True
     m.cls_loss_coef = 1.0  # transformers' fixed weight of the classification loss
-    # transformers 5.18 freezes its whole ResNet backbone (its name filter looks for "stage.1", its
-    # parameters say "stages.1"); freeze ours too so that both backward passes do the same work.
-    m.train_backbone = False
-    spec.train.activation_checkpoint = False
+    m.train_backbone = c["train_backbone"]
+    spec.train.activation_checkpoint = activation_checkpoint
     model, criterion, _ = build_model(spec)
     return model, criterion
 
 
-def theirs():
+def theirs(c: dict, activation_checkpoint: bool = False):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-    backbone = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
-                            layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    backbone = ResNetConfig(embedding_size=64, out_features=["stage2", "stage3", "stage4"], **HF_RESNETS[c["backbone"]])
     config = DeformableDetrConfig(
-        backbone_config=backbone, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+        backbone_config=backbone, d_model=c["hidden"], encoder_layers=c["layers"], decoder_layers=c["layers"],
+        encoder_attention_heads=c["heads"], decoder_attention_heads=c["heads"], encoder_ffn_dim=c["ffn"],
+        decoder_ffn_dim=c["ffn"],
         # The original Deformable DETR's dropouts, as ours has them: after the FFN's activation and in the
         # decoder's self-attention too (transformers' defaults leave those two at 0, a lighter model).
-        num_queries=QUERIES, num_labels=CLASSES, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
-        with_box_refine=True, auxiliary_loss=True,
+        num_queries=c["queries"], num_labels=CLASSES, dropout=c["dropout"], attention_dropout=c["dropout"],
+        activation_dropout=c["dropout"], with_box_refine=True, auxiliary_loss=True,
         disable_custom_kernels=True, tie_word_embeddings=False)
-    return DeformableDetrForObjectDetection(config)
+    model = DeformableDetrForObjectDetection(config)
+    # transformers 5.18 freezes its whole ResNet (its name filter looks for "stage.1", its parameters
+    # say "stages.1"); where ours trains layer2-4, train transformers' stages 1-3 alike.
+    for name, parameter in model.model.backbone.named_parameters():
+        if c["train_backbone"] and re.search(r"\.stages\.[123]\.", name):
+            parameter.requires_grad_(True)
+    if activation_checkpoint:
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def batch(size: int, count: int):
@@ -77,11 +108,12 @@ def batch(size: int, count: int):
     return images, masks, targets
 
 
-def make_steps(size: int, count: int):
+def make_steps(c: dict, size: int, count: int, activation_checkpoint: bool = False):
+    """{"train"/"inference": (ours, transformers')} step functions, and our model."""
     images, masks, targets = batch(size, count)
     hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-    model, criterion = ours()
-    hf = theirs()
+    model, criterion = ours(c, activation_checkpoint)
+    hf = theirs(c, activation_checkpoint)
 
     def our_train():
         model.train()
@@ -103,7 +135,7 @@ def make_steps(size: int, count: int):
         with torch.inference_mode():
             hf(pixel_values=images, pixel_mask=(~masks).long())
 
-    return {"train": (our_train, hf_train), "inference": (our_infer, hf_infer)}
+    return {"train": (our_train, hf_train), "inference": (our_infer, hf_infer)}, model
 
 
 def with_impl(step, impl: str | None):
@@ -115,6 +147,57 @@ def with_impl(step, impl: str | None):
             os.environ["DDETR_MSDA_IMPL"] = impl
         step()
     return action
+
+
+def unfolded(step, model):
+    """`step` with the frozen BatchNorms applied after their convolutions, not folded into them."""
+    from deformable_detr.model.backbone import set_batchnorm_folding
+
+    def action():
+        set_batchnorm_folding(model, False)
+        try:
+            step()
+        finally:
+            set_batchnorm_folding(model, True)
+    return action
+
+
+def _resident_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read())[1])
+
+
+def measure_memory(c: dict, size: int, count: int, which: str, activation_checkpoint: bool) -> dict:
+    """In this (fresh) process: one training step as a warm-up, its freed memory handed back to
+    the system (glibc's malloc_trim), then the peak rise of the resident set over a second step
+    (Linux: /proc/self/clear_refs resets the high-water mark)."""
+    import ctypes
+
+    steps, _ = make_steps(c, size, count, activation_checkpoint)
+    step = steps["train"][0 if which == "ours" else 1]
+    step()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _resident_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    return {"model": which, "activation_checkpoint": activation_checkpoint,
+            "step_peak_rise_mib": (_resident_kib("VmHWM") - before) / 1024,
+            "process_peak_mib": _resident_kib("VmHWM") / 1024, "step_s": seconds}
+
+
+def memory_table(config: str, size: int, count: int) -> list[dict]:
+    """Each model with and without activation checkpointing, each in its own process (so that
+    neither inherits the other's freed but kept memory)."""
+    rows = []
+    for which in ("ours", "transformers"):
+        for checkpoint in (False, True):
+            command = [sys.executable, os.path.abspath(__file__), "--config", config, "--image-size", str(size),
+                       "--batch", str(count), "--memory-of", f"{which}:{'on' if checkpoint else 'off'}"]
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
 
 
 # Kinds of operators in the breakdown, by the profiler's operator names (first match wins).
@@ -143,7 +226,7 @@ def profile_once(step) -> dict[str, tuple[float, int]]:
     return {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
 
 
-def profile_breakdown(steps: dict, rounds: int = 5, top: int = 12) -> dict:
+def profile_breakdown(steps: dict, rounds: int, top: int = 12) -> dict:
     """Per model, self CPU ms of a training step by kind of operator and for the top operators:
     median over `rounds` profiled steps, the models taking turns (as in the timing) so that load
     from other work hits both alike; min-max beside each median."""
@@ -177,42 +260,59 @@ def profile_breakdown(steps: dict, rounds: int = 5, top: int = 12) -> dict:
 def main(argv=None) -> int:
     load_at_start = os.getloadavg()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--image-size", type=int, help="default: the configuration's (small 128, tao_default 256)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, help="default: the configuration's (small 15, tao_default 5)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown")
-    parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # ours|transformers:on|off, in a child process
+    parser.add_argument("--output")
     args = parser.parse_args(argv)
+    c = CONFIGS[args.config]
+    size, repeats = args.image_size or c["image_size"], args.repeats or c["repeats"]
     torch.manual_seed(0)
+    if args.memory_of:
+        which, checkpoint = args.memory_of.split(":")
+        print(json.dumps(measure_memory(c, size, args.batch, which, checkpoint == "on")))
+        return 0
+    output = args.output or os.path.join(
+        RESULTS, "model_step.json" if args.config == "small" else f"model_step_{args.config}.json")
     from deformable_detr import ops
 
     default_impl = ops.select_implementation(torch.device("cpu"))
-    steps = make_steps(args.image_size, args.batch)
+    steps, model = make_steps(c, size, args.batch)
     rows = []
     for name, (our_step, hf_step) in steps.items():
         times = time_interleaved({"ours_reference": with_impl(our_step, "reference"),
                                   "ours_default": with_impl(our_step, None),
-                                  "transformers": with_impl(hf_step, "reference")}, args.repeats, warmup=1)
+                                  "ours_default_unfolded": unfolded(with_impl(our_step, None), model),
+                                  "transformers": with_impl(hf_step, "reference")}, repeats, warmup=1)
         os.environ.pop("DDETR_MSDA_IMPL", None)
-        rows.append({"work": name, "batch": args.batch, "image_size": args.image_size, "repeats": args.repeats,
+        rows.append({"work": name, "batch": args.batch, "image_size": size, "repeats": repeats,
                      "ours_default_impl": default_impl,
                      "seconds": {k: spread(v) for k, v in times.items()},
                      "speedup_reference": ratio_spread(times["transformers"], times["ours_reference"]),
-                     "speedup_default": ratio_spread(times["transformers"], times["ours_default"])})
+                     "speedup_default": ratio_spread(times["transformers"], times["ours_default"]),
+                     "batchnorm_fold_speedup": ratio_spread(times["ours_default_unfolded"], times["ours_default"])})
     breakdown = None
     if not args.no_profile:
         our_train, hf_train = steps["train"]
-        breakdown = profile_breakdown({"ours_" + default_impl: our_train, "transformers": hf_train})
+        breakdown = profile_breakdown({"ours_" + default_impl: our_train, "transformers": hf_train},
+                                      rounds=c["profile_rounds"])
+    del steps, model
+    memory = memory_table(args.config, size, args.batch) if c["memory"] else None
     info = machine(load_at_start)
-    print(f"{info['cpu_model']}, {info['torch_threads']} threads, load at start {info['load_at_start_1_5_15min']}; "
-          f"median (min-max) of {args.repeats} interleaved rounds")
-    print(f"{'work':<10} {'ours (ref) s':>20} {'ours (' + default_impl + ') s':>20} {'transformers s':>20} "
-          f"{'x (ref)':>18} {'x (' + default_impl + ')':>18}")
+    info["shared"] = "2 cores shared with other engineers' builds and tests: read the ratios, not the seconds"
+    print(f"{args.config}: {info['cpu_model']}, {info['torch_threads']} threads, load at start "
+          f"{info['load_at_start_1_5_15min']}; median (min-max) of {repeats} interleaved rounds")
+    print(f"{'work':<10} {'ours (ref) s':>20} {'ours (' + default_impl + ') s':>20} {'unfolded BN s':>20} "
+          f"{'transformers s':>20} {'x (ref)':>18} {'x (' + default_impl + ')':>18} {'fold x':>18}")
     for r in rows:
         sec = r["seconds"]
         print(f"{r['work']:<10} {fmt(sec['ours_reference'], 1, 3):>20} {fmt(sec['ours_default'], 1, 3):>20} "
-              f"{fmt(sec['transformers'], 1, 3):>20} {fmt(r['speedup_reference']):>18} {fmt(r['speedup_default']):>18}")
-    print("x = transformers time / ours, per round (above 1: ours is faster)")
+              f"{fmt(sec['ours_default_unfolded'], 1, 3):>20} {fmt(sec['transformers'], 1, 3):>20} "
+              f"{fmt(r['speedup_reference']):>18} {fmt(r['speedup_default']):>18} {fmt(r['batchnorm_fold_speedup']):>18}")
+    print("x = transformers time / ours, per round (above 1: ours is faster); fold x = unfolded / folded")
     if breakdown:
         print("training step under torch.profiler, self CPU ms per step by kind of operator:")
         names = list(breakdown)
@@ -223,11 +323,16 @@ def main(argv=None) -> int:
                       b["by_kind_ms_per_step"].get(kind, {"median": 0.0, "min": 0.0, "max": 0.0})
                       for b in breakdown.values()]
             print(f"  {kind:<36}" + "".join(f"{fmt(v, 1, 1):>22}" for v in values))
-    write_json(args.output, {"machine": info, "config": {"hidden": HIDDEN, "heads": HEADS, "queries": QUERIES,
-                                                         "layers": LAYERS, "ffn": FFN,
-                                                         "backbone": "resnet_18 (frozen)"}, "rows": rows,
-                             "train_step_breakdown": breakdown})
-    print(f"wrote {args.output}")
+    if memory:
+        print("peak rise of the resident set over a training step (MiB), one process each:")
+        for m in memory:
+            print(f"  {m['model']:<14} activation checkpointing {'on ' if m['activation_checkpoint'] else 'off'}: "
+                  f"{m['step_peak_rise_mib']:8.0f} MiB (process peak {m['process_peak_mib']:.0f} MiB, "
+                  f"step {m['step_s']:.1f} s)")
+    config = {k: v for k, v in c.items() if k not in ("image_size", "repeats", "profile_rounds", "memory")}
+    write_json(output, {"machine": info, "config_name": args.config, "config": config, "rows": rows,
+                        "train_step_breakdown": breakdown, "train_step_memory": memory})
+    print(f"wrote {output}")
     return 0
 
 

@@ -14,7 +14,9 @@ gradients) divided by its median time, as a fraction of the device's copy bandwi
 kernels gather 4 corners per sample, so they re-read value and a fraction well below 1 is
 expected; it says how far from memory-bound a kernel is.
 
-The CPU kernel is also timed with 1, 2, ... all cores (torch.set_num_threads; `--no-scaling` skips it).
+The CPU kernel is also timed with 1, 2, ... all cores (torch.set_num_threads; `--no-scaling` skips it),
+and on the encoder case with every sample moved off the map, onto one pixel, or scattered at
+random (`kernel_phases`; `--no-phases` skips it): where its time goes, as differences of those.
 `--tiny` uses a small image (for a dry run / a test). Prints a table and writes JSON
 (default bench/results/msda.json).
 
@@ -198,6 +200,46 @@ def thread_scaling(image, repeats: int) -> list[dict]:
     return rows
 
 
+def phase_inputs(inputs, where: str):
+    """The encoder case's inputs with every sample moved, to take the kernel's phases apart:
+    'outside': every sample off the map (the kernel computes each row's corners and writes the
+    row, but reads no value); 'one_pixel': every sample at its level's centre (the gather's
+    arithmetic with every read an L1 hit); 'scattered': uniform random positions (no locality
+    between neighbouring queries: the cache misses' worst case)."""
+    value, shapes, starts, locations, weights = inputs
+    if where == "outside":
+        locations = torch.full_like(locations, -10.0)
+    elif where == "one_pixel":
+        locations = torch.full_like(locations, 0.5)
+    elif where == "scattered":
+        locations = torch.rand(locations.shape, generator=torch.Generator().manual_seed(2), dtype=locations.dtype)
+    return value, shapes, starts, locations, weights
+
+
+PHASES = ("outside", "one_pixel", "model_like", "scattered")
+
+
+def kernel_phases(image, repeats: int) -> dict:
+    """The CPU kernel on the encoder case with the samples placed as in `phase_inputs`, interleaved,
+    forward and forward+backward: outside = per-row corner arithmetic, prefetch and writes;
+    one_pixel - outside = the gather's arithmetic; model_like - one_pixel = waiting for memory."""
+    fn = implementation_fn("cpu")
+    queries = sum(h * w for h, w in level_shapes(image))
+    inputs = make_inputs(queries, "cpu", torch.float32, image)
+    grad = torch.randn(BATCH, queries, HEADS * CHANNELS, generator=torch.Generator().manual_seed(1))
+    placed = {where: phase_inputs(inputs, where) for where in PHASES}
+
+    def forward(args):
+        def action():
+            with torch.no_grad():
+                fn(*args)
+        return action
+    fwd = time_interleaved({w: forward(a) for w, a in placed.items()}, repeats)
+    both = time_interleaved({w: (lambda a=a: run_case(fn, a, grad)) for w, a in placed.items()}, repeats)
+    return {"forward_s": {w: spread(v) for w, v in fwd.items()},
+            "forward_backward_s": {w: spread(v) for w, v in both.items()}}
+
+
 def main(argv=None) -> int:
     load_at_start = os.getloadavg()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -205,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the CPU kernel on 1..all cores (default: on; --no-scaling skips it)")
+    parser.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the CPU kernel's encoder case with samples placed to take its phases apart")
     parser.add_argument("--tiny", action="store_true", help=f"a {TINY_IMAGE[0]}x{TINY_IMAGE[1]} image (quick check)")
     parser.add_argument("--output", default=RESULTS, help="JSON file to write")
     args = parser.parse_args(argv)
@@ -238,6 +282,8 @@ def main(argv=None) -> int:
                                    bandwidth[device]["bytes_per_s"]["median"])
     scaling = thread_scaling(image, args.repeats) if args.scaling and "cpu" in devices and \
         kernels.is_built("cpu") else None
+    phases = kernel_phases(image, args.repeats) if args.phases and "cpu" in devices and \
+        kernels.is_built("cpu") else None
 
     info = machine(load_at_start)
     print(f"levels {shapes}, batch {BATCH}, {HEADS} heads x {CHANNELS} channels, {POINTS} points; "
@@ -257,10 +303,14 @@ def main(argv=None) -> int:
             f"{s['threads']}: fwd {s['forward_s']['median'] * 1e3:.0f} ms ({s['forward_speedup_vs_1_thread']:.2f}x), "
             f"fwd+bwd {s['forward_backward_s']['median'] * 1e3:.0f} ms ({s['forward_backward_speedup_vs_1_thread']:.2f}x)"
             for s in scaling))
+    if phases:
+        print("CPU kernel, encoder case, samples placed (ms, median (min-max)): " + "; ".join(
+            f"{w}: fwd {fmt(phases['forward_s'][w], 1e3, 0)}, fwd+bwd {fmt(phases['forward_backward_s'][w], 1e3, 0)}"
+            for w in PHASES))
     write_json(args.output, {"machine": info, "image": list(image), "levels": shapes,
                              "config": {"batch": BATCH, "heads": HEADS, "channels": CHANNELS, "points": POINTS},
                              "copy_bandwidth": bandwidth, "rows": rows, "thread_scaling": scaling,
-                             "skipped": skipped})
+                             "kernel_phases": phases, "skipped": skipped})
     print(f"wrote {args.output}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The README's benchmark figures for bench/msda.py, bench/model_step.py, bench/cpu_quota.py and bench/example_runs.py,
+"""The README's benchmark figures for bench/msda.py, bench/model_step.py (both configurations), bench/cpu_quota.py and bench/example_runs.py,
 rendered from the JSON those benches wrote to bench/results/, so that the README cannot drift from them.
 
     python3 scripts/readme_figures.py           # print the rows
@@ -40,6 +40,18 @@ def msda_row(data: dict) -> str:
             f"{x(encoder['forward_speedup'])}, forward+backward {x(encoder['forward_backward_speedup'])}; decoder "
             f"({decoder['queries']} queries) forward {x(decoder['forward_speedup'])}, forward+backward "
             f"{x(decoder['forward_backward_speedup'])}")
+    phases = data.get("kernel_phases")
+    if phases:
+        text += "; encoder forward / forward+backward with every sample off the map " + ", ".join(
+            f"{phases[k]['outside']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + \
+            " ms, on one pixel " + ", ".join(
+            f"{phases[k]['one_pixel']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + \
+            " ms, as the model places them " + ", ".join(
+            f"{phases[k]['model_like']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + \
+            " ms, scattered at random " + ", ".join(
+            f"{phases[k]['scattered']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + " ms"
+        text += (f"; {100 * encoder['forward_fraction_of_copy_bandwidth']:.1f}% / "
+                 f"{100 * encoder['forward_backward_fraction_of_copy_bandwidth']:.1f}% of the copy bandwidth")
     scaling = data.get("thread_scaling")
     if scaling and len(scaling) > 1:
         text += "; encoder by threads, forward+backward: " + ", ".join(
@@ -56,6 +68,24 @@ def model_step_row(data: dict) -> str:
             f"{x(train['speedup_default'])}, inference {x(infer['speedup_default'])} faster with the {impl} "
             f"kernel; with the PyTorch reference attention instead: {x(train['speedup_reference'])} / "
             f"{x(infer['speedup_reference'])} ({machine_note(data['machine'])}) |")
+
+
+def model_step_tao_row(data: dict) -> str:
+    rows = {r["work"]: r for r in data["rows"]}
+    train, infer = rows["train"], rows["inference"]
+    impl, c = train["ours_default_impl"], data["config"]
+    memory = {(m["model"], m["activation_checkpoint"]): m["step_peak_rise_mib"] for m in data["train_step_memory"]}
+    return (f"| `bench/model_step.py --config tao_default` (TAO's default model: {c['backbone']}, hidden {c['hidden']}, "
+            f"{c['layers']}+{c['layers']} layers, {c['queries']} queries, 4 levels, box refinement; batch "
+            f"{train['batch']}, {train['image_size']} px) | vs transformers' DeformableDetr built as the same model, "
+            f"median (min-max) of {train['repeats']} interleaved rounds: training step {x(train['speedup_default'])}, "
+            f"inference {x(infer['speedup_default'])} faster with the {impl} kernel; with the PyTorch reference "
+            f"attention: {x(train['speedup_reference'])} / {x(infer['speedup_reference'])}; frozen BatchNorm folded "
+            f"into the convolutions vs applied after them: {x(train['batchnorm_fold_speedup'])} / "
+            f"{x(infer['batchnorm_fold_speedup'])}; peak rise of the resident set over a training step: ours "
+            f"{memory[('ours', False)]:.0f} MiB ({memory[('ours', True)]:.0f} with activation checkpointing), "
+            f"transformers {memory[('transformers', False)]:.0f} MiB ({memory[('transformers', True)]:.0f}) "
+            f"({machine_note(data['machine'])}, shared with other work) |")
 
 
 def cpu_quota_row(data: dict) -> str:
@@ -93,6 +123,7 @@ def example_runs_row(data: dict) -> str:
 
 
 RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row),
+             "bench/model_step.py --config tao_default": ("model_step_tao_default.json", model_step_tao_row),
              "bench/cpu_quota.py": ("cpu_quota.json", cpu_quota_row),
              "bench/example_runs.py": ("example_runs.json", example_runs_row)}
 

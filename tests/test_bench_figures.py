@@ -31,3 +31,15 @@ def test_bench_results_carry_spread_machine_and_reference():
     for row in step["rows"]:
         for stats in list(row["seconds"].values()) + [row["speedup_default"], row["speedup_reference"]]:
             assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5
+
+
+def test_real_size_model_step_carries_fold_memory_and_shared_machine():
+    step = json.loads((REPO / "bench/results/model_step_tao_default.json").read_text())
+    assert step["config"]["backbone"] == "resnet_50" and step["config"]["layers"] == 6
+    assert step["config"]["queries"] == 300 and "shared" in step["machine"]
+    for row in step["rows"]:
+        assert set(row["seconds"]) == {"ours_reference", "ours_default", "ours_default_unfolded", "transformers"}
+        for stats in list(row["seconds"].values()) + [row["speedup_default"], row["batchnorm_fold_speedup"]]:
+            assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5
+    memory = {(m["model"], m["activation_checkpoint"]) for m in step["train_step_memory"]}
+    assert memory == {(model, on) for model in ("ours", "transformers") for on in (False, True)}
