@@ -93,8 +93,8 @@ def running_job(make_job, **status) -> dict:
     job = make_job(nodes=1, status={"phase": "Running", "attempt": 0, "restarts": 0, "workersReady": 1,
                                     "workerJob": "demo-a0", "startTime": "2026-01-02T00:00:00Z",
                                     "conditions": [], **status})
-    job["spec"]["artifacts"].pop("credentialsSecret")
-    job["spec"]["artifacts"]["uri"] = "/data/runs/demo"  # no S3: no progress reads in these tests
+    del job["spec"]["artifacts"]  # results on a volume, not S3: no progress reads in these tests
+    job["spec"]["experiment"]["results_dir"] = "/data/runs/demo"
     return versioned(job, 50, uid="0000-1111")
 
 
