@@ -88,6 +88,18 @@ def model_step_tao_row(data: dict) -> str:
             f"({machine_note(data['machine'])}, shared with other work) |")
 
 
+def export_tao_row(data: dict) -> str:
+    rows = {r["batch"]: r for r in data["rows"]}
+    one, four = rows[1], rows[4]
+    return (f"| `bench/export.py --config tao_default` (TAO's default model, {one['image_size']} px, plain-op "
+            f"attention) | onnxruntime vs PyTorch eager per image, per-round ratios, median (min-max) of "
+            f"{one['ms_per_image']['eager']['n']} interleaved rounds: vs eager with the reference attention (the "
+            f"graph's algorithm) {x(one['speedup_per_round'])} at batch 1, {x(four['speedup_per_round'])} at batch 4; "
+            f"vs eager with the compiled CPU kernel {x(one['speedup_vs_eager_kernel_per_round'])} / "
+            f"{x(four['speedup_vs_eager_kernel_per_round'])}; TensorRT not measured here (needs a GPU) "
+            f"({machine_note(data['machine'])}, shared with other work) |")
+
+
 def cpu_quota_row(data: dict) -> str:
     rows = data["rows"]
     sized, unsized = rows["sized"], rows["unsized"]
@@ -124,6 +136,7 @@ def example_runs_row(data: dict) -> str:
 
 RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row),
              "bench/model_step.py --config tao_default": ("model_step_tao_default.json", model_step_tao_row),
+             "bench/export.py --config tao_default": ("export_tao_default.json", export_tao_row),
              "bench/cpu_quota.py": ("cpu_quota.json", cpu_quota_row),
              "bench/example_runs.py": ("example_runs.json", example_runs_row)}
 

@@ -43,3 +43,12 @@ def test_real_size_model_step_carries_fold_memory_and_shared_machine():
             assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5
     memory = {(m["model"], m["activation_checkpoint"]) for m in step["train_step_memory"]}
     assert memory == {(model, on) for model in ("ours", "transformers") for on in (False, True)}
+
+
+def test_real_size_export_carries_both_batches_spread_and_the_tensorrt_gap():
+    export = json.loads((REPO / "bench/results/export_tao_default.json").read_text())
+    assert {r["batch"] for r in export["rows"]} == {1, 4} and "GPU" in export["tensorrt"]
+    for row in export["rows"]:
+        for stats in list(row["ms_per_image"].values()) + [row["speedup_per_round"]]:
+            assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5
+        assert row["max_abs_diff"] < 1e-3  # the ONNX graph computes what eager does
