@@ -67,7 +67,10 @@ def model_step_row(data: dict) -> str:
             f"transformers' DeformableDetr, median (min-max) of {train['repeats']} interleaved rounds: training step "
             f"{x(train['speedup_default'])}, inference {x(infer['speedup_default'])} faster with the {impl} "
             f"kernel; with the PyTorch reference attention instead: {x(train['speedup_reference'])} / "
-            f"{x(infer['speedup_reference'])} ({machine_note(data['machine'])}) |")
+            f"{x(infer['speedup_reference'])}" + (
+                f"; frozen BatchNorm folded into the convolutions vs applied after them: "
+                f"{x(train['batchnorm_fold_speedup'])} / {x(infer['batchnorm_fold_speedup'])}"
+                if "batchnorm_fold_speedup" in train else "") + f" ({machine_note(data['machine'])}) |")
 
 
 def model_step_tao_row(data: dict) -> str:
