@@ -18,7 +18,8 @@ Debian's Python 3.11 (the stand-in bases built here) and on Ubuntu 24.04's or py
 
 Each lock's first lines name its inputs and their sha256 (`input-sha256`); tests/images/test_locks.py
 fails when a pyproject no longer gives the same inputs, or a pin no longer satisfies them.
-uv (pinned below) resolves; it is installed into ${DDETR_TOOLS_DIR:-~/.cache/ddetr-tools}/uv.
+uv (pinned below) resolves, keeping a lock's existing pins where they still fit (a new input adds
+its own tree without moving the rest); it is installed into ${DDETR_TOOLS_DIR:-~/.cache/ddetr-tools}/uv.
 """
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ def generate(lock: str) -> None:
         source = Path(work) / "requirements.in"
         source.write_text("\n".join(inputs(lock)) + "\n")
         out = Path(work) / "lock.txt"
+        if (LOCKS / f"{lock}.txt").exists():  # uv prefers the pins of an existing output file
+            out.write_text((LOCKS / f"{lock}.txt").read_text())
         command = [str(uv), "pip", "compile", str(source), "--output-file", str(out), "--universal",
                    "--python-version", PYTHON_MIN, "--generate-hashes", "--no-header", "--no-annotate",
                    "--quiet"]
