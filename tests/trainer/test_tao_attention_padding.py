@@ -110,6 +110,7 @@ def test_a_fresh_model_trains_as_tao_unless_told_otherwise():
 
 def test_training_checkpoints_record_the_padding_they_were_trained_with():
     from deformable_detr.runtime import distributed
+    from deformable_detr.runtime.batch_plan import plan_batches
     from deformable_detr.tasks.train.state import Position, gather_checkpoint
 
     spec = spec_from_dict({"dataset": {"num_classes": 4}, "model": SMALL})
@@ -120,7 +121,8 @@ def test_training_checkpoints_record_the_padding_they_were_trained_with():
     info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
     for padding in ("unmasked", "masked"):
         model.attention_padding = padding
-        state = gather_checkpoint(spec, model, optimizer, scheduler, scaler, Position(), True, info)
+        state = gather_checkpoint(spec, model, optimizer, scheduler, scaler, Position(), True, info,
+                                  plan_batches(spec.dataset.batch_size, 1, spec.dataset.batch_size))
         assert state["spec"]["model"]["attention_padding"] == padding
         reloaded = _model("auto")
         load_model_state(reloaded, state)
