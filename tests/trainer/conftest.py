@@ -24,16 +24,21 @@ def moto_endpoint():
 
 
 @pytest.fixture
-def bucket(moto_endpoint, monkeypatch, request) -> str:
-    """A fresh bucket on the moto endpoint, with the environment pointing storage at it; returns s3://name."""
-    from deformable_detr.runtime import storage
-
+def fake_s3_credentials(monkeypatch) -> None:
+    """The environment of a test S3 endpoint: its fake credentials, none of the machine's own."""
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture
+def bucket(moto_endpoint, fake_s3_credentials, monkeypatch, request) -> str:
+    """A fresh bucket on the moto endpoint, with the environment pointing storage at it; returns s3://name."""
+    from deformable_detr.runtime import storage
+
     monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
     prefix = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")[:20]
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"

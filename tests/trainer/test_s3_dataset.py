@@ -76,14 +76,8 @@ def counting_s3():
 
 
 @pytest.fixture
-def s3_env(counting_s3, monkeypatch, tmp_path):
+def s3_env(counting_s3, fake_s3_credentials, monkeypatch, tmp_path):
     """Storage pointed at the counting server, a fresh node cache; returns a function making a bucket."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     monkeypatch.setenv("S3_ENDPOINT_URL", counting_s3.url)
     monkeypatch.setenv(object_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
