@@ -9,7 +9,8 @@ resolution), so `pip install --require-hashes -r locks/<name>.txt` installs the 
 Debian's Python 3.11 (the stand-in bases built here) and on Ubuntu 24.04's or python:3.12-slim's
 3.12 (the registry bases). The inputs come from the pyproject files:
 
-    trainer.txt             trainer/pyproject.toml dependencies + its build-system requires
+    trainer.txt             trainer/pyproject.toml dependencies + the extras the image carries
+                            (IMAGE_EXTRAS: TensorBoard's writer, so jobs write curves) + its build-system requires
     trainer-cuda-build.txt  the trainer's `cuda-build` extra (nvcc, nvvm, crt, CCCL: the build stage's
                             CUDA compiler where the base image has none)
     operator.txt            operator/pyproject.toml dependencies less the trainer package, plus what the
@@ -39,6 +40,8 @@ PYTHON_MIN = "3.11"
 # The operator imports deformable_detr.config and .storage (installed with --no-deps): these of the
 # trainer's dependencies are what those modules import.
 TRAINER_FOR_OPERATOR = ("boto3", "pyyaml")
+# The trainer's optional extras its image installs: jobs on a cluster write TensorBoard event files.
+IMAGE_EXTRAS = ("tensorboard",)
 
 
 def _pyproject(package: str, repo: Path = REPO) -> dict:
@@ -54,7 +57,9 @@ def inputs(lock: str, repo: Path = REPO) -> list[str]:
     """The requirement lines a lock is resolved from (the pyproject files under `repo`), in a fixed order."""
     trainer = _pyproject("trainer", repo)
     if lock == "trainer":
-        lines = trainer["project"]["dependencies"] + trainer["build-system"]["requires"]
+        extras = trainer["project"]["optional-dependencies"]
+        lines = (trainer["project"]["dependencies"] + [r for extra in IMAGE_EXTRAS for r in extras[extra]]
+                 + trainer["build-system"]["requires"])
     elif lock == "trainer-cuda-build":
         lines = trainer["project"]["optional-dependencies"]["cuda-build"]
         # Resolved together with the trainer's own (the same CUDA runtime as torch's), kept alone below.

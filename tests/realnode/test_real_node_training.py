@@ -221,6 +221,9 @@ def test_gang_in_restricted_namespace_trains_in_containers_to_succeeded_with_map
     assert isinstance(progress["lastMap"], (int, float))
     assert progress["lastCheckpoint"].removeprefix(f"s3://{m.BUCKET}/") in resilient_run["keys"]
     assert "rn-train/train/status.json" in resilient_run["keys"]
+    # The image carries TensorBoard's writer: the event files went up with the results.
+    events = [k for k in resilient_run["keys"] if k.startswith("rn-train/train/tensorboard/events.out.tfevents.")]
+    assert events, resilient_run["keys"]
 
 
 def test_sigkilled_rank_container_restarts_the_gang_once_from_the_newest_checkpoint(resilient_run):

@@ -1,8 +1,8 @@
 """TensorBoard event files of a training run, written by rank 0 beside train_log.jsonl (the folder
 `tensorboard/` of the train results, uploaded with them) from the same scalars as Weights & Biases
 (runtime/scalars.py). The writer is torch's (`torch.utils.tensorboard`), which needs the `tensorboard`
-package, an optional extra (`pip install './trainer[tensorboard]'`): without it, one line, and training
-goes on without event files."""
+package, an optional extra (`pip install './trainer[tensorboard]'`; the trainer image has it): without it,
+one line, and training goes on without event files."""
 from __future__ import annotations
 
 import os
