@@ -357,7 +357,7 @@ class AttemptRecord:
 # The status.json fields shown in status.progress; their types and descriptions are status_file's
 # (the format's one home), their names camelCased.
 PROGRESS_SHOWN = ("epoch", "num_epochs", "step", "last_loss", "last_map", "last_checkpoint", "state",
-                  "skipped_samples", "percent", "images_per_second", "eta_seconds", "estimated_finish_time",
+                  "skipped_samples", "percent", "images_per_second", "estimated_finish_time",
                   "stop_reason")
 
 
@@ -366,8 +366,9 @@ def _progress_schema() -> dict:
         kind = "number" if float in types else {int: "integer", str: "string"}[types[0]]
         return {"type": kind, "description": description}
     properties = {json_name(name): one(*STATUS_FIELDS_OF_FILE[name]) for name in PROGRESS_SHOWN}
-    properties["updateTime"] = {"type": "string", "description": "when progress was read", "format": "date-time"}
-    properties["eta"] = {"type": "string", "description": "etaSeconds as a duration (1h02m), for the printer column"}
+    properties["updateTime"] = {"type": "string", "format": "date-time",
+                                "description": "when this progress was read (patched when an epoch, validation, checkpoint, "
+                                               "state or the finish estimate changes; the rest rides along)"}
     return {"type": "object", "properties": properties}
 
 
@@ -432,7 +433,7 @@ STATUS_FIELDS = tuple(name for _, name, _ in fields(JobStatus))
 # field must never make the API server reject the whole status patch.
 PROGRESS_FIELDS = {name: (json_name(name), STATUS_FIELDS_OF_FILE[name][0]) for name in PROGRESS_SHOWN}
 PRINTER_COLUMNS = [("Phase", ".status.phase"), ("Nodes", ".spec.nodes"), ("Epoch", ".status.epochs"),
-                   ("Done%", ".status.progress.percent"), ("ETA", ".status.progress.eta"),
+                   ("Done%", ".status.progress.percent"), ("ETA", ".status.progress.estimatedFinishTime"),
                    ("Goodput", ".status.goodput.ratio"),
                    ("Loss", ".status.progress.lastLoss"), ("mAP", ".status.progress.lastMap"),
                    ("Restarts", ".status.restarts"), ("Disruptions", ".status.disruptions"),

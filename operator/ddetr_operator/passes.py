@@ -12,14 +12,14 @@ from deformable_detr.tasks import DEFAULT_TASK
 
 from . import metrics
 from .api import run_policy_of
-from .decide import CHILD_CREATE_FAILED, TERMINAL, DeleteSelf, Observed, reconcile, settle
+from .decide import CHILD_CREATE_FAILED, TERMINAL, Decision, DeleteSelf, Observed, reconcile, settle
+from .decide.model import Heartbeat
+from .decide.progress import FROM_STATUS_JSON
 from .kube import Cluster, resolved
 from .options import Options
 from .progress import read_status_json, status_json_uri
 from .validate import JobSpecError, effective_experiment
 
-# Status fields a cached pass may patch on its own: they come from S3, not from the job or its children.
-PROGRESS_FIELDS = frozenset({"progress", "epochs", "bestCheckpoint", "goodput"})
 logger = logging.getLogger(__name__)
 
 
@@ -62,6 +62,28 @@ def _read_progress(cluster: Cluster, job: dict, read_secrets: bool) -> dict | No
     return read_status_json(uri, access)
 
 
+# Rank 0's heartbeat per job uid, as the last pass left it (decide/hangs.py). Memory only: after a
+# restart or a leader change the next pass starts it again from the status (next_heartbeat).
+_HEARTBEATS: dict[str, Heartbeat] = {}
+_HEARTBEATS_LOCK = threading.Lock()
+
+
+def _heartbeat_of(job: dict) -> Heartbeat | None:
+    with _HEARTBEATS_LOCK:
+        return _HEARTBEATS.get(job["metadata"].get("uid"))
+
+
+def _keep_heartbeat(job: dict, decision: Decision) -> None:
+    uid = job["metadata"].get("uid")
+    with _HEARTBEATS_LOCK:
+        if decision.heartbeat is None or decision.status.get("phase") in TERMINAL:
+            _HEARTBEATS.pop(uid, None)
+            return
+        if len(_HEARTBEATS) >= MAX_URIS and uid not in _HEARTBEATS:
+            _HEARTBEATS.clear()  # jobs deleted while running: forgetting all costs one deadline's delay at worst
+        _HEARTBEATS[uid] = decision.heartbeat
+
+
 def _gang_restarts(status: dict) -> int:
     """Restarts after failures and after disruptions (a Kueue suspend's new attempt is neither)."""
     return int(status.get("restarts") or 0) + int(status.get("disruptions") or 0)
@@ -99,10 +121,12 @@ def _cached_pass(cluster: Cluster, job: dict, options: Options) -> tuple[PassRes
     progress: Any = _UNREAD
     if observed.worker_jobs:
         progress = observed.progress = _read_progress(cluster, job, options.read_secrets)
+    observed.heartbeat = _heartbeat_of(job)
     decision = reconcile(job, observed, now(), options.policy)
     changed = {key for key, value in decision.status.items() if old_status.get(key) != value}
-    if decision.actions or decision.events or not changed <= PROGRESS_FIELDS:
+    if decision.actions or decision.events or not changed <= FROM_STATUS_JSON:
         return None, progress
+    _keep_heartbeat(job, decision)
     metrics.phases.record(job["metadata"].get("uid"), decision.status.get("phase"))
     metrics.record_goodput(job["metadata"], decision.status.get("goodput"))
     if not changed:
@@ -123,8 +147,10 @@ def _full_pass(cluster: Cluster, namespace: str, name: str, options: Options, pr
     if phase not in TERMINAL and observed.worker_jobs:
         observed.progress = (progress if progress is not _UNREAD
                              else _read_progress(cluster, job, options.read_secrets))
+    observed.heartbeat = _heartbeat_of(job)
     at = now()
     decision = reconcile(job, observed, at, options.policy)
+    _keep_heartbeat(job, decision)
     error = None
     for action in decision.actions:
         error = cluster.apply(job, action, observed)

@@ -113,8 +113,11 @@ def test_progress_from_rank0_status(make_job):
     # The same progress later: nothing changes, so the status need not be written again.
     later = reconcile(make_job(status=status), observed, NOW + dt.timedelta(seconds=30)).status
     assert later == status
+    # A step alone is no patch (the hang heartbeat sees it in the operator's memory); an epoch's end is.
     moved = Observed(**{**observed.__dict__, "progress": {**progress, "step": 41}})
-    assert reconcile(make_job(status=status), moved, NOW + dt.timedelta(seconds=30)).status["progress"][
+    assert reconcile(make_job(status=status), moved, NOW + dt.timedelta(seconds=30)).status == status
+    epoch_end = Observed(**{**observed.__dict__, "progress": {**progress, "epoch": 3, "step": 60}})
+    assert reconcile(make_job(status=status), epoch_end, NOW + dt.timedelta(seconds=30)).status["progress"][
         "updateTime"] == "2026-01-02T03:04:35Z"
 
 

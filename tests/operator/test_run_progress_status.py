@@ -24,9 +24,10 @@ def test_progress_shows_percent_images_per_second_and_eta(make_job):
                            best_checkpoint="s3://runs/demo/train/model_epoch_004_step_00500.pth")
     status = reconcile(make_job(), Observed(progress=trainer), NOW).status
     progress = status["progress"]
-    assert (progress["percent"], progress["imagesPerSecond"], progress["etaSeconds"], progress["eta"]) == \
-        (60.0, 8.0, 3725.0, "1h02m")
-    assert progress["estimatedFinishTime"] == "2026-12-07T10:02:05Z"
+    assert (progress["percent"], progress["imagesPerSecond"], progress["estimatedFinishTime"]) == \
+        (60.0, 8.0, "2026-12-07T10:02:05Z")
+    # Not etaSeconds: a time left goes stale between patches, a finish time does not.
+    assert "etaSeconds" not in progress
     assert status["bestCheckpoint"] == {"uri": "s3://runs/demo/train/model_epoch_004_step_00500.pth", "epoch": 4,
                                         "map": 0.41}
 
@@ -34,14 +35,14 @@ def test_progress_shows_percent_images_per_second_and_eta(make_job):
 def test_a_warming_up_run_has_no_eta_and_no_best_checkpoint_before_a_validation(make_job):
     status = reconcile(make_job(), Observed(progress=_status_json(percent=0.5)), NOW).status
     assert status["progress"]["percent"] == 0.5
-    assert "eta" not in status["progress"] and "etaSeconds" not in status["progress"]
+    assert "estimatedFinishTime" not in status["progress"]
     assert "bestCheckpoint" not in status
 
 
 def test_kubectl_get_shows_percent_done_and_eta_columns():
     columns = {c["name"]: c for c in crd.build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert columns["Done%"] == {"name": "Done%", "type": "number", "jsonPath": ".status.progress.percent"}
-    assert columns["ETA"] == {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"}
+    assert columns["ETA"] == {"name": "ETA", "type": "string", "jsonPath": ".status.progress.estimatedFinishTime"}
 
 
 def test_quality_gates_reach_the_trainer_as_its_environment(make_job):

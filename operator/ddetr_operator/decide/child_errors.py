@@ -56,11 +56,11 @@ def settle(job: Mapping[str, Any], decision: Decision, error: ChildError | None,
     message = error.describe()[-MAX_MESSAGE:]
     if error.permanent and again.status.get("phase") not in TERMINAL:
         transition(again, "Failed", CHILD_REJECTED, message)
-        return Decision(again.status, [], again.events)
+        return Decision(again.status, [], again.events, decision.heartbeat)
     previous = condition(again, CHILD_CREATE_FAILED)
     events = [] if previous and previous.get("status") == "True" and previous.get("message") == message else [
         Event("Warning", CHILD_CREATE_FAILED, message)]
     again.status["conditions"] = set_condition(again.status["conditions"], CHILD_CREATE_FAILED, "True",
                                                error.reason or f"HTTP{error.code}", message, now)
     again.status.setdefault("phase", "Pending")
-    return Decision(again.status, [], events)
+    return Decision(again.status, [], events, decision.heartbeat)

@@ -15,6 +15,16 @@ MAX_MESSAGE = 1500
 OWN_STATUS = api.STATUS_FIELDS
 
 
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """Rank 0's heartbeat as this operator saw it: the status.progress it last read from status.json
+    (updateTime left out) and since when it stood so. Kept in the operator's memory, not in the
+    status: status.json moves every 30 s, and patching each move would cost a request (decide/hangs.py)."""
+
+    progress: Mapping[str, Any]
+    since: dt.datetime
+
+
 @dataclasses.dataclass
 class Observed:
     """What the handler saw of a job's children."""
@@ -26,6 +36,7 @@ class Observed:
     worker_jobs: list[dict] = dataclasses.field(default_factory=list)  # every attempt's Job still present
     pods: list[dict] = dataclasses.field(default_factory=list)  # every attempt's pods still present
     progress: Mapping[str, Any] | None = None  # rank 0's status.json, when readable
+    heartbeat: Heartbeat | None = None  # as the previous pass left it (None: first pass of this operator)
     # Warning events on the current worker Job (FailedCreate: Pod Security, quota), read only while
     # it has fewer pods than the gang.
     worker_events: list[dict] = dataclasses.field(default_factory=list)
@@ -67,6 +78,7 @@ class Decision:
     status: dict
     actions: list[Action] = dataclasses.field(default_factory=list)
     events: list[Event] = dataclasses.field(default_factory=list)
+    heartbeat: Heartbeat | None = None  # for the next pass (Observed.heartbeat)
 
 
 def as_mapping(value: Any) -> Mapping[str, Any]:
@@ -96,6 +108,8 @@ class State:
     job: api.Job | None = None  # the resolved job, once its spec is accepted
     actions: list[Action] = dataclasses.field(default_factory=list)
     events: list[Event] = dataclasses.field(default_factory=list)
+    heartbeat: Heartbeat | None = None
+    unshown: dict = dataclasses.field(default_factory=dict)  # newer status.json fields not worth a patch alone
 
     @property
     def name(self) -> str:
@@ -111,4 +125,4 @@ class State:
         return int(self.status["attempt"])
 
     def decision(self) -> Decision:
-        return Decision(self.status, self.actions, self.events)
+        return Decision(self.status, self.actions, self.events, self.heartbeat)

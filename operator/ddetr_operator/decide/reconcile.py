@@ -16,7 +16,7 @@ from .deadlines import deadline_exceeded
 from .gang import ensure_support_children, follow, start_attempt, suspend
 from .lifetime import finished
 from .model import OWN_STATUS, TERMINAL, Decision, Observed, State, as_mapping
-from .progress import record_progress
+from .progress import record_progress, show_with_any_patch
 
 
 def new_state(job: Mapping[str, Any], observed: Observed, now: dt.datetime, policy: Policy = Policy()) -> State:
@@ -53,4 +53,5 @@ def reconcile(job: Mapping[str, Any], observed: Observed, now: dt.datetime, poli
         start_attempt(s)
     else:
         follow(s, worker)
+    show_with_any_patch(s, as_mapping(job.get("status")))
     return s.decision()
