@@ -1,4 +1,5 @@
-"""The README's benchmark figures for bench/msda.py, bench/model_step.py (both configurations), bench/cpu_quota.py and bench/example_runs.py,
+"""The README's benchmark figures for bench/msda.py, bench/model_step.py (both configurations), bench/cpu_quota.py,
+bench/example_runs.py and bench/accounting_cost.py,
 rendered from the JSON those benches wrote to bench/results/, so that the README cannot drift from them.
 
     python3 scripts/readme_figures.py           # print the rows
@@ -137,11 +138,28 @@ def example_runs_row(data: dict) -> str:
             f"({configs}; {runs[0]['cpu_model']}){same} |")
 
 
+def accounting_cost_row(data: dict) -> str:
+    """Exact counts on a simulated clock (no timing, so no spread): one run, the reference in it."""
+    modes = data["modes"]
+    today, every, needed = modes["today"], modes["every change"], modes["when needed"]
+
+    def cost(row: dict) -> str:
+        return f"{row['requests_per_min']:.2f} / {row['patches_per_min']:.2f}"
+    return (f"| `bench/accounting_cost.py` (one running job, {data['minutes']} simulated minutes, "
+            f"{data['epoch_minutes']}-minute epochs, status.json every 30 s) | Kubernetes API requests / status "
+            f"patches per job per minute against the operator before issue 33 in the same run ({cost(today)}): "
+            f"patched when needed {cost(needed)} ({needed['requests_vs_today']:.2f}x / {needed['patches_vs_today']:.2f}x), "
+            f"hang heartbeat at most {needed['heartbeat_age_max_s']:.0f} s old, status.progress at most "
+            f"{needed['shown_progress_age_max_s']:.0f} s; every change patched {cost(every)} "
+            f"({every['requests_vs_today']:.2f}x / {every['patches_vs_today']:.2f}x) |")
+
+
 RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row),
              "bench/model_step.py --config tao_default": ("model_step_tao_default.json", model_step_tao_row),
              "bench/export.py --config tao_default": ("export_tao_default.json", export_tao_row),
              "bench/cpu_quota.py": ("cpu_quota.json", cpu_quota_row),
-             "bench/example_runs.py": ("example_runs.json", example_runs_row)}
+             "bench/example_runs.py": ("example_runs.json", example_runs_row),
+             "bench/accounting_cost.py": ("accounting_cost.json", accounting_cost_row)}
 
 
 def expected_rows() -> dict[str, str]:
