@@ -90,14 +90,11 @@ def main(argv=None) -> int:
             finally:
                 os.environ["DDETR_MSDA_IMPL"] = "reference"
 
-        steps = {"eager": run_eager, "onnxruntime": run_onnx}
-        if args.config != "small":
-            steps["eager_kernel"] = run_eager_kernel
+        steps = {"eager": run_eager, "onnxruntime": run_onnx, "eager_kernel": run_eager_kernel}
 
         expected, got = run_eager(), run_onnx()  # warm-up, and the two must agree
         max_diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
-        if "eager_kernel" in steps:
-            run_eager_kernel()
+        run_eager_kernel()
         times = {name: [] for name in steps}
         for _ in range(args.repeats):
             for name, step in steps.items():
@@ -112,9 +109,8 @@ def main(argv=None) -> int:
                      "eager_median_ms_per_image": statistics.median(times["eager"]) / batch * 1e3,
                      "onnxruntime_median_ms_per_image": statistics.median(times["onnxruntime"]) / batch * 1e3,
                      "ms_per_image": {k: spread([t / batch * 1e3 for t in v]) for k, v in times.items()},
-                     "speedup_per_round": ratio_spread(times["eager"], times["onnxruntime"])})
-        if "eager_kernel" in times:
-            rows[-1]["speedup_vs_eager_kernel_per_round"] = ratio_spread(times["eager_kernel"], times["onnxruntime"])
+                     "speedup_per_round": ratio_spread(times["eager"], times["onnxruntime"]),
+                     "speedup_vs_eager_kernel_per_round": ratio_spread(times["eager_kernel"], times["onnxruntime"])})
 
     print(f"{'batch':>5} {'eager ms/img':>13} {'onnxruntime ms/img':>19} {'x':>6} {'max |diff|':>11}")
     for r in rows:
@@ -122,16 +118,14 @@ def main(argv=None) -> int:
               f"{r['speedup']:>6.2f} {r['max_abs_diff']:>11.2e}")
     print(f"x = eager time / onnxruntime time (above 1: onnxruntime is faster); export took {export_s:.1f}s")
     for r in rows:
-        if "speedup_vs_eager_kernel_per_round" in r:
-            print(f"batch {r['batch']}: eager with the compiled kernel {fmt(r['ms_per_image']['eager_kernel'], 1, 0)} "
+        print(f"batch {r['batch']}: eager with the compiled kernel {fmt(r['ms_per_image']['eager_kernel'], 1, 0)} "
                   f"ms/img; onnxruntime faster by {fmt(r['speedup_vs_eager_kernel_per_round'])} (per round)")
     output = RESULTS if args.config == "small" else RESULTS.replace(".json", f"_{args.config}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    payload = {"threads": threads, "export_s": export_s, "rows": rows}
-    if args.config != "small":
-        payload.update(config=args.config, machine=machine(load_at_start),
-                       tensorrt="not measured: needs a GPU (scripts/gpu_check.sh takes the figures on one)")
-        payload["machine"]["shared"] = "2 cores shared with other engineers' builds and tests"
+    payload = {"threads": threads, "export_s": export_s, "rows": rows, "config": args.config,
+               "machine": machine(load_at_start),
+               "tensorrt": "not measured: needs a GPU (scripts/gpu_check.sh takes the figures on one)"}
+    payload["machine"]["shared"] = "2 cores shared with other engineers' builds and tests"
     write_text_atomic(output, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {output}")
     return 0

@@ -92,10 +92,14 @@ def model_step_tao_row(data: dict) -> str:
             f"({machine_note(data['machine'])}, shared with other work) |")
 
 
-def export_tao_row(data: dict) -> str:
+EXPORT_MODELS = {"small": "small config: ResNet-18, hidden 64, 2+2 layers", "tao_default": "TAO's default model"}
+
+
+def export_row(data: dict) -> str:
     rows = {r["batch"]: r for r in data["rows"]}
     one, four = rows[1], rows[4]
-    return (f"| `bench/export.py --config tao_default` (TAO's default model, {one['image_size']} px, plain-op "
+    command = "bench/export.py" + ("" if data["config"] == "small" else f" --config {data['config']}")
+    return (f"| `{command}` ({EXPORT_MODELS[data['config']]}, {one['image_size']} px, plain-op "
             f"attention) | onnxruntime vs PyTorch eager per image, per-round ratios, median (min-max) of "
             f"{one['ms_per_image']['eager']['n']} interleaved rounds: vs eager with the reference attention (the "
             f"graph's algorithm) {x(one['speedup_per_round'])} at batch 1, {x(four['speedup_per_round'])} at batch 4; "
@@ -156,7 +160,8 @@ def accounting_cost_row(data: dict) -> str:
 
 RENDERERS = {"bench/msda.py": ("msda.json", msda_row), "bench/model_step.py": ("model_step.json", model_step_row),
              "bench/model_step.py --config tao_default": ("model_step_tao_default.json", model_step_tao_row),
-             "bench/export.py --config tao_default": ("export_tao_default.json", export_tao_row),
+             "bench/export.py": ("export.json", export_row),
+             "bench/export.py --config tao_default": ("export_tao_default.json", export_row),
              "bench/cpu_quota.py": ("cpu_quota.json", cpu_quota_row),
              "bench/example_runs.py": ("example_runs.json", example_runs_row),
              "bench/accounting_cost.py": ("accounting_cost.json", accounting_cost_row)}

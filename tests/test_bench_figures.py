@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,10 +47,13 @@ def test_real_size_model_step_carries_fold_memory_and_shared_machine():
     assert memory == {(model, on) for model in ("ours", "transformers") for on in (False, True)}
 
 
-def test_real_size_export_carries_both_batches_spread_and_the_tensorrt_gap():
-    export = json.loads((REPO / "bench/results/export_tao_default.json").read_text())
+@pytest.mark.parametrize("name", ["export.json", "export_tao_default.json"])
+def test_export_figures_carry_both_batches_spread_and_the_tensorrt_gap(name):
+    export = json.loads((REPO / "bench/results" / name).read_text())
     assert {r["batch"] for r in export["rows"]} == {1, 4} and "GPU" in export["tensorrt"]
+    assert "load_at_start_1_5_15min" in export["machine"]
     for row in export["rows"]:
-        for stats in list(row["ms_per_image"].values()) + [row["speedup_per_round"]]:
+        for stats in (list(row["ms_per_image"].values())
+                      + [row["speedup_per_round"], row["speedup_vs_eager_kernel_per_round"]]):
             assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5
         assert row["max_abs_diff"] < 1e-3  # the ONNX graph computes what eager does
