@@ -192,6 +192,23 @@ def test_far_away_locations_sample_zero_like_the_reference(cpu_kernel, channels)
 
 
 @needs_toolchain
+@pytest.mark.parametrize("channels", [8, 16, 64])
+def test_float32_constant_channel_paths_match_float64_reference(cpu_kernel, channels):
+    """float32 with 8, 16 or 64 channels (the vector paths of forward and backward; 32 is the
+    realistic test's), all heads of a query at once, some samples off the map (whose gradients the
+    backward writes, into buffers it does not clear first) and one query far away."""
+    inputs = make_inputs([(6, 9), (3, 5), (2, 2)], 2, 3, channels, 7, 3, torch.float32, seed=11)
+    inputs[3][:, 0] = 1e12
+    truth = outputs_and_grads(reference_output, [t.double() if t.is_floating_point() else t for t in inputs])
+    for _ in range(2):  # the second call gets memory the first one freed
+        ours = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a), inputs)
+        assert ours[0][:, 0].abs().max().item() == 0
+        assert ours[2][:, 0].abs().max().item() == 0 and ours[3][:, 0].abs().max().item() == 0
+        for name, a, b in zip(["output", "grad value", "grad locations", "grad weights"], ours, truth):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+@needs_toolchain
 def test_kernel_rejects_mismatched_shapes(cpu_kernel):
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
         [(6, 5), (3, 3)], 1, 2, 4, 3, 2, torch.float32, seed=8)

@@ -27,7 +27,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -59,34 +64,40 @@ struct Args {
 
 #define MSDA_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// The levels of one call expanded to one entry per sample of a row (sample i = level * points +
-// point), so that the corner computation is one loop over a row's samples without a level loop.
+// The levels and heads of one call expanded to one entry per sample of a query (sample i = (head *
+// levels + level) * points + point), so that the corner computation is one loop over a query's
+// samples without level or head loops. The first levels * points entries are one head's row.
 template <typename acc_t>
 struct SampleTable {
   std::vector<acc_t> height, width;        // the sample's level size
   std::vector<int32_t> height_i, width_i;  // the same, as integers
   std::vector<int32_t> start;              // first pixel of the sample's level in value
-  SampleTable(const Dims& d, const int64_t* shapes, const int64_t* starts) {
-    const int64_t count = d.levels * d.points;
+  std::vector<int32_t> head;               // the sample's head
+  int32_t heads;
+  SampleTable(const Dims& d, const int64_t* shapes, const int64_t* starts) : heads(static_cast<int32_t>(d.heads)) {
+    const int64_t count = d.heads * d.levels * d.points;
     height.resize(count), width.resize(count), height_i.resize(count), width_i.resize(count), start.resize(count);
+    head.resize(count);
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t l = i / d.points;
+      const int64_t l = (i / d.points) % d.levels;
       height_i[i] = static_cast<int32_t>(shapes[2 * l]);
       width_i[i] = static_cast<int32_t>(shapes[2 * l + 1]);
       height[i] = static_cast<acc_t>(height_i[i]);
       width[i] = static_cast<acc_t>(width_i[i]);
       start[i] = static_cast<int32_t>(starts[l]);
+      head[i] = static_cast<int32_t>(i / (d.levels * d.points));
     }
   }
 };
 
-// The four corners of each sample of one row, corner k = (row, col) of (low, low), (low, high),
-// (high, low), (high, high): the pixel to read (clamped into the map, so every read stays in
+// The four corners of each sample of one query (or one row), corner k = (row, col) of (low, low),
+// (low, high), (high, low), (high, high): the slot to read, (pixel * heads + head), times channels
+// the offset from the batch's first value (the pixel clamped into the map, so every read stays in
 // bounds), whether the corner lies in the map, its bilinear weight and that times the
 // attention weight (both zero for a corner outside the map), and the fractional offsets.
 template <typename acc_t>
 struct Corners {
-  std::vector<int32_t> pixel[4];
+  std::vector<int32_t> slot[4];
   std::vector<int32_t> valid[4];  // int32, not bool: the same width as float lanes (vectorises)
   std::vector<acc_t> bilinear[4];
   std::vector<acc_t> weight[4];
@@ -94,7 +105,7 @@ struct Corners {
   std::vector<int32_t> inside;  // the sample touches the map at all (else it is zero)
   explicit Corners(int64_t count) {
     for (int k = 0; k < 4; ++k) {
-      pixel[k].resize(count), valid[k].resize(count), bilinear[k].resize(count), weight[k].resize(count);
+      slot[k].resize(count), valid[k].resize(count), bilinear[k].resize(count), weight[k].resize(count);
     }
     frac_h.resize(count), frac_w.resize(count), inside.resize(count);
   }
@@ -102,7 +113,8 @@ struct Corners {
 
 // The convention of msda_common.h's bilinear_corners (h_im = y * H - 0.5, w_im = x * W - 0.5; a
 // sample counts when -1 < h_im < H and -1 < w_im < W; corners outside the map weigh zero),
-// computed without branches for all samples of a row.
+// computed without branches for `count` samples of a query (all heads) or of a row (the first
+// levels * points entries of the table: head 0).
 template <typename acc_t>
 MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, const acc_t* __restrict loc,
                                     const acc_t* __restrict attn, Corners<acc_t>& c) {
@@ -111,8 +123,10 @@ MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, 
   const int32_t* __restrict height_i = t.height_i.data();
   const int32_t* __restrict width_i = t.width_i.data();
   const int32_t* __restrict start = t.start.data();
-  int32_t *__restrict p0 = c.pixel[0].data(), *__restrict p1 = c.pixel[1].data();
-  int32_t *__restrict p2 = c.pixel[2].data(), *__restrict p3 = c.pixel[3].data();
+  const int32_t* __restrict head = t.head.data();
+  const int32_t heads = t.heads;
+  int32_t *__restrict p0 = c.slot[0].data(), *__restrict p1 = c.slot[1].data();
+  int32_t *__restrict p2 = c.slot[2].data(), *__restrict p3 = c.slot[3].data();
   int32_t *__restrict ok0 = c.valid[0].data(), *__restrict ok1 = c.valid[1].data();
   int32_t *__restrict ok2 = c.valid[2].data(), *__restrict ok3 = c.valid[3].data();
   acc_t *__restrict b0 = c.bilinear[0].data(), *__restrict b1 = c.bilinear[1].data();
@@ -145,10 +159,10 @@ MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, 
     const int32_t row_high = (h_low + 1 < height_i[i] ? h_low + 1 : height_i[i] - 1) * width_i[i];
     const int32_t col_low = w_low > 0 ? w_low : 0;
     const int32_t col_high = w_low + 1 < width_i[i] ? w_low + 1 : width_i[i] - 1;
-    p0[i] = start[i] + row_low + col_low;
-    p1[i] = start[i] + row_low + col_high;
-    p2[i] = start[i] + row_high + col_low;
-    p3[i] = start[i] + row_high + col_high;
+    p0[i] = (start[i] + row_low + col_low) * heads + head[i];
+    p1[i] = (start[i] + row_low + col_high) * heads + head[i];
+    p2[i] = (start[i] + row_high + col_low) * heads + head[i];
+    p3[i] = (start[i] + row_high + col_high) * heads + head[i];
     const int32_t v0 = low_row & low_col, v1 = low_row & high_col, v2 = high_row & low_col, v3 = high_row & high_col;
     ok0[i] = v0, ok1[i] = v1, ok2[i] = v2, ok3[i] = v3;
     const acc_t bl0 = v0 != 0 ? rh * rw : acc_t(0), bl1 = v1 != 0 ? rh * fw : acc_t(0);
@@ -183,73 +197,172 @@ MSDA_ALWAYS_INLINE void prefetch_span(const T* p, int64_t count, bool for_write 
   if (for_write) __builtin_prefetch(last, 1); else __builtin_prefetch(last);
 }
 
-// Prefetches the corners of one row: the gather is bound by the latency of these scattered
-// reads, and asking for the next row's lines while this row's are summed overlaps the two.
-template <typename scalar_t, typename acc_t>
-MSDA_ALWAYS_INLINE void prefetch_corners(const Corners<acc_t>& c, int64_t samples, const scalar_t* base,
-                                         int64_t pixel_stride, int64_t channels) {
+// Eight floats as one value (GCC/Clang vector extension): one AVX register in the AVX2 copy of
+// the loops, two SSE registers in the baseline one. The float paths for channel counts that are
+// multiples of 8 keep their accumulators in such values, so they stay in registers (an array
+// indexed in a loop went through memory, zeroed with a `rep stos` per head).
+typedef float float8 __attribute__((vector_size(32)));
+
+MSDA_ALWAYS_INLINE float8 load8(const float* p) {
+  float8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+MSDA_ALWAYS_INLINE void store8(float* p, float8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+MSDA_ALWAYS_INLINE float sum8(float8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// The float path applies: float values and a compile-time channel count that is a multiple of 8.
+template <typename scalar_t, int kChannels>
+constexpr bool kFloat8Path = std::is_same<scalar_t, float>::value && kChannels > 0 && kChannels % 8 == 0;
+
+// Prefetches the corners of one query: the gather is bound by the latency of these scattered
+// reads, and asking for the next query's lines while this query's are summed overlaps the two.
+template <typename T, typename acc_t>
+MSDA_ALWAYS_INLINE void prefetch_corners(const Corners<acc_t>& c, int64_t samples, const T* base, int64_t channels,
+                                         bool for_write = false) {
   for (int64_t i = 0; i < samples; ++i) {
-    for (int k = 0; k < 4; ++k) prefetch_span(base + c.pixel[k][i] * pixel_stride, channels);
+    for (int k = 0; k < 4; ++k) prefetch_span(base + int64_t(c.slot[k][i]) * channels, channels, for_write);
   }
 }
 
-// The first value of a row's (batch, head) in `value`. (Helpers below are functions, not lambdas:
-// a lambda would not inherit the AVX2 target of the function it is written in.)
+// Computes a query's corners (all heads) and prefetches the values they read. (Helpers here are
+// functions, not lambdas: a lambda would not inherit the AVX2 target of the function it is in.)
 template <typename scalar_t>
-MSDA_ALWAYS_INLINE const scalar_t* row_value(const Args<scalar_t>& args, int64_t channels, int64_t row) {
+MSDA_ALWAYS_INLINE void prepare_query(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
+                                      int64_t channels, int64_t query, Corners<at::opmath_type<scalar_t>>& c) {
   const Dims& d = args.d;
-  const int64_t n = row / (d.queries * d.heads), m = row % d.heads;
-  return args.value + (n * d.spatial * d.heads + m) * channels;
+  const int64_t samples = d.heads * d.levels * d.points;
+  row_corners(table, samples, args.locations + query * samples * 2, args.weights + query * samples, c);
+  const int64_t n = query / d.queries;
+  prefetch_corners(c, samples, args.value + n * d.spatial * d.heads * channels, channels);
 }
 
-// Computes a row's corners and prefetches the values they read.
-template <typename scalar_t>
-MSDA_ALWAYS_INLINE void prepare_row(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
-                                    int64_t channels, int64_t row, Corners<at::opmath_type<scalar_t>>& c) {
-  const int64_t samples = args.d.levels * args.d.points;
-  row_corners(table, samples, args.locations + row * samples * 2, args.weights + row * samples, c);
-  prefetch_corners(c, samples, row_value(args, channels, row), args.d.heads * channels, channels);
-}
-
-// Forward of rows [begin, end), a row being one (batch, query, head). `corners` and `ahead` are
-// this thread's scratch: the corners of the current row and of the next one.
+// Forward of queries [begin, end), a query being one (batch, query) with all its heads: one corner
+// loop over the query's heads x levels x points samples, then per head a gather. `corners` and
+// `ahead` are this thread's scratch: the corners of the current query and of the next one.
 template <typename scalar_t, int kChannels>
-MSDA_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
-                                     Corners<at::opmath_type<scalar_t>>* corners, Corners<at::opmath_type<scalar_t>>* ahead,
-                                     int64_t begin, int64_t end) {
+MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
+                                        const SampleTable<at::opmath_type<scalar_t>>& table,
+                                        Corners<at::opmath_type<scalar_t>>* corners,
+                                        Corners<at::opmath_type<scalar_t>>* ahead, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = args.d;
   const int64_t channels = channel_count<kChannels>(d);
-  const int64_t samples = d.levels * d.points;
-  const int64_t pixel_stride = d.heads * channels;  // distance between two pixels of one head
-  acc_t fixed_acc[kChannels > 0 ? kChannels : 1];
-  std::vector<acc_t> dynamic_acc(kChannels > 0 ? 0 : channels);
+  const int64_t samples = d.levels * d.points;  // per head
+  // Two accumulators (corners 0-1 and 2-3): each step is one fused multiply-add per channel, and
+  // two independent chains hide its latency.
+  acc_t fixed_acc[2 * (kChannels > 0 ? kChannels : 1)];
+  std::vector<acc_t> dynamic_acc(kChannels > 0 ? 0 : 2 * channels);
   acc_t* __restrict acc = kChannels > 0 ? fixed_acc : dynamic_acc.data();
-  if (begin < end) prepare_row(args, table, channels, begin, *corners);
-  for (int64_t row = begin; row < end; ++row) {
-    if (row + 1 < end) prepare_row(args, table, channels, row + 1, *ahead);
+  acc_t* __restrict acc2 = acc + channels;
+  if (begin < end) prepare_query(args, table, channels, begin, *corners);
+  for (int64_t query = begin; query < end; ++query) {
+    if (query + 1 < end) prepare_query(args, table, channels, query + 1, *ahead);
     const Corners<acc_t>& c = *corners;
-    const scalar_t* __restrict base = row_value(args, channels, row);
-    for (int64_t ch = 0; ch < channels; ++ch) acc[ch] = acc_t(0);
-    for (int64_t i = 0; i < samples; ++i) {
-      if (!c.inside[i]) continue;
-      const scalar_t* __restrict v0 = base + c.pixel[0][i] * pixel_stride;
-      const scalar_t* __restrict v1 = base + c.pixel[1][i] * pixel_stride;
-      const scalar_t* __restrict v2 = base + c.pixel[2][i] * pixel_stride;
-      const scalar_t* __restrict v3 = base + c.pixel[3][i] * pixel_stride;
-      const acc_t w0 = c.weight[0][i], w1 = c.weight[1][i];
-      const acc_t w2 = c.weight[2][i], w3 = c.weight[3][i];
-#pragma omp simd
-      for (int64_t ch = 0; ch < channels; ++ch) {
-        acc[ch] += (w0 * static_cast<acc_t>(v0[ch]) + w1 * static_cast<acc_t>(v1[ch])) +
-                   (w2 * static_cast<acc_t>(v2[ch]) + w3 * static_cast<acc_t>(v3[ch]));
+    const int32_t *__restrict s0 = c.slot[0].data(), *__restrict s1 = c.slot[1].data();
+    const int32_t *__restrict s2 = c.slot[2].data(), *__restrict s3 = c.slot[3].data();
+    const acc_t *__restrict w0 = c.weight[0].data(), *__restrict w1 = c.weight[1].data();
+    const acc_t *__restrict w2 = c.weight[2].data(), *__restrict w3 = c.weight[3].data();
+    const int32_t* __restrict inside = c.inside.data();
+    const scalar_t* __restrict base = args.value + (query / d.queries) * d.spatial * d.heads * channels;
+    scalar_t* __restrict out = args.output + query * d.heads * channels;
+    for (int64_t m = 0; m < d.heads; ++m) {
+      if constexpr (kFloat8Path<scalar_t, kChannels>) {
+        constexpr int kVectors = kChannels / 8;
+        float8 sum[kVectors] = {}, sum2[kVectors] = {};
+        for (int64_t i = m * samples; i < (m + 1) * samples; ++i) {
+          if (!inside[i]) continue;
+          const float* v0 = base + int64_t(s0[i]) * kChannels;
+          const float* v1 = base + int64_t(s1[i]) * kChannels;
+          const float* v2 = base + int64_t(s2[i]) * kChannels;
+          const float* v3 = base + int64_t(s3[i]) * kChannels;
+          const float a0 = w0[i], a1 = w1[i], a2 = w2[i], a3 = w3[i];
+#pragma GCC unroll 8
+          for (int j = 0; j < kVectors; ++j) {
+            sum[j] += a0 * load8(v0 + 8 * j);
+            sum2[j] += a2 * load8(v2 + 8 * j);
+            sum[j] += a1 * load8(v1 + 8 * j);
+            sum2[j] += a3 * load8(v3 + 8 * j);
+          }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < kVectors; ++j) store8(out + m * kChannels + 8 * j, sum[j] + sum2[j]);
+        continue;
       }
+      for (int64_t ch = 0; ch < channels; ++ch) acc[ch] = acc_t(0), acc2[ch] = acc_t(0);
+      for (int64_t i = m * samples; i < (m + 1) * samples; ++i) {
+        if (!inside[i]) continue;
+        const scalar_t* __restrict v0 = base + int64_t(s0[i]) * channels;
+        const scalar_t* __restrict v1 = base + int64_t(s1[i]) * channels;
+        const scalar_t* __restrict v2 = base + int64_t(s2[i]) * channels;
+        const scalar_t* __restrict v3 = base + int64_t(s3[i]) * channels;
+        const acc_t a0 = w0[i], a1 = w1[i], a2 = w2[i], a3 = w3[i];
+#pragma omp simd
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          acc[ch] += a0 * static_cast<acc_t>(v0[ch]);
+          acc2[ch] += a2 * static_cast<acc_t>(v2[ch]);
+          acc[ch] += a1 * static_cast<acc_t>(v1[ch]);
+          acc2[ch] += a3 * static_cast<acc_t>(v3[ch]);
+        }
+      }
+      for (int64_t ch = 0; ch < channels; ++ch) out[m * channels + ch] = static_cast<scalar_t>(acc[ch] + acc2[ch]);
     }
-    scalar_t* __restrict out = args.output + row * channels;
-    for (int64_t ch = 0; ch < channels; ++ch) out[ch] = static_cast<scalar_t>(acc[ch]);
     std::swap(corners, ahead);
   }
 }
+
+// The backward of one row's samples on the float path. Per sample, the slopes of the sample by
+// the attention weight and by the fractional offsets are each a sum over corners and channels of
+// (coefficient x grad_output x value); the channel sums are kept as 8 lanes and summed across
+// lanes once per sample and slope (3 lane sums, not one per corner and slope).
+template <int kChannels>
+MSDA_ALWAYS_INLINE void backward_row_float8(const Corners<float>& c, const SampleTable<float>& table, int64_t samples,
+                                            const float* base, float* grad_base, const float* g_row,
+                                            const float* attn, float* grad_loc, float* grad_attn) {
+  constexpr int kVectors = kChannels / 8;
+  float8 g[kVectors];
+#pragma GCC unroll 8
+  for (int j = 0; j < kVectors; ++j) g[j] = load8(g_row + 8 * j);
+  for (int64_t i = 0; i < samples; ++i) {
+    if (!c.inside[i]) {  // a sample off the map: no slope
+      grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = 0.0f;
+      continue;
+    }
+    const float fh = c.frac_h[i], fw = c.frac_w[i], rh = 1.0f - fh, rw = 1.0f - fw;
+    const float dfrac_w[4] = {-rh, rh, -fh, fh};  // d(sample)/d(frac_w) per corner value
+    const float dfrac_h[4] = {-rw, -fw, rw, fw};
+    float8 by_attn = {}, by_w = {}, by_h = {};
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int64_t offset = int64_t(c.slot[k][i]) * kChannels;
+      const float* v = base + offset;
+      float* gv = grad_base + offset;
+      const float scale = c.weight[k][i];  // zero for a corner outside the map
+      float8 dot[2] = {};
+#pragma GCC unroll 8
+      for (int j = 0; j < kVectors; ++j) {
+        dot[j & 1] += g[j] * load8(v + 8 * j);
+        store8(gv + 8 * j, load8(gv + 8 * j) + scale * g[j]);
+      }
+      const float8 d = dot[0] + dot[1];
+      const bool valid = c.valid[k][i] != 0;  // a clamped pixel's value contributes nothing
+      by_attn += c.bilinear[k][i] * d;         // zero when not valid
+      by_w += (valid ? dfrac_w[k] : 0.0f) * d;
+      by_h += (valid ? dfrac_h[k] : 0.0f) * d;
+    }
+    const float a = attn[i];
+    grad_attn[i] = sum8(by_attn);
+    grad_loc[2 * i] = a * sum8(by_w) * table.width[i];
+    grad_loc[2 * i + 1] = a * sum8(by_h) * table.height[i];
+  }
+}
+
+// How many rows ahead the backward asks for a row's locations, weights and gradients.
+constexpr int64_t kRowsAhead = 4;
 
 // Backward of tasks [begin, end). A task is one (batch, head) pair and one of `chunks` slices of
 // its queries; different pairs write disjoint slices of grad_value, and the query slices of one
@@ -257,13 +370,13 @@ MSDA_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& args, const SampleTab
 // summed afterwards, so the scatter needs no atomics.
 template <typename scalar_t, int kChannels>
 MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
-                                       Corners<at::opmath_type<scalar_t>>& corners, int64_t chunks,
-                                       at::opmath_type<scalar_t>* extra_grad_value, int64_t begin, int64_t end) {
+                                       Corners<at::opmath_type<scalar_t>>* now, Corners<at::opmath_type<scalar_t>>* ahead,
+                                       int64_t chunks, at::opmath_type<scalar_t>* extra_grad_value, int64_t begin,
+                                       int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = args.d;
   const int64_t channels = channel_count<kChannels>(d);
   const int64_t samples = d.levels * d.points;
-  const int64_t pixel_stride = d.heads * channels;
   const int64_t value_numel = d.batch * d.spatial * d.heads * channels;
   const int64_t per_chunk = (d.queries + chunks - 1) / chunks;
   acc_t fixed_grad[kChannels > 0 ? kChannels : 1];
@@ -276,20 +389,50 @@ MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleT
     const int64_t base_offset = (n * d.spatial * d.heads + m) * channels;
     const scalar_t* __restrict base = args.value + base_offset;
     acc_t* __restrict grad_base = grad_value + base_offset;
-    const int64_t q_end = std::min(d.queries, (chunk + 1) * per_chunk);
-    for (int64_t q = chunk * per_chunk; q < q_end; ++q) {
-      const int64_t row = (n * d.queries + q) * d.heads + m;
+    const int64_t q_begin = chunk * per_chunk, q_end = std::min(d.queries, (chunk + 1) * per_chunk);
+    // The next row's corners are computed, and the value and grad_value lines they touch asked
+    // for, before this row's are used: the scattered reads' latency overlaps this row's work.
+    auto row_of = [&](int64_t q) { return (n * d.queries + q) * d.heads + m; };
+    if (q_begin < q_end) {
+      row_corners(table, samples, args.locations + row_of(q_begin) * samples * 2, args.weights + row_of(q_begin) * samples, *now);
+    }
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      const int64_t row = row_of(q);
+      if (q + kRowsAhead < q_end) {
+        // A task's rows lie heads x samples apart in the per-row tensors, a stride the hardware
+        // prefetcher does not follow: their lines are asked for a few rows ahead.
+        const int64_t later = row_of(q + kRowsAhead);
+        prefetch_span(args.locations + later * samples * 2, samples * 2);
+        prefetch_span(args.weights + later * samples, samples);
+        prefetch_span(args.grad_output + later * channels, channels);
+        prefetch_span(args.grad_locations + later * samples * 2, samples * 2, /*for_write=*/true);
+        prefetch_span(args.grad_weights + later * samples, samples, /*for_write=*/true);
+      }
+      if (q + 1 < q_end) {
+        const int64_t next = row_of(q + 1);
+        row_corners(table, samples, args.locations + next * samples * 2, args.weights + next * samples, *ahead);
+        prefetch_corners(*ahead, samples, base, channels);
+        prefetch_corners(*ahead, samples, grad_base, channels, /*for_write=*/true);
+      }
+      const Corners<acc_t>& corners = *now;
+      std::swap(now, ahead);
       const scalar_t* __restrict grad_out = args.grad_output + row * channels;
       for (int64_t c = 0; c < channels; ++c) g[c] = static_cast<acc_t>(grad_out[c]);
       const acc_t* __restrict attn = args.weights + row * samples;
       acc_t* __restrict grad_loc = args.grad_locations + row * samples * 2;
       acc_t* __restrict grad_attn = args.grad_weights + row * samples;
-      row_corners(table, samples, args.locations + row * samples * 2, attn, corners);
+      if constexpr (kFloat8Path<scalar_t, kChannels>) {
+        backward_row_float8<kChannels>(corners, table, samples, base, grad_base, g, attn, grad_loc, grad_attn);
+        continue;
+      }
       for (int64_t i = 0; i < samples; ++i) {
-        if (!corners.inside[i]) continue;  // its location and weight gradients stay zero
+        if (!corners.inside[i]) {  // a sample off the map: no slope
+          grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = acc_t(0);
+          continue;
+        }
         acc_t g_dot_v[4];                  // per corner: sum over channels of grad_output * value
         for (int k = 0; k < 4; ++k) {
-          const int64_t offset = corners.pixel[k][i] * pixel_stride;
+          const int64_t offset = int64_t(corners.slot[k][i]) * channels;
           const scalar_t* __restrict v = base + offset;
           acc_t* __restrict gv = grad_base + offset;
           const acc_t scale = corners.weight[k][i];  // zero for a corner outside the map
@@ -379,15 +522,15 @@ template <typename scalar_t>
 void forward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
                    Corners<at::opmath_type<scalar_t>>* corners, Corners<at::opmath_type<scalar_t>>* ahead, int64_t begin,
                    int64_t end) {
-  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_rows<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
+  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
 }
 
 template <typename scalar_t>
 void backward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
-                    Corners<at::opmath_type<scalar_t>>& corners, int64_t chunks, at::opmath_type<scalar_t>* extra,
+                    Corners<at::opmath_type<scalar_t>>* corners, int64_t chunks, at::opmath_type<scalar_t>* extra,
                     int64_t begin, int64_t end) {
   MSDA_DISPATCH_CHANNELS(args.d.channels,
-                         backward_tasks<scalar_t, kChannels>(args, table, corners, chunks, extra, begin, end));
+                         backward_tasks<scalar_t, kChannels>(args, table, corners, corners + 1, chunks, extra, begin, end));
 }
 
 // The same loops compiled for AVX2+FMA (8 floats per instruction instead of SSE's 4, and a
@@ -400,17 +543,17 @@ __attribute__((target("avx2,fma"))) void forward_range_avx2(const Args<scalar_t>
                                                              Corners<at::opmath_type<scalar_t>>* corners,
                                                              Corners<at::opmath_type<scalar_t>>* ahead,
                                                              int64_t begin, int64_t end) {
-  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_rows<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
+  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
 }
 
 template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void backward_range_avx2(const Args<scalar_t>& args,
                                                               const SampleTable<at::opmath_type<scalar_t>>& table,
-                                                              Corners<at::opmath_type<scalar_t>>& corners,
+                                                              Corners<at::opmath_type<scalar_t>>* corners,
                                                               int64_t chunks, at::opmath_type<scalar_t>* extra,
                                                               int64_t begin, int64_t end) {
   MSDA_DISPATCH_CHANNELS(args.d.channels,
-                         backward_tasks<scalar_t, kChannels>(args, table, corners, chunks, extra, begin, end));
+                         backward_tasks<scalar_t, kChannels>(args, table, corners, corners + 1, chunks, extra, begin, end));
 }
 
 bool cpu_has_avx2() {
@@ -419,17 +562,17 @@ bool cpu_has_avx2() {
 }
 #endif
 
-// Rows per block of the forward: a few hundred rows amortise taking a block, and the encoder's
-// hundreds of thousands of rows still make thousands of blocks to balance.
-constexpr int64_t kForwardBlock = 256;
+// Queries per block of the forward: a few dozen queries amortise taking a block, and the encoder's
+// tens of thousands of queries still make a thousand blocks to balance.
+constexpr int64_t kForwardBlock = 32;
 
 template <typename scalar_t>
 void forward_kernel(const Args<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
   const SampleTable<acc_t> table(args.d, args.shapes, args.starts);
-  const int64_t samples = args.d.levels * args.d.points;
+  const int64_t samples = args.d.heads * args.d.levels * args.d.points;
   std::vector<Corners<acc_t>> scratch(2 * std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
-  parallel_blocks(args.d.batch * args.d.queries * args.d.heads, kForwardBlock,
+  parallel_blocks(args.d.batch * args.d.queries, kForwardBlock,
                   [&](int64_t worker, int64_t begin, int64_t end) {
                     Corners<acc_t>* corners = &scratch[2 * worker];
 #ifdef MSDA_HAVE_AVX2_PATH
@@ -453,14 +596,30 @@ void backward_kernel(const Args<scalar_t>& args, int64_t chunks, at::opmath_type
   using acc_t = at::opmath_type<scalar_t>;
   const SampleTable<acc_t> table(args.d, args.shapes, args.starts);
   const int64_t samples = args.d.levels * args.d.points;
-  std::vector<Corners<acc_t>> scratch(std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
+  std::vector<Corners<acc_t>> scratch(2 * std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
   parallel_blocks(args.d.batch * args.d.heads * chunks, 1, [&](int64_t worker, int64_t begin, int64_t end) {
-    Corners<acc_t>& corners = scratch[worker];
+    Corners<acc_t>* corners = &scratch[2 * worker];  // this row's and the next row's
 #ifdef MSDA_HAVE_AVX2_PATH
     if (cpu_has_avx2()) return backward_range_avx2<scalar_t>(args, table, corners, chunks, extra, begin, end);
 #endif
     backward_range<scalar_t>(args, table, corners, chunks, extra, begin, end);
   });
+}
+
+// An uninitialised tensor whose memory Linux may back with 2 MiB pages (transparent huge pages in
+// "madvise" mode, the common default). Outputs this large are mapped fresh by the allocator on
+// every call, and touching them first 4 KiB page by page cost more than the arithmetic: the
+// encoder forward with every sample off the map took 150 ms, 50 ms with huge pages. Advice the
+// system refuses changes nothing but the speed.
+at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor tensor = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + tensor.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return tensor;
 }
 
 }  // namespace
@@ -470,8 +629,9 @@ at::Tensor msda_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_s
                             const at::Tensor& attention_weights) {
   msda_check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Dims d = dims_of(value, sampling_locations);
-  TORCH_CHECK(d.spatial < (int64_t(1) << 31), "value has ", d.spatial, " positions; at most 2^31 - 1 are supported");
-  auto output = at::empty({d.batch, d.queries, d.heads * d.channels}, value.options());
+  TORCH_CHECK(d.spatial * d.heads < (int64_t(1) << 31), "value has ", d.spatial, " positions x ", d.heads,
+              " heads; at most 2^31 - 1 are supported");
+  auto output = empty_huge({d.batch, d.queries, d.heads * d.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> args{value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
@@ -491,14 +651,16 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value, const at::Ten
   TORCH_CHECK(grad_output.is_contiguous() && grad_output.scalar_type() == value.scalar_type(),
               "grad_output must be contiguous with the dtype of value");
   const Dims d = dims_of(value, sampling_locations);
-  TORCH_CHECK(d.spatial < (int64_t(1) << 31), "value has ", d.spatial, " positions; at most 2^31 - 1 are supported");
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(sampling_locations.scalar_type()));
-  auto grad_locations = at::zeros_like(sampling_locations);
-  auto grad_weights = at::zeros_like(attention_weights);
+  TORCH_CHECK(d.spatial * d.heads < (int64_t(1) << 31), "value has ", d.spatial, " positions x ", d.heads,
+              " heads; at most 2^31 - 1 are supported");
+  auto grad_value = empty_huge(value.sizes(), value.options().dtype(sampling_locations.scalar_type())).zero_();
+  // Every entry of these two is written by the kernel: no zeroing pass.
+  auto grad_locations = empty_huge(sampling_locations.sizes(), sampling_locations.options());
+  auto grad_weights = empty_huge(attention_weights.sizes(), attention_weights.options());
   const int64_t chunks = backward_chunks(d);
   std::vector<int64_t> extra_sizes{chunks - 1};
   extra_sizes.insert(extra_sizes.end(), value.sizes().begin(), value.sizes().end());
-  auto extra = chunks > 1 ? at::zeros(extra_sizes, grad_value.options()) : at::Tensor();
+  auto extra = chunks > 1 ? empty_huge(extra_sizes, grad_value.options()).zero_() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> args{value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
