@@ -1,16 +1,19 @@
 // Fused CPU kernel of multi-scale deformable attention (forward and backward).
 //
 // Each sample is read straight from `value` and accumulated into the output row, so no
-// per-level sampled tensor is ever materialised. Per row (one batch, query, head) the four
-// corners of every sample (pixel index, clamped into the map, and attention x bilinear weight,
-// zero for a corner outside it) are computed first in one branch-free loop over the row's
-// samples, which compilers vectorise; the gather then reads four `value` rows of `channels`
-// contiguous values per sample and accumulates them in registers (the common channel counts
-// are compile-time constants, so those loops unroll completely).
+// per-level sampled tensor is ever materialised. The four corners of every sample (the value
+// slot to read, clamped into the map, and attention x bilinear weight, zero for a corner outside
+// it) are computed first in one branch-free loop, which compilers vectorise: in the forward over
+// all heads x levels x points samples of a query at once, in the backward over one row's (batch,
+// query, head). The gather then reads four `value` rows of `channels` contiguous values per
+// sample and accumulates them in registers (the common channel counts are compile-time
+// constants; for float they are summed as 8-float vectors with fused multiply-adds). The next
+// query's (row's) corners are computed and their values prefetched before the current one is
+// summed, so the scattered reads' latency overlaps the arithmetic.
 //
 // Work is split into blocks that threads take from a shared counter (dynamic scheduling): on a
 // machine shared with other work, a thread that loses its core for a while no longer holds up
-// the call with a fixed share. The forward's blocks are rows (batch, query, head); the
+// the call with a fixed share. The forward's blocks are queries (batch, query); the
 // backward's are (batch, head) pairs, whose slices of grad_value are disjoint, so the scatter
 // needs no atomics; with more threads than pairs, also slices of the queries, each slice
 // scattering into its own grad_value buffer (summed at the end). Which thread runs a block
