@@ -118,7 +118,9 @@ struct Corners {
 // sample counts when -1 < h_im < H and -1 < w_im < W; corners outside the map weigh zero),
 // computed without branches for `count` samples of a query (all heads) or of a row (the first
 // levels * points entries of the table: head 0).
-template <typename acc_t>
+// kSlopes: also store what the backward's slopes need (valid, bilinear, the fractions); the
+// forward only reads the slots, weights and `inside`.
+template <bool kSlopes, typename acc_t>
 MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, const acc_t* __restrict loc,
                                     const acc_t* __restrict attn, Corners<acc_t>& c) {
   const acc_t* __restrict height = t.height.data();
@@ -167,18 +169,20 @@ MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, 
     p2[i] = (start[i] + row_high + col_low) * heads + head[i];
     p3[i] = (start[i] + row_high + col_high) * heads + head[i];
     const int32_t v0 = low_row & low_col, v1 = low_row & high_col, v2 = high_row & low_col, v3 = high_row & high_col;
-    ok0[i] = v0, ok1[i] = v1, ok2[i] = v2, ok3[i] = v3;
     const acc_t bl0 = v0 != 0 ? rh * rw : acc_t(0), bl1 = v1 != 0 ? rh * fw : acc_t(0);
     const acc_t bl2 = v2 != 0 ? fh * rw : acc_t(0), bl3 = v3 != 0 ? fh * fw : acc_t(0);
-    b0[i] = bl0, b1[i] = bl1, b2[i] = bl2, b3[i] = bl3;
     const acc_t a = attn[i];
     w0[i] = v0 != 0 ? a * bl0 : acc_t(0);
     w1[i] = v1 != 0 ? a * bl1 : acc_t(0);
     w2[i] = v2 != 0 ? a * bl2 : acc_t(0);
     w3[i] = v3 != 0 ? a * bl3 : acc_t(0);
-    frac_h[i] = fh;
-    frac_w[i] = fw;
     inside[i] = in;
+    if constexpr (kSlopes) {
+      ok0[i] = v0, ok1[i] = v1, ok2[i] = v2, ok3[i] = v3;
+      b0[i] = bl0, b1[i] = bl1, b2[i] = bl2, b3[i] = bl3;
+      frac_h[i] = fh;
+      frac_w[i] = fw;
+    }
   }
 }
 
@@ -239,7 +243,7 @@ MSDA_ALWAYS_INLINE void prepare_query(const Args<scalar_t>& args, const SampleTa
                                       int64_t channels, int64_t query, Corners<at::opmath_type<scalar_t>>& c) {
   const Dims& d = args.d;
   const int64_t samples = d.heads * d.levels * d.points;
-  row_corners(table, samples, args.locations + query * samples * 2, args.weights + query * samples, c);
+  row_corners<false>(table, samples, args.locations + query * samples * 2, args.weights + query * samples, c);
   const int64_t n = query / d.queries;
   prefetch_corners(c, samples, args.value + n * d.spatial * d.heads * channels, channels);
 }
@@ -397,7 +401,8 @@ MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleT
     // for, before this row's are used: the scattered reads' latency overlaps this row's work.
     auto row_of = [&](int64_t q) { return (n * d.queries + q) * d.heads + m; };
     if (q_begin < q_end) {
-      row_corners(table, samples, args.locations + row_of(q_begin) * samples * 2, args.weights + row_of(q_begin) * samples, *now);
+      const int64_t first = row_of(q_begin);
+      row_corners<true>(table, samples, args.locations + first * samples * 2, args.weights + first * samples, *now);
     }
     for (int64_t q = q_begin; q < q_end; ++q) {
       const int64_t row = row_of(q);
@@ -413,7 +418,7 @@ MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleT
       }
       if (q + 1 < q_end) {
         const int64_t next = row_of(q + 1);
-        row_corners(table, samples, args.locations + next * samples * 2, args.weights + next * samples, *ahead);
+        row_corners<true>(table, samples, args.locations + next * samples * 2, args.weights + next * samples, *ahead);
         prefetch_corners(*ahead, samples, base, channels);
         prefetch_corners(*ahead, samples, grad_base, channels, /*for_write=*/true);
       }
