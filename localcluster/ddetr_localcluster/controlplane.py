@@ -263,6 +263,16 @@ class LocalCluster:
             raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result
 
+    def create_namespace(self, name: str, pod_security: str | None = None) -> None:
+        """A namespace, enforcing the Pod Security level `pod_security` when given, once its default
+        ServiceAccount exists (pods are refused before that)."""
+        self.kubectl("create", "namespace", name)
+        if pod_security:
+            self.kubectl("label", "namespace", name, f"pod-security.kubernetes.io/enforce={pod_security}",
+                         "pod-security.kubernetes.io/enforce-version=latest")
+        self._wait(f"namespace {name}'s default ServiceAccount", lambda: self.kubectl(
+            "get", "sa", "default", "-n", name, check=False).returncode == 0, 60)
+
     def _default_service_account(self) -> bool:
         return self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0
 

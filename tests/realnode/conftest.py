@@ -66,9 +66,7 @@ def real_cluster(tmp_path_factory):
 @pytest.fixture()
 def namespace(real_cluster):
     name = f"ddetr-rn-{uuid.uuid4().hex[:6]}"
-    real_cluster.kubectl("create", "namespace", name)
-    real_cluster._wait("the namespace's default ServiceAccount", lambda: real_cluster.kubectl(
-        "get", "sa", "default", "-n", name, check=False).returncode == 0, 60)
+    real_cluster.create_namespace(name)
     yield name
     real_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 

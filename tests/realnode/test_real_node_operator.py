@@ -32,12 +32,8 @@ def deployed(real_cluster):
     helm = find_tool("helm")
     if helm is None:
         pytest.skip("no helm binary (scripts/test-deps.d/helm.sh installs one)")
-    real_cluster.kubectl("create", "namespace", NAMESPACE)
-    real_cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted",
-                         "pod-security.kubernetes.io/enforce-version=latest")
+    real_cluster.create_namespace(NAMESPACE, pod_security="restricted")
     target = Cluster(NAMESPACE, str(real_cluster.bin_dir / "kubectl"), helm, str(real_cluster.kubeconfig))
-    target.wait_until("the namespace's default ServiceAccount", lambda: target.kubectl(
-        "get", "sa", "default", check=False).returncode == 0, 60, every=0.5)
     repository, _, tag = real_cluster.images["operator"].rpartition(":")
     target.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", NAMESPACE,
                 "--set", f"fullnameOverride={RELEASE}", "--set", f"image.repository={repository}",

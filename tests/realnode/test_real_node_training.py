@@ -93,11 +93,7 @@ def gang(real_cluster, tmp_path_factory):
     if helm is None:
         pytest.skip("no helm binary (scripts/test-deps.d/helm.sh installs one)")
     from moto.server import ThreadedMotoServer
-    real_cluster.kubectl("create", "namespace", NAMESPACE)
-    real_cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted",
-                         "pod-security.kubernetes.io/enforce-version=latest")
-    real_cluster._wait("the namespace's default ServiceAccount", lambda: real_cluster.kubectl(
-        "get", "sa", "default", "-n", NAMESPACE, check=False).returncode == 0, 60)
+    real_cluster.create_namespace(NAMESPACE, pod_security="restricted")
     target = RealNodeTarget(NAMESPACE, real_cluster, helm)
     # The chart's RBAC and ServiceAccounts; its Deployment's pod is kept off every node, since the
     # operator runs here from the source (test_real_node_operator.py runs the chart's in-cluster).
