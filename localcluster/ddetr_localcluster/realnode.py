@@ -27,7 +27,7 @@ import yaml
 from . import realnode_net as net
 from .pki import client_cert
 from .realnode_cleanup import remove_leftovers
-from .realnode_image import NAMESPACE, PAUSE_IMAGE, import_archive, write_pause_archive
+from .realnode_image import NAMESPACE, PAUSE_IMAGE, import_archive, remove_replaced, write_pause_archive
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "localcluster" / "realnode" / "build.sh"
@@ -155,6 +155,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.opt",
         pause = write_pause_archive(self.runtime / "pause", self.dir / "pause.tar")
         for archive in [pause, *self.archives]:
             import_archive(self.ctr, archive, stamps)
+        remove_replaced(self.ctr)
 
     # -- kubelet -----------------------------------------------------------------
 

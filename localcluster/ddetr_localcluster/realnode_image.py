@@ -1,7 +1,7 @@
 """Images for the real node's containerd: the pause (sandbox) image, written as an OCI
 archive from the locally built static pause binary, and `ctr images import` of an archive,
 skipped when the same archive (path, size, mtime) was imported into this content store and its
-images are still there."""
+images are still there, and the removal of the images those imports replaced."""
 from __future__ import annotations
 
 import hashlib
@@ -71,6 +71,26 @@ def import_archive(ctr: list[str], archive: Path, stamps: Path) -> bool:
     stamps.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
     return True
+
+
+def remove_replaced(ctr: list[str]) -> list[str]:
+    """Remove the images no name points to any more, and return their ids. The CRI plugin also names
+    every image by its id (`sha256:...`), so an image replaced by a newer import under the same
+    name stays in the store under that id alone: without this each rebuild of the trainer image
+    would keep another copy of it (gigabytes) in the cache. Run before the kubelet starts: no
+    container uses them then."""
+    listed = subprocess.run([*ctr, "-n", NAMESPACE, "images", "list"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise RuntimeError(f"ctr images list: {listed.stderr.strip()[-500:]}")
+    rows = [line.split() for line in listed.stdout.splitlines()[1:] if line.strip()]
+    named = {row[2] for row in rows if not row[0].startswith("sha256:")}  # REF TYPE DIGEST ...
+    replaced = [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named]
+    if replaced:
+        removed = subprocess.run([*ctr, "-n", NAMESPACE, "images", "remove", "--sync", *replaced],
+                                 capture_output=True, text=True)
+        if removed.returncode != 0:
+            raise RuntimeError(f"ctr images remove: {removed.stderr.strip()[-500:]}")
+    return replaced
 
 
 def stored_refs(ctr: list[str]) -> set[str]:

@@ -151,3 +151,16 @@ def dropped_packets() -> int:
     rules = subprocess.run(["iptables", "-w", "-L", realnode_net.CHAIN, "-v", "-x", "-n"],
                            capture_output=True, text=True, check=True).stdout.splitlines()
     return sum(int(line.split()[0]) for line in rules if " DROP " in f" {line} ")
+
+
+def test_the_node_keeps_only_the_images_a_name_points_to(real_cluster):
+    """An image replaced by a newer import under the same name is removed at node start (the CRI
+    plugin keeps every image under its id too, so each trainer rebuild would otherwise leave
+    gigabytes behind in the cache); the current images are all there."""
+    ctr = real_cluster.node.ctr
+    listed = subprocess.run([*ctr, "-n", "k8s.io", "images", "list"], capture_output=True, text=True, check=True)
+    rows = [line.split() for line in listed.stdout.splitlines()[1:] if line.strip()]
+    named = {row[0]: row[2] for row in rows if not row[0].startswith("sha256:")}
+    assert set(real_cluster.images.values()) <= set(named), named
+    orphans = [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named.values()]
+    assert not orphans, orphans
