@@ -113,7 +113,7 @@ revision_of() {  # the commit that last changed the image's inputs (+dirty when 
 
 lines=()
 build_one() {
-  local name=$1 ref dockerfile archive key bases_ids revision start seconds size files log args=()
+  local name=$1 ref dockerfile archive key bases_ids revision start seconds size files log previous args=()
   local -a paths
   if [ "$name" = operator ]; then
     ref=$operator_ref; dockerfile=Dockerfile.operator
@@ -139,6 +139,7 @@ build_one() {
   else
     say "$name: building $ref from $dockerfile (inputs ${key:0:12}, log $log)"
     start=$SECONDS
+    previous=$(image_id "$ref" || true)
     # The build's own output streams to stderr (and the log); a failure names the step.
     if ! buildah bud --layers --isolation chroot --format docker --force-rm ${secrets[@]+"${secrets[@]}"} "${args[@]}" \
            --label "io.github.ddetr.inputs=$key" --file "$context/$dockerfile" --tag "$ref" "$context" 2>&1 \
@@ -148,7 +149,13 @@ build_one() {
       fail "$name: buildah could not build $dockerfile: ${step:-no step ran} (full log: $log)"
     fi
     say "$name: built in $((SECONDS - start)) s; writing $archive"
-    rm -f "$archive.inputs"
+    # The image this one replaces under $ref, untagged now, is no layer cache of any later build: remove
+    # it (buildah refuses while another name or a container still uses it). So is the stale archive,
+    # removed before the new one is written: a trainer image is ~6 GB, and these add up on a disk.
+    if [ -n "$previous" ] && [ "$previous" != "$(image_id "$ref")" ]; then
+      buildah rmi "$previous" >/dev/null 2>&1 && say "$name: removed the image it replaces (${previous:0:12})" || true
+    fi
+    rm -f "$archive.inputs" "$archive"
     buildah push --quiet --format v2s2 "$ref" "docker-archive:$archive.partial:$ref" >/dev/null \
       || fail "$name: buildah could not write the archive $archive"
     mv "$archive.partial" "$archive"
