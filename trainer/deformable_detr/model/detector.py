@@ -133,16 +133,21 @@ class DeformableDETR(nn.Module):
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
             srcs, level_masks, level_pos, query_embeds)
 
-        classes, coords = [], []
-        for level in range(hs.shape[0]):
-            reference = inverse_sigmoid(init_reference if level == 0 else inter_references[level - 1])
-            delta = self.bbox_embed[level](hs[level])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            classes.append(self.class_embed[level](hs[level]))
-            coords.append(coord.sigmoid())
+        classes = [self.class_embed[level](hs[level]) for level in range(hs.shape[0])]
+        if self.transformer.decoder.bbox_embed is not None:
+            # Box refinement: the decoder computed each layer's boxes with these same heads, as
+            # below, to refine its references; the original computes them a second time here.
+            coords = list(inter_references)
+        else:
+            coords = []
+            for level in range(hs.shape[0]):
+                reference = inverse_sigmoid(init_reference if level == 0 else inter_references[level - 1])
+                delta = self.bbox_embed[level](hs[level])
+                if reference.shape[-1] == 4:
+                    coord = delta + reference
+                else:
+                    coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+                coords.append(coord.sigmoid())
 
         out: Dict[str, object] = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
         if self.aux_loss:

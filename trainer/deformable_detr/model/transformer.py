@@ -34,6 +34,12 @@ class Dropout(nn.Dropout):
         return x * scaled_mask
 
 
+def _relu(hidden: torch.Tensor) -> torch.Tensor:
+    """The feed-forward's ReLU, written over the first linear's output (which nothing else reads,
+    autograd included): no second [tokens x d_ffn] tensor to allocate and fill."""
+    return F.relu(hidden, inplace=True)
+
+
 def _with_pos(tensor: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
     return tensor if pos is None else tensor + pos
 
@@ -55,7 +61,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(_with_pos(src, pos), reference_points, src, spatial_shapes,
                                   level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(_relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -113,13 +119,15 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask=None):
         q = k = _with_pos(tgt, query_pos)
-        # nn.MultiheadAttention is sequence-first.
-        attended = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0].transpose(0, 1)
+        # nn.MultiheadAttention is sequence-first. Without the (unused) averaged attention weights
+        # it runs PyTorch's fused scaled_dot_product_attention instead of bmm, softmax and bmm.
+        attended = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1),
+                                  need_weights=False)[0].transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(_with_pos(tgt, query_pos), reference_points, src, spatial_shapes,
                                    level_start_index, padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(_relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
 
 
@@ -135,6 +143,8 @@ class DeformableTransformerDecoder(nn.Module):
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index, valid_ratios,
                 query_pos=None, padding_mask=None):
+        """-> the layers' outputs [layers, B, Q, C] and, with box refinement, the boxes each layer predicts
+        (sigmoid, [layers, B, Q, 4]), else the reference points every layer used."""
         output = tgt
         states, references = [], []
         for index, layer in enumerate(self.layers):
@@ -155,10 +165,11 @@ class DeformableTransformerDecoder(nn.Module):
                 else:
                     refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
                     refined = refined.sigmoid()
-                # Each layer refines the previous boxes; gradients do not flow through the references.
+                # Each layer refines the previous boxes; gradients do not flow through the references,
+                # but do through the boxes returned (the detector's outputs as they are).
                 reference_points = refined.detach()
             states.append(output)
-            references.append(reference_points)
+            references.append(refined if self.bbox_embed is not None else reference_points)
         return torch.stack(states), torch.stack(references)
 
 
