@@ -51,8 +51,12 @@ def msda_row(data: dict) -> str:
             f"{phases[k]['model_like']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + \
             " ms, scattered at random " + ", ".join(
             f"{phases[k]['scattered']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + " ms"
-        text += (f"; {100 * encoder['forward_fraction_of_copy_bandwidth']:.1f}% / "
-                 f"{100 * encoder['forward_backward_fraction_of_copy_bandwidth']:.1f}% of the copy bandwidth")
+        copy = data["copy_bandwidth"]["cpu"]["bytes_per_s"]
+        text += (f"; encoder forward {encoder['forward_s']['median'] * 1e3:.0f} ms, forward+backward "
+                 f"{encoder['forward_backward_s']['median'] * 1e3:.0f} ms: "
+                 f"{100 * encoder['forward_fraction_of_copy_bandwidth']:.1f}% / "
+                 f"{100 * encoder['forward_backward_fraction_of_copy_bandwidth']:.1f}% of the copy bandwidth "
+                 f"({copy['median'] / 1e9:.1f} GB/s, {copy['min'] / 1e9:.1f}-{copy['max'] / 1e9:.1f})")
     scaling = data.get("thread_scaling")
     if scaling and len(scaling) > 1:
         text += "; encoder by threads, forward+backward: " + ", ".join(
