@@ -27,18 +27,46 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-_URIS: dict[tuple[str, int], str | None] = {}  # (job uid, generation) -> its status.json, when on S3
-_URIS_LOCK = threading.Lock()
-MAX_URIS = 10000
+class JobMemory:
+    """Values a pass keeps for the next passes of a job, under a lock. Cleared whole once it holds
+    `limit` entries (jobs deleted without a last pass): forgetting costs a recomputation, or one
+    deadline's delay for a heartbeat, never a wrong decision."""
+
+    def __init__(self, limit: int = 10000):
+        self._values: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def get(self, key, default=None):
+        with self._lock:
+            return self._values.get(key, default)
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            if len(self._values) >= self._limit and key not in self._values:
+                self._values.clear()
+            self._values[key] = value
+
+    def forget(self, key) -> None:
+        with self._lock:
+            self._values.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
+_UNKNOWN = object()
+_URIS = JobMemory()  # (job uid, generation) -> its status.json, when on S3 (None: not on S3)
 
 
 def _progress_uri(job: dict) -> str | None:
     """Where rank 0 writes status.json; kept per spec generation (the effective spec costs ms)."""
     meta = job["metadata"]
     key = (meta.get("uid"), meta.get("generation"))
-    with _URIS_LOCK:
-        if key in _URIS:
-            return _URIS[key]
+    known = _URIS.get(key, _UNKNOWN)
+    if known is not _UNKNOWN:
+        return known
     uri = None
     typed = resolved(job)
     if typed is not None and typed.spec.task == DEFAULT_TASK:
@@ -47,10 +75,7 @@ def _progress_uri(job: dict) -> str | None:
         except JobSpecError:
             uri = None
     uri = uri if uri and uri.startswith("s3://") else None
-    with _URIS_LOCK:
-        if len(_URIS) >= MAX_URIS:
-            _URIS.clear()
-        _URIS[key] = uri
+    _URIS.put(key, uri)
     return uri
 
 
@@ -64,24 +89,19 @@ def _read_progress(cluster: Cluster, job: dict, read_secrets: bool) -> dict | No
 
 # Rank 0's heartbeat per job uid, as the last pass left it (decide/hangs.py). Memory only: after a
 # restart or a leader change the next pass starts it again from the status (next_heartbeat).
-_HEARTBEATS: dict[str, Heartbeat] = {}
-_HEARTBEATS_LOCK = threading.Lock()
+_HEARTBEATS = JobMemory()  # job uid -> Heartbeat
 
 
 def _heartbeat_of(job: dict) -> Heartbeat | None:
-    with _HEARTBEATS_LOCK:
-        return _HEARTBEATS.get(job["metadata"].get("uid"))
+    return _HEARTBEATS.get(job["metadata"].get("uid"))
 
 
 def _keep_heartbeat(job: dict, decision: Decision) -> None:
     uid = job["metadata"].get("uid")
-    with _HEARTBEATS_LOCK:
-        if decision.heartbeat is None or decision.status.get("phase") in TERMINAL:
-            _HEARTBEATS.pop(uid, None)
-            return
-        if len(_HEARTBEATS) >= MAX_URIS and uid not in _HEARTBEATS:
-            _HEARTBEATS.clear()  # jobs deleted while running: forgetting all costs one deadline's delay at worst
-        _HEARTBEATS[uid] = decision.heartbeat
+    if decision.heartbeat is None or decision.status.get("phase") in TERMINAL:
+        _HEARTBEATS.forget(uid)
+    else:
+        _HEARTBEATS.put(uid, decision.heartbeat)
 
 
 def _gang_restarts(status: dict) -> int:

@@ -122,7 +122,7 @@ def test_a_restarted_operator_finds_a_job_hung_since_its_last_patch_at_once(make
 # --- the same through the passes: what a running job costs the API server ---------------------------------
 
 def test_a_running_job_costs_a_patch_per_epoch_and_its_hang_is_found_from_memory(make_job, monkeypatch):
-    monkeypatch.setattr(passes, "_HEARTBEATS", {})
+    monkeypatch.setattr(passes, "_HEARTBEATS", passes.JobMemory())
     clock = {"now": NOW}
     monkeypatch.setattr(passes, "now", lambda: clock["now"])
     trainer = {"epoch": 0, "num_epochs": 10, "step": 0, "state": "running", "percent": 0.0}
