@@ -96,9 +96,9 @@ def record_progress(s: State) -> None:
     epoch, total = fresh.get("epoch"), fresh.get("numEpochs")
     if epoch is not None and total is not None:
         fields["epochs"] = f"{epoch}/{total}"
-    new = any(key not in s.status for key in fields) or fields.get("bestCheckpoint", s.status.get("bestCheckpoint")) \
-        != s.status.get("bestCheckpoint")
-    if new or worth_patching(shown, fresh, s.now):
+    first = any(key not in s.status for key in fields)
+    better = "bestCheckpoint" in fields and fields["bestCheckpoint"] != s.status.get("bestCheckpoint")
+    if first or better or worth_patching(shown, fresh, s.now):
         s.status.update(fields)
     else:
         s.unshown = fields
