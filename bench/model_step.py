@@ -15,7 +15,11 @@ per-round ratios. Quote the median with its spread. Ours runs with the PyTorch r
 attention (the same algorithm as transformers' pure-PyTorch path), with whatever
 `deformable_detr.ops` picks by default (a compiled CPU kernel when one builds here), and with that
 kernel but the frozen BatchNorms applied after their convolutions instead of folded into them
-(`unfolded`: the fold's share alone).
+(`unfolded`: the fold's share alone), and with each of the other speed changes of ours (CHANGES:
+sampling locations, decoder self-attention, FFN ReLU, box refinement's boxes) done the original
+Deformable-DETR's way instead, one at a time (`original_<change>`: that change's share alone). Each such
+revert is patched in here, not in the model, and is first checked to compute the current model's
+outputs within float rounding (one eval forward; the run stops if one does not).
 Breakdown: after the timed rounds, more training steps of ours (default attention) and of
 transformers' run under torch.profiler, one step per profile, the two models in turns; the JSON records, per model, where a step's operator time
 goes (self CPU time per step by kind of operator: convolutions, matrix products, deformable
@@ -36,6 +40,8 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from unittest import mock
 
 import torch
 
@@ -162,6 +168,128 @@ def unfolded(step, model):
     return action
 
 
+# Each speed change of commit ecb692b, written back the original Deformable-DETR's way so that a
+# variant of ours with that one change undone times it alone: (short header, what the original does).
+CHANGES = {
+    "sampling_locations": ("sampling locations", "sampling locations broadcast over a last dimension of 2 "
+                                                 "(now over contiguous rows of levels x points x 2)"),
+    "self_attention_weights": ("self-attention weights", "decoder self-attention also computes the averaged "
+                                                          "attention weights nobody reads (now fused SDPA)"),
+    "relu_out_of_place": ("FFN ReLU copy", "feed-forward ReLU into a new tensor (now in place)"),
+    "boxes_twice": ("boxes computed twice", "box refinement's heads run again by the detector on each decoder "
+                                            "layer (now the decoder's boxes are the outputs)"),
+}
+# A revert must compute the current model's outputs within float rounding (one eval forward).
+REVERT_ATOL, REVERT_RTOL = 1e-5, 1e-4
+
+
+def _sampling_locations_last_dim_2(self, reference_points, sampling_offsets, input_spatial_shapes):
+    """MSDeformAttn._sampling_locations as the original: each per-level factor broadcast over a
+    trailing dimension of 2 ([N, Lq, 1, L, 1, 2] against [N, Lq, M, L, P, 2])."""
+    if reference_points.shape[-1] == 2:
+        per_level_wh = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+        return reference_points[:, :, None, :, None, :] + sampling_offsets / per_level_wh[None, None, None, :, None, :]
+    center, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+    return center + sampling_offsets / self.n_points * size * 0.5
+
+
+def _relu_out_of_place(hidden):
+    return torch.nn.functional.relu(hidden)
+
+
+def _detector_forward_boxes_twice(self, images, masks):
+    """DeformableDETR.forward as the original: the decoder hands back its refined references without
+    gradient, and each layer's box head runs again on its hidden state here."""
+    from deformable_detr.model.box_ops import inverse_sigmoid
+
+    srcs, level_masks, level_pos = self._multi_scale_inputs(images, masks)
+    hs, init_reference, references, enc_class, enc_coord_unact = self.transformer(
+        srcs, level_masks, level_pos, None if self.two_stage else self.query_embed.weight)
+    references = references.detach()
+    classes, coords = [], []
+    for level, state in enumerate(hs):
+        reference = inverse_sigmoid(init_reference if level == 0 else references[level - 1])
+        delta = self.bbox_embed[level](state)
+        if reference.shape[-1] == 2:
+            delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        else:
+            delta = delta + reference
+        classes.append(self.class_embed[level](state))
+        coords.append(delta.sigmoid())
+    out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
+    if self.aux_loss:
+        out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(classes[:-1], coords[:-1])]
+    if self.two_stage:
+        out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+    return out
+
+
+@contextmanager
+def reverted(change: str, calls: dict | None = None):
+    """Ours with `change` (a key of CHANGES) done the original's way while inside; `calls[change]`
+    counts the calls of the original's code (a patch that nothing calls would time the current model)."""
+    from deformable_detr.model import attention, detector, transformer
+
+    mha_forward = torch.nn.MultiheadAttention.forward
+
+    def with_weights(self, *args, **kwargs):  # the original passes no need_weights: True, averaged
+        return mha_forward(self, *args, **{**kwargs, "need_weights": True})
+
+    owner, name, replacement = {
+        "sampling_locations": (attention.MSDeformAttn, "_sampling_locations", _sampling_locations_last_dim_2),
+        "self_attention_weights": (torch.nn.MultiheadAttention, "forward", with_weights),
+        "relu_out_of_place": (transformer, "_relu", _relu_out_of_place),
+        "boxes_twice": (detector.DeformableDETR, "forward", _detector_forward_boxes_twice),
+    }[change]
+    getattr(owner, name)  # fails loudly when the current model no longer has what the revert replaces
+
+    def counted(*args, **kwargs):
+        if calls is not None:
+            calls[change] = calls.get(change, 0) + 1
+        return replacement(*args, **kwargs)
+    with mock.patch.object(owner, name, counted):
+        yield
+
+
+def reverted_step(step, change: str):
+    def action():
+        with reverted(change):
+            step()
+    return action
+
+
+def _tensors(outputs) -> list:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    values = outputs.values() if isinstance(outputs, dict) else outputs
+    return [t for value in values for t in _tensors(value)]
+
+
+def check_reverts(model, images, masks, changes=CHANGES) -> dict:
+    """One eval forward of the current model and of each revert on the same input: each revert must be
+    called and match within REVERT_ATOL + REVERT_RTOL x |current| (else RuntimeError), so that its
+    timing is of the same model. -> {change: largest absolute difference}."""
+    model.eval()
+    with torch.inference_mode():
+        current = _tensors(model(images, masks))
+        differences = {}
+        for change in changes:
+            calls: dict = {}
+            with reverted(change, calls):
+                original = _tensors(model(images, masks))
+            if not calls.get(change):
+                raise RuntimeError(f"revert {change!r}: the original's code was never called; the model changed")
+            if len(original) != len(current) or not all(
+                    a.shape == b.shape and torch.allclose(a, b, atol=REVERT_ATOL, rtol=REVERT_RTOL)
+                    for a, b in zip(original, current)):
+                worst = max(((a - b).abs().max().item() if a.shape == b.shape else float("inf"))
+                            for a, b in zip(original, current))
+                raise RuntimeError(f"revert {change!r} no longer computes the current model's outputs "
+                                   f"(largest difference {worst:.3g}, tolerance atol {REVERT_ATOL} rtol {REVERT_RTOL})")
+            differences[change] = max((a - b).abs().max().item() for a, b in zip(original, current))
+    return differences
+
+
 def _resident_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read())[1])
 
@@ -281,11 +409,15 @@ def main(argv=None) -> int:
 
     default_impl = ops.select_implementation(torch.device("cpu"))
     steps, model = make_steps(c, size, args.batch)
+    images, masks, _ = batch(size, args.batch)
+    revert_differences = check_reverts(model, images, masks)
     rows = []
     for name, (our_step, hf_step) in steps.items():
         times = time_interleaved({"ours_reference": with_impl(our_step, "reference"),
                                   "ours_default": with_impl(our_step, None),
                                   "ours_default_unfolded": unfolded(with_impl(our_step, None), model),
+                                  **{f"ours_default_original_{change}":
+                                     reverted_step(with_impl(our_step, None), change) for change in CHANGES},
                                   "transformers": with_impl(hf_step, "reference")}, repeats, warmup=1)
         os.environ.pop("DDETR_MSDA_IMPL", None)
         rows.append({"work": name, "batch": args.batch, "image_size": size, "repeats": repeats,
@@ -293,7 +425,9 @@ def main(argv=None) -> int:
                      "seconds": {k: spread(v) for k, v in times.items()},
                      "speedup_reference": ratio_spread(times["transformers"], times["ours_reference"]),
                      "speedup_default": ratio_spread(times["transformers"], times["ours_default"]),
-                     "batchnorm_fold_speedup": ratio_spread(times["ours_default_unfolded"], times["ours_default"])})
+                     "batchnorm_fold_speedup": ratio_spread(times["ours_default_unfolded"], times["ours_default"]),
+                     "change_speedups": {change: ratio_spread(times[f"ours_default_original_{change}"],
+                                                              times["ours_default"]) for change in CHANGES}})
     breakdown = None
     if not args.no_profile:
         our_train, hf_train = steps["train"]
@@ -313,6 +447,11 @@ def main(argv=None) -> int:
               f"{fmt(sec['ours_default_unfolded'], 1, 3):>20} {fmt(sec['transformers'], 1, 3):>20} "
               f"{fmt(r['speedup_reference']):>18} {fmt(r['speedup_default']):>18} {fmt(r['batchnorm_fold_speedup']):>18}")
     print("x = transformers time / ours, per round (above 1: ours is faster); fold x = unfolded / folded")
+    print(f"each change of ours alone (ours with it done the original's way / ours, per round; outputs equal within "
+          f"atol {REVERT_ATOL} + rtol {REVERT_RTOL}):")
+    print(f"{'work':<10}" + "".join(f"{CHANGES[change][0]:>25}" for change in CHANGES))
+    for r in rows:
+        print(f"{r['work']:<10}" + "".join(f"{fmt(r['change_speedups'][change]):>25}" for change in CHANGES))
     if breakdown:
         print("training step under torch.profiler, self CPU ms per step by kind of operator:")
         names = list(breakdown)
@@ -331,6 +470,9 @@ def main(argv=None) -> int:
                   f"step {m['step_s']:.1f} s)")
     config = {k: v for k, v in c.items() if k not in ("image_size", "repeats", "profile_rounds", "memory")}
     write_json(output, {"machine": info, "config_name": args.config, "config": config, "rows": rows,
+                        "changes": {change: {"label": label, "original": text, "atol": REVERT_ATOL, "rtol": REVERT_RTOL,
+                                             "outputs_max_abs_diff": revert_differences[change]}
+                                    for change, (label, text) in CHANGES.items()},
                         "train_step_breakdown": breakdown, "train_step_memory": memory})
     print(f"wrote {output}")
     return 0
