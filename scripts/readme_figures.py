@@ -64,6 +64,15 @@ def msda_row(data: dict) -> str:
     return text + f" ({machine_note(data['machine'])}) |"
 
 
+def changes_text(data: dict, train: dict, infer: dict) -> str:
+    """Each speed change of ours alone (bench/model_step.py's CHANGES), where the run measured them."""
+    if "change_speedups" not in train:
+        return ""
+    return ("; each other speed change alone, ours with it done the original's way vs ours (training / inference): "
+            + ", ".join(f"{change['label']} {x(train['change_speedups'][name])} / {x(infer['change_speedups'][name])}"
+                        for name, change in data["changes"].items()))
+
+
 def model_step_row(data: dict) -> str:
     rows = {r["work"]: r for r in data["rows"]}
     train, infer = rows["train"], rows["inference"]
@@ -75,7 +84,8 @@ def model_step_row(data: dict) -> str:
             f"{x(infer['speedup_reference'])}" + (
                 f"; frozen BatchNorm folded into the convolutions vs applied after them: "
                 f"{x(train['batchnorm_fold_speedup'])} / {x(infer['batchnorm_fold_speedup'])}"
-                if "batchnorm_fold_speedup" in train else "") + f" ({machine_note(data['machine'])}) |")
+                if "batchnorm_fold_speedup" in train else "") + changes_text(data, train, infer)
+            + f" ({machine_note(data['machine'])}) |")
 
 
 def model_step_tao_row(data: dict) -> str:
@@ -90,7 +100,8 @@ def model_step_tao_row(data: dict) -> str:
             f"inference {x(infer['speedup_default'])} faster with the {impl} kernel; with the PyTorch reference "
             f"attention: {x(train['speedup_reference'])} / {x(infer['speedup_reference'])}; frozen BatchNorm folded "
             f"into the convolutions vs applied after them: {x(train['batchnorm_fold_speedup'])} / "
-            f"{x(infer['batchnorm_fold_speedup'])}; peak rise of the resident set over a training step: ours "
+            f"{x(infer['batchnorm_fold_speedup'])}{changes_text(data, train, infer)}; peak rise of the resident set "
+            f"over a training step: ours "
             f"{memory[('ours', False)]:.0f} MiB ({memory[('ours', True)]:.0f} with activation checkpointing), "
             f"transformers {memory[('transformers', False)]:.0f} MiB ({memory[('transformers', True)]:.0f}) "
             f"({machine_note(data['machine'])}, shared with other work) |")
