@@ -40,7 +40,7 @@ def test_real_size_model_step_carries_fold_memory_and_shared_machine():
     assert step["config"]["backbone"] == "resnet_50" and step["config"]["layers"] == 6
     assert step["config"]["queries"] == 300 and "shared" in step["machine"]
     for row in step["rows"]:
-        assert set(row["seconds"]) == {"ours_reference", "ours_default", "ours_default_unfolded", "transformers"}
+        assert {"ours_reference", "ours_default", "ours_default_unfolded", "transformers"} <= set(row["seconds"])
         for stats in list(row["seconds"].values()) + [row["speedup_default"], row["batchnorm_fold_speedup"]]:
             assert stats["min"] <= stats["median"] <= stats["max"] and stats["n"] >= 5
     memory = {(m["model"], m["activation_checkpoint"]) for m in step["train_step_memory"]}
