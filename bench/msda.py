@@ -16,7 +16,8 @@ expected; it says how far from memory-bound a kernel is.
 
 The CPU kernel is also timed with 1, 2, ... all cores (torch.set_num_threads; `--no-scaling` skips it),
 and on the encoder case with every sample moved off the map, onto one pixel, or scattered at
-random (`kernel_phases`; `--no-phases` skips it): where its time goes, as differences of those.
+random, or at random within a small cached window (`kernel_phases`; `--no-phases` skips it): where its
+time goes, as differences of those.
 `--tiny` uses a small image (for a dry run / a test). Prints a table and writes JSON
 (default bench/results/msda.json).
 
@@ -204,25 +205,33 @@ def phase_inputs(inputs, where: str):
     """The encoder case's inputs with every sample moved, to take the kernel's phases apart:
     'outside': every sample off the map (the kernel computes each row's corners and writes the
     row, but reads no value); 'one_pixel': every sample at its level's centre (the gather's
-    arithmetic with every read an L1 hit); 'scattered': uniform random positions (no locality
-    between neighbouring queries: the cache misses' worst case)."""
+    arithmetic with every read an L1 hit); 'cached_window': at random in an 8x8-pixel corner of
+    each level (256 KiB of value, all heads: every read served by a core's L2 cache on common
+    CPUs, rarely by L1); 'scattered': uniform random positions (no locality between neighbouring
+    queries: the cache misses' worst case)."""
     value, shapes, starts, locations, weights = inputs
     if where == "outside":
         locations = torch.full_like(locations, -10.0)
     elif where == "one_pixel":
         locations = torch.full_like(locations, 0.5)
+    elif where == "cached_window":
+        corner = torch.rand(locations.shape, generator=torch.Generator().manual_seed(3), dtype=locations.dtype)
+        size = shapes.flip(-1).to(locations.dtype).view(1, 1, 1, -1, 1, 2)  # (W, H) per level
+        locations = (0.5 + corner * (CACHED_WINDOW - 1)) / size
     elif where == "scattered":
         locations = torch.rand(locations.shape, generator=torch.Generator().manual_seed(2), dtype=locations.dtype)
     return value, shapes, starts, locations, weights
 
 
-PHASES = ("outside", "one_pixel", "model_like", "scattered")
+CACHED_WINDOW = 8  # pixels on a side of each level's corner that 'cached_window' samples
+PHASES = ("outside", "one_pixel", "cached_window", "model_like", "scattered")
 
 
 def kernel_phases(image, repeats: int) -> dict:
     """The CPU kernel on the encoder case with the samples placed as in `phase_inputs`, interleaved,
     forward and forward+backward: outside = per-row corner arithmetic, prefetch and writes;
-    one_pixel - outside = the gather's arithmetic; model_like - one_pixel = waiting for memory."""
+    one_pixel - outside = the gather's arithmetic; cached_window - one_pixel = reads served by the
+    L2 cache instead of L1; model_like - cached_window = waiting for lines beyond L2."""
     fn = implementation_fn("cpu")
     queries = sum(h * w for h, w in level_shapes(image))
     inputs = make_inputs(queries, "cpu", torch.float32, image)

@@ -30,6 +30,12 @@ def machine_note(info: dict) -> str:
     return f"{info['cpu_cores']}-core {info['cpu_model']}, {info['torch_threads']} threads, load {load:.1f} at start"
 
 
+# How the README names bench/msda.py's kernel phases (where its samples were placed).
+PHASE_LABELS = {"outside": "off the map", "one_pixel": "on one pixel",
+                "cached_window": "in an 8x8-pixel window per level (L2-resident)",
+                "model_like": "as the model places them", "scattered": "scattered at random"}
+
+
 def msda_row(data: dict) -> str:
     rows = {(r["case"], r["implementation"]): r for r in data["rows"] if r["device"] == "cpu" and r["dtype"] == "float32"}
     encoder, decoder = rows[("encoder", "cpu")], rows[("decoder", "cpu")]
@@ -43,14 +49,10 @@ def msda_row(data: dict) -> str:
             f"{x(decoder['forward_backward_speedup'])}")
     phases = data.get("kernel_phases")
     if phases:
-        text += "; encoder forward / forward+backward with every sample off the map " + ", ".join(
-            f"{phases[k]['outside']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + \
-            " ms, on one pixel " + ", ".join(
-            f"{phases[k]['one_pixel']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + \
-            " ms, as the model places them " + ", ".join(
-            f"{phases[k]['model_like']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + \
-            " ms, scattered at random " + ", ".join(
-            f"{phases[k]['scattered']['median'] * 1e3:.0f}" for k in ("forward_s", "forward_backward_s")) + " ms"
+        text += "; encoder forward / forward+backward with every sample " + ", ".join(
+            f"{label} {phases['forward_s'][where]['median'] * 1e3:.0f}, "
+            f"{phases['forward_backward_s'][where]['median'] * 1e3:.0f} ms"
+            for where, label in PHASE_LABELS.items() if where in phases["forward_s"])
         copy = data["copy_bandwidth"]["cpu"]["bytes_per_s"]
         text += (f"; encoder forward {encoder['forward_s']['median'] * 1e3:.0f} ms, forward+backward "
                  f"{encoder['forward_backward_s']['median'] * 1e3:.0f} ms: "

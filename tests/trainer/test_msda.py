@@ -147,6 +147,29 @@ def test_cpu_kernel_matches_reference_float32_realistic(cpu_kernel):
 
 
 @needs_toolchain
+def test_reused_output_blocks_are_fully_rewritten_and_never_shared(cpu_kernel):
+    """The kernel's outputs come from a cache of freed blocks: a block handed out again holds the
+    last user's numbers (here NaN), and every entry must still be written; two live outputs never
+    share memory. (1200 queries: the output and every gradient take at least one 2 MiB block.)"""
+    inputs = make_inputs(REALISTIC_SHAPES, 2, 8, 32, 1200, 4, torch.float32, seed=5, margin=0.3)
+    first = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a), inputs)
+    pointers = {t.data_ptr() for t in first}
+    for tensor in first:
+        tensor.fill_(float("nan"))
+    del first
+    again = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a), inputs)
+    assert pointers & {t.data_ptr() for t in again}, "freed blocks were not reused"
+    theirs = outputs_and_grads(reference_output, inputs)
+    for ours_t, theirs_t in zip(again, theirs):
+        assert torch.isfinite(ours_t).all()
+        torch.testing.assert_close(ours_t, theirs_t, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        live = [kernel_output(cpu_kernel, *inputs) for _ in range(3)]
+    ends = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in live)
+    assert all(end <= start for (_, end), (start, _) in zip(ends, ends[1:]))
+
+
+@needs_toolchain
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_kernel_half_precision_is_as_accurate_as_reference(cpu_kernel, dtype):
     inputs = make_inputs([(9, 7), (5, 4)], 1, 2, 16, 12, 4, dtype, seed=5)

@@ -7,9 +7,10 @@
 // all heads x levels x points samples of a query at once, in the backward over one row's (batch,
 // query, head). The gather then reads four `value` rows of `channels` contiguous values per
 // sample and accumulates them in registers (the common channel counts are compile-time
-// constants; for float they are summed as 8-float vectors with fused multiply-adds). The next
-// query's (row's) corners are computed and their values prefetched before the current one is
-// summed, so the scattered reads' latency overlaps the arithmetic.
+// constants; for float they are summed as 8-float vectors with fused multiply-adds). In the
+// backward, the next row's corners are computed and the value and grad_value lines they touch
+// prefetched before the current row is summed, so the scattered reads' latency overlaps the work.
+// Outputs come from a cache of huge-page blocks (BlockCache), not fresh mappings.
 //
 // Work is split into blocks that threads take from a shared counter (dynamic scheduling): on a
 // machine shared with other work, a thread that loses its core for a while no longer holds up
@@ -30,7 +31,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -196,12 +201,13 @@ MSDA_ALWAYS_INLINE int64_t channel_count(const Dims& d) {
 // Asks for the cache lines of the `count` values at `p` (a corner's channels) ahead of their use.
 template <typename T>
 MSDA_ALWAYS_INLINE void prefetch_span(const T* p, int64_t count, bool for_write = false) {
-  const char* begin = reinterpret_cast<const char*>(p);
-  const char* last = begin + count * static_cast<int64_t>(sizeof(T)) - 1;
-  for (const char* line = begin; line < last; line += 64) {
-    if (for_write) __builtin_prefetch(line, 1); else __builtin_prefetch(line);
+  // Every line the span touches, once (its first line may start before p).
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(p + count) - 1) & ~uintptr_t(63);
+  for (uintptr_t line = first; line <= last; line += 64) {
+    if (for_write) __builtin_prefetch(reinterpret_cast<const void*>(line), 1);
+    else __builtin_prefetch(reinterpret_cast<const void*>(line));
   }
-  if (for_write) __builtin_prefetch(last, 1); else __builtin_prefetch(last);
 }
 
 // Eight floats as one value (GCC/Clang vector extension): one AVX register in the AVX2 copy of
@@ -226,8 +232,8 @@ MSDA_ALWAYS_INLINE float sum8(float8 v) {
 template <typename scalar_t, int kChannels>
 constexpr bool kFloat8Path = std::is_same<scalar_t, float>::value && kChannels > 0 && kChannels % 8 == 0;
 
-// Prefetches the corners of one query: the gather is bound by the latency of these scattered
-// reads, and asking for the next query's lines while this query's are summed overlaps the two.
+// Prefetches the corners of one row of the backward (the value and grad_value lines it reads and
+// writes) while the row before it is summed, so the scattered reads' latency overlaps that work.
 template <typename T, typename acc_t>
 MSDA_ALWAYS_INLINE void prefetch_corners(const Corners<acc_t>& c, int64_t samples, const T* base, int64_t channels,
                                          bool for_write = false) {
@@ -236,26 +242,15 @@ MSDA_ALWAYS_INLINE void prefetch_corners(const Corners<acc_t>& c, int64_t sample
   }
 }
 
-// Computes a query's corners (all heads) and prefetches the values they read. (Helpers here are
-// functions, not lambdas: a lambda would not inherit the AVX2 target of the function it is in.)
-template <typename scalar_t>
-MSDA_ALWAYS_INLINE void prepare_query(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
-                                      int64_t channels, int64_t query, Corners<at::opmath_type<scalar_t>>& c) {
-  const Dims& d = args.d;
-  const int64_t samples = d.heads * d.levels * d.points;
-  row_corners<false>(table, samples, args.locations + query * samples * 2, args.weights + query * samples, c);
-  const int64_t n = query / d.queries;
-  prefetch_corners(c, samples, args.value + n * d.spatial * d.heads * channels, channels);
-}
-
 // Forward of queries [begin, end), a query being one (batch, query) with all its heads: one corner
-// loop over the query's heads x levels x points samples, then per head a gather. `corners` and
-// `ahead` are this thread's scratch: the corners of the current query and of the next one.
+// loop over the query's heads x levels x points samples, then per head a gather. `c` is this
+// thread's scratch. (Prefetching each query's corners before the gather, as the backward does
+// per row, cost a third of the encoder forward in prefetch instructions and saved no waiting:
+// `bench/msda.py`'s kernel phases.)
 template <typename scalar_t, int kChannels>
 MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
                                         const SampleTable<at::opmath_type<scalar_t>>& table,
-                                        Corners<at::opmath_type<scalar_t>>* corners,
-                                        Corners<at::opmath_type<scalar_t>>* ahead, int64_t begin, int64_t end) {
+                                        Corners<at::opmath_type<scalar_t>>& c, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = args.d;
   const int64_t channels = channel_count<kChannels>(d);
@@ -266,10 +261,9 @@ MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
   std::vector<acc_t> dynamic_acc(kChannels > 0 ? 0 : 2 * channels);
   acc_t* __restrict acc = kChannels > 0 ? fixed_acc : dynamic_acc.data();
   acc_t* __restrict acc2 = acc + channels;
-  if (begin < end) prepare_query(args, table, channels, begin, *corners);
   for (int64_t query = begin; query < end; ++query) {
-    if (query + 1 < end) prepare_query(args, table, channels, query + 1, *ahead);
-    const Corners<acc_t>& c = *corners;
+    row_corners<false>(table, d.heads * samples, args.locations + query * d.heads * samples * 2,
+                       args.weights + query * d.heads * samples, c);
     const int32_t *__restrict s0 = c.slot[0].data(), *__restrict s1 = c.slot[1].data();
     const int32_t *__restrict s2 = c.slot[2].data(), *__restrict s3 = c.slot[3].data();
     const acc_t *__restrict w0 = c.weight[0].data(), *__restrict w1 = c.weight[1].data();
@@ -318,7 +312,6 @@ MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
       }
       for (int64_t ch = 0; ch < channels; ++ch) out[m * channels + ch] = static_cast<scalar_t>(acc[ch] + acc2[ch]);
     }
-    std::swap(corners, ahead);
   }
 }
 
@@ -528,9 +521,8 @@ void parallel_blocks(int64_t total, int64_t block, const Body& body) {
 
 template <typename scalar_t>
 void forward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
-                   Corners<at::opmath_type<scalar_t>>* corners, Corners<at::opmath_type<scalar_t>>* ahead, int64_t begin,
-                   int64_t end) {
-  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
+                   Corners<at::opmath_type<scalar_t>>& corners, int64_t begin, int64_t end) {
+  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, begin, end));
 }
 
 template <typename scalar_t>
@@ -548,10 +540,9 @@ void backward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_typ
 template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void forward_range_avx2(const Args<scalar_t>& args,
                                                              const SampleTable<at::opmath_type<scalar_t>>& table,
-                                                             Corners<at::opmath_type<scalar_t>>* corners,
-                                                             Corners<at::opmath_type<scalar_t>>* ahead,
+                                                             Corners<at::opmath_type<scalar_t>>& corners,
                                                              int64_t begin, int64_t end) {
-  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, ahead, begin, end));
+  MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, begin, end));
 }
 
 template <typename scalar_t>
@@ -579,14 +570,14 @@ void forward_kernel(const Args<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
   const SampleTable<acc_t> table(args.d, args.shapes, args.starts);
   const int64_t samples = args.d.heads * args.d.levels * args.d.points;
-  std::vector<Corners<acc_t>> scratch(2 * std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
+  std::vector<Corners<acc_t>> scratch(std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
   parallel_blocks(args.d.batch * args.d.queries, kForwardBlock,
                   [&](int64_t worker, int64_t begin, int64_t end) {
-                    Corners<acc_t>* corners = &scratch[2 * worker];
+                    Corners<acc_t>& corners = scratch[worker];
 #ifdef MSDA_HAVE_AVX2_PATH
-                    if (cpu_has_avx2()) return forward_range_avx2<scalar_t>(args, table, corners, corners + 1, begin, end);
+                    if (cpu_has_avx2()) return forward_range_avx2<scalar_t>(args, table, corners, begin, end);
 #endif
-                    forward_range<scalar_t>(args, table, corners, corners + 1, begin, end);
+                    forward_range<scalar_t>(args, table, corners, begin, end);
                   });
 }
 
@@ -614,20 +605,100 @@ void backward_kernel(const Args<scalar_t>& args, int64_t chunks, at::opmath_type
   });
 }
 
-// An uninitialised tensor whose memory Linux may back with 2 MiB pages (transparent huge pages in
-// "madvise" mode, the common default). Outputs this large are mapped fresh by the allocator on
-// every call, and touching them first 4 KiB page by page cost more than the arithmetic: the
-// encoder forward with every sample off the map took 150 ms, 50 ms with huge pages. Advice the
-// system refuses changes nothing but the speed.
-at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor tensor = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + tensor.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+// The kernel's large outputs (the forward's output, the backward's three gradients) come from a
+// cache of 2 MiB-aligned blocks that Linux may back with huge pages (transparent huge
+// pages in "madvise" mode, the common default), not from malloc. A tensor this large is mapped
+// fresh by malloc on every call and unmapped when freed, and touching it first, page by page,
+// cost more than the kernel's arithmetic: with 4 KiB pages the encoder forward's 45 MB output
+// took 20 ms of page faults before a value was read. A freed block goes back to the cache (up
+// to kCachedBytes in all, the rest is unmapped), so a training loop's next step reuses mapped
+// memory. Advice the system refuses changes nothing but the speed.
+class BlockCache {
+ public:
+  static constexpr size_t kAlign = size_t(1) << 21;
+  static constexpr size_t kCachedBytes = size_t(1) << 30;  // idle blocks kept at most
+
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();  // never destroyed: tensors may outlive exit handlers
+    return *cache;
+  }
+
+  // A block of at least `bytes` (rounded up to kAlign): the smallest cached one no more than twice
+  // that size, else a new mapping.
+  std::pair<void*, size_t> take(size_t bytes) {
+    bytes = (bytes + kAlign - 1) / kAlign * kAlign;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = idle_.lower_bound(bytes);
+      if (it != idle_.end() && it->first <= 2 * bytes) {
+        const std::pair<void*, size_t> block{it->second, it->first};
+        idle_bytes_ -= it->first;
+        idle_.erase(it);
+        return block;
+      }
+    }
+    return {map(bytes), bytes};
+  }
+
+  void give(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (idle_bytes_ + bytes <= kCachedBytes) {
+        idle_.emplace(bytes, data);
+        idle_bytes_ += bytes;
+        return;
+      }
+    }
+    unmap(data, bytes);
+  }
+
+ private:
+  static void* map(size_t bytes) {
+#if defined(__linux__)
+    // Over-map by one alignment and trim, so the block starts on a 2 MiB boundary.
+    void* raw = mmap(nullptr, bytes + kAlign, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(raw != MAP_FAILED, "cannot map ", bytes, " bytes for the deformable attention's output");
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t aligned = (begin + kAlign - 1) & ~uintptr_t(kAlign - 1);
+    if (aligned > begin) munmap(raw, aligned - begin);
+    if (aligned + bytes < begin + bytes + kAlign) {
+      munmap(reinterpret_cast<void*>(aligned + bytes), begin + bytes + kAlign - aligned - bytes);
+    }
+#if defined(MADV_HUGEPAGE)
+    madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
 #endif
-  return tensor;
+    return reinterpret_cast<void*>(aligned);
+#else
+    void* data = std::aligned_alloc(kAlign, bytes);
+    TORCH_CHECK(data != nullptr, "cannot allocate ", bytes, " bytes for the deformable attention's output");
+    return data;
+#endif
+  }
+
+  static void unmap(void* data, size_t bytes) {
+#if defined(__linux__)
+    munmap(data, bytes);
+#else
+    std::free(data);
+#endif
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> idle_;
+  size_t idle_bytes_ = 0;
+};
+
+// An uninitialised tensor of the given sizes and options: in a block of the cache when it takes at
+// least one block (smaller ones malloc serves from memory it already holds, like any tensor).
+at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  if (bytes < BlockCache::kAlign) return at::empty(sizes, options);
+  const auto block = BlockCache::instance().take(bytes);
+  const size_t block_bytes = block.second;
+  return at::from_blob(
+      block.first, sizes, [block_bytes](void* data) { BlockCache::instance().give(data, block_bytes); }, options);
 }
 
 }  // namespace
@@ -639,7 +710,7 @@ at::Tensor msda_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_s
   const Dims d = dims_of(value, sampling_locations);
   TORCH_CHECK(d.spatial * d.heads < (int64_t(1) << 31), "value has ", d.spatial, " positions x ", d.heads,
               " heads; at most 2^31 - 1 are supported");
-  auto output = empty_huge({d.batch, d.queries, d.heads * d.channels}, value.options());
+  auto output = empty_cached({d.batch, d.queries, d.heads * d.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> args{value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
@@ -661,14 +732,14 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value, const at::Ten
   const Dims d = dims_of(value, sampling_locations);
   TORCH_CHECK(d.spatial * d.heads < (int64_t(1) << 31), "value has ", d.spatial, " positions x ", d.heads,
               " heads; at most 2^31 - 1 are supported");
-  auto grad_value = empty_huge(value.sizes(), value.options().dtype(sampling_locations.scalar_type())).zero_();
+  auto grad_value = empty_cached(value.sizes(), value.options().dtype(sampling_locations.scalar_type())).zero_();
   // Every entry of these two is written by the kernel: no zeroing pass.
-  auto grad_locations = empty_huge(sampling_locations.sizes(), sampling_locations.options());
-  auto grad_weights = empty_huge(attention_weights.sizes(), attention_weights.options());
+  auto grad_locations = empty_cached(sampling_locations.sizes(), sampling_locations.options());
+  auto grad_weights = empty_cached(attention_weights.sizes(), attention_weights.options());
   const int64_t chunks = backward_chunks(d);
   std::vector<int64_t> extra_sizes{chunks - 1};
   extra_sizes.insert(extra_sizes.end(), value.sizes().begin(), value.sizes().end());
-  auto extra = chunks > 1 ? empty_huge(extra_sizes, grad_value.options()).zero_() : at::Tensor();
+  auto extra = chunks > 1 ? empty_cached(extra_sizes, grad_value.options()).zero_() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> args{value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
