@@ -59,6 +59,11 @@ def msda_row(data: dict) -> str:
                  f"{100 * encoder['forward_fraction_of_copy_bandwidth']:.1f}% / "
                  f"{100 * encoder['forward_backward_fraction_of_copy_bandwidth']:.1f}% of the copy bandwidth "
                  f"({copy['median'] / 1e9:.1f} GB/s, {copy['min'] / 1e9:.1f}-{copy['max'] / 1e9:.1f})")
+        if "cached_window" in phases["forward_s"]:
+            # The same bytes over the cached window's times: the fraction with every read an L2 hit.
+            cached = [100 * encoder[f"{k}_min_bytes"] / phases[f"{k}_s"]["cached_window"]["median"] / copy["median"]
+                      for k in ("forward", "forward_backward")]
+            text += f", {cached[0]:.1f}% / {cached[1]:.1f}% with every read from the window in L2"
     scaling = data.get("thread_scaling")
     if scaling and len(scaling) > 1:
         text += "; encoder by threads, forward+backward: " + ", ".join(
