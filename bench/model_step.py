@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     del steps, model
     memory = memory_table(args.config, size, args.batch) if c["memory"] else None
     info = machine(load_at_start)
-    info["shared"] = "2 cores shared with other engineers' builds and tests: read the ratios, not the seconds"
+    info["shared"] = "a 2-core development VM, often shared with other engineers' builds and tests: read the ratios, not the seconds"
     print(f"{args.config}: {info['cpu_model']}, {info['torch_threads']} threads, load at start "
           f"{info['load_at_start_1_5_15min']}; median (min-max) of {repeats} interleaved rounds")
     print(f"{'work':<10} {'ours (ref) s':>20} {'ours (' + default_impl + ') s':>20} {'unfolded BN s':>20} "

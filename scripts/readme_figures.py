@@ -111,7 +111,7 @@ def model_step_tao_row(data: dict) -> str:
             f"over a training step: ours "
             f"{memory[('ours', False)]:.0f} MiB ({memory[('ours', True)]:.0f} with activation checkpointing), "
             f"transformers {memory[('transformers', False)]:.0f} MiB ({memory[('transformers', True)]:.0f}) "
-            f"({machine_note(data['machine'])}, shared with other work) |")
+            f"({machine_note(data['machine'])}) |")
 
 
 EXPORT_MODELS = {"small": "small config: ResNet-18, hidden 64, 2+2 layers", "tao_default": "TAO's default model"}
