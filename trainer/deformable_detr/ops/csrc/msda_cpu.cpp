@@ -661,9 +661,7 @@ class BlockCache {
     const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
     const uintptr_t aligned = (begin + kAlign - 1) & ~uintptr_t(kAlign - 1);
     if (aligned > begin) munmap(raw, aligned - begin);
-    if (aligned + bytes < begin + bytes + kAlign) {
-      munmap(reinterpret_cast<void*>(aligned + bytes), begin + bytes + kAlign - aligned - bytes);
-    }
+    munmap(reinterpret_cast<void*>(aligned + bytes), begin + kAlign - aligned);  // the tail: never empty
 #if defined(MADV_HUGEPAGE)
     madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
 #endif
@@ -691,9 +689,7 @@ class BlockCache {
 // An uninitialised tensor of the given sizes and options: in a block of the cache when it takes at
 // least one block (smaller ones malloc serves from memory it already holds, like any tensor).
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (const int64_t size : sizes) numel *= size;
-  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (bytes < BlockCache::kAlign) return at::empty(sizes, options);
   const auto block = BlockCache::instance().take(bytes);
   const size_t block_bytes = block.second;
