@@ -234,11 +234,31 @@ constexpr bool kFloat8Path = std::is_same<scalar_t, float>::value && kChannels >
 
 // Prefetches the corners of one row of the backward (the value and grad_value lines it reads and
 // writes) while the row before it is summed, so the scattered reads' latency overlaps that work.
-template <typename T, typename acc_t>
+// When a corner's channels fill whole lines (32 floats: two) their count is a constant and the
+// prefetches are unrolled, without prefetch_span's line arithmetic: with that arithmetic, the
+// prefetches of an encoder row took as many instructions as its sums (`bench/msda.py`'s off-map
+// phase). The span is taken to start on a line, as every tensor the kernel gets or allocates
+// does; one that does not only leaves its last line unrequested (a hint, not a read).
+template <int kChannels, typename T, typename acc_t>
 MSDA_ALWAYS_INLINE void prefetch_corners(const Corners<acc_t>& c, int64_t samples, const T* base, int64_t channels,
                                          bool for_write = false) {
-  for (int64_t i = 0; i < samples; ++i) {
-    for (int k = 0; k < 4; ++k) prefetch_span(base + int64_t(c.slot[k][i]) * channels, channels, for_write);
+  constexpr int64_t kBytes = int64_t(kChannels) * int64_t(sizeof(T));
+  if constexpr (kChannels > 0 && kBytes % 64 == 0) {
+    for (int64_t i = 0; i < samples; ++i) {
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const char* corner = reinterpret_cast<const char*>(base + int64_t(c.slot[k][i]) * kChannels);
+#pragma GCC unroll 8
+        for (int64_t line = 0; line < kBytes; line += 64) {
+          if (for_write) __builtin_prefetch(corner + line, 1);
+          else __builtin_prefetch(corner + line);
+        }
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < samples; ++i) {
+      for (int k = 0; k < 4; ++k) prefetch_span(base + int64_t(c.slot[k][i]) * channels, channels, for_write);
+    }
   }
 }
 
@@ -412,8 +432,8 @@ MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleT
       if (q + 1 < q_end) {
         const int64_t next = row_of(q + 1);
         row_corners<true>(table, samples, args.locations + next * samples * 2, args.weights + next * samples, *ahead);
-        prefetch_corners(*ahead, samples, base, channels);
-        prefetch_corners(*ahead, samples, grad_base, channels, /*for_write=*/true);
+        prefetch_corners<kChannels>(*ahead, samples, base, channels);
+        prefetch_corners<kChannels>(*ahead, samples, grad_base, channels, /*for_write=*/true);
       }
       const Corners<acc_t>& corners = *now;
       std::swap(now, ahead);
