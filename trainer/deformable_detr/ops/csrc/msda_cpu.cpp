@@ -7,8 +7,9 @@
 // all heads x levels x points samples of a query at once, in the backward over one row's (batch,
 // query, head). The gather then reads four `value` rows of `channels` contiguous values per
 // sample and accumulates them in registers (the common channel counts are compile-time
-// constants; for float they are summed as 8-float vectors with fused multiply-adds). In the
-// backward, the next row's corners are computed and the value and grad_value lines they touch
+// constants; for float they are summed as 8-float vectors with fused multiply-adds). The forward
+// gathers a block of queries head by head, from a copy of `value` with its heads first when there
+// are enough queries to pay for it (heads_first_pays). In the backward, the next row's corners are computed and the value and grad_value lines they touch
 // prefetched before the current row is summed, so the scattered reads' latency overlaps the work.
 // Outputs come from a cache of huge-page blocks (BlockCache), not fresh mappings.
 //
@@ -32,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -75,17 +77,21 @@ struct Args {
 // The levels and heads of one call expanded to one entry per sample of a query (sample i = (head *
 // levels + level) * points + point), so that the corner computation is one loop over a query's
 // samples without level or head loops. The first levels * points entries are one head's row.
+// A corner's slot in `value` (in rows of `channels`) is pixel * pixel_stride + head_offset: as given
+// ([batch, pixels, heads, channels]: heads, head) or with the heads first ([batch, heads, pixels,
+// channels]: 1, head * pixels).
 template <typename acc_t>
 struct SampleTable {
   std::vector<acc_t> height, width;        // the sample's level size
   std::vector<int32_t> height_i, width_i;  // the same, as integers
   std::vector<int32_t> start;              // first pixel of the sample's level in value
-  std::vector<int32_t> head;               // the sample's head
-  int32_t heads;
-  SampleTable(const Dims& d, const int64_t* shapes, const int64_t* starts) : heads(static_cast<int32_t>(d.heads)) {
+  std::vector<int32_t> head_offset;        // the slot offset of the sample's head
+  int32_t pixel_stride;
+  SampleTable(const Dims& d, const int64_t* shapes, const int64_t* starts, bool heads_first = false)
+      : pixel_stride(static_cast<int32_t>(heads_first ? 1 : d.heads)) {
     const int64_t count = d.heads * d.levels * d.points;
     height.resize(count), width.resize(count), height_i.resize(count), width_i.resize(count), start.resize(count);
-    head.resize(count);
+    head_offset.resize(count);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t l = (i / d.points) % d.levels;
       height_i[i] = static_cast<int32_t>(shapes[2 * l]);
@@ -93,7 +99,8 @@ struct SampleTable {
       height[i] = static_cast<acc_t>(height_i[i]);
       width[i] = static_cast<acc_t>(width_i[i]);
       start[i] = static_cast<int32_t>(starts[l]);
-      head[i] = static_cast<int32_t>(i / (d.levels * d.points));
+      const int64_t h = i / (d.levels * d.points);
+      head_offset[i] = static_cast<int32_t>(heads_first ? h * d.spatial : h);
     }
   }
 };
@@ -133,8 +140,8 @@ MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, 
   const int32_t* __restrict height_i = t.height_i.data();
   const int32_t* __restrict width_i = t.width_i.data();
   const int32_t* __restrict start = t.start.data();
-  const int32_t* __restrict head = t.head.data();
-  const int32_t heads = t.heads;
+  const int32_t* __restrict head = t.head_offset.data();
+  const int32_t pixel_stride = t.pixel_stride;
   int32_t *__restrict p0 = c.slot[0].data(), *__restrict p1 = c.slot[1].data();
   int32_t *__restrict p2 = c.slot[2].data(), *__restrict p3 = c.slot[3].data();
   int32_t *__restrict ok0 = c.valid[0].data(), *__restrict ok1 = c.valid[1].data();
@@ -169,10 +176,10 @@ MSDA_ALWAYS_INLINE void row_corners(const SampleTable<acc_t>& t, int64_t count, 
     const int32_t row_high = (h_low + 1 < height_i[i] ? h_low + 1 : height_i[i] - 1) * width_i[i];
     const int32_t col_low = w_low > 0 ? w_low : 0;
     const int32_t col_high = w_low + 1 < width_i[i] ? w_low + 1 : width_i[i] - 1;
-    p0[i] = (start[i] + row_low + col_low) * heads + head[i];
-    p1[i] = (start[i] + row_low + col_high) * heads + head[i];
-    p2[i] = (start[i] + row_high + col_low) * heads + head[i];
-    p3[i] = (start[i] + row_high + col_high) * heads + head[i];
+    p0[i] = (start[i] + row_low + col_low) * pixel_stride + head[i];
+    p1[i] = (start[i] + row_low + col_high) * pixel_stride + head[i];
+    p2[i] = (start[i] + row_high + col_low) * pixel_stride + head[i];
+    p3[i] = (start[i] + row_high + col_high) * pixel_stride + head[i];
     const int32_t v0 = low_row & low_col, v1 = low_row & high_col, v2 = high_row & low_col, v3 = high_row & high_col;
     const acc_t bl0 = v0 != 0 ? rh * rw : acc_t(0), bl1 = v1 != 0 ? rh * fw : acc_t(0);
     const acc_t bl2 = v2 != 0 ? fh * rw : acc_t(0), bl3 = v3 != 0 ? fh * fw : acc_t(0);
@@ -262,15 +269,23 @@ MSDA_ALWAYS_INLINE void prefetch_corners(const Corners<acc_t>& c, int64_t sample
   }
 }
 
-// Forward of queries [begin, end), a query being one (batch, query) with all its heads: one corner
-// loop over the query's heads x levels x points samples, then per head a gather. `c` is this
-// thread's scratch. (Prefetching each query's corners before the gather, as the backward does
-// per row, cost a third of the encoder forward in prefetch instructions and saved no waiting:
-// `bench/msda.py`'s kernel phases.)
+// Queries per block of the forward: a few dozen queries amortise taking a block, and the encoder's
+// tens of thousands of queries still make a thousand blocks to balance.
+constexpr int64_t kForwardBlock = 32;
+
+// Forward of a block of queries [begin, end) (at most kForwardBlock), a query being one (batch,
+// query) with all its heads: per query one corner loop over its heads x levels x points samples,
+// into c[query - begin] (this thread's scratch), then head by head the gather of every query of
+// the block. With `value`'s heads first (the encoder: heads_first_pays) one head's pixels are
+// contiguous, and the block's neighbouring queries read neighbouring pixels, so they share lines
+// in cache; as given, a head's rows lie 1 KiB apart, all in one eighth of the cache's sets.
+// (Prefetching each query's corners before the gather, as the backward does per row, cost a third
+// of the encoder forward in prefetch instructions and saved no waiting: `bench/msda.py`'s kernel
+// phases.)
 template <typename scalar_t, int kChannels>
 MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
                                         const SampleTable<at::opmath_type<scalar_t>>& table,
-                                        Corners<at::opmath_type<scalar_t>>& c, int64_t begin, int64_t end) {
+                                        Corners<at::opmath_type<scalar_t>>* c, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = args.d;
   const int64_t channels = channel_count<kChannels>(d);
@@ -283,15 +298,18 @@ MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
   acc_t* __restrict acc2 = acc + channels;
   for (int64_t query = begin; query < end; ++query) {
     row_corners<false>(table, d.heads * samples, args.locations + query * d.heads * samples * 2,
-                       args.weights + query * d.heads * samples, c);
-    const int32_t *__restrict s0 = c.slot[0].data(), *__restrict s1 = c.slot[1].data();
-    const int32_t *__restrict s2 = c.slot[2].data(), *__restrict s3 = c.slot[3].data();
-    const acc_t *__restrict w0 = c.weight[0].data(), *__restrict w1 = c.weight[1].data();
-    const acc_t *__restrict w2 = c.weight[2].data(), *__restrict w3 = c.weight[3].data();
-    const int32_t* __restrict inside = c.inside.data();
-    const scalar_t* __restrict base = args.value + (query / d.queries) * d.spatial * d.heads * channels;
-    scalar_t* __restrict out = args.output + query * d.heads * channels;
-    for (int64_t m = 0; m < d.heads; ++m) {
+                       args.weights + query * d.heads * samples, c[query - begin]);
+  }
+  for (int64_t m = 0; m < d.heads; ++m) {
+    for (int64_t query = begin; query < end; ++query) {
+      const Corners<acc_t>& q = c[query - begin];
+      const int32_t *__restrict s0 = q.slot[0].data(), *__restrict s1 = q.slot[1].data();
+      const int32_t *__restrict s2 = q.slot[2].data(), *__restrict s3 = q.slot[3].data();
+      const acc_t *__restrict w0 = q.weight[0].data(), *__restrict w1 = q.weight[1].data();
+      const acc_t *__restrict w2 = q.weight[2].data(), *__restrict w3 = q.weight[3].data();
+      const int32_t* __restrict inside = q.inside.data();
+      const scalar_t* __restrict base = args.value + (query / d.queries) * d.spatial * d.heads * channels;
+      scalar_t* __restrict out = args.output + (query * d.heads + m) * channels;
       if constexpr (kFloat8Path<scalar_t, kChannels>) {
         constexpr int kVectors = kChannels / 8;
         float8 sum[kVectors] = {}, sum2[kVectors] = {};
@@ -311,7 +329,7 @@ MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
           }
         }
 #pragma GCC unroll 8
-        for (int j = 0; j < kVectors; ++j) store8(out + m * kChannels + 8 * j, sum[j] + sum2[j]);
+        for (int j = 0; j < kVectors; ++j) store8(out + 8 * j, sum[j] + sum2[j]);
         continue;
       }
       for (int64_t ch = 0; ch < channels; ++ch) acc[ch] = acc_t(0), acc2[ch] = acc_t(0);
@@ -330,7 +348,7 @@ MSDA_ALWAYS_INLINE void forward_queries(const Args<scalar_t>& args,
           acc2[ch] += a3 * static_cast<acc_t>(v3[ch]);
         }
       }
-      for (int64_t ch = 0; ch < channels; ++ch) out[m * channels + ch] = static_cast<scalar_t>(acc[ch] + acc2[ch]);
+      for (int64_t ch = 0; ch < channels; ++ch) out[ch] = static_cast<scalar_t>(acc[ch] + acc2[ch]);
     }
   }
 }
@@ -541,7 +559,7 @@ void parallel_blocks(int64_t total, int64_t block, const Body& body) {
 
 template <typename scalar_t>
 void forward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_type<scalar_t>>& table,
-                   Corners<at::opmath_type<scalar_t>>& corners, int64_t begin, int64_t end) {
+                   Corners<at::opmath_type<scalar_t>>* corners, int64_t begin, int64_t end) {
   MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, begin, end));
 }
 
@@ -560,7 +578,7 @@ void backward_range(const Args<scalar_t>& args, const SampleTable<at::opmath_typ
 template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void forward_range_avx2(const Args<scalar_t>& args,
                                                              const SampleTable<at::opmath_type<scalar_t>>& table,
-                                                             Corners<at::opmath_type<scalar_t>>& corners,
+                                                             Corners<at::opmath_type<scalar_t>>* corners,
                                                              int64_t begin, int64_t end) {
   MSDA_DISPATCH_CHANNELS(args.d.channels, forward_queries<scalar_t, kChannels>(args, table, corners, begin, end));
 }
@@ -581,19 +599,16 @@ bool cpu_has_avx2() {
 }
 #endif
 
-// Queries per block of the forward: a few dozen queries amortise taking a block, and the encoder's
-// tens of thousands of queries still make a thousand blocks to balance.
-constexpr int64_t kForwardBlock = 32;
-
+// by_head: `args.value` has its heads first (heads_first below).
 template <typename scalar_t>
-void forward_kernel(const Args<scalar_t>& args) {
+void forward_kernel(const Args<scalar_t>& args, bool by_head) {
   using acc_t = at::opmath_type<scalar_t>;
-  const SampleTable<acc_t> table(args.d, args.shapes, args.starts);
+  const SampleTable<acc_t> table(args.d, args.shapes, args.starts, by_head);
   const int64_t samples = args.d.heads * args.d.levels * args.d.points;
-  std::vector<Corners<acc_t>> scratch(std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
+  std::vector<Corners<acc_t>> scratch(kForwardBlock * std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
   parallel_blocks(args.d.batch * args.d.queries, kForwardBlock,
                   [&](int64_t worker, int64_t begin, int64_t end) {
-                    Corners<acc_t>& corners = scratch[worker];
+                    Corners<acc_t>* corners = &scratch[kForwardBlock * worker];
 #ifdef MSDA_HAVE_AVX2_PATH
                     if (cpu_has_avx2()) return forward_range_avx2<scalar_t>(args, table, corners, begin, end);
 #endif
@@ -717,6 +732,32 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
       block.first, sizes, [block_bytes](void* data) { BlockCache::instance().give(data, block_bytes); }, options);
 }
 
+// Whether the forward reads `value` with its heads first: the copy reads and writes all of `value`
+// once, which pays when the queries read it many times over (the encoder: as many queries as
+// pixels), not for a decoder's few hundred queries, whose forward takes less than the copy.
+bool heads_first_pays(const Dims& d) { return d.heads > 1 && 4 * d.queries >= d.spatial; }
+
+// `value` ([batch, pixels, heads, channels]) with its heads first ([batch, heads, pixels, channels]),
+// for the forward. One pass, in parallel over pixels, each head's row of channels copied whole:
+// ATen's copy of the permuted tensor took about twice as long.
+at::Tensor heads_first(const at::Tensor& value) {
+  const int64_t batch = value.size(0), pixels = value.size(1), heads = value.size(2);
+  auto out = empty_cached({batch, heads, pixels, value.size(3)}, value.options());
+  const int64_t row_bytes = value.size(3) * value.element_size();
+  const char* src = static_cast<const char*>(value.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, batch * pixels, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row = n * pixels + pixel
+      const int64_t n = row / pixels, pixel = row % pixels;
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(dst + ((n * heads + h) * pixels + pixel) * row_bytes, src + (row * heads + h) * row_bytes,
+                    row_bytes);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor msda_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -727,13 +768,15 @@ at::Tensor msda_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_s
   TORCH_CHECK(d.spatial * d.heads < (int64_t(1) << 31), "value has ", d.spatial, " positions x ", d.heads,
               " heads; at most 2^31 - 1 are supported");
   auto output = empty_cached({d.batch, d.queries, d.heads * d.channels}, value.options());
+  const bool by_head = heads_first_pays(d);
+  const at::Tensor read = by_head ? heads_first(value) : value;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Args<scalar_t> args{value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+    Args<scalar_t> args{read.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
                         level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<acc_t>(),
                         attention_weights.data_ptr<acc_t>(), output.data_ptr<scalar_t>(), nullptr, nullptr,
                         nullptr, nullptr, d};
-    forward_kernel<scalar_t>(args);
+    forward_kernel<scalar_t>(args, by_head);
   });
   return output;
 }
