@@ -125,9 +125,9 @@ def test_cpu_kernel_matches_reference_float64(cpu_kernel, case):
 @needs_toolchain
 @pytest.mark.parametrize("dtype,channels", [(torch.float64, 5), (torch.float32, 32)])
 def test_encoder_sized_query_sets_read_value_heads_first_with_the_same_results(cpu_kernel, dtype, channels):
-    """As many queries as pixels (an encoder) makes the CPU forward copy `value` with its heads
-    first; a few queries (a decoder) read it as given. Each query gets the same bits either way,
-    and both match the float64 reference."""
+    """As many queries as pixels (an encoder) makes the CPU kernel copy `value` with its heads
+    first (and scatter into a heads-first grad_value); a few queries (a decoder) read it as given.
+    Each query gets the same forward bits either way, and output and gradients match float64."""
     shapes = [(9, 11), (5, 6), (3, 3)]  # 138 pixels
     queries, few = 145, 20  # 145: not a whole number of the forward's 32-query blocks
     inputs = make_inputs(shapes, 2, 3, channels, queries, 3, dtype, seed=21)
@@ -136,9 +136,11 @@ def test_encoder_sized_query_sets_read_value_heads_first_with_the_same_results(c
     few_out = kernel_output(cpu_kernel, value, spatial_shapes, level_start_index,
                             locations[:, :few].contiguous(), weights[:, :few].contiguous())
     assert torch.equal(many_out[:, :few], few_out)
-    truth = reference_output(*[t.double() if t.is_floating_point() else t for t in inputs])
-    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(many_out.double(), truth, rtol=tolerance, atol=tolerance)
+    ours = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a), inputs)
+    truth = outputs_and_grads(reference_output, [t.double() if t.is_floating_point() else t for t in inputs])
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    for name, a, b in zip(["output", "grad value", "grad locations", "grad weights"], ours, truth):
+        torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=tolerance, msg=name)
 
 
 # A scaled-down realistic configuration: 8 heads of 32 channels, 4 levels of a 200x333 image

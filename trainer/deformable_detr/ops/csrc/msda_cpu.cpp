@@ -8,9 +8,12 @@
 // query, head). The gather then reads four `value` rows of `channels` contiguous values per
 // sample and accumulates them in registers (the common channel counts are compile-time
 // constants; for float they are summed as 8-float vectors with fused multiply-adds). The forward
-// gathers a block of queries head by head, from a copy of `value` with its heads first when there
-// are enough queries to pay for it (heads_first_pays). In the backward, the next row's corners are computed and the value and grad_value lines they touch
-// prefetched before the current row is summed, so the scattered reads' latency overlaps the work.
+// gathers a block of queries head by head. When there are enough queries to pay for it
+// (heads_first_pays), both read a copy of `value` with its heads first, and the backward scatters
+// into a heads-first `grad_value`, copied back at the end: one head's pixels are then contiguous,
+// where as given they lie 1 KiB apart, all in one eighth of the cache's sets. In the backward,
+// the next row's corners are computed and the value and grad_value lines they touch prefetched
+// before the current row is summed, so the scattered reads' latency overlaps the work.
 // Outputs come from a cache of huge-page blocks (BlockCache), not fresh mappings.
 //
 // Work is split into blocks that threads take from a shared counter (dynamic scheduling): on a
@@ -424,7 +427,8 @@ MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleT
     const int64_t pair = task / chunks, chunk = task % chunks;
     const int64_t n = pair / d.heads, m = pair % d.heads;
     acc_t* grad_value = chunk == 0 ? args.grad_value : extra_grad_value + (chunk - 1) * value_numel;
-    const int64_t base_offset = (n * d.spatial * d.heads + m) * channels;
+    // The batch's first value, plus head m's slot offset (either layout: SampleTable).
+    const int64_t base_offset = (n * d.spatial * d.heads + table.head_offset[m * samples]) * channels;
     const scalar_t* __restrict base = args.value + base_offset;
     acc_t* __restrict grad_base = grad_value + base_offset;
     const int64_t q_begin = chunk * per_chunk, q_end = std::min(d.queries, (chunk + 1) * per_chunk);
@@ -599,7 +603,7 @@ bool cpu_has_avx2() {
 }
 #endif
 
-// by_head: `args.value` has its heads first (heads_first below).
+// by_head: `args.value` has its heads first (heads_first_pays below).
 template <typename scalar_t>
 void forward_kernel(const Args<scalar_t>& args, bool by_head) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -626,9 +630,9 @@ int64_t backward_chunks(const Dims& d) {
 }
 
 template <typename scalar_t>
-void backward_kernel(const Args<scalar_t>& args, int64_t chunks, at::opmath_type<scalar_t>* extra) {
+void backward_kernel(const Args<scalar_t>& args, int64_t chunks, at::opmath_type<scalar_t>* extra, bool by_head) {
   using acc_t = at::opmath_type<scalar_t>;
-  const SampleTable<acc_t> table(args.d, args.shapes, args.starts);
+  const SampleTable<acc_t> table(args.d, args.shapes, args.starts, by_head);
   const int64_t samples = args.d.levels * args.d.points;
   std::vector<Corners<acc_t>> scratch(2 * std::max(1, at::get_num_threads()), Corners<acc_t>(samples));
   parallel_blocks(args.d.batch * args.d.heads * chunks, 1, [&](int64_t worker, int64_t begin, int64_t end) {
@@ -732,25 +736,26 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
       block.first, sizes, [block_bytes](void* data) { BlockCache::instance().give(data, block_bytes); }, options);
 }
 
-// Whether the forward reads `value` with its heads first: the copy reads and writes all of `value`
-// once, which pays when the queries read it many times over (the encoder: as many queries as
-// pixels), not for a decoder's few hundred queries, whose forward takes less than the copy.
+// Whether the kernel reads `value` (and the backward writes `grad_value`) with its heads first:
+// the copies read and write all of `value` once more (twice in the backward), which pays when
+// the queries read it many times over (the encoder: as many queries as pixels), not for a
+// decoder's few hundred queries, whose forward takes less than a copy.
 bool heads_first_pays(const Dims& d) { return d.heads > 1 && 4 * d.queries >= d.spatial; }
 
-// `value` ([batch, pixels, heads, channels]) with its heads first ([batch, heads, pixels, channels]),
-// for the forward. One pass, in parallel over pixels, each head's row of channels copied whole:
-// ATen's copy of the permuted tensor took about twice as long.
-at::Tensor heads_first(const at::Tensor& value) {
-  const int64_t batch = value.size(0), pixels = value.size(1), heads = value.size(2);
-  auto out = empty_cached({batch, heads, pixels, value.size(3)}, value.options());
-  const int64_t row_bytes = value.size(3) * value.element_size();
-  const char* src = static_cast<const char*>(value.data_ptr());
+// [batch, A, B, channels] -> [batch, B, A, channels]: `value` with its heads first and the
+// backward's heads-first `grad_value` back. One pass in parallel, each row of channels copied
+// whole: ATen's copy of the permuted tensor took about twice as long.
+at::Tensor swap_middle_dims(const at::Tensor& t) {
+  const int64_t batch = t.size(0), a_size = t.size(1), b_size = t.size(2);
+  auto out = empty_cached({batch, b_size, a_size, t.size(3)}, t.options());
+  const int64_t row_bytes = t.size(3) * t.element_size();
+  const char* src = static_cast<const char*>(t.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, batch * pixels, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // row = n * pixels + pixel
-      const int64_t n = row / pixels, pixel = row % pixels;
-      for (int64_t h = 0; h < heads; ++h) {
-        std::memcpy(dst + ((n * heads + h) * pixels + pixel) * row_bytes, src + (row * heads + h) * row_bytes,
+  at::parallel_for(0, batch * a_size, std::max<int64_t>(1, 2048 / b_size), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row = n * a_size + a
+      const int64_t n = row / a_size, a = row % a_size;
+      for (int64_t b = 0; b < b_size; ++b) {
+        std::memcpy(dst + ((n * b_size + b) * a_size + a) * row_bytes, src + (row * b_size + b) * row_bytes,
                     row_bytes);
       }
     }
@@ -769,7 +774,7 @@ at::Tensor msda_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_s
               " heads; at most 2^31 - 1 are supported");
   auto output = empty_cached({d.batch, d.queries, d.heads * d.channels}, value.options());
   const bool by_head = heads_first_pays(d);
-  const at::Tensor read = by_head ? heads_first(value) : value;
+  const at::Tensor read = by_head ? swap_middle_dims(value) : value;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> args{read.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
@@ -791,23 +796,25 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value, const at::Ten
   const Dims d = dims_of(value, sampling_locations);
   TORCH_CHECK(d.spatial * d.heads < (int64_t(1) << 31), "value has ", d.spatial, " positions x ", d.heads,
               " heads; at most 2^31 - 1 are supported");
-  auto grad_value = empty_cached(value.sizes(), value.options().dtype(sampling_locations.scalar_type())).zero_();
+  const bool by_head = heads_first_pays(d);
+  const at::Tensor read = by_head ? swap_middle_dims(value) : value;
+  auto grad_value = empty_cached(read.sizes(), value.options().dtype(sampling_locations.scalar_type())).zero_();
   // Every entry of these two is written by the kernel: no zeroing pass.
   auto grad_locations = empty_cached(sampling_locations.sizes(), sampling_locations.options());
   auto grad_weights = empty_cached(attention_weights.sizes(), attention_weights.options());
   const int64_t chunks = backward_chunks(d);
   std::vector<int64_t> extra_sizes{chunks - 1};
-  extra_sizes.insert(extra_sizes.end(), value.sizes().begin(), value.sizes().end());
+  extra_sizes.insert(extra_sizes.end(), read.sizes().begin(), read.sizes().end());
   auto extra = chunks > 1 ? empty_cached(extra_sizes, grad_value.options()).zero_() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_cpu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Args<scalar_t> args{value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+    Args<scalar_t> args{read.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
                         level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<acc_t>(),
                         attention_weights.data_ptr<acc_t>(), nullptr, grad_output.data_ptr<scalar_t>(),
                         grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
                         grad_weights.data_ptr<acc_t>(), d};
-    backward_kernel<scalar_t>(args, chunks, chunks > 1 ? extra.data_ptr<acc_t>() : nullptr);
+    backward_kernel<scalar_t>(args, chunks, chunks > 1 ? extra.data_ptr<acc_t>() : nullptr, by_head);
   });
   if (chunks > 1) grad_value.add_(extra.sum(0));
-  return {grad_value, grad_locations, grad_weights};
+  return {by_head ? swap_middle_dims(grad_value) : grad_value, grad_locations, grad_weights};
 }
