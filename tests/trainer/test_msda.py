@@ -136,6 +136,12 @@ def test_encoder_sized_query_sets_read_value_heads_first_with_the_same_results(c
     few_out = kernel_output(cpu_kernel, value, spatial_shapes, level_start_index,
                             locations[:, :few].contiguous(), weights[:, :few].contiguous())
     assert torch.equal(many_out[:, :few], few_out)
+    threads = torch.get_num_threads()
+    try:  # one thread takes the same 32-query blocks in turn
+        torch.set_num_threads(1)
+        assert torch.equal(kernel_output(cpu_kernel, *inputs), many_out)
+    finally:
+        torch.set_num_threads(threads)
     ours = outputs_and_grads(lambda *a: kernel_output(cpu_kernel, *a), inputs)
     truth = outputs_and_grads(reference_output, [t.double() if t.is_floating_point() else t for t in inputs])
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4

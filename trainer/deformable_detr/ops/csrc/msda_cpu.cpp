@@ -509,14 +509,15 @@ MSDA_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& args, const SampleT
 
 // Runs body(begin, end) over [0, total) in blocks of `block` that the threads take from a shared
 // counter, so a thread slowed down by other work on its core takes fewer blocks. `body` also gets
-// the index of the worker, for per-thread scratch.
+// the index of the worker, for per-thread scratch, and never more than `block` items at once (the
+// forward's scratch holds one block), on one thread too.
 template <typename Body>
 void parallel_blocks(int64_t total, int64_t block, const Body& body) {
   if (total <= 0) return;
   const int64_t blocks = (total + block - 1) / block;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), blocks);
   if (workers <= 1 || at::in_parallel_region()) {
-    body(int64_t(0), int64_t(0), total);
+    for (int64_t b = 0; b < blocks; ++b) body(int64_t(0), b * block, std::min(total, (b + 1) * block));
     return;
   }
   std::atomic<int64_t> next{0};
