@@ -94,12 +94,23 @@ def test_root_image_user_is_refused_under_run_as_non_root(real_cluster, namespac
 
 
 RESOLVE = """
-import json, os, socket, ssl, sys, urllib.request
+import json, os, socket, ssl, sys, time, urllib.error, urllib.request
 ns = open('/var/run/secrets/kubernetes.io/serviceaccount/namespace').read()
 print('echo', socket.gethostbyname(f'echo.{ns}.svc.cluster.local'))
 print('short', socket.gethostbyname('echo'))
 print('kubernetes', socket.gethostbyname('kubernetes.default.svc'))
-print('body', urllib.request.urlopen('http://echo:8080/', timeout=10).read().decode().strip())
+# The echo pod's endpoint reaches kube-proxy a moment after the pod is Ready; until then the
+# ClusterIP refuses connections, so a client retries for a while, as any should.
+deadline = time.monotonic() + 30
+while True:
+    try:
+        print('body', urllib.request.urlopen('http://echo:8080/', timeout=10).read().decode().strip())
+        break
+    except urllib.error.URLError as err:
+        if time.monotonic() > deadline:
+            raise
+        print('retry', err.reason, file=sys.stderr)
+        time.sleep(0.5)
 token = open('/var/run/secrets/kubernetes.io/serviceaccount/token').read()
 context = ssl.create_default_context(cafile='/var/run/secrets/kubernetes.io/serviceaccount/ca.crt')
 request = urllib.request.Request('https://kubernetes.default.svc/version', headers={'Authorization': 'Bearer ' + token})
