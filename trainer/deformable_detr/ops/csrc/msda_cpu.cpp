@@ -109,10 +109,11 @@ struct SampleTable {
 };
 
 // The four corners of each sample of one query (or one row), corner k = (row, col) of (low, low),
-// (low, high), (high, low), (high, high): the slot to read, (pixel * heads + head), times channels
-// the offset from the batch's first value (the pixel clamped into the map, so every read stays in
-// bounds), whether the corner lies in the map, its bilinear weight and that times the
-// attention weight (both zero for a corner outside the map), and the fractional offsets.
+// (low, high), (high, low), (high, high): the slot to read (pixel * pixel_stride + head_offset,
+// as SampleTable lays them out), times channels the offset from the batch's first value (the pixel
+// clamped into the map, so every read stays in bounds), whether the corner lies in the map, its
+// bilinear weight and that times the attention weight (both zero for a corner outside the map),
+// and the fractional offsets.
 template <typename acc_t>
 struct Corners {
   std::vector<int32_t> slot[4];
