@@ -27,7 +27,8 @@ import yaml
 from . import realnode_net as net
 from .pki import client_cert
 from .realnode_cleanup import remove_leftovers
-from .realnode_image import NAMESPACE, PAUSE_IMAGE, import_archive, remove_replaced, write_pause_archive
+from .realnode_image import (NAMESPACE, PAUSE_IMAGE, discard_layer_blobs, import_archive, remove_replaced,
+                             write_pause_archive)
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "localcluster" / "realnode" / "build.sh"
@@ -156,6 +157,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.opt",
         for archive in [pause, *self.archives]:
             import_archive(self.ctr, archive, stamps)
         remove_replaced(self.ctr)
+        discard_layer_blobs(self.ctr)
 
     # -- kubelet -----------------------------------------------------------------
 
@@ -187,10 +189,12 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.opt",
             "clusterDNS": [net.NODE_IP], "clusterDomain": CLUSTER_DOMAIN,
             "resolvConf": str(self.dir / "resolv.conf"), "podLogsDir": str(self.dir / "pod-logs"),
             "maxPods": 32, "serializeImagePulls": False, "rotateCertificates": False,
-            # The images are imported, never pulled: keep them whatever the disk use; evict
-            # nothing for disk (this machine's disk is shared with the image builds).
+            # The images are imported, never pulled: keep them whatever the disk use. Under disk
+            # pressure the kubelet deletes every image no container runs, and these cannot come back,
+            # so the disk signals fire only when the disk is all but full: this machine's disk is
+            # shared with the image builds, and 1% of a large one is gigabytes still free.
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "512Mi", "imagefs.available": "512Mi",
                              "nodefs.inodesFree": "1%"},
             "nodeStatusUpdateFrequency": "5s", "syncFrequency": "10s"}
         (self.dir / "kubelet.yaml").write_text(yaml.safe_dump(config))

@@ -1,7 +1,8 @@
 """Images for the real node's containerd: the pause (sandbox) image, written as an OCI
 archive from the locally built static pause binary, and `ctr images import` of an archive,
 skipped when the same archive (path, size, mtime) was imported into this content store and its
-images are still there, and the removal of the images those imports replaced."""
+images are still there, the removal of the images those imports replaced, and of the layers'
+blobs once unpacked."""
 from __future__ import annotations
 
 import hashlib
@@ -91,6 +92,16 @@ def remove_replaced(ctr: list[str]) -> list[str]:
         if removed.returncode != 0:
             raise RuntimeError(f"ctr images remove: {removed.stderr.strip()[-500:]}")
     return replaced
+
+
+def discard_layer_blobs(ctr: list[str]) -> None:
+    """Let containerd's garbage collector remove the layers' blobs, and wait for it. Once unpacked
+    into snapshots they are needed no more (the images are never pushed or exported from here),
+    and kept they are a second copy of the trainer image (~6 GB) on a disk the builds and the
+    tests share. This also cleans a store that imported before the blobs were discarded."""
+    pruned = subprocess.run([*ctr, "-n", NAMESPACE, "content", "prune", "references"], capture_output=True, text=True)
+    if pruned.returncode != 0:
+        raise RuntimeError(f"ctr content prune references: {pruned.stderr.strip()[-500:]}")
 
 
 def stored_refs(ctr: list[str]) -> set[str]:

@@ -175,3 +175,18 @@ def test_the_node_keeps_only_the_images_a_name_points_to(real_cluster):
     assert set(real_cluster.images.values()) <= set(named), named
     orphans = [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named.values()]
     assert not orphans, orphans
+
+
+def test_the_node_keeps_no_layer_blobs_once_the_images_are_unpacked(real_cluster):
+    """The import discards each layer's blob once it is unpacked into a snapshot: the trainer image
+    is not held twice (its layers, ~6 GB, and their snapshots) on a disk the builds share."""
+    ctr = [*real_cluster.node.ctr, "-n", "k8s.io"]
+    listed = subprocess.run([*ctr, "images", "list"], capture_output=True, text=True, check=True)
+    manifest_of = {row[0]: row[2] for row in (line.split() for line in listed.stdout.splitlines()[1:]) if row}
+    blobs = set(subprocess.run([*ctr, "content", "ls", "--quiet"], capture_output=True, text=True,
+                               check=True).stdout.split())
+    manifest = json.loads(subprocess.run([*ctr, "content", "get", manifest_of[real_cluster.images["trainer"]]],
+                                         capture_output=True, text=True, check=True).stdout)
+    layers = {layer["digest"] for layer in manifest["layers"]}
+    assert len(layers) > 1 and manifest["config"]["digest"] in blobs
+    assert not layers & blobs, sorted(layers & blobs)
