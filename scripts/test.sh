@@ -9,4 +9,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # The set-up above provided every tool: a test that still skips for one is a failure (tests/conftest.py),
 # except for what this kind of machine cannot have (a GPU, TensorRT).
 export DDETR_SETUP_COMPLETE=1
+bash scripts/check-free-disk.sh
 "$PY" -m pytest -q "$@"

@@ -92,6 +92,27 @@ def test_install_script_uses_the_given_interpreter(tmp_path, poisoned_path):
     assert 'source "$(dirname "$0")/python-env.sh"' in test_sh and '"$PY" -m pytest' in test_sh
 
 
+
+def test_the_test_run_stops_first_when_the_disk_is_too_full(tmp_path):
+    """scripts/test.sh checks the free space before pytest: one line naming the folder and the bar."""
+    script = os.path.join(SCRIPTS, "check-free-disk.sh")
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "DDETR_REAL_NODE_CACHE": str(tmp_path / "cache")}
+    free_gb = int(subprocess.run(["df", "-P", "-k", str(tmp_path)], capture_output=True, text=True,
+                                 check=True).stdout.splitlines()[1].split()[3]) // 1048576
+    run = lambda bar: subprocess.run(["bash", script], capture_output=True, text=True, timeout=60,  # noqa: E731
+                                     env={**env, "MIN_FREE_GB": bar})
+    # A GB of slack each way: other work on the machine may write or free some meanwhile.
+    enough, short, bad = run(str(max(free_gb - 1, 0))), run(str(free_gb + 2)), run("ten")
+    assert enough.returncode == 0 and enough.stderr == "", enough.stderr
+    assert short.returncode == 1
+    assert re.fullmatch(rf"check-free-disk: only (?:{free_gb - 1}|{free_gb}|{free_gb + 1}) GB free on the disk holding "
+                        rf"{re.escape(str(tmp_path / 'tmp'))}; the tests need at least {free_gb + 2} GB \(MIN_FREE_GB\)\n",
+                        short.stderr), short.stderr
+    assert bad.returncode == 2 and bad.stderr.strip() == "check-free-disk: MIN_FREE_GB=ten: expected a whole number of GB"
+    test_sh = open(os.path.join(SCRIPTS, "test.sh")).read()
+    assert test_sh.index("bash scripts/check-free-disk.sh") < test_sh.index('"$PY" -m pytest')
+
+
 # ------------------------------------------------------------- the example itself
 
 def test_example_trains_on_the_shards_convert_writes():
