@@ -178,8 +178,9 @@ def test_the_node_keeps_only_the_images_a_name_points_to(real_cluster):
 
 
 def test_the_node_keeps_no_layer_blobs_once_the_images_are_unpacked(real_cluster):
-    """The import discards each layer's blob once it is unpacked into a snapshot: the trainer image
-    is not held twice (its layers, ~6 GB, and their snapshots) on a disk the builds share."""
+    """Once the images are unpacked into snapshots the node lets containerd collect their layers'
+    blobs: the trainer image is not held twice (its layers, ~6 GB, and their snapshots) on a disk
+    the builds share. The config blob, which the CRI plugin reads, stays."""
     ctr = [*real_cluster.node.ctr, "-n", "k8s.io"]
     listed = subprocess.run([*ctr, "images", "list"], capture_output=True, text=True, check=True)
     manifest_of = {row[0]: row[2] for row in (line.split() for line in listed.stdout.splitlines()[1:]) if row}

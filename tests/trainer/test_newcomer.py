@@ -92,7 +92,6 @@ def test_install_script_uses_the_given_interpreter(tmp_path, poisoned_path):
     assert 'source "$(dirname "$0")/python-env.sh"' in test_sh and '"$PY" -m pytest' in test_sh
 
 
-
 def test_the_test_run_stops_first_when_the_disk_is_too_full(tmp_path):
     """scripts/test.sh checks the free space before pytest: one line naming the folder and the bar."""
     script = os.path.join(SCRIPTS, "check-free-disk.sh")
