@@ -56,6 +56,20 @@ def write_pause_archive(pause_binary: Path, archive: Path) -> Path:
     return archive
 
 
+def run_ctr(ctr: list[str], what: str, *args: str) -> str:
+    """`ctr` in the CRI plugin's namespace; its output, or RuntimeError naming `what` with ctr's error."""
+    result = subprocess.run([*ctr, "-n", NAMESPACE, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ctr {what}: {result.stderr.strip()[-500:]}")
+    return result.stdout
+
+
+def image_rows(ctr: list[str]) -> list[list[str]]:
+    """`ctr images list`'s rows, split into columns: REF TYPE DIGEST ..."""
+    listed = run_ctr(ctr, "images list", "images", "list")
+    return [line.split() for line in listed.splitlines()[1:] if line.strip()]
+
+
 def import_archive(ctr: list[str], archive: Path, stamps: Path) -> bool:
     """`ctr images import` the archive unless this store has it already; True if imported."""
     stat = archive.stat()
@@ -65,10 +79,7 @@ def import_archive(ctr: list[str], archive: Path, stamps: Path) -> bool:
     # removes images it did not pull, and imported ones cannot be pulled again.
     if stamp.exists() and stamp.read_text() == fingerprint and set(archive_refs(archive)) <= stored_refs(ctr):
         return False
-    result = subprocess.run([*ctr, "-n", NAMESPACE, "images", "import", "--snapshotter", "overlayfs", str(archive)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ctr images import {archive}: {result.stderr.strip()[-500:]}")
+    run_ctr(ctr, f"images import {archive}", "images", "import", "--snapshotter", "overlayfs", str(archive))
     stamps.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
     return True
@@ -80,17 +91,11 @@ def remove_replaced(ctr: list[str]) -> list[str]:
     name stays in the store under that id alone: without this each rebuild of the trainer image
     would keep another copy of it (gigabytes) in the cache. Run before the kubelet starts: no
     container uses them then."""
-    listed = subprocess.run([*ctr, "-n", NAMESPACE, "images", "list"], capture_output=True, text=True)
-    if listed.returncode != 0:
-        raise RuntimeError(f"ctr images list: {listed.stderr.strip()[-500:]}")
-    rows = [line.split() for line in listed.stdout.splitlines()[1:] if line.strip()]
+    rows = image_rows(ctr)
     named = {row[2] for row in rows if not row[0].startswith("sha256:")}  # REF TYPE DIGEST ...
     replaced = [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named]
     if replaced:
-        removed = subprocess.run([*ctr, "-n", NAMESPACE, "images", "remove", "--sync", *replaced],
-                                 capture_output=True, text=True)
-        if removed.returncode != 0:
-            raise RuntimeError(f"ctr images remove: {removed.stderr.strip()[-500:]}")
+        run_ctr(ctr, "images remove", "images", "remove", "--sync", *replaced)
     return replaced
 
 
@@ -99,17 +104,12 @@ def discard_layer_blobs(ctr: list[str]) -> None:
     into snapshots they are needed no more (the images are never pushed or exported from here),
     and kept they are a second copy of the trainer image (~6 GB) on a disk the builds and the
     tests share. This also cleans a store that imported before the blobs were discarded."""
-    pruned = subprocess.run([*ctr, "-n", NAMESPACE, "content", "prune", "references"], capture_output=True, text=True)
-    if pruned.returncode != 0:
-        raise RuntimeError(f"ctr content prune references: {pruned.stderr.strip()[-500:]}")
+    run_ctr(ctr, "content prune references", "content", "prune", "references")
 
 
 def stored_refs(ctr: list[str]) -> set[str]:
     """The image names the node's containerd holds."""
-    listed = subprocess.run([*ctr, "-n", NAMESPACE, "images", "list", "--quiet"], capture_output=True, text=True)
-    if listed.returncode != 0:
-        raise RuntimeError(f"ctr images list: {listed.stderr.strip()[-500:]}")
-    return set(listed.stdout.split())
+    return set(run_ctr(ctr, "images list", "images", "list", "--quiet").split())
 
 
 def archive_refs(archive: Path) -> list[str]:

@@ -14,6 +14,7 @@ import yaml
 
 from ddetr_localcluster import realnode_net
 from ddetr_localcluster.realnode import NODE_LABEL
+from ddetr_localcluster.realnode_image import image_rows, run_ctr
 
 pytestmark = pytest.mark.real_node
 
@@ -168,9 +169,7 @@ def test_the_node_keeps_only_the_images_a_name_points_to(real_cluster):
     """An image replaced by a newer import under the same name is removed at node start (the CRI
     plugin keeps every image under its id too, so each trainer rebuild would otherwise leave
     gigabytes behind in the cache); the current images are all there."""
-    ctr = real_cluster.node.ctr
-    listed = subprocess.run([*ctr, "-n", "k8s.io", "images", "list"], capture_output=True, text=True, check=True)
-    rows = [line.split() for line in listed.stdout.splitlines()[1:] if line.strip()]
+    rows = image_rows(real_cluster.node.ctr)
     named = {row[0]: row[2] for row in rows if not row[0].startswith("sha256:")}
     assert set(real_cluster.images.values()) <= set(named), named
     orphans = [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named.values()]
@@ -181,13 +180,10 @@ def test_the_node_keeps_no_layer_blobs_once_the_images_are_unpacked(real_cluster
     """Once the images are unpacked into snapshots the node lets containerd collect their layers'
     blobs: the trainer image is not held twice (its layers, ~6 GB, and their snapshots) on a disk
     the builds share. The config blob, which the CRI plugin reads, stays."""
-    ctr = [*real_cluster.node.ctr, "-n", "k8s.io"]
-    listed = subprocess.run([*ctr, "images", "list"], capture_output=True, text=True, check=True)
-    manifest_of = {row[0]: row[2] for row in (line.split() for line in listed.stdout.splitlines()[1:]) if row}
-    blobs = set(subprocess.run([*ctr, "content", "ls", "--quiet"], capture_output=True, text=True,
-                               check=True).stdout.split())
-    manifest = json.loads(subprocess.run([*ctr, "content", "get", manifest_of[real_cluster.images["trainer"]]],
-                                         capture_output=True, text=True, check=True).stdout)
+    ctr = real_cluster.node.ctr
+    manifest_of = {row[0]: row[2] for row in image_rows(ctr)}  # REF TYPE DIGEST ...
+    blobs = set(run_ctr(ctr, "content ls", "content", "ls", "--quiet").split())
+    manifest = json.loads(run_ctr(ctr, "content get", "content", "get", manifest_of[real_cluster.images["trainer"]]))
     layers = {layer["digest"] for layer in manifest["layers"]}
     assert len(layers) > 1 and manifest["config"]["digest"] in blobs
     assert not layers & blobs, sorted(layers & blobs)
